@@ -1,0 +1,372 @@
+"""One typed config tree for every bigtrain entry point.
+
+Loaded from YAML (``configs/*.yaml``), overridden with ``--set dotted.key=value``; unknown keys, wrong
+types and inconsistent parallel layouts are errors raised *before* any process group exists, each as
+one line naming the field. Derived values (data-parallel size, gradient accumulation, padded vocab) are
+computed once in :meth:`Config.resolve` and stored under ``derived``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the field."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (shown by ``--help-config``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = opt(2, "Number of transformer blocks.")
+    hidden_size: int = opt(64, "Model width.")
+    num_attention_heads: int = opt(4, "Query heads.")
+    num_kv_heads: int | None = opt(None, "Key/value heads for grouped-query attention (default: = query heads).")
+    ffn_hidden_size: int | None = opt(None, "SwiGLU inner width (default: Llama's 8/3*hidden rounded up to 256).")
+    seq_length: int = opt(128, "Training sequence length in tokens.")
+    vocab_size: int | None = opt(None, "True vocabulary size (default: taken from data.tokenizer).")
+    rope_theta: float = opt(10000.0, "Rotary embedding base.")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon.")
+    tie_embeddings: bool = opt(False, "Share the input embedding with the output layer.")
+    init_std: float = opt(0.02, "Std of the normal weight init (output projections scaled by 1/sqrt(2*layers)).")
+    make_vocab_size_divisible_by: int = opt(128, "Vocab is padded to a multiple of this times tensor size.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = opt(1, "Tensor-parallel size (megatron-core column/row-parallel layers).")
+    pipeline: int = opt(1, "Pipeline stages (DeepSpeed PipelineModule, 1F1B).")
+    sequence_parallel: bool = opt(False, "Megatron sequence parallelism for norms (GPU/NCCL only; needs tensor > 1).")
+    partition_method: str = opt("parameters", "How DeepSpeed splits layers across stages: parameters|uniform.")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = opt(0, "DeepSpeed ZeRO stage 0-3 (2/3 need pipeline = 1).")
+    offload_optimizer: bool = opt(False, "Keep optimizer states on CPU (ZeRO >= 1).")
+    overlap_comm: bool = opt(True, "Overlap gradient reduction with backward.")
+    reduce_bucket_size: int = opt(500_000_000, "Elements per gradient reduce bucket.")
+    allgather_bucket_size: int = opt(500_000_000, "Elements per all-gather bucket (ZeRO 1/2).")
+    stage3_param_persistence_threshold: int = opt(100_000, "ZeRO-3: parameters smaller than this stay gathered.")
+    stage3_prefetch_bucket_size: int = opt(50_000_000, "ZeRO-3: elements prefetched ahead of use.")
+
+
+@dataclass
+class FP16Config:
+    initial_scale_power: int = opt(16, "fp16: initial loss scale is 2**this.")
+    loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale grows.")
+    hysteresis: int = opt(2, "fp16: overflows tolerated before the scale drops.")
+    min_loss_scale: float = opt(1.0, "fp16: lower bound of the dynamic loss scale.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "Optimizer: adamw (fused on GPU).")
+    lr: float = opt(3e-4, "Peak learning rate.")
+    min_lr: float = opt(3e-5, "Learning rate at the end of decay.")
+    weight_decay: float = opt(0.1, "Decoupled weight decay (not applied to norms).")
+    beta1: float = opt(0.9, "Adam beta1.")
+    beta2: float = opt(0.95, "Adam beta2.")
+    eps: float = opt(1e-8, "Adam epsilon.")
+    warmup_steps: int = opt(0, "Linear warmup steps from 0 to lr.")
+    decay: str = opt("cosine", "Decay after warmup: cosine|linear|constant.")
+    decay_steps: int | None = opt(None, "Steps over which to decay (default: train.steps).")
+    grad_clip: float = opt(1.0, "Global gradient-norm clip (0 disables).")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(10, "Optimizer steps to train.")
+    micro_batch_size: int = opt(1, "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: int = opt(8, "Sequences per optimizer step over all data-parallel ranks.")
+    seed: int = opt(1234, "Seed for weights and data order.")
+    run_dir: str = opt("runs/default", "Where checkpoints, metrics.jsonl and TensorBoard events go.")
+    log_interval: int = opt(1, "Steps between log lines.")
+    eval_interval: int = opt(0, "Steps between validations (0: only at the end when data.valid is set).")
+    eval_steps: int = opt(2, "Validation batches per evaluation.")
+    dist_timeout_minutes: float = opt(10.0, "Process-group timeout: a dead rank ends the job after this.")
+    device: str = opt("auto", "auto|cpu|cuda.")
+
+
+@dataclass
+class DataConfig:
+    train: Any = opt(
+        None,
+        "Training corpus: a prefix, a directory/glob of shards, or a blend [[weight, prefix], ...].",
+    )
+    valid: Any = opt(None, "Validation corpus (same forms as train); default: a split of train.")
+    split: str = opt("98,2,0", "train,valid,test split of train when valid is not given (Megatron-style).")
+    tokenizer: str | None = opt(None, "Tokenizer directory (tokenizer/ package output).")
+    cache_dir: str | None = opt(None, "Index-map cache (default: next to the data).")
+    mock: bool = opt(False, "Random tokens instead of files (smoke tests only).")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = opt(0, "Steps between checkpoints (0: only at the end).")
+    keep_last: int = opt(3, "Checkpoints kept (older ones deleted).")
+    load: str | None = opt(None, "Start from these weights only (fresh optimizer, step 0).")
+    save: bool = opt(True, "Write checkpoints at all.")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = opt(True, "Write TensorBoard events under run_dir/tensorboard.")
+    peak_tflops: float | None = opt(None, "Device peak TFLOP/s for MFU (default: detected from device name).")
+
+
+@dataclass
+class Derived:
+    """Values computed once from the rest (never set by the user)."""
+
+    world_size: int = 1
+    data_parallel_size: int = 1
+    grad_accum_steps: int = 1
+    padded_vocab_size: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: str = opt("fp32", "bf16|fp16|fp32 (bf16/fp16 keep fp32 master weights).")
+    activation_checkpointing: str = opt("none", "none|full (every block)|selective (attention core only).")
+    fp16: FP16Config = field(default_factory=FP16Config)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    derived: Derived = field(default_factory=Derived)
+
+    # ------------------------------------------------------------------ derived values and checks
+    def resolve(self, world_size: int, vocab_size: int | None = None) -> Config:
+        """Validate against a world size and fill ``derived``; raises ConfigError (one line)."""
+        m, p = self.model, self.parallel
+        if vocab_size is not None and m.vocab_size is None:
+            m.vocab_size = vocab_size
+        validate(self, world_size)
+        dp = world_size // (p.tensor * p.pipeline)
+        multiple = m.make_vocab_size_divisible_by * p.tensor
+        self.derived = Derived(
+            world_size=world_size,
+            data_parallel_size=dp,
+            grad_accum_steps=self.train.global_batch_size // (self.train.micro_batch_size * dp),
+            padded_vocab_size=multiple * math.ceil(m.vocab_size / multiple),
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Every layout/shape inconsistency, each reported as one line."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    _check(cfg.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16|fp16|fp32, got {cfg.precision!r}")
+    _check(
+        cfg.activation_checkpointing in ("none", "full", "selective"),
+        f"activation_checkpointing must be none|full|selective, got {cfg.activation_checkpointing!r}",
+    )
+    _check(cfg.optim.decay in ("cosine", "linear", "constant"), f"optim.decay must be cosine|linear|constant, got {cfg.optim.decay!r}")
+    _check(cfg.optim.name == "adamw", f"optim.name must be adamw, got {cfg.optim.name!r}")
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _check(m.vocab_size is not None and m.vocab_size > 0, "model.vocab_size is not set and no data.tokenizer gives it")
+    _check(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
+    _check(
+        world_size % (p.tensor * p.pipeline) == 0,
+        f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline = {p.tensor}*{p.pipeline}",
+    )
+    _check(
+        m.hidden_size % m.num_attention_heads == 0,
+        f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads {m.num_attention_heads}",
+    )
+    _check(
+        m.num_attention_heads % m.kv_heads == 0,
+        f"model.num_attention_heads {m.num_attention_heads} is not divisible by model.num_kv_heads {m.kv_heads}",
+    )
+    _check(
+        m.num_attention_heads % p.tensor == 0,
+        f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor {p.tensor}",
+    )
+    _check(m.kv_heads % p.tensor == 0, f"model.num_kv_heads {m.kv_heads} is not divisible by parallel.tensor {p.tensor}")
+    _check(m.ffn_size % p.tensor == 0, f"model.ffn_hidden_size {m.ffn_size} is not divisible by parallel.tensor {p.tensor}")
+    _check(
+        m.num_layers >= p.pipeline,
+        f"model.num_layers {m.num_layers} is fewer than parallel.pipeline {p.pipeline} stages",
+    )
+    _check(cfg.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0-3, got {cfg.zero.stage}")
+    _check(
+        not (p.pipeline > 1 and cfg.zero.stage >= 2),
+        f"zero.stage {cfg.zero.stage} cannot be combined with parallel.pipeline {p.pipeline} "
+        "(DeepSpeed's pipeline engine supports ZeRO 0-1)",
+    )
+    _check(
+        not (cfg.zero.offload_optimizer and cfg.zero.stage == 0),
+        "zero.offload_optimizer needs zero.stage >= 1",
+    )
+    _check(not (p.sequence_parallel and p.tensor == 1), "parallel.sequence_parallel needs parallel.tensor > 1")
+    _check(p.partition_method in ("parameters", "uniform"), f"parallel.partition_method must be parameters|uniform")
+    dp = world_size // (p.tensor * p.pipeline)
+    _check(t.micro_batch_size > 0 and t.steps >= 0, "train.micro_batch_size must be > 0 and train.steps >= 0")
+    _check(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        f"train.global_batch_size {t.global_batch_size} is not divisible by train.micro_batch_size*data-parallel "
+        f"size = {t.micro_batch_size}*{dp}",
+    )
+    _check(t.log_interval > 0, "train.log_interval must be > 0")
+    _check(
+        cfg.data.mock or cfg.data.train is not None,
+        "data.train is not set (a prefix, a glob, or [[weight, prefix], ...]); data.mock=true for random tokens",
+    )
+
+
+# ---------------------------------------------------------------------------- loading and overrides
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check a YAML value against a field's annotation; int->float is the only silent conversion."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'top level'}: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` with the value parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or defaults), apply ``--set`` overrides, type-check. Call ``resolve`` next."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    tree.pop("derived", None)  # a saved, resolved config can be loaded back
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with a checkpoint (``derived`` is recomputed by ``resolve``)."""
+    data = {k: v for k, v in data.items() if k != "derived"}
+    return _build(Config, data)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every key with its default and documentation, for ``--help-config``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "derived":
+            continue
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            lines += describe(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{prefix}{f.name} = {default!r}    # {f.metadata.get('help', '')}")
+    return lines

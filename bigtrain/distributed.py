@@ -1,0 +1,175 @@
+"""Distributed start-up under the DeepSpeed launcher, torchrun, mpirun or a plain single process.
+
+One rank grid, described twice: megatron-core's ``parallel_state`` (its tensor-parallel layers use it)
+and DeepSpeed's ``PipeModelDataParallelTopology`` (its pipeline engine uses it). Both order ranks
+tensor-fastest, then data, then pipeline; :func:`init_distributed` checks they agree on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from bigtrain.config import Config
+
+_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def world_size_from_env() -> int:
+    """World size as the launcher announces it, readable before any process group exists."""
+    for var in _SIZE_VARS:
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def rank_from_env() -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def _launched_by_mpi() -> bool:
+    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Dist:
+    """Where this process sits in the grid."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    topology: object  # deepspeed PipeModelDataParallelTopology
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
+def init_distributed(cfg: Config) -> Dist:
+    """Create the default process group (NCCL on GPU, gloo on CPU) and both views of the rank grid."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state
+
+    if not _launched_by_mpi() and "RANK" not in os.environ:  # plain `python -m ...`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    device = pick_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        auto_mpi_discovery=True,
+        timeout=timeout,
+        verbose=False,
+    )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=max(1, int(cfg.train.dist_timeout_minutes)),
+        order="tp-cp-ep-dp-pp",
+        create_gloo_process_groups=False,
+    )
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
+    dist = Dist(
+        rank=rank,
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        device=device,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        topology=topology,
+    )
+    coord = topology.get_coord(rank)
+    if (coord.pipe, coord.data, coord.model) != (dist.pp_rank, dist.dp_rank, dist.tp_rank):
+        raise RuntimeError(
+            f"rank {rank}: megatron-core grid (pp={dist.pp_rank}, dp={dist.dp_rank}, tp={dist.tp_rank}) differs from "
+            f"DeepSpeed's topology (pp={coord.pipe}, dp={coord.data}, tp={coord.model})"
+        )
+    return dist
+
+
+class MegatronMPU:
+    """The model-parallel-unit interface DeepSpeed's engine asks for, answered by megatron-core's
+    parallel_state (pipeline = 1 runs; the pipeline engine builds its own grid from the topology)."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Tear down process groups so the next run in the same process (tests) starts clean."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

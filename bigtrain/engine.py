@@ -1,0 +1,127 @@
+"""The DeepSpeed side: its JSON config generated from the bigtrain config, optimizer, LR schedule,
+and ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigtrain.config import Config
+from bigtrain.distributed import Dist, MegatronMPU
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """DeepSpeed's config, derived entirely from ours (users never write one by hand)."""
+    z = cfg.zero
+    zero: dict[str, Any] = {
+        "stage": z.stage,
+        "overlap_comm": z.overlap_comm,
+        "reduce_bucket_size": z.reduce_bucket_size,
+        "allgather_bucket_size": z.allgather_bucket_size,
+        "contiguous_gradients": True,
+    }
+    if z.stage == 3:
+        zero["stage3_param_persistence_threshold"] = z.stage3_param_persistence_threshold
+        zero["stage3_prefetch_bucket_size"] = z.stage3_prefetch_bucket_size
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.derived.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,  # bigtrain logs itself
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+        if cfg.parallel.pipeline > 1 or z.stage == 0:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif cfg.precision == "fp16":
+        f = cfg.fp16
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": f.initial_scale_power,
+            "loss_scale_window": f.loss_scale_window,
+            "hysteresis": f.hysteresis,
+            "min_loss_scale": f.min_loss_scale,
+        }
+    if cfg.parallel.pipeline > 1:
+        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+    return ds
+
+
+class LRSchedule:
+    """Linear warmup to ``lr``, then cosine/linear decay to ``min_lr`` (a LambdaLR factor, picklable)."""
+
+    def __init__(self, cfg: Config):
+        o = cfg.optim
+        self.lr, self.min_lr, self.warmup, self.decay = o.lr, o.min_lr, o.warmup_steps, o.decay
+        self.decay_steps = o.decay_steps or cfg.train.steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if self.warmup and step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.decay == "constant":
+            return self.lr
+        span = max(1, self.decay_steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        if self.decay == "linear":
+            factor = 1.0 - progress
+        else:
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr + (self.lr - self.min_lr) * factor
+
+    def __call__(self, step: int) -> float:
+        return self.lr_at(step) / self.lr if self.lr else 0.0
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms (1-D tensors), decay on matrices."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's CPU Adam under optimizer offload, DeepSpeed's fused Adam on GPU, torch's on CPU."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if cfg.zero.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    if device.type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
+    """Wrap the model in DeepSpeed's engine (pipeline engine when the model is a PipelineModule)."""
+    import deepspeed
+
+    model.to(dist.device)
+    optimizer = build_optimizer(cfg, model, dist.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
+        dist_init_required=False,
+    )
+    return engine

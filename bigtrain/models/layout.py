@@ -1,0 +1,210 @@
+"""The one table of bigtrain's parameters: full shapes, tensor-parallel sharding, init, HF names.
+
+Every piece that touches weights by name goes through this module: deterministic initialization (a
+full tensor per parameter, generated from the seed and the parameter's name, then sharded, so every
+parallel layout starts from the *same* model), weights-only loading at a different layout (merge then
+re-shard), and Hugging Face conversion both ways. Keeping it table-driven is what makes "right at TP=1,
+gibberish at TP=2" impossible by construction.
+
+Layouts (full, unsharded, as bigtrain stores them):
+- ``qkv``: rows grouped per key/value group g: ``[q heads of g (nh/nkv * d rows); k_g (d); v_g (d)]``.
+  Tensor parallelism cuts whole groups, so a contiguous split of dim 0 is the right shard.
+- ``gate_up``: ``[gate (ffn rows); up (ffn rows)]``; rank r holds ``[gate_r; up_r]``.
+- ``vocab``/``col``: split on dim 0; ``row``: split on dim 1; ``replicated``: identical on every rank.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from bigtrain.config import ModelConfig
+
+# Layer kinds in the layer list: 0 = embedding, 1..L = blocks, L+1 = final norm, L+2 = output layer.
+EMBED, BLOCK, FINAL_NORM, HEAD = "embed", "block", "final_norm", "head"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of one layer kind."""
+
+    name: str  # name inside the layer module
+    split: str  # vocab | col | row | qkv | gate_up | replicated
+    init: str  # normal | scaled_normal | ones
+    hf: tuple[str, ...]  # HF name templates ({i} = block index); several for fused tensors
+
+
+LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
+    EMBED: (ParamSpec("word_embeddings.weight", "vocab", "normal", ("model.embed_tokens.weight",)),),
+    BLOCK: (
+        ParamSpec("input_norm.weight", "replicated", "ones", ("model.layers.{i}.input_layernorm.weight",)),
+        ParamSpec(
+            "attention.qkv.weight",
+            "qkv",
+            "normal",
+            (
+                "model.layers.{i}.self_attn.q_proj.weight",
+                "model.layers.{i}.self_attn.k_proj.weight",
+                "model.layers.{i}.self_attn.v_proj.weight",
+            ),
+        ),
+        ParamSpec("attention.proj.weight", "row", "scaled_normal", ("model.layers.{i}.self_attn.o_proj.weight",)),
+        ParamSpec(
+            "post_attention_norm.weight", "replicated", "ones", ("model.layers.{i}.post_attention_layernorm.weight",)
+        ),
+        ParamSpec(
+            "mlp.gate_up.weight",
+            "gate_up",
+            "normal",
+            ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+        ),
+        ParamSpec("mlp.down.weight", "row", "scaled_normal", ("model.layers.{i}.mlp.down_proj.weight",)),
+    ),
+    FINAL_NORM: (ParamSpec("weight", "replicated", "ones", ("model.norm.weight",)),),
+    HEAD: (ParamSpec("weight", "vocab", "normal", ("lm_head.weight",)),),
+}
+
+
+def layer_kind(index: int, num_layers: int) -> str:
+    """Kind of the layer at position ``index`` of the layer list."""
+    if index == 0:
+        return EMBED
+    if index <= num_layers:
+        return BLOCK
+    return FINAL_NORM if index == num_layers + 1 else HEAD
+
+
+def num_list_layers(m: ModelConfig) -> int:
+    return m.num_layers + 3
+
+
+def full_shape(spec: ParamSpec, m: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
+    """Shape of the unsharded parameter."""
+    h, d = m.hidden_size, m.head_dim
+    if spec.split == "vocab":
+        return (padded_vocab, h)
+    if spec.split == "replicated":
+        return (h,)
+    if spec.split == "qkv":
+        return ((m.num_attention_heads + 2 * m.kv_heads) * d, h)
+    if spec.split == "gate_up":
+        return (2 * m.ffn_size, h)
+    if spec.name == "attention.proj.weight":
+        return (h, m.num_attention_heads * d)
+    if spec.name == "mlp.down.weight":
+        return (h, m.ffn_size)
+    raise KeyError(spec.name)
+
+
+# ---------------------------------------------------------------------------- shard / merge
+def shard(full: torch.Tensor, split: str, rank: int, size: int) -> torch.Tensor:
+    """This tensor-parallel rank's slice of a full parameter."""
+    if split == "replicated" or size == 1:
+        return full
+    if split in ("vocab", "col", "qkv"):
+        return full.chunk(size, dim=0)[rank]
+    if split == "row":
+        return full.chunk(size, dim=1)[rank]
+    if split == "gate_up":
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    raise KeyError(split)
+
+
+def merge(shards: list[torch.Tensor], split: str, name: str = "") -> torch.Tensor:
+    """Inverse of :func:`shard` over all ranks' slices (replicated ones must agree)."""
+    if split == "replicated" or len(shards) == 1:
+        for i, s in enumerate(shards[1:], 1):
+            if not torch.equal(s, shards[0]):
+                raise ValueError(f"replicated parameter {name} differs between tensor ranks 0 and {i}")
+        return shards[0]
+    if split in ("vocab", "col", "qkv"):
+        return torch.cat(shards, dim=0)
+    if split == "row":
+        return torch.cat(shards, dim=1)
+    if split == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    raise KeyError(split)
+
+
+# ---------------------------------------------------------------------------- deterministic init
+def init_full(spec: ParamSpec, index: int, m: ModelConfig, padded_vocab: int, seed: int) -> torch.Tensor:
+    """The full initial value of a parameter: depends on seed, layer index and name, never on layout."""
+    shape = full_shape(spec, m, padded_vocab)
+    if spec.init == "ones":
+        return torch.ones(shape)
+    std = m.init_std / (2 * m.num_layers) ** 0.5 if spec.init == "scaled_normal" else m.init_std
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{index}:{spec.name}".encode()))
+    full = torch.randn(shape, generator=gen) * std
+    if spec.split == "vocab":
+        full[m.vocab_size :] = 0  # padding rows never receive a real token
+    return full
+
+
+@dataclass(frozen=True)
+class LayerParam:
+    """One parameter of one list layer, with everything needed to place it."""
+
+    index: int  # position in the layer list
+    spec: ParamSpec
+
+    @property
+    def key(self) -> str:
+        """Layout-independent name used in bigtrain weight files."""
+        return f"{self.index}.{self.spec.name}"
+
+
+def iter_layer_params(m: ModelConfig, indices: range | list[int] | None = None) -> Iterator[LayerParam]:
+    """All parameters of the given list layers (default: the whole model), in order."""
+    for index in indices if indices is not None else range(num_list_layers(m)):
+        kind = layer_kind(index, m.num_layers)
+        if kind == HEAD and m.tie_embeddings:
+            continue
+        for spec in LAYER_PARAMS[kind]:
+            yield LayerParam(index, spec)
+
+
+# ---------------------------------------------------------------------------- HF mapping
+def hf_names(lp: LayerParam, m: ModelConfig) -> tuple[str, ...]:
+    return tuple(t.format(i=lp.index - 1) for t in lp.spec.hf)
+
+
+def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full bigtrain tensor -> HF tensors (vocab padding stripped, fused tensors split)."""
+    names = hf_names(lp, m)
+    if lp.spec.split == "vocab":
+        return {names[0]: full[: m.vocab_size]}
+    if lp.spec.split == "qkv":
+        d, nkv = m.head_dim, m.kv_heads
+        q_per_group = m.num_attention_heads // nkv
+        grouped = full.view(nkv, q_per_group + 2, d, m.hidden_size)  # [groups, q.. k v, d, h]
+        q = grouped[:, :q_per_group].reshape(-1, m.hidden_size)
+        k = grouped[:, q_per_group].reshape(-1, m.hidden_size)
+        v = grouped[:, q_per_group + 1].reshape(-1, m.hidden_size)
+        return dict(zip(names, (q, k, v)))
+    if lp.spec.split == "gate_up":
+        return dict(zip(names, full.chunk(2, dim=0)))
+    return {names[0]: full}
+
+
+def from_hf(lp: LayerParam, tensors: dict[str, torch.Tensor], m: ModelConfig, padded_vocab: int) -> torch.Tensor:
+    """HF tensors -> full bigtrain tensor (inverse of :func:`to_hf`, vocab padded with zeros)."""
+    names = hf_names(lp, m)
+    if lp.spec.split == "vocab":
+        src = tensors[names[0]]
+        full = src.new_zeros(padded_vocab, src.shape[1])
+        full[: src.shape[0]] = src
+        return full
+    if lp.spec.split == "qkv":
+        d, nkv, h = m.head_dim, m.kv_heads, m.hidden_size
+        q = tensors[names[0]].view(nkv, -1, d, h)
+        k = tensors[names[1]].view(nkv, 1, d, h)
+        v = tensors[names[2]].view(nkv, 1, d, h)
+        return torch.cat([q, k, v], dim=1).reshape(-1, h)
+    if lp.spec.split == "gate_up":
+        return torch.cat([tensors[names[0]], tensors[names[1]]], dim=0)
+    return tensors[names[0]]

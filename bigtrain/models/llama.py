@@ -1,0 +1,203 @@
+"""Llama-architecture decoder as a flat list of layers: embedding, N blocks, final norm, output layer.
+
+Linear layers, the embedding and the loss are megatron-core's tensor-parallel ones; everything else is
+plain torch. Activations are ``[seq, batch, hidden]`` (megatron's convention). The same layer classes
+become a DeepSpeed ``PipelineModule`` or a plain module in :mod:`bigtrain.models.parallelize`; this file
+only describes the architecture. Attribute names match :mod:`bigtrain.models.layout`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bigtrain.config import ModelConfig
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights are filled by bigtrain.models.layout (layout-independent init), not by megatron."""
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """cos/sin for rotate-half rotary embeddings (HF Llama / megatron non-interleaved convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # [s, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [s, b, heads, d]; cos/sin: [s, d]."""
+    cos, sin = cos[:, None, None, :].to(x.dtype), sin[:, None, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention; the core runs in SDPA (flash kernels on GPU)."""
+
+    def __init__(self, m: ModelConfig, mp: ModelParallelConfig, recompute_core: bool):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.head_dim = m.head_dim
+        self.kv_groups = m.kv_heads // tp  # key/value groups on this rank
+        self.q_per_group = m.num_attention_heads // m.kv_heads
+        self.rope_theta = m.rope_theta
+        self.recompute_core = recompute_core
+        qkv_out = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
+        self.qkv = ColumnParallelLinear(
+            m.hidden_size, qkv_out, config=mp, init_method=_no_init, bias=False, gather_output=False
+        )
+        self.proj = RowParallelLinear(
+            m.num_attention_heads * m.head_dim,
+            m.hidden_size,
+            config=mp,
+            init_method=_no_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # [b, heads, s, d] -> [b, heads, s, d]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        qkv, _ = self.qkv(x)  # [s, b, groups*(q_per_group+2)*d]
+        qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)  # [s, b, heads, d]
+        k = qkv[:, :, :, self.q_per_group]  # [s, b, groups, d]
+        v = qkv[:, :, :, self.q_per_group + 1]
+        cos, sin = rotary_tables(s, self.head_dim, self.rope_theta, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(self._core, q, k, v, use_reentrant=False)
+        else:
+            out = self._core(q, k, v)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, heads*d]
+        return self.proj(out)[0]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, m: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(
+            m.hidden_size, 2 * m.ffn_size, config=mp, init_method=_no_init, bias=False, gather_output=False
+        )
+        self.down = RowParallelLinear(
+            m.ffn_size,
+            m.hidden_size,
+            config=mp,
+            init_method=_no_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)[0].chunk(2, dim=-1)  # this rank's [gate_r; up_r]
+        return self.down(F.silu(gate) * up)[0]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block; ``checkpointing``: none | full (recompute the block) | selective (attention core)."""
+
+    def __init__(self, m: ModelConfig, mp: ModelParallelConfig, checkpointing: str = "none"):
+        super().__init__()
+        self.full_recompute = checkpointing == "full"
+        self.input_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.attention = Attention(m, mp, recompute_core=checkpointing == "selective")
+        self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.mlp = SwiGLU(m, mp)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x))
+        return x + self.mlp(self.post_attention_norm(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full_recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class Embedding(nn.Module):
+    """Token ids [b, s] -> hidden [s, b, h]."""
+
+    def __init__(self, m: ModelConfig, mp: ModelParallelConfig, padded_vocab: int):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, m.hidden_size, init_method=_no_init, config=mp)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(tokens.t().contiguous())
+
+
+class FinalNorm(RMSNorm):
+    def __init__(self, m: ModelConfig):
+        super().__init__(m.hidden_size, m.norm_eps)
+
+
+class OutputLayer(nn.Module):
+    """hidden [s, b, h] -> this rank's vocab slice of the logits [s, b, v/tp], padding masked out.
+
+    With tied embeddings the weight is the embedding's, passed in at call time (PP=1) or shared by
+    DeepSpeed's TiedLayerSpec (PP>1).
+    """
+
+    def __init__(self, m: ModelConfig, mp: ModelParallelConfig, padded_vocab: int, tied: bool):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        # megatron's column-parallel matmul, fed an explicit weight: ours, or the embedding's when tied.
+        self.linear = ColumnParallelLinear(
+            m.hidden_size,
+            padded_vocab,
+            config=mp,
+            init_method=_no_init,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=True,
+        )
+        if not tied:
+            self.weight = nn.Parameter(torch.empty(padded_vocab // tp, m.hidden_size, dtype=mp.params_dtype))
+        local = padded_vocab // tp
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        self.register_buffer("vocab_padding", torch.arange(start, start + local) >= m.vocab_size, persistent=False)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.linear(x, weight=self.weight if weight is None else weight)[0]
+        if self.vocab_padding.any():
+            logits = logits.masked_fill(self.vocab_padding.to(logits.device), torch.finfo(logits.dtype).min)
+        return logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over unmasked tokens. logits [s, b, v/tp]; labels, loss_mask [b, s]."""
+    losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
+    mask = loss_mask.t().to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
