@@ -32,7 +32,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.derived.grad_accum_steps,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # 0 means "no clipping", but DeepSpeed then skips the norm; a huge threshold keeps it computed.
+        "gradient_clipping": cfg.optim.grad_clip or 1e30,
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,  # bigtrain logs itself
         "wall_clock_breakdown": False,
@@ -124,4 +125,31 @@ def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
         mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
         dist_init_required=False,
     )
+    _record_fp32_grad_norm(engine)
     return engine
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """DeepSpeed clips plain fp32 (no ZeRO) gradients with a norm it throws away, and under a pipeline
+    counts a replicated (norm) parameter only on the first stage. Replace that one step with the
+    tensor/pipeline-aware norm DeepSpeed's ZeRO and bf16 optimizers use, and keep the norm."""
+    from deepspeed.runtime.utils import (
+        clip_tensors_by_global_norm,
+        get_global_norm_of_tensors,
+        is_model_parallel_parameter,
+    )
+    from megatron.core import parallel_state
+
+    def clip_and_record() -> None:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        counted = [
+            p.grad
+            for p in params
+            if not getattr(p, "ds_pipe_replicated", False) and (is_model_parallel_parameter(p) or tp_rank == 0)
+        ]
+        norm = get_global_norm_of_tensors(counted, mpu=engine.mpu)
+        clip_tensors_by_global_norm([p.grad for p in params], engine.gradient_clipping(), norm)
+        engine._global_grad_norm = norm
+
+    engine.clip_fp32_gradients = clip_and_record
