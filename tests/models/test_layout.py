@@ -1,0 +1,108 @@
+"""The parameter table: shard/merge are inverses, HF mapping round-trips, and the model equals
+transformers' LlamaForCausalLM on the exported weights (fp32, single process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bigtrain.config import load_config
+from bigtrain.models import layout
+from tests.conftest import REPO
+
+
+def tiny_cfg(*overrides: str):
+    base = ["model.vocab_size=300", "model.num_attention_heads=4", "model.num_kv_heads=2", "model.rope_theta=5000"]
+    return load_config(REPO / "configs" / "tiny.yaml", base + list(overrides)).resolve(1)
+
+
+@pytest.mark.parametrize("split", ["vocab", "col", "row", "qkv", "gate_up", "replicated"])
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_shard_merge_inverse(split, size):
+    full = torch.randn(16, 8)
+    shards = [layout.shard(full, split, r, size) for r in range(size)]
+    assert torch.equal(layout.merge(shards, split), full)
+
+
+def test_gate_up_shard_holds_matching_gate_and_up_rows():
+    ffn = 4
+    full = torch.arange(2 * ffn).float()[:, None]  # gate rows 0..3, up rows 4..7
+    r1 = layout.shard(full, "gate_up", 1, 2)
+    assert r1.flatten().tolist() == [2, 3, 6, 7]
+
+
+def test_replicated_merge_refuses_disagreeing_ranks():
+    with pytest.raises(ValueError, match="differs between tensor ranks"):
+        layout.merge([torch.ones(3), torch.zeros(3)], "replicated", "x")
+
+
+def test_hf_mapping_round_trip_and_vocab_padding():
+    cfg = tiny_cfg()
+    m, padded = cfg.model, cfg.derived.padded_vocab_size
+    for lp in layout.iter_layer_params(m):
+        full = layout.init_full(lp.spec, lp.index, m, padded, seed=1)
+        hf = layout.to_hf(lp, full, m)
+        if lp.spec.split == "vocab":
+            assert next(iter(hf.values())).shape[0] == m.vocab_size
+            assert torch.count_nonzero(full[m.vocab_size :]) == 0
+        assert torch.equal(layout.from_hf(lp, hf, m, padded), full)
+
+
+def test_init_is_layout_independent():
+    cfg = tiny_cfg()
+    lp = next(p for p in layout.iter_layer_params(cfg.model) if p.spec.split == "qkv")
+    a = layout.init_full(lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, seed=7)
+    b = layout.init_full(lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, seed=7)
+    c = layout.init_full(lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    from bigtrain.distributed import shutdown
+
+    shutdown()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_equal_transformers_llama(world_of_one, tie):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bigtrain.distributed import init_distributed
+    from bigtrain.models.parallelize import build_model, local_parameters
+
+    cfg = tiny_cfg(f"model.tie_embeddings={str(tie).lower()}")
+    init_distributed(cfg)
+    model = build_model(cfg).eval()
+    m = cfg.model
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.ffn_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.kv_heads,
+            rms_norm_eps=m.norm_eps,
+            rope_theta=m.rope_theta,
+            tie_word_embeddings=tie,
+            max_position_embeddings=m.seq_length,
+        )
+    ).eval()
+    state = {}
+    for lp, param in local_parameters(model, cfg).values():
+        state.update(layout.to_hf(lp, param.detach(), m))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if tie else [])
+    tokens = torch.randint(0, m.vocab_size, (3, m.seq_length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.logits(tokens).permute(1, 0, 2)  # [b, s, padded vocab]
+        theirs = hf(tokens).logits
+    assert torch.all(ours[..., m.vocab_size :] == torch.finfo(ours.dtype).min)  # padding never predicted
+    torch.testing.assert_close(ours[..., : m.vocab_size], theirs, rtol=0, atol=1e-5)

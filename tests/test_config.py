@@ -1,0 +1,95 @@
+"""Config tree: loading, overrides, unknown keys, derived values, and one-line layout errors."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bigtrain.config import ConfigError, config_from_dict, load_config
+from tests.conftest import REPO, cpu_env, run_cmd
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def test_overrides_types_and_derived_values():
+    cfg = load_config(TINY, ["parallel.tensor=2", "train.global_batch_size=16", "optim.lr=1", "model.vocab_size=300"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
+    cfg.resolve(world_size=8)
+    assert cfg.derived.data_parallel_size == 4
+    assert cfg.derived.grad_accum_steps == 16 // (2 * 4)
+    assert cfg.derived.padded_vocab_size == 512  # multiple of 128 * tensor(2)
+
+
+def test_unknown_key_and_wrong_type_name_the_field():
+    with pytest.raises(ConfigError, match=r"unknown config key model\.hidden_sise"):
+        load_config(TINY, ["model.hidden_sise=3"])
+    with pytest.raises(ConfigError, match=r"train\.steps: expected int"):
+        load_config(TINY, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"--set"):
+        load_config(TINY, ["nokeyvalue"])
+
+
+def test_saved_config_round_trips():
+    cfg = load_config(TINY, ["model.tie_embeddings=true"]).resolve(2)
+    again = config_from_dict(cfg.to_dict()).resolve(2)
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "world, overrides, message",
+    [
+        (3, ["parallel.tensor=2"], "world size 3 is not divisible by parallel.tensor*parallel.pipeline"),
+        (4, ["parallel.tensor=4", "model.num_kv_heads=2"], "model.num_kv_heads 2 is not divisible by parallel.tensor 4"),
+        (8, ["parallel.tensor=8"], "model.num_attention_heads 4 is not divisible by parallel.tensor 8"),
+        (4, ["parallel.pipeline=4"], "model.num_layers 2 is fewer than parallel.pipeline 4 stages"),
+        (2, ["train.global_batch_size=6", "train.micro_batch_size=2"], "train.global_batch_size 6 is not divisible"),
+        (2, ["parallel.pipeline=2", "zero.stage=2"], "zero.stage 2 cannot be combined with parallel.pipeline 2"),
+        (2, ["parallel.pipeline=2", "zero.stage=3"], "zero.stage 3 cannot be combined with parallel.pipeline 2"),
+    ],
+)
+def test_layout_errors_exit_fast_with_one_line(world, overrides, message):
+    """Each config error: non-zero exit within 10 s, one line, before any process group exists."""
+    env = cpu_env(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
+    t0 = time.monotonic()
+    proc = run_cmd(
+        [sys.executable, "-m", "bigtrain.pretrain", "--config", str(TINY), "--set", *overrides],
+        timeout=10,
+        check=False,
+        env=env,
+    )
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bigtrain: config error")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_presets_validate_on_their_layout_and_have_expected_sizes():
+    """Presets build by parameter count on 8 GPUs (no weights needed)."""
+    from bigtrain.flops import matmul_params
+
+    expected = {"llama-125m": (0.10e9, 0.17e9), "llama-1.3b": (1.2e9, 1.5e9), "llama-7b": (6.3e9, 7.0e9), "llama-13b": (12.5e9, 13.5e9)}
+    for name, (lo, hi) in expected.items():
+        cfg = load_config(REPO / "configs" / f"{name}.yaml").resolve(world_size=8)
+        m = cfg.model
+        # matmul_params includes the output layer; an untied input embedding comes on top.
+        params = matmul_params(m, m.vocab_size) + (0 if m.tie_embeddings else m.vocab_size * m.hidden_size)
+        assert lo <= params <= hi, (name, params)
+        assert cfg.derived.grad_accum_steps >= 1
+
+
+def test_help_config_lists_documented_keys():
+    proc = run_cmd([sys.executable, "-m", "bigtrain.pretrain", "--help-config"], timeout=60)
+    assert "parallel.tensor = 1    # Tensor-parallel size" in proc.stdout
+    assert all("#" in line for line in proc.stdout.strip().splitlines())
+
+
+def test_config_file_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
