@@ -1,0 +1,93 @@
+"""``python -m bigtrain.evaluate --config FILE --data PREFIX [--set ...]``: mean next-token loss and
+perplexity of a checkpoint over contiguous, non-overlapping ``seq_length + 1``-token windows of a
+dataset, in order. Any tensor/pipeline/data layout; weights come from ``checkpoint.load`` or the
+latest checkpoint of ``train.run_dir``. The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import torch
+
+from bigtrain.config import Config
+from bigtrain.distributed import rank_from_env
+from bigtrain.pretrain import config_or_exit, parse_args
+
+
+def _window_batch(window: dict, device: torch.device, real: bool) -> dict[str, torch.Tensor]:
+    tokens = torch.as_tensor(window["tokens"]).long().view(1, -1).to(device)
+    labels = torch.as_tensor(window["labels"]).long().view(1, -1).to(device)
+    mask = torch.ones_like(tokens, dtype=torch.float32) if real else torch.zeros_like(tokens, dtype=torch.float32)
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask}
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
+    """Mean loss over every window (each window's last seq_length tokens are predicted)."""
+    from megatron.core import parallel_state
+
+    from bigtrain import checkpoint
+    from bigtrain.data import SequentialWindows
+    from bigtrain.distributed import init_distributed, shutdown
+    from bigtrain.engine import initialize_engine
+    from bigtrain.models.parallelize import build_model
+
+    # One window per data-parallel rank per step: the layout never changes which windows count.
+    cfg.train.micro_batch_size = 1
+    cfg.train.global_batch_size = cfg.derived.data_parallel_size
+    cfg.derived.grad_accum_steps = 1
+    dist = init_distributed(cfg)
+    try:
+        windows = SequentialWindows(data_path, cfg.model.seq_length)
+        model = build_model(cfg, topology=dist.topology)
+        source = cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg))
+        checkpoint.load_weights_only(model, cfg, source)
+        dp, dp_rank = cfg.derived.data_parallel_size, dist.dp_rank
+        n = len(windows)
+        steps = math.ceil(n / dp)
+        total = torch.zeros((), dtype=torch.float64)
+        if cfg.parallel.pipeline > 1:
+            engine = initialize_engine(cfg, model, dist)
+            engine.eval()
+        else:
+            model.to(dist.device).eval()
+        for step in range(steps):
+            index = step * dp + dp_rank
+            real = index < n
+            batch = _window_batch(windows[min(index, n - 1)], dist.device, real)
+            if cfg.parallel.pipeline > 1:
+                item = (batch["tokens"], (batch["labels"], batch["loss_mask"]))
+                dp_mean = engine.eval_batch(data_iter=iter([item]), num_micro_batches=1)  # averaged over DP
+                total += float(dp_mean) * dp
+            else:
+                loss = model(batch["tokens"], batch["labels"], batch["loss_mask"]).double()
+                if dp > 1:
+                    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+                total += float(loss)
+        mean = float(total) / n
+        return {"loss": mean, "perplexity": math.exp(mean), "windows": n, "tokens": n * cfg.model.seq_length}
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data = None
+    if "--data" in argv:
+        i = argv.index("--data")
+        data = argv[i + 1] if i + 1 < len(argv) else None
+        del argv[i : i + 2]
+    if not data:
+        print("bigtrain.evaluate: --data PREFIX is required", file=sys.stderr)
+        sys.exit(2)
+    cfg = config_or_exit(parse_args(argv, description=__doc__))
+    result = evaluate(cfg, data)
+    if rank_from_env() == 0:
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
