@@ -248,7 +248,7 @@ def validate(cfg: Config, world_size: int) -> None:
         "zero.offload_optimizer needs zero.stage >= 1",
     )
     _check(not (p.sequence_parallel and p.tensor == 1), "parallel.sequence_parallel needs parallel.tensor > 1")
-    _check(p.partition_method in ("parameters", "uniform"), f"parallel.partition_method must be parameters|uniform")
+    _check(p.partition_method in ("parameters", "uniform"), "parallel.partition_method must be parameters|uniform")
     dp = world_size // (p.tensor * p.pipeline)
     _check(t.micro_batch_size > 0 and t.steps >= 0, "train.micro_batch_size must be > 0 and train.steps >= 0")
     _check(

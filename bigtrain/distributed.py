@@ -87,6 +87,7 @@ def init_distributed(cfg: Config) -> Dist:
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=True,
+        distributed_port=int(os.environ.get("MASTER_PORT", 29500)),  # mpirun: pass -x MASTER_PORT
         timeout=timeout,
         verbose=False,
     )

