@@ -65,7 +65,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor: int = opt(1, "Tensor-parallel size (megatron-core column/row-parallel layers).")
     pipeline: int = opt(1, "Pipeline stages (DeepSpeed PipelineModule, 1F1B).")
-    sequence_parallel: bool = opt(False, "Megatron sequence parallelism for norms (GPU/NCCL only; needs tensor > 1).")
+    sequence_parallel: bool = opt(False, "Megatron sequence parallelism (not supported yet: must be false).")
     partition_method: str = opt("parameters", "How DeepSpeed splits layers across stages: parameters|uniform.")
 
 
@@ -248,6 +248,11 @@ def validate(cfg: Config, world_size: int) -> None:
         "zero.offload_optimizer needs zero.stage >= 1",
     )
     _check(not (p.sequence_parallel and p.tensor == 1), "parallel.sequence_parallel needs parallel.tensor > 1")
+    _check(
+        not p.sequence_parallel,
+        "parallel.sequence_parallel is not supported yet (norm-gradient reduction under DeepSpeed is missing); "
+        "set it to false",
+    )
     _check(p.partition_method in ("parameters", "uniform"), "parallel.partition_method must be parameters|uniform")
     dp = world_size // (p.tensor * p.pipeline)
     _check(t.micro_batch_size > 0 and t.steps >= 0, "train.micro_batch_size must be > 0 and train.steps >= 0")
