@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bigtrain.config import Config
+from bigtrain.config import Config, ModelConfig, config_from_dict
 from bigtrain.distributed import Dist, barrier
 from bigtrain.models import layout
 from bigtrain.models.parallelize import local_parameters
@@ -213,20 +213,31 @@ class WeightReader:
         return layout.merge(shards, lp.spec.split, lp.key)
 
 
+def model_shape_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """Fields whose difference makes saved weights unusable, as 'field: checkpoint X vs config Y'."""
+    fields = {
+        "num_layers": lambda m: m.num_layers,
+        "hidden_size": lambda m: m.hidden_size,
+        "num_attention_heads": lambda m: m.num_attention_heads,
+        "num_kv_heads": lambda m: m.kv_heads,
+        "ffn_hidden_size": lambda m: m.ffn_size,
+        "vocab_size": lambda m: m.vocab_size,
+        "tie_embeddings": lambda m: m.tie_embeddings,
+    }
+    return [
+        f"model.{name}: checkpoint {get(saved)} vs config {get(current)}"
+        for name, get in fields.items()
+        if get(saved) != get(current)
+    ]
+
+
 @torch.no_grad()
 def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> dict[str, Any]:
     """Fill this rank's parameters from a checkpoint of any layout (fresh optimizer, step 0)."""
     from bigtrain.models.parallelize import tp_rank_size
 
     reader = WeightReader(path)
-    saved_model = reader.meta["config"]["model"]
-    mine = cfg.to_dict()["model"]
-    shape_keys = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size")
-    diffs = [
-        f"model.{k}: checkpoint {saved_model.get(k)} vs config {mine.get(k)}"
-        for k in shape_keys
-        if saved_model.get(k) != mine.get(k)
-    ]
+    diffs = model_shape_differences(config_from_dict(reader.meta["config"]).model, cfg.model)
     if diffs:
         raise ValueError(f"{reader.dir}: model shape differs from the config: " + "; ".join(diffs))
     rank, size = tp_rank_size()
