@@ -51,9 +51,14 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
                 "model.layers.{i}.self_attn.v_proj.weight",
             ),
         ),
-        ParamSpec("attention.proj.weight", "row", "scaled_normal", ("model.layers.{i}.self_attn.o_proj.weight",)),
         ParamSpec(
-            "post_attention_norm.weight", "replicated", "ones", ("model.layers.{i}.post_attention_layernorm.weight",)
+            "attention.proj.weight", "row", "scaled_normal", ("model.layers.{i}.self_attn.o_proj.weight",)
+        ),
+        ParamSpec(
+            "post_attention_norm.weight",
+            "replicated",
+            "ones",
+            ("model.layers.{i}.post_attention_layernorm.weight",),
         ),
         ParamSpec(
             "mlp.gate_up.weight",
@@ -191,7 +196,9 @@ def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch
     return {names[0]: full}
 
 
-def from_hf(lp: LayerParam, tensors: dict[str, torch.Tensor], m: ModelConfig, padded_vocab: int) -> torch.Tensor:
+def from_hf(
+    lp: LayerParam, tensors: dict[str, torch.Tensor], m: ModelConfig, padded_vocab: int
+) -> torch.Tensor:
     """HF tensors -> full bigtrain tensor (inverse of :func:`to_hf`, vocab padded with zeros)."""
     names = hf_names(lp, m)
     if lp.spec.split == "vocab":
@@ -208,3 +215,81 @@ def from_hf(lp: LayerParam, tensors: dict[str, torch.Tensor], m: ModelConfig, pa
     if lp.spec.split == "gate_up":
         return torch.cat([tensors[names[0]], tensors[names[1]]], dim=0)
     return tensors[names[0]]
+
+
+def hf_tensor_names(m: ModelConfig) -> list[str]:
+    """Every HF tensor name of the model, in table order (what an HF directory must hold, and only that)."""
+    return [name for lp in iter_layer_params(m) for name in hf_names(lp, m)]
+
+
+# ---------------------------------------------------------------------------- HF config mapping
+# bigtrain ``ModelConfig`` field <-> ``LlamaConfig`` field: the one config table, used by both directions.
+HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
+    ("num_layers", "num_hidden_layers"),
+    ("hidden_size", "hidden_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_kv_heads", "num_key_value_heads"),
+    ("ffn_hidden_size", "intermediate_size"),
+    ("seq_length", "max_position_embeddings"),
+    ("vocab_size", "vocab_size"),
+    ("rope_theta", "rope_theta"),
+    ("norm_eps", "rms_norm_eps"),
+    ("tie_embeddings", "tie_word_embeddings"),
+    ("init_std", "initializer_range"),
+)
+
+
+def hf_config_values(m: ModelConfig) -> dict[str, object]:
+    """LlamaConfig values of a bigtrain model (defaults resolved: kv heads, ffn size; true vocab size)."""
+    resolved = {"num_kv_heads": m.kv_heads, "ffn_hidden_size": m.ffn_size}
+    return {hf: resolved.get(ours, getattr(m, ours)) for ours, hf in HF_CONFIG_FIELDS}
+
+
+def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
+    """ModelConfig values from HF config values (keys missing in ``hf`` are left to bigtrain's defaults)."""
+    return {ours: hf[name] for ours, name in HF_CONFIG_FIELDS if hf.get(name) is not None}
+
+
+# ---------------------------------------------------------------------------- pipeline stages
+def local_shape(spec: ParamSpec, m: ModelConfig, padded_vocab: int, tp: int) -> tuple[int, ...]:
+    """Shape of one tensor-parallel rank's slice (what :func:`shard` returns)."""
+    shape = list(full_shape(spec, m, padded_vocab))
+    if spec.split in ("vocab", "col", "qkv", "gate_up"):
+        shape[0] //= tp
+    elif spec.split == "row":
+        shape[1] //= tp
+    return tuple(shape)
+
+
+def list_layer_param_counts(m: ModelConfig, padded_vocab: int, tp: int) -> list[int]:
+    """Parameters per list layer on one tensor rank, counted the way DeepSpeed's PipelineModule counts
+    them for ``partition_method=parameters`` (a tied output layer is the embedding module again)."""
+    counts = []
+    for index in range(num_list_layers(m)):
+        kind = layer_kind(index, m.num_layers)
+        specs = LAYER_PARAMS[EMBED if kind == HEAD and m.tie_embeddings else kind]
+        counts.append(sum(torch.Size(local_shape(s, m, padded_vocab, tp)).numel() for s in specs))
+    return counts
+
+
+def pipeline_parts(m: ModelConfig, padded_vocab: int, tp: int, pp: int, method: str) -> list[int]:
+    """Stage boundaries over the layer list (``parts[s]:parts[s+1]`` is stage s), computed with
+    DeepSpeed's own partitioners, so they equal what ``PipelineModule(partition_method=method)`` builds."""
+    from deepspeed.runtime import utils as ds_utils
+
+    if method == "uniform":
+        return [int(x) for x in ds_utils.partition_uniform(num_items=num_list_layers(m), num_parts=pp)]
+    if method == "parameters":
+        counts = list_layer_param_counts(m, padded_vocab, tp)
+        return [int(x) for x in ds_utils.partition_balanced(weights=counts, num_parts=pp)]
+    raise ValueError(f"partition_method {method!r}: expected parameters|uniform")
+
+
+def stage_params(m: ModelConfig, parts: list[int], stage: int) -> list[LayerParam]:
+    """Parameters held by pipeline stage ``stage`` (a stage holding the tied output layer holds the
+    embedding weight too, as DeepSpeed's TiedLayerSpec does)."""
+    indices = list(range(parts[stage], parts[stage + 1]))
+    head = num_list_layers(m) - 1
+    if m.tie_embeddings and head in indices and 0 not in indices:
+        indices = [0, *indices]
+    return list(iter_layer_params(m, indices))

@@ -42,9 +42,13 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+def rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """cos/sin for rotate-half rotary embeddings (HF Llama / megatron non-interleaved convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    )
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # [s, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]
@@ -56,6 +60,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos[:, None, None, :].to(x.dtype), sin[:, None, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """One block's keys and values for incremental decoding (inference only; see bigtrain.generation).
+
+    Buffers ``[b, groups, max_length, d]`` are allocated at the first append; ``length`` positions are
+    filled. Attention over the cache uses SDPA like training; the causal mask is offset by the cached
+    length (a single new position attends to everything, so it needs none)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values [b, groups, s, d]; returns all of them so far."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.max_length, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [b, heads, s, d] are the last s positions of k/v [b, groups, t, d]."""
+        s, t = q.shape[2], k.shape[2]
+        mask = None
+        if s > 1:
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -87,17 +127,23 @@ class Attention(nn.Module):
         # [b, heads, s, d] -> [b, heads, s, d]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``cache`` (inference only): keys/values of earlier positions; x holds the positions after them."""
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)  # [s, b, groups*(q_per_group+2)*d]
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)  # [s, b, heads, d]
         k = qkv[:, :, :, self.q_per_group]  # [s, b, groups, d]
         v = qkv[:, :, :, self.q_per_group + 1]
-        cos, sin = rotary_tables(s, self.head_dim, self.rope_theta, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        start = 0 if cache is None else cache.length
+        cos, sin = rotary_tables(start + s, self.head_dim, self.rope_theta, x.device)
+        q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        if self.recompute_core and torch.is_grad_enabled():
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if start:
+            out = cache.attend(q, k, v)
+        elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, use_reentrant=False)
         else:
             out = self._core(q, k, v)
@@ -137,14 +183,14 @@ class TransformerBlock(nn.Module):
         self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.mlp = SwiGLU(m, mp)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x))
+    def _forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), cache)
         return x + self.mlp(self.post_attention_norm(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if self.full_recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return self._forward(x, cache)
 
 
 class Embedding(nn.Module):
@@ -152,7 +198,9 @@ class Embedding(nn.Module):
 
     def __init__(self, m: ModelConfig, mp: ModelParallelConfig, padded_vocab: int):
         super().__init__()
-        self.word_embeddings = VocabParallelEmbedding(padded_vocab, m.hidden_size, init_method=_no_init, config=mp)
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab, m.hidden_size, init_method=_no_init, config=mp
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(tokens.t().contiguous())
@@ -187,7 +235,9 @@ class OutputLayer(nn.Module):
             self.weight = nn.Parameter(torch.empty(padded_vocab // tp, m.hidden_size, dtype=mp.params_dtype))
         local = padded_vocab // tp
         start = parallel_state.get_tensor_model_parallel_rank() * local
-        self.register_buffer("vocab_padding", torch.arange(start, start + local) >= m.vocab_size, persistent=False)
+        self.register_buffer(
+            "vocab_padding", torch.arange(start, start + local) >= m.vocab_size, persistent=False
+        )
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.linear(x, weight=self.weight if weight is None else weight)[0]
