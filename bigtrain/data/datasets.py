@@ -1,0 +1,402 @@
+"""Training and validation sample streams on megatron-core's dataset stack.
+
+``build_datasets`` turns ``cfg.data`` into megatron-core ``GPTDataset``s (one per shard, with the
+shuffled document/sample/shuffle index maps megatron builds and caches) blended by ``BlendedDataset``,
+through ``BlendedMegatronDatasetBuilder`` so the rank-0-builds-first protocol and the on-disk cache
+format are megatron's own. Every item is a fixed window of ``seq_length + 1`` tokens, served as
+``tokens``/``labels`` shifted by one. ``SequentialWindows`` is the unshuffled view used for evaluation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from bigtrain.config import Config, TrainConfig
+from bigtrain.data.corpus import DataError, DataSpec
+from bigtrain.data.validate import Corpus, ShardInfo, meta_value, validate_data
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_DEFAULT_EOD = 2  # the project tokenizer's eos/eod id, used when no tokenizer is given
+
+
+class TokenizerInfo:
+    """The tokenizer facts megatron-core's GPT datasets need, and nothing that needs a model file.
+
+    ``GPTDatasetConfig.tokenizer`` is read for ``eod`` (loss/position handling), ``pad`` (masked in
+    labels) and ``vocab_size``, and is part of the index-cache key through ``unique_identifiers``: a
+    different tokenizer fingerprint means different cache files, never a stale shuffle.
+    """
+
+    def __init__(
+        self, vocab_size: int | None, eod: int, pad: int | None = None, fingerprint: str | None = None
+    ):
+        self.vocab_size = vocab_size
+        self.eod = eod
+        self._pad = pad
+        self.fingerprint = fingerprint
+        self.unique_identifiers = {
+            "class": type(self).__name__,
+            "vocab_size": vocab_size,
+            "eod": eod,
+            "pad": pad,
+            "fingerprint": fingerprint,
+        }
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @property
+    def pad(self) -> int:
+        if self._pad is None:  # megatron-core falls back to an id that never occurs in data
+            raise AttributeError("no pad id")
+        return self._pad
+
+    def __repr__(self) -> str:
+        return f"TokenizerInfo({self.unique_identifiers})"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> TokenizerInfo:
+        """From a ``tokenizer.Tokenizer`` (or anything with ``vocab_size``/``eod_id``/``pad_id``)."""
+        eod = getattr(tokenizer, "eod_id", None)
+        if eod is None:
+            eod = tokenizer.eos_id
+        pad = getattr(tokenizer, "pad_id", None)
+        return cls(
+            int(tokenizer.vocab_size),
+            int(eod),
+            None if pad is None or pad < 0 else int(pad),
+            getattr(tokenizer, "fingerprint", None),
+        )
+
+    @classmethod
+    def from_data(cls, vocab_size: int | None, shards: Sequence[ShardInfo]) -> TokenizerInfo:
+        """Without a tokenizer: the ids recorded in the data's metadata, else the project defaults."""
+        meta = next((s.meta for s in shards if s.meta), None) or {}
+        eod = meta_value(meta, "eod_id", "eod", "eos_id")
+        pad = meta_value(meta, "pad_id", "pad")
+        vocab = vocab_size if vocab_size is not None else meta_value(meta, "vocab_size")
+        return cls(
+            None if vocab is None else int(vocab),
+            _DEFAULT_EOD if eod is None else int(eod),
+            None if pad is None or int(pad) < 0 else int(pad),
+            None,
+        )
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """A megatron-core top-level dataset with our item format.
+
+    Items are megatron's GPT dict (``tokens``, ``labels``, ``loss_mask``, ``position_ids``) plus
+    ``sample_id`` (the index asked for: the sample's place in the global order, what resume and tests
+    compare) and ``corpus_id`` (which blend member it came from, for mix checks and per-corpus metrics).
+    """
+
+    def __init__(self, dataset: Any, corpus_of_dataset: Sequence[int], corpora: Sequence[Corpus], split: str):
+        self.dataset = dataset
+        self.corpus_of_dataset = list(corpus_of_dataset)
+        self.corpora = list(corpora)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        idx = int(idx)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sample {idx} out of range for {len(self)} {self.split} samples")
+        item = self.dataset[idx]
+        dataset_id = int(item.get("dataset_id", 0))
+        return {
+            "tokens": item["tokens"],
+            "labels": item["labels"],
+            "loss_mask": item["loss_mask"],
+            "position_ids": item["position_ids"],
+            "sample_id": idx,
+            "corpus_id": self.corpus_of_dataset[dataset_id] if self.corpus_of_dataset else 0,
+        }
+
+    @property
+    def gpt_datasets(self) -> list[Any]:
+        """The per-shard megatron ``GPTDataset``s under the blend (one when nothing is blended)."""
+        return list(getattr(self.dataset, "datasets", [self.dataset]))
+
+
+# ------------------------------------------------------------------------------------ sizes
+def num_evaluations(train: TrainConfig) -> int:
+    """How often the trainer validates: every ``eval_interval`` steps and at the end (at least once)."""
+    if train.steps <= 0:
+        return 1
+    due = (
+        set(range(train.eval_interval, train.steps + 1, train.eval_interval))
+        if train.eval_interval > 0
+        else set()
+    )
+    return len(due | {train.steps})
+
+
+def num_samples(cfg: Config) -> tuple[int, int]:
+    """(train, valid) samples to build: every step's global batch, and every evaluation's batches."""
+    t = cfg.train
+    train = max(1, t.steps) * t.global_batch_size
+    valid = max(1, t.eval_steps) * t.global_batch_size * num_evaluations(t)
+    return train, valid
+
+
+# ------------------------------------------------------------------------------------ distributed
+def _dist_rank() -> int | None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return None
+
+
+def rank0_first(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0, then (if it succeeded) on the others; every rank raises rank 0's error.
+
+    Validation scans files and writes the stats cache: rank 0 does the work once, the others then hit
+    the cache. Sharing the outcome keeps a bad dataset from leaving ranks 1..N at a barrier forever.
+    """
+    rank = _dist_rank()
+    if rank is None or torch.distributed.get_world_size() == 1:
+        return fn()
+    outcome: list[Any] = [None]
+    result = None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            outcome[0] = (isinstance(e, DataError), str(e) or type(e).__name__)
+            torch.distributed.broadcast_object_list(outcome, src=0)
+            raise
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        is_data_error, message = outcome[0]
+        raise (DataError if is_data_error else RuntimeError)(
+            message if is_data_error else f"rank 0: {message}"
+        )
+    return fn() if rank != 0 else result
+
+
+@contextlib.contextmanager
+def _single_process_rank() -> Iterator[None]:
+    """megatron-core 0.16's ``BlendedDataset`` calls ``torch.distributed.get_rank()`` on an index-cache
+    miss without checking ``is_initialized()``; in a single process without a group, answer 0."""
+    if _dist_rank() is not None:
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+# ------------------------------------------------------------------------------------ building
+def _blend(corpora: Sequence[Corpus]) -> tuple[list[str], list[float] | None, list[int]]:
+    """Flatten corpora to megatron's (prefixes, weights) and the corpus index of every prefix.
+
+    A corpus weight is split over its shards in proportion to their token counts, so the corpus keeps
+    its share of the mix however it is sharded; empty shards are left out (megatron needs weights > 0).
+    Unweighted corpora (a single name, or ``data.valid``) are weighted by size.
+    """
+    total = sum(c.num_tokens for c in corpora)
+    prefixes, weights, corpus_of = [], [], []
+    for i, corpus in enumerate(corpora):
+        share = corpus.weight if corpus.weight is not None else corpus.num_tokens / total
+        for shard in corpus.shards:
+            if shard.num_tokens:
+                prefixes.append(shard.prefix)
+                weights.append(share * shard.num_tokens / corpus.num_tokens)
+                corpus_of.append(i)
+    if len(prefixes) == 1:
+        return prefixes, None, corpus_of
+    return prefixes, weights, corpus_of
+
+
+def _check_split(corpora: Sequence[Corpus], split: str) -> None:
+    """Each shard is split by document; a part with no documents would make megatron loop forever."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ValueError, ZeroDivisionError):
+        raise DataError(f"data.split: {split!r} is not a train,valid,test split like '98,2,0'") from None
+    for corpus in corpora:
+        for shard in corpus.shards:
+            n = shard.num_sequences
+            for name, part in zip(("train", "valid", "test"), matrix):
+                if part is not None and shard.num_tokens and round(part[1] * n) <= round(part[0] * n):
+                    raise DataError(
+                        f"{shard.prefix}: {n} documents are too few for data.split {split!r} (its {name} "
+                        "part would be empty); set data.valid or use fewer, larger shards"
+                    )
+
+
+def _gpt_options(cfg: Config, info: TokenizerInfo, path_to_cache: str | None) -> dict[str, Any]:
+    """GPTDatasetConfig fields shared by real and mock data: plain causal windows, no per-document
+    position/attention resets and no materialized attention mask (the model builds its causal mask)."""
+    return dict(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
+        path_to_cache=path_to_cache,
+        tokenizer=info,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+
+
+def _mock_datasets(
+    cfg: Config, tokenizer: Any, sizes: list[int]
+) -> tuple[SampleDataset, SampleDataset | None]:
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+
+    if tokenizer is not None:
+        info = TokenizerInfo.from_tokenizer(tokenizer)
+    elif cfg.model.vocab_size:
+        info = TokenizerInfo(cfg.model.vocab_size, min(_DEFAULT_EOD, cfg.model.vocab_size - 1))
+    else:
+        raise DataError("data.mock: needs model.vocab_size or data.tokenizer for the random token range")
+    config = GPTDatasetConfig(**_gpt_options(cfg, info, None))
+    train, valid, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
+    return SampleDataset(train, [], [], "train"), SampleDataset(valid, [], [], "valid")
+
+
+def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, SampleDataset | None]:
+    """(train, valid or None) sample datasets for ``cfg``; call on every rank (it may use barriers).
+
+    Validates the data first (see :func:`validate_data`), then builds through megatron-core with
+    ``train.steps * global_batch_size`` train samples and enough valid samples for every evaluation.
+    ``data.valid`` gives a separate validation corpus; otherwise ``data.split`` splits each shard.
+    Index maps are cached in ``data.cache_dir`` or ``cache/`` next to the (first) training data, keyed
+    by everything that shapes them (seed, lengths, sizes, split, tokenizer), so a restart reuses them.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    sizes = [*num_samples(cfg), 0]
+    if cfg.data.mock:
+        return _mock_datasets(cfg, tokenizer, sizes)
+    d = cfg.data
+    if d.train is None:
+        raise DataError("data.train is not set (a prefix, a glob, or [[weight, prefix], ...])")
+    vocab = int(tokenizer.vocab_size) if tokenizer is not None else cfg.model.vocab_size
+    cache_dir = os.path.abspath(d.cache_dir) if d.cache_dir else None
+
+    def validate() -> tuple[list[Corpus], list[Corpus] | None]:
+        train = validate_data(d.train, vocab, tokenizer, cache_dir=cache_dir, field="data.train")
+        valid = None
+        if d.valid is not None:
+            valid = validate_data(d.valid, vocab, tokenizer, cache_dir=cache_dir, field="data.valid")
+        else:
+            _check_split(train, d.split)
+        return train, valid
+
+    train_corpora, valid_corpora = rank0_first(validate)
+    all_shards = [s for c in train_corpora + (valid_corpora or []) for s in c.shards]
+    info = (
+        TokenizerInfo.from_tokenizer(tokenizer)
+        if tokenizer is not None
+        else TokenizerInfo.from_data(vocab, all_shards)
+    )
+    path_to_cache = cache_dir or os.path.join(os.path.dirname(train_corpora[0].shards[0].prefix), "cache")
+    train_prefixes, train_weights, train_corpus_of = _blend(train_corpora)
+    common = _gpt_options(cfg, info, path_to_cache)
+    if valid_corpora is not None:
+        valid_prefixes, valid_weights, valid_corpus_of = _blend(valid_corpora)
+        config = GPTDatasetConfig(
+            blend_per_split=[(train_prefixes, train_weights), (valid_prefixes, valid_weights), None], **common
+        )
+    else:
+        valid_corpora, valid_corpus_of = train_corpora, train_corpus_of
+        config = GPTDatasetConfig(blend=(train_prefixes, train_weights), split=d.split, **common)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
+    with _single_process_rank():
+        train_ds, valid_ds, _ = builder.build()
+    train = SampleDataset(train_ds, train_corpus_of, train_corpora, "train")
+    valid = SampleDataset(valid_ds, valid_corpus_of, valid_corpora, "valid") if valid_ds is not None else None
+    return train, valid
+
+
+# ------------------------------------------------------------------------------------ evaluation
+class SequentialWindows(torch.utils.data.Dataset):
+    """Contiguous, non-overlapping ``seq_length + 1``-token windows over a dataset's documents in order.
+
+    Evaluation must not depend on shuffling, seeds or the training sample count: window ``i`` is tokens
+    ``[i*(S+1), (i+1)*(S+1))`` of the concatenation of all documents of all shards (shard order, then
+    document order); the final partial window is dropped. Items have the training item's shape.
+    """
+
+    def __init__(self, data: DataSpec, seq_length: int, vocab_size: int | None = None, tokenizer: Any = None):
+        if seq_length < 1:
+            raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+        corpora = validate_data(data, vocab_size, tokenizer, field="evaluation data")
+        if len(corpora) != 1 or corpora[0].weight is not None:
+            raise DataError(f"evaluation data: {data!r} is a weighted blend; evaluate one corpus at a time")
+        self.shards = [s for s in corpora[0].shards if s.num_tokens]
+        self.seq_length = seq_length
+        self.window = seq_length + 1
+        self.starts = np.cumsum([0] + [s.num_tokens for s in self.shards]).tolist()
+        self.num_tokens = self.starts[-1]
+        if self.num_tokens < self.window:
+            raise DataError(
+                f"{corpora[0].spec.label}: {self.num_tokens} tokens are fewer than one window of {self.window}"
+            )
+        self._arrays: list[np.memmap] | None = None
+
+    def _memmaps(self) -> list[np.memmap]:
+        if self._arrays is None:  # opened lazily: the object stays cheap to pickle into workers
+            self._arrays = [
+                np.memmap(s.prefix + ".bin", dtype=s.dtype, mode="r", shape=(s.num_tokens,))
+                for s in self.shards
+            ]
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self) -> int:
+        return self.num_tokens // self.window
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the concatenated dataset as int64."""
+        arrays, parts = self._memmaps(), []
+        shard = bisect.bisect_right(self.starts, start) - 1
+        while start < stop:
+            local = start - self.starts[shard]
+            take = min(stop, self.starts[shard + 1]) - start
+            parts.append(arrays[shard][local : local + take])
+            start += take
+            shard += 1
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        idx = int(idx)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"window {idx} out of range for {len(self)} windows")
+        window = torch.from_numpy(self.tokens(idx * self.window, (idx + 1) * self.window))
+        return {
+            "tokens": window[:-1].contiguous(),
+            "labels": window[1:].contiguous(),
+            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+            "position_ids": torch.arange(self.seq_length, dtype=torch.long),
+            "sample_id": idx,
+            "corpus_id": 0,
+        }

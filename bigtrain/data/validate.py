@@ -1,0 +1,291 @@
+"""Checks on tokenized data, run once before training starts.
+
+A bad dataset otherwise shows up hours into a job as an embedding index error on one rank, a hang at
+a barrier, or silently wrong training (data from another tokenizer). Everything here is cheap except
+the token-id range scan, whose result is cached next to the index maps, keyed by file size and mtime,
+so a restart does not read the corpus again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bigtrain.data.corpus import CorpusSpec, DataError, DataSpec, meta_path, parse_blend, resolve_corpus
+
+logger = logging.getLogger(__name__)
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+_DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+_TOKEN_DTYPES = (np.uint16, np.int32)
+UINT16_VOCAB_LIMIT = 65500  # preprocess writes uint16 below this vocab size, int32 from it on
+_SCAN_CHUNK = 1 << 24  # tokens per read while scanning for the id range
+_STATS_VERSION = 1
+
+
+def expected_token_dtype(vocab_size: int) -> np.dtype:
+    """The dtype ``tokenizer.preprocess`` writes for a vocabulary of this size."""
+    return np.dtype(np.uint16 if vocab_size < UINT16_VOCAB_LIMIT else np.int32)
+
+
+@dataclass
+class ShardInfo:
+    """One indexed dataset (``prefix.bin``/``.idx``) as found on disk."""
+
+    prefix: str
+    dtype: np.dtype
+    num_docs: int
+    num_sequences: int
+    num_tokens: int
+    meta_file: str | None = None
+    meta: dict[str, Any] | None = None
+    min_id: int | None = None
+    max_id: int | None = None
+
+
+@dataclass
+class Corpus:
+    """A blend member resolved to its shards (``weight`` None when the data is not a weighted blend)."""
+
+    spec: CorpusSpec
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    @property
+    def weight(self) -> float | None:
+        return self.spec.weight
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def read_index(prefix: str) -> tuple[np.dtype, int, np.ndarray]:
+    """(token dtype, document count, per-sequence lengths) from ``prefix.idx``, checked for corruption.
+
+    megatron-core would fail on a bad index with a bare assert or a numpy buffer error; reading the
+    header here turns that into a message naming the file.
+    """
+    idx = prefix + ".idx"
+    size = os.path.getsize(idx)
+    if size < _HEADER.size:
+        raise DataError(f"{idx}: corrupt index (truncated: {size} bytes, the header alone is {_HEADER.size})")
+    with open(idx, "rb") as f:
+        magic, version, code, n_seq, n_doc = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != INDEX_MAGIC:
+        raise DataError(f"{idx}: corrupt index (wrong magic {magic!r}, expected {INDEX_MAGIC!r})")
+    if version != 1:
+        raise DataError(f"{idx}: unsupported index version {version} (expected 1)")
+    if code not in _DTYPE_CODES:
+        raise DataError(f"{idx}: corrupt index (unknown dtype code {code})")
+    expected = _HEADER.size + 4 * n_seq + 8 * n_seq + 8 * n_doc
+    if size < expected:
+        raise DataError(f"{idx}: corrupt index (truncated: {size} bytes, header announces {expected})")
+    lengths = np.fromfile(idx, dtype=np.int32, count=n_seq, offset=_HEADER.size)
+    if n_doc < 1:
+        raise DataError(f"{idx}: corrupt index (no document boundaries)")
+    last_doc_end = np.fromfile(
+        idx, dtype=np.int64, count=1, offset=_HEADER.size + 12 * n_seq + 8 * (n_doc - 1)
+    )
+    if int(last_doc_end[0]) != n_seq or (n_seq and int(lengths.min()) < 0):
+        raise DataError(f"{idx}: corrupt index (document boundaries do not match {n_seq} sequences)")
+    return np.dtype(_DTYPE_CODES[code]), n_doc - 1, lengths
+
+
+def _read_meta(prefix: str) -> tuple[str | None, dict[str, Any] | None]:
+    path = meta_path(prefix)
+    if path is None:
+        return None, None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable dataset metadata ({e})".replace("\n", " ")) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: dataset metadata is not a JSON object")
+    return path, meta
+
+
+def meta_value(meta: dict[str, Any], *keys: str) -> Any:
+    """A value from the sidecar, flat (``tokenizer_fingerprint``) or nested (``tokenizer: {fingerprint}``)."""
+    for key in keys:
+        if key in meta:
+            return meta[key]
+    nested = meta.get("tokenizer")
+    if isinstance(nested, dict):
+        for key in keys:
+            short = key.removeprefix("tokenizer_")
+            if short in nested:
+                return nested[short]
+    return None
+
+
+def _as_dtype(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
+
+
+def fingerprint_of(meta: dict[str, Any]) -> str | None:
+    value = meta_value(meta, "tokenizer_fingerprint", "fingerprint", "tokenizer_sha256", "sha256")
+    return value if isinstance(value, str) else None
+
+
+# ------------------------------------------------------------------------------------- id-range scan
+def _stats_file(prefix: str, cache_dir: str | None) -> str:
+    directory = cache_dir or os.path.join(os.path.dirname(prefix), "cache")
+    digest = hashlib.md5(prefix.encode(), usedforsecurity=False).hexdigest()[:10]
+    return os.path.join(directory, "token_stats", f"{os.path.basename(prefix)}-{digest}.json")
+
+
+def _file_key(prefix: str, dtype: np.dtype) -> dict[str, Any]:
+    b, i = os.stat(prefix + ".bin"), os.stat(prefix + ".idx")
+    return {
+        "version": _STATS_VERSION,
+        "bin_size": b.st_size,
+        "bin_mtime_ns": b.st_mtime_ns,
+        "idx_size": i.st_size,
+        "idx_mtime_ns": i.st_mtime_ns,
+        "dtype": dtype.name,
+    }
+
+
+def scan_token_range(prefix: str, dtype: np.dtype, num_tokens: int) -> tuple[int, int]:
+    """(min id, max id) over ``prefix.bin``, read in fixed-size chunks through a memory map."""
+    data = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(num_tokens,))
+    lo, hi = None, None
+    for start in range(0, num_tokens, _SCAN_CHUNK):
+        chunk = data[start : start + _SCAN_CHUNK]
+        c_lo, c_hi = int(chunk.min()), int(chunk.max())
+        lo = c_lo if lo is None else min(lo, c_lo)
+        hi = c_hi if hi is None else max(hi, c_hi)
+    del data
+    return lo, hi
+
+
+def token_range(
+    prefix: str, dtype: np.dtype, num_tokens: int, cache_dir: str | None = None
+) -> tuple[int, int]:
+    """The id range of a dataset, from the stats cache when the files are unchanged, else scanned and cached."""
+    path = _stats_file(prefix, cache_dir)
+    key = _file_key(prefix, dtype)
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return int(cached["min_id"]), int(cached["max_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    lo, hi = scan_token_range(prefix, dtype, num_tokens)
+    try:  # a read-only data directory only costs the rescan next time
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"prefix": prefix, "key": key, "min_id": lo, "max_id": hi}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("could not cache token stats for %s: %s", prefix, e)
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------------------- checks
+def inspect_shard(
+    prefix: str,
+    vocab_size: int | None = None,
+    tokenizer: Any = None,
+    cache_dir: str | None = None,
+) -> ShardInfo:
+    """Every per-file check on one dataset; returns what training needs to know about it."""
+    for ext in (".idx", ".bin"):
+        if not os.path.isfile(prefix + ext):
+            raise DataError(
+                f"{prefix + ext}: missing (an indexed dataset needs both {prefix}.bin and {prefix}.idx)"
+            )
+    dtype, num_docs, lengths = read_index(prefix)
+    num_tokens = int(lengths.sum(dtype=np.int64))
+    bin_size = os.path.getsize(prefix + ".bin")
+    if bin_size != num_tokens * dtype.itemsize:
+        raise DataError(
+            f"{prefix}.bin: {bin_size} bytes but {prefix}.idx describes {num_tokens} {dtype.name} tokens "
+            f"({num_tokens * dtype.itemsize} bytes); the pair is truncated or mismatched"
+        )
+    if dtype.type not in _TOKEN_DTYPES:
+        raise DataError(f"{prefix}.idx: token dtype {dtype.name} is not uint16 or int32")
+    meta_file, meta = _read_meta(prefix)
+    info = ShardInfo(prefix, dtype, num_docs, len(lengths), num_tokens, meta_file, meta)
+    if meta is not None:
+        recorded = fingerprint_of(meta)
+        current = getattr(tokenizer, "fingerprint", None) if tokenizer is not None else None
+        if recorded and current and recorded != current:
+            raise DataError(
+                f"{meta_file}: data was tokenized with a different tokenizer (fingerprint {recorded[:12]}, "
+                f"data.tokenizer has {current[:12]}); re-run tokenizer.preprocess or fix data.tokenizer"
+            )
+        meta_dtype = meta_value(meta, "dtype", "token_dtype")
+        if isinstance(meta_dtype, str) and _as_dtype(meta_dtype) != dtype:
+            raise DataError(f"{meta_file}: records dtype {meta_dtype} but {prefix}.idx stores {dtype.name}")
+    if vocab_size is not None:
+        want = expected_token_dtype(vocab_size)
+        if dtype != want:
+            raise DataError(
+                f"{prefix}.idx: token dtype {dtype.name} does not match vocab size {vocab_size} (expected "
+                f"{want.name}: uint16 below {UINT16_VOCAB_LIMIT}, int32 otherwise); tokenized for another vocabulary?"
+            )
+        if num_tokens:
+            info.min_id, info.max_id = token_range(prefix, dtype, num_tokens, cache_dir)
+            if info.max_id >= vocab_size or info.min_id < 0:
+                bad = info.max_id if info.max_id >= vocab_size else info.min_id
+                raise DataError(
+                    f"{prefix}.bin: token id {bad} is outside the vocabulary [0, {vocab_size}); "
+                    "the data was tokenized with another tokenizer"
+                )
+    return info
+
+
+def validate_data(
+    data: DataSpec | Iterable[str],
+    vocab_size: int | None = None,
+    tokenizer: Any = None,
+    *,
+    cache_dir: str | None = None,
+    field: str = "data",
+) -> list[Corpus]:
+    """Resolve and check every dataset named by ``data``; raise :class:`DataError` on the first problem.
+
+    ``data`` takes the ``data.train`` forms (prefix, directory, glob, list, ``[[weight, prefix], ...]``).
+    ``vocab_size`` defaults to the tokenizer's; without either, only the structural checks run.
+    Returns the corpora in blend order with their shards, so callers need not read headers again.
+    """
+    if vocab_size is None and tokenizer is not None:
+        vocab_size = int(tokenizer.vocab_size)
+    corpora = []
+    if not isinstance(data, (str, list, tuple)):
+        data = list(data)
+    for spec in parse_blend(data, field):
+        prefixes = [p for name in spec.names for p in resolve_corpus(name)]
+        shards = [inspect_shard(p, vocab_size, tokenizer, cache_dir) for p in dict.fromkeys(prefixes)]
+        corpus = Corpus(spec, shards)
+        if corpus.num_tokens == 0:
+            files = ", ".join(s.prefix + ".bin" for s in shards)
+            raise DataError(f"{field}: corpus {spec.label} is empty (0 tokens in {files})")
+        corpora.append(corpus)
+    return corpora

@@ -1,0 +1,156 @@
+"""Every data problem stops the run before training, as one line that names the offending file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bigtrain.data import DataError, build_datasets, validate_data
+from bigtrain.data import validate as validate_module
+from tests.data.util import FakeTokenizer, make_cfg, random_docs, write_dataset
+
+META = {"tokenizer_fingerprint": "f" * 64, "vocab_size": 100, "dtype": "uint16"}
+
+
+def _good(tmp_path, name="good"):
+    return write_dataset(tmp_path / name, random_docs(30, seed=1), meta=META)
+
+
+def _id_too_large(tmp_path):
+    prefix = write_dataset(tmp_path / "big", [[5, 6, 2], [7, 150, 2]], meta=META)
+    return prefix, {"vocab_size": 100}, prefix + ".bin"
+
+
+def _uint16_for_large_vocab(tmp_path):
+    prefix = _good(tmp_path)
+    return prefix, {"vocab_size": 70_000}, prefix + ".idx"
+
+
+def _int32_for_small_vocab(tmp_path):
+    prefix = write_dataset(tmp_path / "wide", random_docs(30, seed=1), dtype=np.int32)
+    return prefix, {"vocab_size": 100}, prefix + ".idx"
+
+
+def _other_tokenizer(tmp_path):
+    prefix = _good(tmp_path)
+    return prefix, {"tokenizer": FakeTokenizer(fingerprint="0" * 64)}, prefix + ".meta.json"
+
+
+def _missing_bin(tmp_path):
+    prefix = _good(tmp_path)
+    os.remove(prefix + ".bin")
+    return prefix, {}, prefix + ".bin"
+
+
+def _missing_idx(tmp_path):
+    prefix = _good(tmp_path)
+    os.remove(prefix + ".idx")
+    return prefix, {}, prefix + ".idx"
+
+
+def _damaged(ext: str, damage):
+    """A case: a good dataset whose ``ext`` file is then damaged in place by ``damage(file, size)``."""
+
+    def make(tmp_path):
+        prefix = _good(tmp_path)
+        path = prefix + ext
+        with open(path, "r+b") as f:
+            damage(f, os.path.getsize(path))
+        return prefix, {}, path
+
+    return make
+
+
+_truncated_idx = _damaged(".idx", lambda f, size: f.truncate(size - 9))
+_header_only_idx = _damaged(".idx", lambda f, size: f.truncate(20))
+_wrong_magic = _damaged(".idx", lambda f, size: f.write(b"NOTANIDX!"))
+_truncated_bin = _damaged(".bin", lambda f, size: f.truncate(size - 2))
+
+
+def _empty_corpus(tmp_path):
+    prefix = write_dataset(tmp_path / "empty", [], meta=META)
+    return prefix, {}, prefix + ".bin"
+
+
+def _zero_weight(tmp_path):
+    prefix = _good(tmp_path)
+    return [[0.7, _good(tmp_path, "other")], [0, prefix]], {}, prefix
+
+
+def _negative_weight(tmp_path):
+    prefix = _good(tmp_path)
+    return [[-0.3, prefix]], {}, prefix
+
+
+CASES = {
+    "token id >= vocab": (_id_too_large, "outside the vocabulary"),
+    "uint16 file, vocab needs int32": (_uint16_for_large_vocab, "does not match vocab size 70000"),
+    "int32 file, small vocab": (_int32_for_small_vocab, "does not match vocab size 100"),
+    "different tokenizer": (_other_tokenizer, "different tokenizer"),
+    "missing .bin": (_missing_bin, "missing"),
+    "missing .idx": (_missing_idx, "missing"),
+    "truncated .idx": (_truncated_idx, "corrupt index"),
+    "header-only .idx": (_header_only_idx, "corrupt index"),
+    "wrong magic": (_wrong_magic, "wrong magic"),
+    "truncated .bin": (_truncated_bin, "truncated or mismatched"),
+    "empty corpus": (_empty_corpus, "is empty"),
+    "zero blend weight": (_zero_weight, "must be > 0"),
+    "negative blend weight": (_negative_weight, "must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_validation_error_names_the_file(tmp_path, case):
+    make, phrase = CASES[case]
+    data, kwargs, culprit = make(tmp_path)
+    with pytest.raises(DataError) as err:
+        validate_data(data, **kwargs)
+    message = str(err.value)
+    assert culprit in message and phrase in message, message
+    assert "\n" not in message
+
+
+def test_good_data_passes_and_reports_shards(tmp_path):
+    prefix = _good(tmp_path)
+    (corpus,) = validate_data(prefix, tokenizer=FakeTokenizer())
+    (shard,) = corpus.shards
+    assert shard.prefix == prefix and shard.dtype == np.uint16 and shard.num_docs == 30
+    assert shard.max_id < 100 and shard.min_id >= 2
+    assert shard.meta == META
+
+
+def test_build_datasets_validates_before_building(tmp_path, monkeypatch):
+    from megatron.core.datasets import helpers
+
+    prefix, _, culprit = _id_too_large(tmp_path)
+    monkeypatch.setattr(helpers, "build_sample_idx", lambda *a, **k: pytest.fail("built before validating"))
+    with pytest.raises(DataError, match=culprit):
+        build_datasets(make_cfg(prefix, vocab=100))
+    good = _good(tmp_path)
+    with pytest.raises(DataError, match=f"{good}.meta.json: data was tokenized with a different tokenizer"):
+        build_datasets(make_cfg(good), tokenizer=FakeTokenizer(fingerprint="1" * 64))
+
+
+def test_token_range_is_cached_until_the_file_changes(tmp_path, monkeypatch):
+    scans = []
+    original = validate_module.scan_token_range
+    monkeypatch.setattr(validate_module, "scan_token_range", lambda *a: scans.append(a) or original(*a))
+    prefix = _good(tmp_path)
+    validate_data(prefix, vocab_size=100)
+    validate_data(prefix, vocab_size=100)
+    assert len(scans) == 1
+    stats = os.listdir(tmp_path / "cache" / "token_stats")
+    assert (
+        len(stats) == 1
+        and json.loads((tmp_path / "cache" / "token_stats" / stats[0]).read_text())["max_id"] < 100
+    )
+    # Same size, new content (an out-of-range id): the file key changes, so the cached range is not trusted.
+    with open(prefix + ".bin", "r+b") as f:
+        f.write(np.array([150], dtype=np.uint16).tobytes())
+    os.utime(prefix + ".bin", ns=(10**9, 10**9))
+    with pytest.raises(DataError, match="token id 150"):
+        validate_data(prefix, vocab_size=100)
+    assert len(scans) == 2
