@@ -4,16 +4,20 @@ the tokenizer files.
 
     python tools/convert_to_hf.py --checkpoint RUN_DIR/checkpoints [--tag TAG] --output HF_DIR [--dtype bf16]
 
-Reads the fp32 master weights bigtrain saves per tensor/pipeline rank, merges tensor-parallel shards
-through the shared layout table (bigtrain.models.layout), strips vocab padding, and streams: one
-merged tensor plus one output shard in memory at a time. The output is written to a temporary
-directory and renamed, so a failed export leaves nothing that looks complete.
+Reads the fp32 master weights bigtrain saves per tensor/pipeline rank (``weights/tpTT_ppPP.safetensors``,
+written whatever the ZeRO stage, so data parallelism and ZeRO need no merging), merges tensor-parallel
+shards through the shared layout table (``bigtrain.models.layout``, also used by
+``tools/convert_from_hf.py``), strips vocab padding and writes one tensor for tied embeddings. Streams:
+one merged parameter plus one output shard in memory at a time. Every shard file is checked before
+anything is written; the output goes to a temporary directory renamed at the end, so a failed export
+leaves nothing behind (and an existing export at HF_DIR is only replaced by a complete one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,49 +27,98 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigtrain.checkpoint import WeightReader  # noqa: E402
-from bigtrain.config import Config, config_from_dict  # noqa: E402
+from bigtrain.config import Config, ConfigError, config_from_dict  # noqa: E402
 from bigtrain.models import layout  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
+SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported; the message names the cause."""
 
 
 def checkpoint_config(reader: WeightReader) -> Config:
+    """The saved config, resolved at the layout it was saved with (so the vocab padding matches)."""
     lay = reader.meta["layout"]
-    return config_from_dict(reader.meta["config"]).resolve(lay["tensor"] * lay["pipeline"])
+    world = reader.meta["config"].get("derived", {}).get("world_size") or lay["tensor"] * lay["pipeline"]
+    return config_from_dict(reader.meta["config"]).resolve(world)
 
 
-def special_ids(cfg: Config) -> dict[str, int]:
+def check_complete(reader: WeightReader, cfg: Config) -> None:
+    """Every tensor x pipeline shard file exists and every parameter of the table is in one of them;
+    with tied embeddings and several stages, the first and last stage's copies agree."""
+    from safetensors import safe_open
+
+    lay = reader.meta["layout"]
+    expected = {(t, p) for t in range(lay["tensor"]) for p in range(lay["pipeline"])}
+    missing = sorted(expected - set(reader.files))
+    if missing:
+        names = ", ".join(f"tp{t:02d}_pp{p:02d}.safetensors" for t, p in missing)
+        raise ExportError(f"{reader.dir / 'weights'}: missing shard file(s) {names} (incomplete checkpoint)")
+    absent = [lp.key for lp in layout.iter_layer_params(cfg.model) if lp.key not in reader.key_to_pp]
+    if absent:
+        raise ExportError(
+            f"{reader.dir}: no tensor {', '.join(absent[:5])} in any shard (model differs from config?)"
+        )
+    for t in range(lay["tensor"]):
+        first_stage: dict[str, int] = {}  # key -> first stage holding it; a later copy must be equal
+        for p in range(lay["pipeline"]):
+            with safe_open(str(reader.files[(t, p)]), "pt") as f:
+                for key in f.keys():
+                    if key not in first_stage:
+                        first_stage[key] = p
+                    elif not torch.equal(_tensor(reader, t, first_stage[key], key), f.get_tensor(key)):
+                        raise ExportError(
+                            f"{reader.dir}: {key} differs between pipeline stages (tied copies out of sync)"
+                        )
+
+
+def _tensor(reader: WeightReader, tp: int, pp: int, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(reader.files[(tp, pp)]), "pt") as f:
+        return f.get_tensor(key)
+
+
+def special_ids(cfg: Config, meta: dict) -> dict[str, int | None]:
+    """bos/eos/pad ids: the tokenizer's, else those of the HF model it was imported from, else unset."""
     if cfg.data.tokenizer and (Path(cfg.data.tokenizer) / "tokenizer.model").is_file():
         from tokenizer import Tokenizer
 
         tok = Tokenizer.load(cfg.data.tokenizer)
         return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    source = meta.get("source", {}).get("hf_config", {})
+    return {k: source.get(k) for k in SPECIAL}
 
 
-def hf_config(cfg: Config, dtype: str) -> dict:
-    """LlamaConfig fields for the true (unpadded) vocab."""
+def hf_config(cfg: Config, dtype: str, meta: dict | None = None) -> dict:
+    """config.json of the export: LlamaConfig fields from the config table, true (unpadded) vocab.
+    Rotary settings are written in both the ``rope_parameters`` (transformers 5) and ``rope_theta``
+    (transformers 4) forms."""
+    import transformers
+
     m = cfg.model
+    values = layout.hf_config_values(m)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": m.vocab_size,
-        "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.kv_heads,
+        **values,
         "head_dim": m.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": m.seq_length,
-        "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta,
-        "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
+        "attention_dropout": 0.0,
         "mlp_bias": False,
-        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
-        **special_ids(cfg),
+        "pretraining_tp": 1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": values["rope_theta"]},
+        "rope_scaling": None,
+        "use_cache": True,
+        "torch_dtype": HF_DTYPE_NAMES[dtype],
+        "dtype": HF_DTYPE_NAMES[dtype],
+        "transformers_version": transformers.__version__,
+        **special_ids(cfg, meta or {}),
     }
 
 
@@ -75,14 +128,34 @@ def hf_tensors(reader: WeightReader, cfg: Config):
         yield from layout.to_hf(lp, reader.full(lp), cfg.model).items()
 
 
-def export(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", max_shard_bytes: int = 2 << 30) -> Path:
+def _prepare_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise ExportError(f"{out} exists and is not a Hugging Face export; choose another --output")
+
+
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    dtype: str = "fp32",
+    max_shard_bytes: int = 2 << 30,
+    progress: bool | None = None,
+) -> Path:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     reader = WeightReader(checkpoint)
     cfg = checkpoint_config(reader)
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp")
+    check_complete(reader, cfg)
+    out = Path(output).resolve()
+    _prepare_output(out)
+    tokenizer_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        print(
+            f"convert_to_hf: warning: data.tokenizer {tokenizer_dir} not found; no tokenizer files",
+            file=sys.stderr,
+        )
+        tokenizer_dir = None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -96,16 +169,19 @@ def export(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", max_
             written.append((path, list(current)))
             current.clear()
 
-        count = sum(len(lp.spec.hf) for lp in layout.iter_layer_params(cfg.model))
-        for name, tensor in tqdm(hf_tensors(reader, cfg), total=count, desc="export", disable=None):
-            t = tensor.to(DTYPES[dtype]).contiguous()
-            nbytes = t.numel() * t.element_size()
-            if current and current_bytes + nbytes > max_shard_bytes:
-                flush()
-                current_bytes = 0
-            current[name] = t
-            current_bytes += nbytes
-            total_bytes += nbytes
+        params = list(layout.iter_layer_params(cfg.model))
+        bar = tqdm(params, desc="export", unit="group", disable=None if progress is None else not progress)
+        for lp in bar:
+            bar.set_postfix_str(lp.key)
+            for name, tensor in layout.to_hf(lp, reader.full(lp), cfg.model).items():
+                t = tensor.to(DTYPES[dtype]).contiguous().clone()  # own storage (no views shared in a file)
+                nbytes = t.numel() * t.element_size()
+                if current and current_bytes + nbytes > max_shard_bytes:
+                    flush()
+                    current_bytes = 0
+                current[name] = t
+                current_bytes += nbytes
+                total_bytes += nbytes
         flush()
         weight_map = {}
         for i, (path, names) in enumerate(written):
@@ -113,26 +189,39 @@ def export(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", max_
             weight_map.update({n: final.name for n in names})
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = hf_config(cfg, dtype)
+        config = hf_config(cfg, dtype, reader.meta)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        generation = {k: config[k] for k in SPECIAL if config[k] is not None}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if cfg.data.tokenizer:
-            src = Path(cfg.data.tokenizer)
-            for f in src.iterdir():
-                if f.is_file():
+        if tokenizer_dir is not None:
+            for f in sorted(tokenizer_dir.iterdir()):
+                if f.is_file() and f.name not in WRITTEN and not f.name.endswith(".safetensors"):
                     shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an old export there is removed only after that."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints (uses 'latest') or a step dir")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="RUN_DIR/checkpoints (uses 'latest') or a step dir"
+    )
     parser.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -141,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     source = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
     try:
         out = export(source, args.output, args.dtype, args.max_shard_size_mb << 20)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (ExportError, ConfigError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"convert_to_hf: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {out}")

@@ -1,16 +1,20 @@
 """Generate text from a bigtrain checkpoint or a Hugging Face directory (single process, KV cache).
 
-    python tools/generate.py --checkpoint RUN_DIR/checkpoints [--tag TAG] --prompt "def main(" [--greedy]
+    python tools/generate.py --checkpoint RUN_DIR/checkpoints [--tag TAG] --prompt "def main(" --greedy
     python tools/generate.py --hf HF_DIR --prompt "..." --temperature 0.8 --top-p 0.95
 
-A bigtrain checkpoint is merged in memory through the same layout table the exporter uses and run
-as transformers' ``LlamaForCausalLM`` (its KV-cached ``generate``), so what you sample here is what
-the exported model will produce.
+``--checkpoint`` runs bigtrain's own model code (``bigtrain.generation``: bigtrain's layers at tensor
+size 1 with a KV cache; a checkpoint of any layout is merged through the layout table). ``--hf`` runs
+transformers' ``generate``. Comparing the two on a checkpoint and its export is the conversion check.
+
+``--prompt-ids 1,17,42`` feeds token ids instead of text (checkpoints trained without a tokenizer);
+``--json`` prints ``{"prompt_ids", "new_ids", "text"}`` instead of the text.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,78 +23,100 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def model_from_checkpoint(path: str | Path):
-    """(LlamaForCausalLM, tokenizer-or-None, bigtrain config) from a bigtrain checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def parse_ids(text: str) -> list[int]:
+    return [int(t) for t in text.replace(",", " ").split()]
 
-    from bigtrain.checkpoint import WeightReader
-    from tools.convert_to_hf import checkpoint_config, hf_config, hf_tensors
 
-    reader = WeightReader(path)
-    cfg = checkpoint_config(reader)
-    model = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "fp32")))
-    state = dict(hf_tensors(reader, cfg))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.model.tie_embeddings else set()):
-        raise RuntimeError(f"checkpoint/model mismatch: missing {missing}, unexpected {unexpected}")
-    tok = None
-    if cfg.data.tokenizer and (Path(cfg.data.tokenizer) / "tokenizer.model").is_file():
-        from tokenizer import Tokenizer
+def from_checkpoint(args: argparse.Namespace) -> tuple[list[int], list[int], str | None]:
+    from bigtrain.generation import NativeModel
 
-        tok = Tokenizer.load(cfg.data.tokenizer)
-    return model.eval(), tok, cfg
+    path = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
+    with NativeModel.from_checkpoint(path) as model:
+        tok = None
+        tok_dir = model.cfg.data.tokenizer
+        if tok_dir and (Path(tok_dir) / "tokenizer.model").is_file():
+            from tokenizer import Tokenizer
+
+            tok = Tokenizer.load(tok_dir)
+        if args.prompt_ids is not None:
+            prompt_ids = parse_ids(args.prompt_ids)
+        elif tok is None:
+            raise SystemExit(
+                "generate: the checkpoint's config has no usable data.tokenizer; pass --prompt-ids"
+            )
+        else:
+            prompt_ids = tok.encode(args.prompt, add_bos=True)
+        eos = None if args.ignore_eos or tok is None else tok.eos_id
+        new = model.generate(
+            prompt_ids, args.max_new_tokens, args.greedy, args.temperature, args.top_p, eos, args.seed
+        )
+    return prompt_ids, new, None if tok is None else tok.decode(new)
 
 
 @torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
-                 eos_id: int | None, seed: int = 0) -> list[int]:
-    torch.manual_seed(seed)
-    kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+def from_hf(args: argparse.Namespace) -> tuple[list[int], list[int], str | None]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
+    tok = None
+    if any(
+        (Path(args.hf) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        tok = AutoTokenizer.from_pretrained(args.hf)
+    if args.prompt_ids is not None:
+        prompt_ids = parse_ids(args.prompt_ids)
+    elif tok is None:
+        raise SystemExit(f"generate: {args.hf} has no tokenizer files; pass --prompt-ids")
+    else:
+        prompt_ids = tok(args.prompt)["input_ids"]
+    gen = model.generation_config
+    if args.ignore_eos:
+        gen.eos_token_id = None
+    gen.pad_token_id = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
+    sampling = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature}
+    if not args.greedy:
+        sampling["top_p"] = args.top_p
+    torch.manual_seed(args.seed)
     out = model.generate(
         torch.tensor([prompt_ids]),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
+        max_new_tokens=args.max_new_tokens,
         use_cache=True,
-        **kwargs,
+        generation_config=gen,
+        **sampling,
     )
-    return out[0, len(prompt_ids) :].tolist()
+    new = out[0, len(prompt_ids) :].tolist()
+    return prompt_ids, new, None if tok is None else tok.decode(new)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="RUN_DIR/checkpoints (latest) or a step directory")
     src.add_argument("--hf", help="Hugging Face model directory")
     parser.add_argument("--tag", help="checkpoint tag (default: latest)")
-    parser.add_argument("--prompt", required=True)
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (encoded with the tokenizer, BOS prepended)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,17,42 (no tokenizer needed)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
+    parser.add_argument("--json", action="store_true", help="print prompt ids, new ids and text as JSON")
     args = parser.parse_args(argv)
+    if args.tag and not args.checkpoint:
+        parser.error("--tag needs --checkpoint")
 
-    if args.hf:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval()
-        hf_tok = AutoTokenizer.from_pretrained(args.hf)
-        prompt_ids = hf_tok(args.prompt)["input_ids"]
-        decode, eos = hf_tok.decode, hf_tok.eos_token_id
+    prompt_ids, new, text = from_checkpoint(args) if args.checkpoint else from_hf(args)
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt_ids, "new_ids": new, "text": text}))
+    elif text is None:
+        print(" ".join(map(str, new)))
     else:
-        path = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
-        model, tok, _ = model_from_checkpoint(path)
-        if tok is None:
-            raise SystemExit("generate: the checkpoint's config has no data.tokenizer; pass --hf on an export")
-        prompt_ids = tok.encode(args.prompt, add_bos=True)
-        decode, eos = tok.decode, tok.eos_id
-    new = generate_ids(
-        model, prompt_ids, args.max_new_tokens, args.greedy, args.temperature, args.top_p,
-        None if args.ignore_eos else eos, args.seed,
-    )
-    print(args.prompt + decode(new))
+        print((args.prompt or "") + text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""Import a Hugging Face ``LlamaForCausalLM`` directory (or a Mistral/Qwen2-style one whose architecture
+is the same) as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout.
+
+    python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR --tensor-parallel 2 --pipeline-parallel 2
+
+Writes, in the format ``checkpoint.load=CKPT_DIR`` (and the exporter, inspector and generator) read:
+
+    CKPT_DIR/latest                        -> step_00000000
+    CKPT_DIR/config.yaml                   bigtrain config reproducing the HF architecture
+                                           (--config for training/evaluation; checkpoint.load points here)
+    CKPT_DIR/step_00000000/bigtrain.json   {step 0, consumed_samples 0, layout, config, source}
+    CKPT_DIR/step_00000000/weights/tpTT_ppPP.safetensors   fp32, by layout key
+    CKPT_DIR/step_00000000/tokenizer/      the HF directory's tokenizer files (data.tokenizer points here)
+
+Names, fused QKV/gate-up layouts, vocab padding and tensor-parallel slicing all come from the one
+table in ``bigtrain.models.layout`` (the exporter uses the same table backwards).
+
+Pipeline stages: each ``ppPP`` file holds exactly the layers that DeepSpeed's ``PipelineModule`` with the
+config's ``parallel.partition_method`` puts on stage PP (computed with DeepSpeed's own partitioners from
+the table's per-layer parameter counts; with tied embeddings the last stage holds the embedding too, as
+``TiedLayerSpec`` does), so the files look like a checkpoint trained at that layout. Loading does not
+depend on it: ``WeightReader`` maps every key to its file.
+
+Memory: one pipeline stage's shards (1/P of the model, fp32) plus the HF tensors of one parameter.
+Nothing is written to CKPT_DIR until everything has succeeded (temporary directory, then rename).
+Unsupported architectures (sliding-window attention, attention/MLP biases, rope scaling, other
+activations, a head size other than hidden/heads, ...) stop the import with the field named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigtrain.checkpoint import LATEST, META, tag_for  # noqa: E402
+from bigtrain.config import Config, ConfigError, config_from_dict  # noqa: E402
+from bigtrain.models import layout  # noqa: E402
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports carry
+
+
+class ConversionError(ValueError):
+    """The HF directory cannot be imported; the message names the cause."""
+
+
+# ---------------------------------------------------------------------------- config
+def rope_settings(hf: dict) -> tuple[float, str]:
+    """(theta, rope type) from either config style (``rope_parameters`` or ``rope_theta``/``rope_scaling``)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return float(theta), kind
+
+
+def unsupported_fields(hf: dict) -> list[str]:
+    """Every reason this HF config is not bigtrain's architecture, each naming the field."""
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or [SUPPORTED.get(model_type, "?")]
+    if model_type not in SUPPORTED or archs[0] != SUPPORTED[model_type]:
+        return [
+            f"architecture {archs[0]} (model_type {model_type!r}) is not supported; "
+            f"supported: {', '.join(SUPPORTED.values())}"
+        ]
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (bigtrain's MLP is SwiGLU with silu)")
+    if model_type == "qwen2":
+        problems.append("attention bias: qwen2 q/k/v projections always have biases (bigtrain's have none)")
+    if hf.get("attention_bias"):
+        problems.append("attention_bias=true (bigtrain's attention projections have no bias)")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true (bigtrain's MLP has no bias)")
+    _, rope_type = rope_settings(hf)
+    if rope_type != "default":
+        problems.append(f"rope scaling type {rope_type!r} (rope_scaling/rope_parameters; only plain rotary)")
+    window = hf.get("sliding_window")
+    uses_window = hf.get("use_sliding_window", model_type == "mistral")
+    max_pos = hf.get("max_position_embeddings")
+    if window is not None and uses_window and (max_pos is None or window < max_pos):
+        problems.append(f"sliding_window={window} (bigtrain attends to the full context)")
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types {sorted(set(layer_types))} (only full_attention)")
+    heads, hidden = hf.get("num_attention_heads"), hf.get("hidden_size")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and heads and hidden and head_dim * heads != hidden:
+        problems.append(f"head_dim={head_dim} differs from hidden_size/num_attention_heads={hidden // heads}")
+    return problems
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    hf = json.loads(path.read_text())
+    problems = unsupported_fields(hf)
+    if problems:
+        raise ConversionError(f"{hf_dir}: cannot import: " + "; ".join(problems))
+    return hf
+
+
+def bigtrain_config(hf: dict, tensor: int, pipeline: int, partition_method: str) -> Config:
+    """A resolved bigtrain config whose model section is the HF architecture (raises ConfigError)."""
+    values = dict(hf)
+    values["rope_theta"], _ = rope_settings(hf)
+    tree = {
+        "model": layout.model_values_from_hf(values),
+        "parallel": {"tensor": tensor, "pipeline": pipeline, "partition_method": partition_method},
+        "train": {"micro_batch_size": 1, "global_batch_size": 1},
+        "data": {"mock": True},  # weights only: set data.train (and data.mock=false) to train on it
+    }
+    return config_from_dict(tree).resolve(tensor * pipeline)
+
+
+# ---------------------------------------------------------------------------- weights
+class HFWeights:
+    """Tensors by HF name from a directory's safetensors files (sharded with an index, or one file)."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (hf_dir / "model.safetensors").is_file():
+            with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            found = sorted(p.name for p in hf_dir.glob("*.bin")) or ["no weight files"]
+            raise ConversionError(
+                f"{hf_dir}: no model.safetensors or model.safetensors.index.json ({', '.join(found)}); "
+                "re-save the model with save_pretrained(safe_serialization=True)"
+            )
+        missing_files = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
+        if missing_files:
+            raise ConversionError(
+                f"{hf_dir}: weight file(s) listed in the index are missing: {', '.join(missing_files)}"
+            )
+        self.dir, self.weight_map = hf_dir, weight_map
+
+    def check_names(self, m) -> None:
+        expected = set(layout.hf_tensor_names(m))
+        present = {n for n in self.weight_map if not n.endswith(IGNORED_TENSOR_SUFFIXES)}
+        if m.tie_embeddings:
+            present.discard("lm_head.weight")  # tied: transformers ignores a saved copy too
+        missing, unexpected = sorted(expected - present), sorted(present - expected)
+        if unexpected:
+            hint = (
+                " (biases are not part of bigtrain's architecture)"
+                if any(".bias" in n for n in unexpected)
+                else ""
+            )
+            raise ConversionError(f"{self.dir}: unsupported tensor(s) {', '.join(unexpected[:6])}{hint}")
+        if missing:
+            raise ConversionError(f"{self.dir}: tensor(s) missing from the weights: {', '.join(missing[:6])}")
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.dir / self.weight_map[name]), "pt") as f:
+            return f.get_tensor(name).float()
+
+
+def tokenizer_files(hf_dir: Path) -> list[Path]:
+    return [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
+
+
+def convert(
+    hf_dir: str | Path,
+    output: str | Path,
+    tensor: int = 1,
+    pipeline: int = 1,
+    partition_method: str = "parameters",
+    progress: bool | None = None,
+) -> Path:
+    """Write the bigtrain checkpoint; returns CKPT_DIR. Nothing is left at ``output`` on failure."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    hf_dir, out = Path(hf_dir).resolve(), Path(output).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out} exists and is not empty; choose a new --output directory")
+    hf = read_hf_config(hf_dir)
+    cfg = bigtrain_config(hf, tensor, pipeline, partition_method)
+    m, padded = cfg.model, cfg.derived.padded_vocab_size
+    weights = HFWeights(hf_dir)
+    weights.check_names(m)
+    tag = tag_for(0)
+    toks = tokenizer_files(hf_dir)
+    cfg.data.tokenizer = str(out / tag / "tokenizer") if toks else None
+    cfg.checkpoint.load = str(out)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / tag / "weights").mkdir(parents=True)
+        parts = layout.pipeline_parts(m, padded, tensor, pipeline, partition_method)
+        total = sum(len(layout.stage_params(m, parts, s)) for s in range(pipeline))
+        bar = tqdm(
+            total=total, desc="import", unit="tensor", disable=None if progress is None else not progress
+        )
+        for stage in range(pipeline):
+            shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor)]
+            for lp in layout.stage_params(m, parts, stage):
+                bar.set_postfix_str(f"stage {stage} {lp.key}")
+                full = layout.from_hf(lp, {n: weights.get(n) for n in layout.hf_names(lp, m)}, m, padded)
+                for rank in range(tensor):
+                    shards[rank][lp.key] = layout.shard(full, lp.spec.split, rank, tensor).clone()
+                bar.update()
+            for rank, tensors in enumerate(shards):
+                save_file(tensors, str(tmp / tag / "weights" / f"tp{rank:02d}_pp{stage:02d}.safetensors"))
+        bar.close()
+        if toks:
+            (tmp / tag / "tokenizer").mkdir()
+            for f in toks:
+                shutil.copy2(f, tmp / tag / "tokenizer" / f.name)
+        else:
+            print(
+                f"convert_from_hf: warning: {hf_dir} has no tokenizer files; data.tokenizer is unset",
+                file=sys.stderr,
+            )
+        meta = {
+            "step": 0,
+            "consumed_samples": 0,
+            "layout": {"tensor": tensor, "pipeline": pipeline},
+            "config": cfg.to_dict(),
+            "source": {"hf": str(hf_dir), "hf_config": hf, "pipeline_parts": parts},
+        }
+        (tmp / tag / META).write_text(json.dumps(meta, indent=2))
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        (tmp / LATEST).write_text(tag)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--hf", required=True, help="Hugging Face model directory (config.json + safetensors)"
+    )
+    parser.add_argument("--output", required=True, help="new checkpoint directory (checkpoint.load=OUTPUT)")
+    parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--pipeline-parallel", type=int, default=1)
+    parser.add_argument("--partition-method", choices=("parameters", "uniform"), default="parameters")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(
+            args.hf, args.output, args.tensor_parallel, args.pipeline_parallel, args.partition_method
+        )
+    except ConfigError as e:
+        print(f"convert_from_hf: the HF model does not fit this layout: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (ConversionError, FileNotFoundError, KeyError) as e:
+        print(f"convert_from_hf: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {out} (tensor={args.tensor_parallel}, pipeline={args.pipeline_parallel})")
+
+
+if __name__ == "__main__":
+    main()
