@@ -1,0 +1,166 @@
+"""Streaming document readers shared by tokenizer training and dataset preprocessing.
+
+Inputs are ``.jsonl`` (one JSON object per line, text under a key), ``.jsonl.gz`` (the same,
+gzip-compressed) and ``.txt`` (the whole file is one document). Files are read line by line, so
+memory is bounded by the largest single document, never by the file size; a ``.txt`` document is
+necessarily read whole because it is tokenized as one piece.
+
+Documents come out as UTF-8 ``bytes``: SentencePiece accepts them without another conversion,
+``len()`` is the byte count used for throughput, and producing them proves the text is valid
+Unicode (a JSON escape such as ``"\\ud800"`` decodes to a lone surrogate that cannot be encoded).
+
+Bad input is reported through a callback with ``(path, line, reason)``; the reasons are the
+fixed names in :data:`SKIP_REASONS` so counts can be compared between runs and tools.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+SKIP_REASONS = (
+    "blank_line",  # a JSONL line with nothing (or only whitespace) on it
+    "malformed_json",  # not parseable as JSON
+    "not_an_object",  # valid JSON, but not an object ({...})
+    "missing_key",  # object without the --json-key field
+    "not_a_string",  # the field is a number, list, null, ...
+    "empty_document",  # the text is empty or whitespace only
+    "invalid_utf8",  # bytes are not UTF-8, or the text holds lone surrogates
+)
+
+SUFFIXES = (".jsonl.gz", ".jsonl", ".txt")
+
+SkipHandler = Callable[[Path, int, str], None]
+
+
+class InputError(Exception):
+    """A problem with the inputs as a whole (missing file, empty glob); the message is one line."""
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Files in the order given; a glob expands to its matches sorted by name.
+
+    Fails on a missing file, on a glob matching nothing and on an unsupported suffix, before any
+    work starts, so a typo cannot silently produce a smaller dataset.
+    """
+    paths: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise InputError(f"input glob matched no files: {pattern}")
+            paths.extend(Path(m) for m in matches)
+        else:
+            path = Path(pattern)
+            if not path.is_file():
+                raise InputError(f"input file not found: {pattern}")
+            paths.append(path)
+    for path in paths:
+        input_kind(path)
+    return paths
+
+
+def input_kind(path: Path) -> str:
+    """``"jsonl.gz"``, ``"jsonl"`` or ``"txt"`` from the file name; InputError otherwise."""
+    name = path.name.lower()
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix[1:]
+    raise InputError(f"unsupported input type (want {', '.join(SUFFIXES)}): {path}")
+
+
+def iter_documents(paths: Sequence[Path], json_key: str, on_skip: SkipHandler) -> Iterator[bytes]:
+    """Every valid document of ``paths`` in order, as UTF-8 bytes; bad ones go to ``on_skip``."""
+    for path in paths:
+        kind = input_kind(path)
+        if kind == "txt":
+            doc = _txt_document(path, on_skip)
+            if doc is not None:
+                yield doc
+            continue
+        opener = gzip.open if kind == "jsonl.gz" else open
+        with opener(path, "rb") as f:
+            yield from _jsonl_documents(path, f, json_key, on_skip)
+
+
+def _jsonl_documents(path: Path, f: BinaryIO, json_key: str, on_skip: SkipHandler) -> Iterator[bytes]:
+    for lineno, raw in enumerate(f, start=1):
+        doc, reason = parse_jsonl_line(raw, json_key)
+        if reason is None:
+            yield doc
+        else:
+            on_skip(path, lineno, reason)
+
+
+def parse_jsonl_line(raw: bytes, json_key: str) -> tuple[bytes, str | None]:
+    """``(document, None)`` for a good line, ``(b"", reason)`` for a bad one."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return b"", "invalid_utf8"
+    if not line or line.isspace():
+        return b"", "blank_line"
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return b"", "malformed_json"
+    if not isinstance(obj, dict):
+        return b"", "not_an_object"
+    if json_key not in obj:
+        return b"", "missing_key"
+    text = obj[json_key]
+    if not isinstance(text, str):
+        return b"", "not_a_string"
+    return _document_bytes(text)
+
+
+def _txt_document(path: Path, on_skip: SkipHandler) -> bytes | None:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        on_skip(path, 1, "invalid_utf8")
+        return None
+    if not text or text.isspace():
+        on_skip(path, 1, "empty_document")
+        return None
+    return raw  # strict UTF-8 decoding succeeded, so the bytes are the document as is
+
+
+def _document_bytes(text: str) -> tuple[bytes, str | None]:
+    if not text or text.isspace():
+        return b"", "empty_document"
+    try:
+        return text.encode("utf-8"), None
+    except UnicodeEncodeError:
+        return b"", "invalid_utf8"
+
+
+class SkipCounter:
+    """The ``on_skip`` handler of the CLIs: counts bad documents by reason, or raises in strict mode.
+
+    In strict mode the first bad line raises InputError with ``file:line: reason``, the format
+    editors and CI logs turn into a link.
+    """
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self.counts = dict.fromkeys(SKIP_REASONS, 0)
+
+    def __call__(self, path: Path, line: int, reason: str) -> None:
+        if self.strict:
+            raise InputError(f"{path}:{line}: {reason}")
+        self.counts[reason] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """``"3 (malformed_json=2, blank_line=1)"``: the non-zero counts only."""
+        parts = [f"{reason}={n}" for reason, n in self.counts.items() if n]
+        return f"{self.total}" + (f" ({', '.join(parts)})" if parts else "")
