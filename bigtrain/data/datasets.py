@@ -275,7 +275,13 @@ def _mock_datasets(
     else:
         raise DataError("data.mock: needs model.vocab_size or data.tokenizer for the random token range")
     config = GPTDatasetConfig(**_gpt_options(cfg, info, None))
-    train, valid, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
+    quiet = logging.getLogger("megatron.core.datasets.gpt_dataset")  # "unable to save indexes": by design
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        train, valid, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
+    finally:
+        quiet.setLevel(level)
     return SampleDataset(train, [], [], "train"), SampleDataset(valid, [], [], "valid")
 
 

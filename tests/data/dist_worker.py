@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 
 from bigtrain.data import DataError, batch_iterator, build_datasets
+from bigtrain.data.datasets import rank0_first
 from tests.data.util import make_cfg
 
 STEPS, GBS, MBS = 3, 8, 2
@@ -49,8 +50,29 @@ def main() -> None:
         error = None
     except DataError as e:
         error = str(e)
+    calls = []
+
+    def fails_on_rank0_only() -> str:
+        calls.append(rank)
+        if rank == 0:
+            raise DataError("rank 0 found bad.bin")
+        return "ok"
+
+    try:  # rank 1 must not run the check at all: it gets rank 0's verdict
+        rank0_first(fails_on_rank0_only)
+        shared = None
+    except DataError as e:
+        shared = str(e)
+    result = {
+        "len": len(train),
+        "valid_len": len(valid),
+        "steps": steps,
+        "error": error,
+        "shared": shared,
+        "calls": calls,
+    }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"len": len(train), "valid_len": len(valid), "steps": steps, "error": error}, f)
+        json.dump(result, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -52,3 +52,5 @@ def test_two_gloo_ranks_share_datasets_and_split_batches(tmp_path):
         assert a["ids"] + b["ids"] == list(range(k * GBS, (k + 1) * GBS))
         assert a["tokens"] + b["tokens"] == [reference[i]["tokens"].tolist() for i in a["ids"] + b["ids"]]
     assert r0["error"] and r0["error"] == r1["error"] and "does_not_exist" in r0["error"]
+    assert r0["shared"] == r1["shared"] == "rank 0 found bad.bin"
+    assert r0["calls"] == [0] and r1["calls"] == []
