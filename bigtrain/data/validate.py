@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +99,12 @@ def read_index(prefix: str) -> tuple[np.dtype, int, np.ndarray]:
     expected = _HEADER.size + 4 * n_seq + 8 * n_seq + 8 * n_doc
     if size < expected:
         raise DataError(f"{idx}: corrupt index (truncated: {size} bytes, header announces {expected})")
-    lengths = np.fromfile(idx, dtype=np.int32, count=n_seq, offset=_HEADER.size)
+    # Memory-mapped, not read: a billion-document index stays out of RAM while it is summed.
+    lengths = (
+        np.memmap(idx, dtype=np.int32, mode="r", offset=_HEADER.size, shape=(n_seq,))
+        if n_seq
+        else np.zeros(0, dtype=np.int32)
+    )
     if n_doc < 1:
         raise DataError(f"{idx}: corrupt index (no document boundaries)")
     last_doc_end = np.fromfile(
@@ -261,6 +266,35 @@ def inspect_shard(
     return info
 
 
+def check_shard_set(name: str, shards: Sequence[ShardInfo]) -> None:
+    """A shard set named by its prefix must be complete and match the counts its ``PREFIX.meta.json``
+    lists: a shard lost in a copy, or left over from another preprocessing run, fails here by name."""
+    path = os.path.abspath(os.path.expanduser(name)) + ".meta.json"
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        try:
+            listed = json.load(f).get("shards")
+        except (ValueError, AttributeError):
+            return  # unreadable metadata is reported by inspect_shard
+    if not isinstance(listed, list):
+        return
+    found = {os.path.basename(s.prefix): s for s in shards}
+    for entry in listed:
+        if not isinstance(entry, dict) or not isinstance(entry.get("prefix"), str):
+            continue
+        base = os.path.basename(entry["prefix"])
+        shard_prefix = os.path.join(os.path.dirname(path), base)
+        if base not in found:
+            raise DataError(f"{shard_prefix}.bin: missing (listed as a shard in {path})")
+        tokens = entry.get("tokens")
+        if isinstance(tokens, int) and tokens != found[base].num_tokens:
+            raise DataError(
+                f"{shard_prefix}.bin: holds {found[base].num_tokens} tokens but {path} records {tokens} "
+                "(files from different preprocessing runs?)"
+            )
+
+
 def validate_data(
     data: DataSpec | Iterable[str],
     vocab_size: int | None = None,
@@ -283,6 +317,8 @@ def validate_data(
     for spec in parse_blend(data, field):
         prefixes = [p for name in spec.names for p in resolve_corpus(name)]
         shards = [inspect_shard(p, vocab_size, tokenizer, cache_dir) for p in dict.fromkeys(prefixes)]
+        for name in spec.names:
+            check_shard_set(name, shards)
         corpus = Corpus(spec, shards)
         if corpus.num_tokens == 0:
             files = ", ".join(s.prefix + ".bin" for s in shards)

@@ -75,6 +75,30 @@ def _empty_corpus(tmp_path):
     return prefix, {}, prefix + ".bin"
 
 
+def _shard_set(tmp_path):
+    """Three shards and one ``set.meta.json`` listing them, as tokenizer.preprocess writes a sharded set."""
+    shards = []
+    for i in range(3):
+        docs = random_docs(10, seed=i)
+        shards.append({"prefix": f"set_{i:05d}", "documents": 10, "tokens": sum(map(len, docs))})
+        write_dataset(tmp_path / f"set_{i:05d}", docs)
+    (tmp_path / "set.meta.json").write_text(json.dumps({**META, "shards": shards}))
+    return str(tmp_path / "set")
+
+
+def _lost_shard(tmp_path):
+    prefix = _shard_set(tmp_path)
+    for ext in (".bin", ".idx"):
+        os.remove(f"{prefix}_00001{ext}")
+    return prefix, {}, f"{prefix}_00001.bin"
+
+
+def _stale_shard(tmp_path):
+    prefix = _shard_set(tmp_path)
+    write_dataset(f"{prefix}_00002", random_docs(11, seed=99))
+    return prefix, {}, f"{prefix}_00002.bin"
+
+
 def _zero_weight(tmp_path):
     prefix = _good(tmp_path)
     return [[0.7, _good(tmp_path, "other")], [0, prefix]], {}, prefix
@@ -97,6 +121,8 @@ CASES = {
     "wrong magic": (_wrong_magic, "wrong magic"),
     "truncated .bin": (_truncated_bin, "truncated or mismatched"),
     "empty corpus": (_empty_corpus, "is empty"),
+    "shard listed in meta but gone": (_lost_shard, "missing (listed as a shard"),
+    "shard from another run": (_stale_shard, "records"),
     "zero blend weight": (_zero_weight, "must be > 0"),
     "negative blend weight": (_negative_weight, "must be > 0"),
 }
@@ -120,6 +146,13 @@ def test_good_data_passes_and_reports_shards(tmp_path):
     assert shard.prefix == prefix and shard.dtype == np.uint16 and shard.num_docs == 30
     assert shard.max_id < 100 and shard.min_id >= 2
     assert shard.meta == META
+
+
+def test_complete_shard_set_passes(tmp_path):
+    prefix = _shard_set(tmp_path)
+    (corpus,) = validate_data(prefix, vocab_size=100)
+    assert [os.path.basename(s.prefix) for s in corpus.shards] == ["set_00000", "set_00001", "set_00002"]
+    assert all(s.meta_file == prefix + ".meta.json" for s in corpus.shards)
 
 
 def test_build_datasets_validates_before_building(tmp_path, monkeypatch):
