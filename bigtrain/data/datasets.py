@@ -21,7 +21,7 @@ import torch
 
 from bigtrain.config import Config, TrainConfig
 from bigtrain.data.corpus import DataError, DataSpec
-from bigtrain.data.validate import Corpus, ShardInfo, meta_value, validate_data
+from bigtrain.data.validate import Corpus, ShardInfo, validate_data
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,8 @@ class TokenizerInfo:
     def from_data(cls, vocab_size: int | None, shards: Sequence[ShardInfo]) -> TokenizerInfo:
         """Without a tokenizer: the ids recorded in the data's metadata, else the project defaults."""
         meta = next((s.meta for s in shards if s.meta), None) or {}
-        eod = meta_value(meta, "eod_id", "eod", "eos_id")
-        pad = meta_value(meta, "pad_id", "pad")
-        vocab = vocab_size if vocab_size is not None else meta_value(meta, "vocab_size")
+        eod, pad = meta.get("eod_id"), meta.get("pad_id")  # keys written by tokenizer.preprocess
+        vocab = vocab_size if vocab_size is not None else meta.get("vocab_size")
         return cls(
             None if vocab is None else int(vocab),
             _DEFAULT_EOD if eod is None else int(eod),

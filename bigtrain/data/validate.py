@@ -129,20 +129,6 @@ def _read_meta(prefix: str) -> tuple[str | None, dict[str, Any] | None]:
     return path, meta
 
 
-def meta_value(meta: dict[str, Any], *keys: str) -> Any:
-    """A value from the sidecar, flat (``tokenizer_fingerprint``) or nested (``tokenizer: {fingerprint}``)."""
-    for key in keys:
-        if key in meta:
-            return meta[key]
-    nested = meta.get("tokenizer")
-    if isinstance(nested, dict):
-        for key in keys:
-            short = key.removeprefix("tokenizer_")
-            if short in nested:
-                return nested[short]
-    return None
-
-
 def _as_dtype(name: str) -> np.dtype | None:
     try:
         return np.dtype(name)
@@ -151,7 +137,7 @@ def _as_dtype(name: str) -> np.dtype | None:
 
 
 def fingerprint_of(meta: dict[str, Any]) -> str | None:
-    value = meta_value(meta, "tokenizer_fingerprint", "fingerprint", "tokenizer_sha256", "sha256")
+    value = meta.get("tokenizer_fingerprint")  # key written by tokenizer.preprocess
     return value if isinstance(value, str) else None
 
 
@@ -245,7 +231,7 @@ def inspect_shard(
                 f"{meta_file}: data was tokenized with a different tokenizer (fingerprint {recorded[:12]}, "
                 f"data.tokenizer has {current[:12]}); re-run tokenizer.preprocess or fix data.tokenizer"
             )
-        meta_dtype = meta_value(meta, "dtype", "token_dtype")
+        meta_dtype = meta.get("dtype")
         if isinstance(meta_dtype, str) and _as_dtype(meta_dtype) != dtype:
             raise DataError(f"{meta_file}: records dtype {meta_dtype} but {prefix}.idx stores {dtype.name}")
     if vocab_size is not None:
