@@ -40,10 +40,15 @@ class CorpusSpec:
         return self.names[0] if len(self.names) == 1 else "[" + ", ".join(self.names) + "]"
 
 
+def _natural_key(path: str) -> list[Any]:
+    """``part_2`` before ``part_10``: shard order (and so evaluation order) follows the numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
 def _stems(paths: Sequence[str]) -> list[str]:
-    """Dataset prefixes behind a list of file paths (``x.bin``/``x.idx`` -> ``x``), sorted, unique."""
+    """Dataset prefixes behind a list of file paths (``x.bin``/``x.idx`` -> ``x``), in natural order."""
     stems = {p[: -len(ext)] for p in paths for ext in (".bin", ".idx") if p.endswith(ext)}
-    return sorted(stems)
+    return sorted(stems, key=_natural_key)
 
 
 def shards_of(prefix: str) -> list[str]:

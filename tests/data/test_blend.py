@@ -55,6 +55,9 @@ def test_name_forms_resolve_to_the_same_shards(tmp_path):
     assert resolve_corpus(shards[1]) == [shards[1]]  # one shard by its own prefix
     with pytest.raises(DataError, match="nothing"):
         resolve_corpus(str(tmp_path / "nothing"))
+    for n in (10, 2):  # numbers without zero padding still sort as numbers
+        write_dataset(tmp_path / "num" / f"part_{n}", random_docs(2, seed=n))
+    assert resolve_corpus(str(tmp_path / "num")) == [str(tmp_path / "num" / f"part_{n}") for n in (2, 10)]
 
 
 def test_sharded_corpus_is_one_corpus_and_valid_corpus_is_separate(tmp_path):
