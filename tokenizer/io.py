@@ -41,6 +41,10 @@ class InputError(Exception):
     """A problem with the inputs as a whole (missing file, empty glob); the message is one line."""
 
 
+class BadLineError(InputError):
+    """A bad document in strict mode; the message is ``file:line: reason``."""
+
+
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     """Files in the order given; a glob expands to its matches sorted by name.
 
@@ -153,7 +157,7 @@ class SkipCounter:
 
     def __call__(self, path: Path, line: int, reason: str) -> None:
         if self.strict:
-            raise InputError(f"{path}:{line}: {reason}")
+            raise BadLineError(f"{path}:{line}: {reason}")
         self.counts[reason] += 1
 
     @property

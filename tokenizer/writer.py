@@ -1,0 +1,233 @@
+"""megatron-core indexed datasets written under temporary names, optionally sharded.
+
+Output of ``PREFIX`` is ``PREFIX.bin``/``PREFIX.idx``, or with a shard size ``PREFIX_00000.bin``/
+``.idx``, ``PREFIX_00001...`` (a new shard starts once the current one holds at least that many
+tokens; documents are never split), plus one ``PREFIX.meta.json`` describing the whole set.
+
+Crash safety: every file is written as ``<final name>.tmp-<pid>`` (a name no dataset reader
+matches) and renamed only by :meth:`DatasetWriter.commit`, after all shards are finalized. The
+commit removes the old ``PREFIX.meta.json`` first and writes the new one last, so the meta file is
+the completion marker: an interrupted run leaves at most temporary files, and a set of
+``.bin``/``.idx`` files without its meta file never comes from a finished run. Dataset files of an
+earlier run under the same prefix (e.g. more shards, or an unsharded ``PREFIX.bin`` that readers
+would take first) are removed at commit so they cannot blend into the new set.
+
+The ``IndexedDatasetBuilder`` itself lives in a child process (:class:`BuilderProcess`, see
+:mod:`tokenizer.builder_proc` for why): importing megatron-core costs ~10 s, and this way the
+first documents are read and tokenized while it loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenizer.builder_proc import HEADER
+
+UINT16_VOCAB_LIMIT = 65500  # same bound as megatron's DType.optimal_dtype and bigtrain.data.validate
+
+
+def choose_dtype(vocab_size: int) -> type[np.integer]:
+    """uint16 while every id fits with margin (vocab < 65500), int32 beyond: half the disk for most models."""
+    return np.uint16 if vocab_size < UINT16_VOCAB_LIMIT else np.int32
+
+
+def meta_path(prefix: str) -> Path:
+    return Path(prefix + ".meta.json")
+
+
+class BuilderProcess:
+    """Parent side of :mod:`tokenizer.builder_proc`: starts it, feeds it, notes when it is ready.
+
+    Records go through a bounded queue drained by a sender thread: while the child is still
+    importing megatron the pipe is full and the sender blocks (GIL released), the encoder keeps
+    going until the queue is full, and memory stays bounded by ``max_queued`` chunks.
+    """
+
+    def __init__(self, max_queued: int = 64) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenizer.builder_proc"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self.ready_at: float | None = None
+        self._ready = threading.Event()
+        self._queue: queue.Queue[list[Any] | None] = queue.Queue(max_queued)
+        self._error: BaseException | None = None
+        threading.Thread(target=self._watch_ready, name="builder-ready", daemon=True).start()
+        self._sender = threading.Thread(target=self._send_loop, name="builder-send", daemon=True)
+        self._sender.start()
+
+    def _watch_ready(self) -> None:
+        if self._proc.stdout.readline() == b"ready\n":
+            self.ready_at = time.monotonic()
+        self._ready.set()
+
+    def _send_loop(self) -> None:
+        while (parts := self._queue.get()) is not None:
+            if self._error is None:  # after an error keep draining, so senders never block forever
+                try:
+                    for part in parts:
+                        self._proc.stdin.write(part)
+                except OSError as e:
+                    self._error = e
+
+    def _send(self, parts: list[Any]) -> None:
+        self._queue.put(parts)
+        if self._error is not None:
+            raise RuntimeError(f"dataset builder process failed ({self._error}); see its error above")
+
+    def open(self, bin_path: str, dtype: type[np.integer]) -> None:
+        path, name = bin_path.encode(), np.dtype(dtype).name.encode()
+        self._send([HEADER.pack(b"O", len(path), len(name)), path, name])
+
+    def add_documents(self, docs: Sequence[np.ndarray], dtype: type[np.integer]) -> None:
+        lengths = np.fromiter((d.size for d in docs), dtype=np.int64, count=len(docs))
+        tokens = np.concatenate(docs).astype(dtype, copy=False)
+        self._send([HEADER.pack(b"D", len(docs), tokens.size), lengths.data, tokens.data])
+
+    def finalize(self, idx_path: str) -> None:
+        path = idx_path.encode()
+        self._send([HEADER.pack(b"F", len(path), 0), path])
+
+    def close(self) -> None:
+        """Send the end record and wait until every file is finalized; raises if the child failed."""
+        self._send([HEADER.pack(b"Q", 0, 0)])
+        self._queue.put(None)
+        self._sender.join()
+        if self._error is None:
+            try:
+                self._proc.stdin.close()
+            except OSError as e:
+                self._error = e
+        self._ready.wait()
+        tail = self._proc.stdout.read()
+        status = self._proc.wait()
+        if self._error is not None or status != 0 or tail != b"done\n":
+            raise RuntimeError(f"dataset builder process failed (exit status {status}); see its error above")
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._queue.put(None)
+
+
+@dataclass
+class ShardInfo:
+    prefix: str
+    documents: int = 0
+    tokens: int = 0
+
+
+class DatasetWriter:
+    """Appends documents (token arrays already ending with EOD) to one or more indexed datasets."""
+
+    def __init__(
+        self, prefix: str, dtype: type[np.integer], builder: BuilderProcess, shard_size_tokens: int = 0
+    ) -> None:
+        self.prefix = prefix
+        self.dtype = dtype
+        self.shard_size_tokens = shard_size_tokens
+        self.builder = builder
+        self._tag = f".tmp-{os.getpid()}"
+        self._open = False
+        self._temps: list[Path] = []
+        self.shards: list[ShardInfo] = []
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def add(self, docs: Sequence[np.ndarray]) -> None:
+        """Append documents in order, starting a new shard whenever the current one is full."""
+        start = 0
+        while start < len(docs):
+            if not self._open or self._full():
+                self._open_shard()
+            shard, end = self.shards[-1], start
+            while end < len(docs) and not self._full():
+                shard.documents += 1
+                shard.tokens += docs[end].size
+                end += 1
+            self.builder.add_documents(docs[start:end], self.dtype)
+            start = end
+
+    def _full(self) -> bool:
+        return bool(self.shard_size_tokens) and self.shards[-1].tokens >= self.shard_size_tokens
+
+    def _open_shard(self) -> None:
+        self._finalize_shard()
+        index = len(self.shards)
+        if index and not self.shard_size_tokens:
+            raise AssertionError("unsharded output opened twice")
+        prefix = f"{self.prefix}_{index:05d}" if self.shard_size_tokens else self.prefix
+        bin_tmp, idx_tmp = prefix + ".bin" + self._tag, prefix + ".idx" + self._tag
+        self._temps += [Path(bin_tmp), Path(idx_tmp)]
+        self.builder.open(bin_tmp, self.dtype)
+        self.shards.append(ShardInfo(prefix))
+        self._open = True
+
+    def _finalize_shard(self) -> None:
+        if self._open:
+            self.builder.finalize(self.shards[-1].prefix + ".idx" + self._tag)
+            self._open = False
+
+    def close(self) -> list[ShardInfo]:
+        """Finalize the last shard and wait for the builder process (files keep temporary names)."""
+        self._finalize_shard()
+        self.builder.close()
+        return self.shards
+
+    # -- commit / abort --------------------------------------------------------------------------
+
+    def commit(self, meta: dict[str, Any]) -> list[str]:
+        """Give the finished files their final names and write the meta file last; returns the prefixes."""
+        final_meta = meta_path(self.prefix)
+        final_meta.unlink(missing_ok=True)
+        for old in self._existing_outputs():
+            old.unlink()
+        for ext in (".bin", ".idx"):
+            for shard in self.shards:
+                os.replace(shard.prefix + ext + self._tag, shard.prefix + ext)
+        tmp_meta = Path(str(final_meta) + self._tag)
+        tmp_meta.write_text(json.dumps({**meta, "shards": [asdict(s) for s in self.shards]}, indent=2) + "\n")
+        os.replace(tmp_meta, final_meta)
+        self._temps.clear()
+        return [s.prefix for s in self.shards]
+
+    def _existing_outputs(self) -> list[Path]:
+        """Dataset files already on disk under this prefix: ``PREFIX.bin/.idx``, ``PREFIX_NNNNN.bin/.idx``."""
+        directory, base = os.path.split(self.prefix)
+        pattern = re.compile(re.escape(base) + r"(_\d{5,})?\.(bin|idx)$")
+        folder = Path(directory or ".")
+        return [folder / name for name in os.listdir(folder) if pattern.match(name)]
+
+    def abort(self) -> None:
+        """Close and delete every temporary file; final names are never touched."""
+        builder, self._builder = self._builder, None
+        if builder is not None:
+            builder.data_file.close()
+        for path in self._temps:
+            path.unlink(missing_ok=True)
+        self._temps.clear()
+        self._pending.clear()
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None or self._temps:
+            self.abort()
