@@ -128,6 +128,11 @@ class DataConfig:
     tokenizer: str | None = opt(None, "Tokenizer directory (tokenizer/ package output).")
     cache_dir: str | None = opt(None, "Index-map cache (default: next to the data).")
     mock: bool = opt(False, "Random tokens instead of files (smoke tests only).")
+    train_samples: int | None = opt(
+        None,
+        "Samples the training dataset is built for (default: train.steps*global_batch_size). megatron's "
+        "shuffle depends on it: pin it to extend train.steps on resume without changing the data order.",
+    )
 
 
 @dataclass
@@ -142,6 +147,11 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = opt(True, "Write TensorBoard events under run_dir/tensorboard.")
     peak_tflops: float | None = opt(None, "Device peak TFLOP/s for MFU (default: detected from device name).")
+
+
+@dataclass
+class DebugConfig:
+    crash_at_step: int = opt(0, "Fault injection: every rank exits with code 13 right after this step (0: off).")
 
 
 @dataclass
@@ -167,6 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     derived: Derived = field(default_factory=Derived)
 
     # ------------------------------------------------------------------ derived values and checks

@@ -3,6 +3,8 @@ the step itself is DeepSpeed's (``train_batch`` for pipelines, forward/backward/
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,7 +77,7 @@ class Trainer:
         self.batches = make_train_batches(self.state.consumed_samples)
         self.pipe_items = _pipeline_items(self.batches, dist.device) if self.pipeline else None
         self.metrics = MetricsWriter(cfg.train.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard)
-        self.hooks: list[Callable[[Trainer, StepResult], None]] = [log_hook, eval_hook, checkpoint_hook]
+        self.hooks: list[Callable[[Trainer, StepResult], None]] = [log_hook, eval_hook, checkpoint_hook, crash_hook]
         self.started = time.time()
 
     # ------------------------------------------------------------------ one optimizer step
@@ -196,3 +198,11 @@ def checkpoint_hook(trainer: Trainer, r: StepResult) -> None:
         path = checkpoint.save_checkpoint(trainer.engine, cfg, trainer.dist, step, trainer.state.as_dict())
         if trainer.dist.is_main:
             console(f"saved checkpoint {path}")
+
+
+def crash_hook(trainer: Trainer, r: StepResult) -> None:
+    """Fault injection (debug.crash_at_step): die like a killed job, without cleanup."""
+    if trainer.cfg.debug.crash_at_step and trainer.state.step == trainer.cfg.debug.crash_at_step:
+        console(f"debug.crash_at_step: rank {trainer.dist.rank} exits at step {trainer.state.step}")
+        sys.stdout.flush()
+        os._exit(13)

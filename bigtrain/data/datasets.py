@@ -147,7 +147,7 @@ def num_evaluations(train: TrainConfig) -> int:
 def num_samples(cfg: Config) -> tuple[int, int]:
     """(train, valid) samples to build: every step's global batch, and every evaluation's batches."""
     t = cfg.train
-    train = max(1, t.steps) * t.global_batch_size
+    train = cfg.data.train_samples or max(1, t.steps) * t.global_batch_size
     valid = max(1, t.eval_steps) * t.global_batch_size * num_evaluations(t)
     return train, valid
 

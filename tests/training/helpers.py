@@ -41,6 +41,8 @@ def train_args(corpus: Path, run_dir: Path, *overrides: str, steps: int = 10) ->
         f"model.vocab_size={VOCAB}",
         f"train.steps={steps}",
         f"train.run_dir={run_dir}",
+        "optim.lr=0.01",
+        "optim.min_lr=0.001",
         *overrides,
     ]
 

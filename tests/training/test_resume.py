@@ -1,4 +1,5 @@
-"""Restarting with the same run_dir resumes exactly: steps 11-20 equal the uninterrupted run."""
+"""A job killed after step 10 and relaunched with the same command and run_dir resumes exactly:
+steps 11-20 equal the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ pytestmark = pytest.mark.slow
 )
 def test_resume_continues_the_same_curve(overrides, tmp_path):
     corpus = write_corpus(tmp_path / "corpus" / "patterns")
-    common = ["checkpoint.interval=5", "checkpoint.keep_last=2", "optim.warmup_steps=3", *overrides]
+    common = ["checkpoint.interval=10", "checkpoint.keep_last=2", "optim.warmup_steps=3", *overrides]
     full, split = tmp_path / "full", tmp_path / "split"
     torchrun(2, train_args(corpus, full, *common, steps=20))
-    torchrun(2, train_args(corpus, split, *common, steps=10))
+    crashed = torchrun(2, train_args(corpus, split, *common, "debug.crash_at_step=10", steps=20), check=False)
+    assert crashed.returncode != 0
     assert latest_tag(split / "checkpoints") == "step_00000010"
     out = torchrun(2, train_args(corpus, split, *common, steps=20))
     assert "resumed from step 10" in out.stdout
@@ -34,6 +36,6 @@ def test_resume_continues_the_same_curve(overrides, tmp_path):
         assert r["lr"] == pytest.approx(ref["lr"], rel=1e-12)
         assert r["consumed_samples"] == ref["consumed_samples"]
     # keep_last=2 retention, and the saved config travels with the checkpoint
-    assert list_tags(split / "checkpoints") == ["step_00000015", "step_00000020"]
+    assert list_tags(split / "checkpoints") == ["step_00000010", "step_00000020"]
     meta = json.loads((split / "checkpoints" / "step_00000020" / "bigtrain.json").read_text())
     assert meta["consumed_samples"] == 20 * 8 and meta["config"]["train"]["steps"] == 20
