@@ -41,7 +41,11 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     }
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-        if cfg.parallel.pipeline > 1 or z.stage == 0:
+        if z.stage <= 1:
+            # DeepSpeed keeps fp32 masters and fp32 gradient accumulation for bf16 only through its
+            # ZeRO-1 bf16 optimizer (its stage-0 bf16 path trains pure bf16 weights), so stage 0
+            # runs as stage 1: identical maths, optimizer states sharded over data-parallel ranks.
+            zero["stage"] = 1
             ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif cfg.precision == "fp16":
         f = cfg.fp16
