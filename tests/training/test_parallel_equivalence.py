@@ -53,7 +53,12 @@ def test_fp32_layout_matches_single_process(name, corpus, baseline, tmp_path):
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_matches(mode, corpus, baseline, tmp_path):
     """Recomputation (under tensor parallelism, so the TP collectives are re-run too) changes nothing."""
-    torchrun(2, train_args(corpus, tmp_path, "checkpoint.save=false", "parallel.tensor=2", f"activation_checkpointing={mode}"))
+    torchrun(
+        2,
+        train_args(
+            corpus, tmp_path, "checkpoint.save=false", "parallel.tensor=2", f"activation_checkpointing={mode}"
+        ),
+    )
     assert_close_rel(losses(tmp_path), baseline, 1e-4)
 
 

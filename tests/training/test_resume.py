@@ -13,9 +13,7 @@ from tests.training.helpers import metrics, torchrun, train_args, write_corpus
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(
-    "overrides", [["zero.stage=1"], ["parallel.pipeline=2"]], ids=["dp2-zero1", "pp2"]
-)
+@pytest.mark.parametrize("overrides", [["zero.stage=1"], ["parallel.pipeline=2"]], ids=["dp2-zero1", "pp2"])
 def test_resume_continues_the_same_curve(overrides, tmp_path):
     corpus = write_corpus(tmp_path / "corpus" / "patterns")
     common = ["checkpoint.interval=10", "checkpoint.keep_last=2", "optim.warmup_steps=3", *overrides]
