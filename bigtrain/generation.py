@@ -20,6 +20,7 @@ from bigtrain.config import Config, config_from_dict
 from bigtrain.models.llama import KVCache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def single_process_config(saved: dict, device: str = "cpu") -> Config:
@@ -51,9 +52,22 @@ def _start_world_of_one(cfg: Config) -> bool:
         raise RuntimeError(
             "bigtrain.generation runs in a single process; do not launch it with torchrun/deepspeed"
         )
-    from bigtrain.distributed import init_distributed
+    from bigtrain.distributed import _free_port, init_distributed
 
-    init_distributed(cfg)
+    # A private rendezvous, and the environment left as it was: processes started later by this one
+    # (tools run as subprocesses, launchers) must not inherit a rank or this group's port.
+    saved = {k: os.environ.get(k) for k in _RENDEZVOUS_VARS}
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    )
+    try:
+        init_distributed(cfg)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return True
 
 

@@ -40,7 +40,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigtrain.checkpoint import LATEST, META, tag_for  # noqa: E402
 from bigtrain.config import Config, ConfigError, config_from_dict  # noqa: E402
 from bigtrain.models import layout  # noqa: E402
 
@@ -52,6 +51,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "chat_template.jinja",
+    "bigtrain_tokenizer.json",  # the bigtrain Tokenizer's own record, when the directory came from bigtrain
 )
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports carry
 
@@ -124,7 +124,6 @@ def bigtrain_config(hf: dict, tensor: int, pipeline: int, partition_method: str)
     tree = {
         "model": layout.model_values_from_hf(values),
         "parallel": {"tensor": tensor, "pipeline": pipeline, "partition_method": partition_method},
-        "train": {"micro_batch_size": 1, "global_batch_size": 1},
         "data": {"mock": True},  # weights only: set data.train (and data.mock=false) to train on it
     }
     return config_from_dict(tree).resolve(tensor * pipeline)
@@ -203,6 +202,8 @@ def convert(
     m, padded = cfg.model, cfg.derived.padded_vocab_size
     weights = HFWeights(hf_dir)
     weights.check_names(m)
+    from bigtrain.checkpoint import LATEST, META, tag_for  # heavy (megatron-core): after the cheap checks
+
     tag = tag_for(0)
     toks = tokenizer_files(hf_dir)
     cfg.data.tokenizer = str(out / tag / "tokenizer") if toks else None

@@ -225,11 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--max-shard-size-mb", type=int, default=2048)
+    parser.add_argument("--max-shard-size-mb", type=float, default=2048, help="per safetensors file")
     args = parser.parse_args(argv)
     source = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
     try:
-        out = export(source, args.output, args.dtype, args.max_shard_size_mb << 20)
+        out = export(source, args.output, args.dtype, int(args.max_shard_size_mb * 2**20))
     except (ExportError, ConfigError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"convert_to_hf: {e}", file=sys.stderr)
         sys.exit(1)
