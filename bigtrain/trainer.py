@@ -4,6 +4,7 @@ the step itself is DeepSpeed's (``train_batch`` for pipelines, forward/backward/
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -76,8 +77,15 @@ class Trainer:
         self.make_valid_batches = make_valid_batches
         self.batches = make_train_batches(self.state.consumed_samples)
         self.pipe_items = _pipeline_items(self.batches, dist.device) if self.pipeline else None
-        self.metrics = MetricsWriter(cfg.train.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard)
-        self.hooks: list[Callable[[Trainer, StepResult], None]] = [log_hook, eval_hook, checkpoint_hook, crash_hook]
+        self.metrics = MetricsWriter(
+            cfg.train.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard
+        )
+        self.hooks: list[Callable[[Trainer, StepResult], None]] = [
+            log_hook,
+            eval_hook,
+            checkpoint_hook,
+            crash_hook,
+        ]
         self.started = time.time()
 
     # ------------------------------------------------------------------ one optimizer step
@@ -147,7 +155,9 @@ def log_hook(trainer: Trainer, r: StepResult) -> None:
         return
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     tokens_per_sec = tokens / r.seconds
-    model_tflops = flops.train_flops_per_token(cfg.model, cfg.derived.padded_vocab_size) * tokens_per_sec / 1e12
+    model_tflops = (
+        flops.train_flops_per_token(cfg.model, cfg.derived.padded_vocab_size) * tokens_per_sec / 1e12
+    )
     per_gpu_tflops = model_tflops / cfg.derived.world_size
     peak = flops.peak_tflops(trainer.dist.device, cfg.logging.peak_tflops)
     record: dict[str, Any] = {
@@ -164,6 +174,8 @@ def log_hook(trainer: Trainer, r: StepResult) -> None:
         record["mfu"] = per_gpu_tflops / peak
     if trainer.dist.device.type == "cuda":
         record["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:  # peak resident set size of this process (Linux reports KiB)
+        record["mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     trainer.metrics.write(record)
     if trainer.dist.is_main:
         elapsed = time.time() - trainer.started
@@ -185,9 +197,13 @@ def eval_hook(trainer: Trainer, r: StepResult) -> None:
     val_loss = trainer.evaluate()
     if val_loss is None:
         return
-    trainer.metrics.write({"step": step, "val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp())}, "valid")
+    trainer.metrics.write(
+        {"step": step, "val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp())}, "valid"
+    )
     if trainer.dist.is_main:
-        console(f"validation step {step}: val_loss {val_loss:.4f} ppl {float(torch.tensor(val_loss).exp()):.2f}")
+        console(
+            f"validation step {step}: val_loss {val_loss:.4f} ppl {float(torch.tensor(val_loss).exp()):.2f}"
+        )
 
 
 def checkpoint_hook(trainer: Trainer, r: StepResult) -> None:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bigtrain.checkpoint import latest_tag, list_tags
-from tests.training.helpers import metrics, torchrun, train_args, write_corpus
+from tests.training.helpers import assert_close_rel, metrics, single, torchrun, train_args, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +37,25 @@ def test_resume_continues_the_same_curve(overrides, tmp_path):
     assert list_tags(split / "checkpoints") == ["step_00000010", "step_00000020"]
     meta = json.loads((split / "checkpoints" / "step_00000020" / "bigtrain.json").read_text())
     assert meta["consumed_samples"] == 20 * 8 and meta["config"]["train"]["steps"] == 20
+
+
+def test_weights_only_load_at_another_layout(tmp_path):
+    """checkpoint.load starts from trained weights at step 0 with a fresh optimizer, at any TP/PP."""
+    corpus = write_corpus(tmp_path / "corpus" / "patterns")
+    source = tmp_path / "source"
+    single(train_args(corpus, source, steps=6))
+    tp1, tp2pp2 = tmp_path / "tp1", tmp_path / "tp2pp2"
+    load = f"checkpoint.load={source / 'checkpoints'}"
+    out = single(train_args(corpus, tp1, load, "checkpoint.save=false", steps=3))
+    assert "loaded weights from" in out.stdout
+    torchrun(
+        4,
+        train_args(
+            corpus, tp2pp2, load, "checkpoint.save=false", "parallel.tensor=2", "parallel.pipeline=2", steps=3
+        ),
+    )
+    fresh = metrics(source)[0]
+    loaded, resharded = metrics(tp1), metrics(tp2pp2)
+    assert [r["step"] for r in loaded] == [1, 2, 3]
+    assert loaded[0]["loss"] < fresh["loss"] - 0.05, "the trained weights were not loaded"
+    assert_close_rel([r["loss"] for r in resharded], [r["loss"] for r in loaded], 1e-4)
