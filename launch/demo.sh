@@ -3,7 +3,7 @@
 # -> Hugging Face export -> generation. Everything lands in demo_out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 OUT=demo_out
 ngpu="$(python -c 'import torch; print(torch.cuda.device_count())')"
 nproc=$(( ngpu > 0 ? ngpu : 2 ))
