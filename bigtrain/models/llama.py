@@ -27,6 +27,26 @@ def _no_init(weight: torch.Tensor) -> None:
     """Weights are filled by bigtrain.models.layout (layout-independent init), not by megatron."""
 
 
+def column_parallel(in_size: int, out_size: int, mp: ModelParallelConfig) -> ColumnParallelLinear:
+    """Bias-free linear with its output features split over tensor ranks (output stays split)."""
+    return ColumnParallelLinear(
+        in_size, out_size, config=mp, init_method=_no_init, bias=False, gather_output=False
+    )
+
+
+def row_parallel(in_size: int, out_size: int, mp: ModelParallelConfig) -> RowParallelLinear:
+    """Bias-free linear with its input features split over tensor ranks (output all-reduced)."""
+    return RowParallelLinear(
+        in_size,
+        out_size,
+        config=mp,
+        init_method=_no_init,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+    )
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit)."""
 
@@ -110,18 +130,8 @@ class Attention(nn.Module):
         self.rope_theta = m.rope_theta
         self.recompute_core = recompute_core
         qkv_out = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
-        self.qkv = ColumnParallelLinear(
-            m.hidden_size, qkv_out, config=mp, init_method=_no_init, bias=False, gather_output=False
-        )
-        self.proj = RowParallelLinear(
-            m.num_attention_heads * m.head_dim,
-            m.hidden_size,
-            config=mp,
-            init_method=_no_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-        )
+        self.qkv = column_parallel(m.hidden_size, qkv_out, mp)
+        self.proj = row_parallel(m.num_attention_heads * m.head_dim, m.hidden_size, mp)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # [b, heads, s, d] -> [b, heads, s, d]
@@ -154,18 +164,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, m: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
-        self.gate_up = ColumnParallelLinear(
-            m.hidden_size, 2 * m.ffn_size, config=mp, init_method=_no_init, bias=False, gather_output=False
-        )
-        self.down = RowParallelLinear(
-            m.ffn_size,
-            m.hidden_size,
-            config=mp,
-            init_method=_no_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-        )
+        self.gate_up = column_parallel(m.hidden_size, 2 * m.ffn_size, mp)
+        self.down = row_parallel(m.ffn_size, m.hidden_size, mp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)[0].chunk(2, dim=-1)  # this rank's [gate_r; up_r]
