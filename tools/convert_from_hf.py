@@ -106,11 +106,25 @@ def unsupported_fields(hf: dict) -> list[str]:
     return problems
 
 
+def complete_config(raw: dict) -> dict:
+    """config.json plus transformers' defaults for the fields it leaves out (what ``from_pretrained``
+    would use: e.g. Mistral's default sliding window and kv heads differ from Llama's)."""
+    if raw.get("model_type") not in SUPPORTED:
+        return dict(raw)
+    try:
+        from transformers import AutoConfig
+
+        full = AutoConfig.for_model(**raw).to_dict()
+    except Exception:  # transformers rejects it (e.g. incomplete rope scaling): check the raw fields
+        return dict(raw)
+    return {**full, **{k: v for k, v in raw.items() if full.get(k) is None}}
+
+
 def read_hf_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    hf = json.loads(path.read_text())
+    hf = complete_config(json.loads(path.read_text()))
     problems = unsupported_fields(hf)
     if problems:
         raise ConversionError(f"{hf_dir}: cannot import: " + "; ".join(problems))
