@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh

@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 from bigtrain.config import Config, ModelConfig, config_from_dict
 from bigtrain.distributed import Dist, barrier
 from bigtrain.models import layout
-from bigtrain.models.parallelize import local_parameters
 
 LATEST = "latest"
 META = "bigtrain.json"
@@ -87,6 +86,8 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
 
     A collective over the data-parallel group under ZeRO (every rank must call it)."""
     from deepspeed.utils import safe_get_full_fp32_param
+
+    from bigtrain.models.parallelize import local_parameters
 
     out = {}
     for key, (_, param) in local_parameters(engine.module, cfg).items():
@@ -234,7 +235,7 @@ def model_shape_differences(saved: ModelConfig, current: ModelConfig) -> list[st
 @torch.no_grad()
 def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> dict[str, Any]:
     """Fill this rank's parameters from a checkpoint of any layout (fresh optimizer, step 0)."""
-    from bigtrain.models.parallelize import tp_rank_size
+    from bigtrain.models.parallelize import local_parameters, tp_rank_size
 
     reader = WeightReader(path)
     diffs = model_shape_differences(config_from_dict(reader.meta["config"]).model, cfg.model)

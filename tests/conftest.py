@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+# One toolchain for every process: DeepSpeed JIT-builds a CPU comm op with the first `ninja` on PATH,
+# and two ninja versions alternating throw away each other's build log (a 40-120 s rebuild each time).
+os.environ["PATH"] = str(VENV_BIN) + os.pathsep + os.environ.get("PATH", "")
 
 
 def free_port() -> int:
