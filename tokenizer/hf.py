@@ -11,7 +11,8 @@ here from the pieces, scores and types in ``tokenizer.model``:
   exactly the priority SentencePiece's BPE uses), or Unigram with the piece scores; both with
   byte fallback. Control / byte / unused pieces get no merges (BPE) or a prohibitive score
   (Unigram) so that text like ``"<0x41>"`` or ``"<s>"`` is never read as those ids, as in
-  SentencePiece;
+  SentencePiece (for Unigram this relies on the characters of those names being in the
+  vocabulary, which :func:`tokenizer.train.required_chars` ensures);
 * user-defined symbols (``--special-tokens``) become always-matched added tokens, as in
   SentencePiece; BOS/EOS/UNK/PAD are special tokens, with ``split_special_tokens`` so a literal
   "<s>" in text is encoded as text, as SentencePiece does;

@@ -132,6 +132,18 @@ class _Tap:
             yield doc
 
 
+def required_chars(special_tokens: Sequence[str]) -> str:
+    """Characters of the reserved piece names ("<s>", "<0x41>", ...) and of the special tokens.
+
+    Keeping them in the vocabulary matters for the HF Unigram model: it can match a reserved
+    piece spelled out literally in text (SentencePiece cannot), and it prefers doing so to
+    using byte fallback for a missing character. With these characters present the normal
+    pieces always win, as in SentencePiece.
+    """
+    names = ["<unk>", "<s>", "</s>", "<pad>", "<0x0123456789ABCDEF>", *special_tokens]
+    return "".join(sorted(set("".join(names))))
+
+
 def train_model(args: argparse.Namespace, sentence_iter: Iterator[str]) -> bytes:
     """Run the SentencePiece trainer on ``sentence_iter`` and return the serialized model."""
     import sentencepiece as spm
@@ -151,6 +163,7 @@ def train_model(args: argparse.Namespace, sentence_iter: Iterator[str]) -> bytes
         normalization_rule_name="identity",
         max_sentence_length=args.max_sentence_bytes,
         user_defined_symbols=list(args.special_tokens),
+        required_chars=required_chars(args.special_tokens),
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,

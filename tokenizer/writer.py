@@ -216,14 +216,11 @@ class DatasetWriter:
         return [folder / name for name in os.listdir(folder) if pattern.match(name)]
 
     def abort(self) -> None:
-        """Close and delete every temporary file; final names are never touched."""
-        builder, self._builder = self._builder, None
-        if builder is not None:
-            builder.data_file.close()
+        """Stop the builder process and delete every temporary file; final names are never touched."""
+        self.builder.kill()
         for path in self._temps:
             path.unlink(missing_ok=True)
         self._temps.clear()
-        self._pending.clear()
 
     def __enter__(self) -> DatasetWriter:
         return self
