@@ -52,6 +52,13 @@ def _pipeline_items(batches: Iterator[Batch], device: torch.device) -> Iterator[
         yield b["tokens"], (b["labels"], b["loss_mask"])
 
 
+def _close(batches: Iterator[Batch]) -> None:
+    """Stop a prefetching iterator's thread (plain iterators have nothing to stop)."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
 def _dp_mean(value: torch.Tensor) -> float:
     from megatron.core import parallel_state
 
@@ -119,6 +126,7 @@ class Trainer:
             self.state.consumed_samples += cfg.train.global_batch_size
             for hook in self.hooks:
                 hook(self, result)
+        _close(self.batches)
         self.metrics.close()
         return self.state
 
@@ -144,6 +152,7 @@ class Trainer:
         except StopIteration:
             pass
         finally:
+            _close(batches)
             self.engine.train()
         return sum(losses) / len(losses) if losses else None
 

@@ -37,16 +37,40 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cmd(args: list[str], timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run_cmd(
+    args: list[str], timeout: float = 300, check: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
     """Run a command with a hard timeout; on failure the output is in the assertion message."""
     kwargs.setdefault("env", cpu_env())
     kwargs.setdefault("cwd", REPO)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
-            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-        )
+        raise AssertionError(failure_message(proc))
+    return proc
+
+
+def failure_message(proc: subprocess.CompletedProcess) -> str:
+    return (
+        f"command failed ({proc.returncode}): {' '.join(map(str, proc.args))}\n"
+        f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    )
+
+
+def run_with_port(
+    make_args, timeout: float = 300, check: bool = True, tries: int = 3, env_for=None, **kwargs
+):
+    """``run_cmd(make_args(port))`` on a fresh free port (``env_for(port)`` gives its environment),
+    retried when another process grabbed the port between our probe and the rendezvous (EADDRINUSE),
+    which a busy machine makes possible."""
+    for _ in range(tries):
+        port = free_port()
+        if env_for is not None:
+            kwargs["env"] = env_for(port)
+        proc = run_cmd(make_args(port), timeout=timeout, check=False, **kwargs)
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stdout + proc.stderr:
+            break
+    if check and proc.returncode != 0:
+        raise AssertionError(failure_message(proc))
     return proc
 
 

