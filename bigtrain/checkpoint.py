@@ -196,9 +196,11 @@ class WeightReader:
                 with safe_open(str(f), "pt") as sf:
                     for key in sf.keys():
                         self.key_to_pp.setdefault(key, pp)
-        for (tp, pp) in {(t, p) for t in range(self.tensor) for p in set(self.key_to_pp.values())}:
+        for tp, pp in {(t, p) for t in range(self.tensor) for p in set(self.key_to_pp.values())}:
             if (tp, pp) not in self.files:
-                raise FileNotFoundError(f"{self.dir / 'weights'}: shard tp{tp:02d}_pp{pp:02d}.safetensors is missing")
+                raise FileNotFoundError(
+                    f"{self.dir / 'weights'}: shard tp{tp:02d}_pp{pp:02d}.safetensors is missing"
+                )
 
     def keys(self) -> list[str]:
         return list(self.key_to_pp)

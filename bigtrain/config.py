@@ -36,14 +36,20 @@ class ModelConfig:
     num_layers: int = opt(2, "Number of transformer blocks.")
     hidden_size: int = opt(64, "Model width.")
     num_attention_heads: int = opt(4, "Query heads.")
-    num_kv_heads: int | None = opt(None, "Key/value heads for grouped-query attention (default: = query heads).")
-    ffn_hidden_size: int | None = opt(None, "SwiGLU inner width (default: Llama's 8/3*hidden rounded up to 256).")
+    num_kv_heads: int | None = opt(
+        None, "Key/value heads for grouped-query attention (default: = query heads)."
+    )
+    ffn_hidden_size: int | None = opt(
+        None, "SwiGLU inner width (default: Llama's 8/3*hidden rounded up to 256)."
+    )
     seq_length: int = opt(128, "Training sequence length in tokens.")
     vocab_size: int | None = opt(None, "True vocabulary size (default: taken from data.tokenizer).")
     rope_theta: float = opt(10000.0, "Rotary embedding base.")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = opt(False, "Share the input embedding with the output layer.")
-    init_std: float = opt(0.02, "Std of the normal weight init (output projections scaled by 1/sqrt(2*layers)).")
+    init_std: float = opt(
+        0.02, "Std of the normal weight init (output projections scaled by 1/sqrt(2*layers))."
+    )
     make_vocab_size_divisible_by: int = opt(128, "Vocab is padded to a multiple of this times tensor size.")
 
     @property
@@ -66,7 +72,9 @@ class ParallelConfig:
     tensor: int = opt(1, "Tensor-parallel size (megatron-core column/row-parallel layers).")
     pipeline: int = opt(1, "Pipeline stages (DeepSpeed PipelineModule, 1F1B).")
     sequence_parallel: bool = opt(False, "Megatron sequence parallelism (not supported yet: must be false).")
-    partition_method: str = opt("parameters", "How DeepSpeed splits layers across stages: parameters|uniform.")
+    partition_method: str = opt(
+        "parameters", "How DeepSpeed splits layers across stages: parameters|uniform."
+    )
 
 
 @dataclass
@@ -76,7 +84,9 @@ class ZeroConfig:
     overlap_comm: bool = opt(True, "Overlap gradient reduction with backward.")
     reduce_bucket_size: int = opt(500_000_000, "Elements per gradient reduce bucket.")
     allgather_bucket_size: int = opt(500_000_000, "Elements per all-gather bucket (ZeRO 1/2).")
-    stage3_param_persistence_threshold: int = opt(100_000, "ZeRO-3: parameters smaller than this stay gathered.")
+    stage3_param_persistence_threshold: int = opt(
+        100_000, "ZeRO-3: parameters smaller than this stay gathered."
+    )
     stage3_prefetch_bucket_size: int = opt(50_000_000, "ZeRO-3: elements prefetched ahead of use.")
 
 
@@ -151,7 +161,9 @@ class LoggingConfig:
 
 @dataclass
 class DebugConfig:
-    crash_at_step: int = opt(0, "Fault injection: every rank exits with code 13 right after this step (0: off).")
+    crash_at_step: int = opt(
+        0, "Fault injection: every rank exits with code 13 right after this step (0: off)."
+    )
 
 
 @dataclass
@@ -215,16 +227,24 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: Config, world_size: int) -> None:
     """Every layout/shape inconsistency, each reported as one line."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _check(cfg.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16|fp16|fp32, got {cfg.precision!r}")
+    _check(
+        cfg.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16|fp16|fp32, got {cfg.precision!r}"
+    )
     _check(
         cfg.activation_checkpointing in ("none", "full", "selective"),
         f"activation_checkpointing must be none|full|selective, got {cfg.activation_checkpointing!r}",
     )
-    _check(cfg.optim.decay in ("cosine", "linear", "constant"), f"optim.decay must be cosine|linear|constant, got {cfg.optim.decay!r}")
+    _check(
+        cfg.optim.decay in ("cosine", "linear", "constant"),
+        f"optim.decay must be cosine|linear|constant, got {cfg.optim.decay!r}",
+    )
     _check(cfg.optim.name == "adamw", f"optim.name must be adamw, got {cfg.optim.name!r}")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    _check(m.vocab_size is not None and m.vocab_size > 0, "model.vocab_size is not set and no data.tokenizer gives it")
+    _check(
+        m.vocab_size is not None and m.vocab_size > 0,
+        "model.vocab_size is not set and no data.tokenizer gives it",
+    )
     _check(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
     _check(
         world_size % (p.tensor * p.pipeline) == 0,
@@ -242,8 +262,14 @@ def validate(cfg: Config, world_size: int) -> None:
         m.num_attention_heads % p.tensor == 0,
         f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor {p.tensor}",
     )
-    _check(m.kv_heads % p.tensor == 0, f"model.num_kv_heads {m.kv_heads} is not divisible by parallel.tensor {p.tensor}")
-    _check(m.ffn_size % p.tensor == 0, f"model.ffn_hidden_size {m.ffn_size} is not divisible by parallel.tensor {p.tensor}")
+    _check(
+        m.kv_heads % p.tensor == 0,
+        f"model.num_kv_heads {m.kv_heads} is not divisible by parallel.tensor {p.tensor}",
+    )
+    _check(
+        m.ffn_size % p.tensor == 0,
+        f"model.ffn_hidden_size {m.ffn_size} is not divisible by parallel.tensor {p.tensor}",
+    )
     _check(
         m.num_layers >= p.pipeline,
         f"model.num_layers {m.num_layers} is fewer than parallel.pipeline {p.pipeline} stages",
@@ -258,13 +284,18 @@ def validate(cfg: Config, world_size: int) -> None:
         not (cfg.zero.offload_optimizer and cfg.zero.stage == 0),
         "zero.offload_optimizer needs zero.stage >= 1",
     )
-    _check(not (p.sequence_parallel and p.tensor == 1), "parallel.sequence_parallel needs parallel.tensor > 1")
+    _check(
+        not (p.sequence_parallel and p.tensor == 1), "parallel.sequence_parallel needs parallel.tensor > 1"
+    )
     _check(
         not p.sequence_parallel,
         "parallel.sequence_parallel is not supported yet (norm-gradient reduction under DeepSpeed is missing); "
         "set it to false",
     )
-    _check(p.partition_method in ("parameters", "uniform"), "parallel.partition_method must be parameters|uniform")
+    _check(
+        p.partition_method in ("parameters", "uniform"),
+        "parallel.partition_method must be parameters|uniform",
+    )
     dp = world_size // (p.tensor * p.pipeline)
     _check(t.micro_batch_size > 0 and t.steps >= 0, "train.micro_batch_size must be > 0 and train.steps >= 0")
     _check(
@@ -319,7 +350,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'top level'}: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'top level'}: {', '.join(sorted(names))})"
+        )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -150,7 +150,8 @@ def _record_fp32_grad_norm(engine) -> None:
         counted = [
             p.grad
             for p in params
-            if not getattr(p, "ds_pipe_replicated", False) and (is_model_parallel_parameter(p) or tp_rank == 0)
+            if not getattr(p, "ds_pipe_replicated", False)
+            and (is_model_parallel_parameter(p) or tp_rank == 0)
         ]
         norm = get_global_norm_of_tensors(counted, mpu=engine.mpu)
         clip_tensors_by_global_norm([p.grad for p in params], engine.gradient_clipping(), norm)

@@ -20,7 +20,11 @@ from bigtrain.pretrain import config_or_exit, parse_args
 def _window_batch(window: dict, device: torch.device, real: bool) -> dict[str, torch.Tensor]:
     tokens = torch.as_tensor(window["tokens"]).long().view(1, -1).to(device)
     labels = torch.as_tensor(window["labels"]).long().view(1, -1).to(device)
-    mask = torch.ones_like(tokens, dtype=torch.float32) if real else torch.zeros_like(tokens, dtype=torch.float32)
+    mask = (
+        torch.ones_like(tokens, dtype=torch.float32)
+        if real
+        else torch.zeros_like(tokens, dtype=torch.float32)
+    )
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
 

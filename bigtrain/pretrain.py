@@ -21,7 +21,9 @@ DataFactory = Callable[[Config, "Dist"], tuple[Callable[[int], Iterator], Callab
 
 
 def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")

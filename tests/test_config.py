@@ -15,7 +15,9 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 
 def test_overrides_types_and_derived_values():
-    cfg = load_config(TINY, ["parallel.tensor=2", "train.global_batch_size=16", "optim.lr=1", "model.vocab_size=300"])
+    cfg = load_config(
+        TINY, ["parallel.tensor=2", "train.global_batch_size=16", "optim.lr=1", "model.vocab_size=300"]
+    )
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
     cfg.resolve(world_size=8)
     assert cfg.derived.data_parallel_size == 4
@@ -42,12 +44,28 @@ def test_saved_config_round_trips():
     "world, overrides, message",
     [
         (3, ["parallel.tensor=2"], "world size 3 is not divisible by parallel.tensor*parallel.pipeline"),
-        (4, ["parallel.tensor=4", "model.num_kv_heads=2"], "model.num_kv_heads 2 is not divisible by parallel.tensor 4"),
+        (
+            4,
+            ["parallel.tensor=4", "model.num_kv_heads=2"],
+            "model.num_kv_heads 2 is not divisible by parallel.tensor 4",
+        ),
         (8, ["parallel.tensor=8"], "model.num_attention_heads 4 is not divisible by parallel.tensor 8"),
         (4, ["parallel.pipeline=4"], "model.num_layers 2 is fewer than parallel.pipeline 4 stages"),
-        (2, ["train.global_batch_size=6", "train.micro_batch_size=2"], "train.global_batch_size 6 is not divisible"),
-        (2, ["parallel.pipeline=2", "zero.stage=2"], "zero.stage 2 cannot be combined with parallel.pipeline 2"),
-        (2, ["parallel.pipeline=2", "zero.stage=3"], "zero.stage 3 cannot be combined with parallel.pipeline 2"),
+        (
+            2,
+            ["train.global_batch_size=6", "train.micro_batch_size=2"],
+            "train.global_batch_size 6 is not divisible",
+        ),
+        (
+            2,
+            ["parallel.pipeline=2", "zero.stage=2"],
+            "zero.stage 2 cannot be combined with parallel.pipeline 2",
+        ),
+        (
+            2,
+            ["parallel.pipeline=2", "zero.stage=3"],
+            "zero.stage 3 cannot be combined with parallel.pipeline 2",
+        ),
     ],
 )
 def test_layout_errors_exit_fast_with_one_line(world, overrides, message):
@@ -70,7 +88,12 @@ def test_presets_validate_on_their_layout_and_have_expected_sizes():
     """Presets build by parameter count on 8 GPUs (no weights needed)."""
     from bigtrain.flops import matmul_params
 
-    expected = {"llama-125m": (0.10e9, 0.17e9), "llama-1.3b": (1.2e9, 1.5e9), "llama-7b": (6.3e9, 7.0e9), "llama-13b": (12.5e9, 13.5e9)}
+    expected = {
+        "llama-125m": (0.10e9, 0.17e9),
+        "llama-1.3b": (1.2e9, 1.5e9),
+        "llama-7b": (6.3e9, 7.0e9),
+        "llama-13b": (12.5e9, 13.5e9),
+    }
     for name, (lo, hi) in expected.items():
         cfg = load_config(REPO / "configs" / f"{name}.yaml").resolve(world_size=8)
         m = cfg.model

@@ -58,7 +58,12 @@ def layer_specs(cfg: Config, mp: ModelParallelConfig) -> list[LayerSpec]:
     if m.tie_embeddings:
         first = TiedLayerSpec("embed", TiedEmbedding, cfg, mp, tied_weight_attr="word_embeddings.weight")
         last = TiedLayerSpec(
-            "embed", TiedEmbedding, cfg, mp, forward_fn=_tied_logits, tied_weight_attr="word_embeddings.weight"
+            "embed",
+            TiedEmbedding,
+            cfg,
+            mp,
+            forward_fn=_tied_logits,
+            tied_weight_attr="word_embeddings.weight",
         )
     else:
         first = LayerSpec(Embedding, m, mp, vocab)
@@ -134,7 +139,10 @@ def local_parameters(model: nn.Module, cfg: Config) -> dict[str, tuple[layout.La
 
 
 def tp_rank_size() -> tuple[int, int]:
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
 
 
 @torch.no_grad()
@@ -168,4 +176,3 @@ def _mark_tensor_parallel(param: nn.Parameter, split: str, size: int) -> None:
     (megatron only sets them when it initializes weights itself, which we skip)."""
     if split != "replicated" and size > 1:
         set_tensor_model_parallel_attributes(param, True, 1 if split == "row" else 0, 1)
-

@@ -12,7 +12,12 @@ from tests.conftest import REPO
 
 
 def tiny_cfg(*overrides: str):
-    base = ["model.vocab_size=300", "model.num_attention_heads=4", "model.num_kv_heads=2", "model.rope_theta=5000"]
+    base = [
+        "model.vocab_size=300",
+        "model.num_attention_heads=4",
+        "model.num_kv_heads=2",
+        "model.rope_theta=5000",
+    ]
     return load_config(REPO / "configs" / "tiny.yaml", base + list(overrides)).resolve(1)
 
 
