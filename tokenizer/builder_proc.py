@@ -13,12 +13,14 @@ Protocol on stdin, little-endian, one record after another:
 * ``F`` n 0, then n bytes of path: finalize the current builder, writing the .idx there;
 * ``Q`` 0 0: exit with status 0 after printing ``done``.
 
-On stdout the child prints ``ready`` once the builder class is imported and ``done`` at ``Q``.
+On stdout the child prints ``ready <cpu seconds>`` once the builder class is imported and
+``done <cpu seconds>`` at ``Q`` (its CPU time so far, so the import cost can be reported apart).
 End of input without ``Q`` (the parent died or aborted) exits with status 1 without finalizing.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import warnings
@@ -34,13 +36,18 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return data
 
 
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
     """Run the protocol above until ``Q`` (0) or end of input (1)."""
     warnings.filterwarnings("ignore", category=UserWarning)  # "Transformer Engine / Apex not installed"
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    out.write(b"ready\n")
+    out.write(b"ready %.3f\n" % cpu_seconds())
     out.flush()
     builder = None
     dtype = np.dtype(np.int32)
@@ -62,7 +69,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 builder.finalize(_read_exact(inp, a).decode())
                 builder = None
             elif kind == b"Q":
-                out.write(b"done\n")
+                out.write(b"done %.3f\n" % cpu_seconds())
                 out.flush()
                 return 0
             else:

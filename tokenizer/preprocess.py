@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size-tokens", type=int, default=0, help="start a new shard after T tokens")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--summary-json", type=Path, help="also write the final summary here as JSON")
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="text bytes per encoding task")
+    p.add_argument("--chunk-bytes", type=int, default=256 << 10, help="text bytes per encoding task")
     args = p.parse_args(argv)
     if args.workers < 1 or args.chunk_bytes < 1 or args.shard_size_tokens < 0 or args.log_interval <= 0:
         p.error("--workers and --chunk-bytes must be >= 1, --shard-size-tokens >= 0, --log-interval > 0")
@@ -132,6 +132,7 @@ class Stats:
     text_bytes: int = 0
     first_doc_at: float | None = None
     ready_bytes: int | None = None  # text bytes encoded when the builder import had finished
+    ready_tokens: int | None = None
     ready_at: float | None = None
     ended: float | None = None
 
@@ -144,23 +145,28 @@ class Stats:
 
     def mark_ready(self, at: float) -> None:
         if self.ready_at is None:
-            self.ready_at, self.ready_bytes = at, self.text_bytes
+            self.ready_at, self.ready_bytes, self.ready_tokens = at, self.text_bytes, self.tokens
 
     def rate(self, now: float | None = None) -> float:
         """Text MB/s since reading started (process start-up excluded, import contention included)."""
         return self.text_bytes / 1e6 / max((now or time.monotonic()) - self.main_at, 1e-9)
 
-    def steady_rate(self) -> float | None:
-        """Text MB/s after the megatron import finished: the sustained speed of the pipeline.
+    def steady_rates(self) -> tuple[float, float] | None:
+        """(text MB/s, tokens/s) after the megatron import finished: the sustained pipeline speed.
 
         None when the input was (nearly) all encoded before that point: no steady state to measure.
         """
-        if self.ready_at is None or self.ended is None or self.ready_bytes is None:
+        if (
+            self.ready_at is None
+            or self.ended is None
+            or self.ready_bytes is None
+            or self.ready_tokens is None
+        ):
             return None
         interval, nbytes = self.ended - self.ready_at, self.text_bytes - self.ready_bytes
         if interval < 1.0 or nbytes < 0.1 * self.text_bytes:
             return None
-        return nbytes / 1e6 / interval
+        return nbytes / 1e6 / interval, (self.tokens - self.ready_tokens) / interval
 
 
 class Progress:
@@ -201,7 +207,7 @@ def tokenize_into(
     builder = writer.builder
     with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
         try:
-            for chunk, arrays in ordered_map(encode, chunked(docs, chunk_bytes), pool, 2 * workers):
+            for chunk, arrays in ordered_map(encode, chunked(docs, chunk_bytes), pool, 4 * workers):
                 stats.add(len(arrays), sum(a.size for a in arrays), sum(map(len, chunk)))
                 if builder.ready_at is not None:
                     stats.mark_ready(builder.ready_at)
@@ -217,7 +223,7 @@ def summary(
 ) -> dict[str, Any]:
     elapsed = (stats.ended or time.monotonic()) - stats.started
     since = lambda t: None if t is None else round(t - stats.started, 3)  # noqa: E731
-    steady = stats.steady_rate()
+    steady = stats.steady_rates()
     return {
         "documents": stats.documents,
         "tokens": stats.tokens,
@@ -227,14 +233,23 @@ def summary(
         "elapsed_s": round(elapsed, 3),
         "mb_per_s": round(stats.rate(stats.ended), 3),
         "tokens_per_s": round(stats.tokens / max((stats.ended or time.monotonic()) - stats.main_at, 1e-9), 1),
-        "steady_mb_per_s": None if steady is None else round(steady, 3),
+        "steady_mb_per_s": None if steady is None else round(steady[0], 3),
+        "steady_tokens_per_s": None if steady is None else round(steady[1], 1),
         "startup_s": since(stats.main_at),
         "first_doc_s": since(stats.first_doc_at),
         "builder_ready_s": since(stats.ready_at),
+        "cpu_s": round(_own_cpu_seconds(), 3),
+        "builder_cpu_s": writer.builder.total_cpu_s,
+        "builder_import_cpu_s": writer.builder.import_cpu_s,
         "workers": args.workers,
         "dtype": writer.dtype.__name__,
         "outputs": [s.prefix for s in writer.shards],
     }
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def print_summary(s: dict[str, Any], skips: SkipCounter) -> None:

@@ -66,6 +66,8 @@ class BuilderProcess:
             env=env,
         )
         self.ready_at: float | None = None
+        self.import_cpu_s: float | None = None  # child CPU time spent importing megatron
+        self.total_cpu_s: float | None = None  # child CPU time in all
         self._ready = threading.Event()
         self._queue: queue.Queue[list[Any] | None] = queue.Queue(max_queued)
         self._error: BaseException | None = None
@@ -74,8 +76,10 @@ class BuilderProcess:
         self._sender.start()
 
     def _watch_ready(self) -> None:
-        if self._proc.stdout.readline() == b"ready\n":
+        word, _, cpu = self._proc.stdout.readline().partition(b" ")
+        if word == b"ready":
             self.ready_at = time.monotonic()
+            self.import_cpu_s = float(cpu)
         self._ready.set()
 
     def _send_loop(self) -> None:
@@ -118,8 +122,10 @@ class BuilderProcess:
         self._ready.wait()
         tail = self._proc.stdout.read()
         status = self._proc.wait()
-        if self._error is not None or status != 0 or tail != b"done\n":
+        word, _, cpu = tail.partition(b" ")
+        if self._error is not None or status != 0 or word != b"done":
             raise RuntimeError(f"dataset builder process failed (exit status {status}); see its error above")
+        self.total_cpu_s = float(cpu)
 
     def kill(self) -> None:
         self._proc.kill()
