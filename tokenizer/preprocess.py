@@ -254,7 +254,7 @@ def _own_cpu_seconds() -> float:
 
 def print_summary(s: dict[str, Any], skips: SkipCounter) -> None:
     steady = (
-        "n/a (run ended before start-up did)"
+        "n/a (input done before the megatron import was)"
         if s["steady_mb_per_s"] is None
         else f"{s['steady_mb_per_s']:.2f}"
     )
@@ -263,7 +263,7 @@ def print_summary(s: dict[str, Any], skips: SkipCounter) -> None:
         f"to {len(s['outputs'])} file pair(s)\n"
         f"preprocess: skipped {skips.describe()}\n"
         f"preprocess: elapsed {s['elapsed_s']:.2f}s, {s['text_bytes'] / 1e6:.2f} MB, {s['mb_per_s']:.2f} MB/s, "
-        f"{s['tokens_per_s']:,.0f} tokens/s, steady {steady} MB/s; first document encoded at "
+        f"{s['tokens_per_s']:,.0f} tokens/s, steady MB/s {steady}; first document encoded at "
         f"{s['first_doc_s']}s, megatron builder ready at {s['builder_ready_s']}s",
         flush=True,
     )

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,12 +51,14 @@ def meta_path(prefix: str) -> Path:
 class BuilderProcess:
     """Parent side of :mod:`tokenizer.builder_proc`: starts it, feeds it, notes when it is ready.
 
-    Records go through a bounded queue drained by a sender thread: while the child is still
-    importing megatron the pipe is full and the sender blocks (GIL released), the encoder keeps
-    going until the queue is full, and memory stays bounded by ``max_queued`` chunks.
+    Records go through a queue drained by a sender thread: while the child is still importing
+    megatron the pipe is full and the sender blocks (GIL released) while encoding goes on. The
+    queue holds at most ``max_queued_bytes`` (default 128 MiB, ~200 MB of text as uint16
+    tokens: more than the import lasts at full speed), then :meth:`add_documents` waits, so
+    memory stays bounded whatever the input size.
     """
 
-    def __init__(self, max_queued: int = 64) -> None:
+    def __init__(self, max_queued_bytes: int = 128 << 20) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self._proc = subprocess.Popen(
@@ -69,7 +71,10 @@ class BuilderProcess:
         self.import_cpu_s: float | None = None  # child CPU time spent importing megatron
         self.total_cpu_s: float | None = None  # child CPU time in all
         self._ready = threading.Event()
-        self._queue: queue.Queue[list[Any] | None] = queue.Queue(max_queued)
+        self._records: deque[tuple[list[Any], int] | None] = deque()
+        self._queued_bytes = 0
+        self._max_bytes = max_queued_bytes
+        self._cond = threading.Condition()
         self._error: BaseException | None = None
         threading.Thread(target=self._watch_ready, name="builder-ready", daemon=True).start()
         self._sender = threading.Thread(target=self._send_loop, name="builder-send", daemon=True)
@@ -83,16 +88,35 @@ class BuilderProcess:
         self._ready.set()
 
     def _send_loop(self) -> None:
-        while (parts := self._queue.get()) is not None:
+        while True:
+            with self._cond:
+                while not self._records:
+                    self._cond.wait()
+                record = self._records.popleft()
+            if record is None:
+                return
+            parts, size = record
             if self._error is None:  # after an error keep draining, so senders never block forever
                 try:
                     for part in parts:
                         self._proc.stdin.write(part)
                 except OSError as e:
                     self._error = e
+            with self._cond:
+                self._queued_bytes -= size
+                self._cond.notify_all()
+
+    def _enqueue(self, record: tuple[list[Any], int] | None) -> None:
+        with self._cond:
+            if record is not None:
+                while self._queued_bytes and self._queued_bytes + record[1] > self._max_bytes:
+                    self._cond.wait()
+                self._queued_bytes += record[1]
+            self._records.append(record)
+            self._cond.notify_all()
 
     def _send(self, parts: list[Any]) -> None:
-        self._queue.put(parts)
+        self._enqueue((parts, sum(memoryview(p).nbytes for p in parts)))
         if self._error is not None:
             raise RuntimeError(f"dataset builder process failed ({self._error}); see its error above")
 
@@ -112,7 +136,7 @@ class BuilderProcess:
     def close(self) -> None:
         """Send the end record and wait until every file is finalized; raises if the child failed."""
         self._send([HEADER.pack(b"Q", 0, 0)])
-        self._queue.put(None)
+        self._enqueue(None)
         self._sender.join()
         if self._error is None:
             try:
@@ -130,7 +154,7 @@ class BuilderProcess:
     def kill(self) -> None:
         self._proc.kill()
         self._proc.wait()
-        self._queue.put(None)
+        self._enqueue(None)
 
 
 @dataclass
