@@ -233,10 +233,17 @@ class DatasetWriter:
             for shard in self.shards:
                 os.replace(shard.prefix + ext + self._tag, shard.prefix + ext)
         tmp_meta = Path(str(final_meta) + self._tag)
-        tmp_meta.write_text(json.dumps({**meta, "shards": [asdict(s) for s in self.shards]}, indent=2) + "\n")
+        tmp_meta.write_text(
+            json.dumps({**meta, "shards": [self._shard_entry(s) for s in self.shards]}, indent=2) + "\n"
+        )
         os.replace(tmp_meta, final_meta)
         self._temps.clear()
         return [s.prefix for s in self.shards]
+
+    @staticmethod
+    def _shard_entry(shard: ShardInfo) -> dict[str, Any]:
+        """Shard as listed in the meta file: name relative to it, so a copied directory stays valid."""
+        return {**asdict(shard), "prefix": os.path.basename(shard.prefix)}
 
     def _existing_outputs(self) -> list[Path]:
         """Dataset files already on disk under this prefix: ``PREFIX.bin/.idx``, ``PREFIX_NNNNN.bin/.idx``."""
