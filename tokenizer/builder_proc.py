@@ -37,6 +37,7 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 
 def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads)."""
     t = os.times()
     return t.user + t.system
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tokenizer import Tokenizer
+from tokenizer.builder_proc import cpu_seconds
 from tokenizer.io import BadLineError, InputError, SkipCounter, expand_inputs, iter_documents
 from tokenizer.writer import BuilderProcess, DatasetWriter, choose_dtype
 
@@ -221,8 +222,12 @@ def tokenize_into(
 def summary(
     stats: Stats, skips: SkipCounter, writer: DatasetWriter, args: argparse.Namespace
 ) -> dict[str, Any]:
+    """Machine-readable figures of a run (``--summary-json``); times in seconds since process start."""
+
+    def since(t: float | None) -> float | None:
+        return None if t is None else round(t - stats.started, 3)
+
     elapsed = (stats.ended or time.monotonic()) - stats.started
-    since = lambda t: None if t is None else round(t - stats.started, 3)  # noqa: E731
     steady = stats.steady_rates()
     return {
         "documents": stats.documents,
@@ -238,18 +243,13 @@ def summary(
         "startup_s": since(stats.main_at),
         "first_doc_s": since(stats.first_doc_at),
         "builder_ready_s": since(stats.ready_at),
-        "cpu_s": round(_own_cpu_seconds(), 3),
+        "cpu_s": round(cpu_seconds(), 3),
         "builder_cpu_s": writer.builder.total_cpu_s,
         "builder_import_cpu_s": writer.builder.import_cpu_s,
         "workers": args.workers,
         "dtype": writer.dtype.__name__,
         "outputs": [s.prefix for s in writer.shards],
     }
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def print_summary(s: dict[str, Any], skips: SkipCounter) -> None:
@@ -267,6 +267,35 @@ def print_summary(s: dict[str, Any], skips: SkipCounter) -> None:
         f"{s['first_doc_s']}s, megatron builder ready at {s['builder_ready_s']}s",
         flush=True,
     )
+
+
+def dataset_meta(
+    tok: Tokenizer,
+    writer: DatasetWriter,
+    stats: Stats,
+    skips: SkipCounter,
+    paths: Sequence[Path],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """``PREFIX.meta.json`` minus the shard list: what bigtrain.data checks before training."""
+    return {
+        "format": "bigtrain-indexed-dataset/1",
+        "tokenizer_fingerprint": tok.fingerprint,
+        "tokenizer": str(tok.dir),
+        "vocab_size": tok.vocab_size,
+        "eod_id": tok.eod_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+        "dtype": writer.dtype.__name__,
+        "documents": stats.documents,
+        "tokens": stats.tokens,
+        "text_bytes": stats.text_bytes,
+        "skipped_by_reason": dict(skips.counts),
+        "inputs": [str(p) for p in paths],
+        "json_key": args.json_key,
+        "shard_size_tokens": args.shard_size_tokens,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -297,24 +326,7 @@ def run(args: argparse.Namespace, started: float) -> int:
             )
             return 1
         result = summary(stats, skips, writer, args)
-        meta = {
-            "format": "bigtrain-indexed-dataset/1",
-            "tokenizer_fingerprint": tok.fingerprint,
-            "tokenizer": str(tok.dir),
-            "vocab_size": tok.vocab_size,
-            "eod_id": tok.eod_id,
-            "bos_id": tok.bos_id,
-            "pad_id": tok.pad_id,
-            "dtype": writer.dtype.__name__,
-            "documents": stats.documents,
-            "tokens": stats.tokens,
-            "text_bytes": stats.text_bytes,
-            "skipped_by_reason": dict(skips.counts),
-            "inputs": [str(p) for p in paths],
-            "json_key": args.json_key,
-            "shard_size_tokens": args.shard_size_tokens,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        meta = dataset_meta(tok, writer, stats, skips, paths, args)
         writer.commit(meta)
     print_summary(result, skips)
     if args.summary_json:
