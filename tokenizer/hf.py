@@ -156,7 +156,7 @@ def _check_supported(proto: Any) -> None:
         raise ValueError("cannot export this SentencePiece model to Hugging Face: " + "; ".join(problems))
 
 
-def write_hf_files(out_dir: Path, model_bytes: bytes, model_max_length: int | None = None) -> None:
+def write_hf_files(out_dir: Path, model_bytes: bytes) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json next to the model.
 
     The files reference nothing outside ``out_dir``, so copying the directory's files next to
@@ -171,7 +171,7 @@ def write_hf_files(out_dir: Path, model_bytes: bytes, model_max_length: int | No
         "unk_token": special.unk,
         "pad_token": special.pad,
     }
-    config: dict[str, Any] = {
+    config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **names,
         "add_bos_token": True,
@@ -180,8 +180,6 @@ def write_hf_files(out_dir: Path, model_bytes: bytes, model_max_length: int | No
         "split_special_tokens": True,
         "padding_side": "right",
     }
-    if model_max_length:
-        config["model_max_length"] = model_max_length
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", names)
 
