@@ -21,6 +21,8 @@ _SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 def world_size_from_env() -> int:
     """World size as the launcher announces it, readable before any process group exists."""
+    if os.environ.get("OMPI_COMM_WORLD_SIZE") and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return int(os.environ["OMPI_COMM_WORLD_SIZE"])  # mpirun outranks inherited variables
     for var in _SIZE_VARS:
         if os.environ.get(var):
             return int(os.environ[var])
@@ -77,7 +79,12 @@ def init_distributed(cfg: Config) -> Dist:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state
 
-    if not _launched_by_mpi() and "RANK" not in os.environ:  # plain `python -m ...`: a world of one
+    mpi_rank, mpi_size = os.environ.get("OMPI_COMM_WORLD_RANK"), os.environ.get("OMPI_COMM_WORLD_SIZE")
+    if mpi_size and (os.environ.get("RANK"), os.environ.get("WORLD_SIZE")) != (mpi_rank, mpi_size):
+        # mpirun, with RANK/WORLD_SIZE absent or inherited from elsewhere: MPI (mpi4py) decides
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(var, None)
+    elif not _launched_by_mpi() and "RANK" not in os.environ:  # plain `python -m ...`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     device = pick_device(cfg)

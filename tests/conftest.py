@@ -24,9 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+)
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: repo importable, one thread per rank, no GPU, venv on PATH."""
     env = dict(os.environ)
+    for var in LAUNCHER_VARS:  # a child is a fresh job, never a rank of this process's world
+        env.pop(var, None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PATH"] = str(VENV_BIN) + os.pathsep + env.get("PATH", "")
     env["OMP_NUM_THREADS"] = "1"

@@ -66,9 +66,11 @@ def test_init_is_layout_independent():
 def world_of_one(monkeypatch):
     from tests.conftest import free_port
 
+    # setenv (not delenv) so that whatever init_distributed writes is undone after the test
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
     yield
     from bigtrain.distributed import shutdown
 
