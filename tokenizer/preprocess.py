@@ -11,10 +11,10 @@ Pipeline (measured to keep both cores on SentencePiece; see BENCHMARKS.md):
   (C++, GIL released) straight into int32 numpy arrays, EOD appended by SentencePiece. Several
   chunks in flight keep all workers busy even when one chunk holds a huge document; results are
   consumed in submission order, so documents keep their input order;
-* the main thread appends them to ``IndexedDatasetBuilder`` (uint16 below 65500 ids, else int32),
-  whose import (seconds) runs in a background thread from the first instant, so reading and
-  encoding start immediately (see :mod:`tokenizer.writer`). Chunks in flight and the pre-import
-  buffer are bounded, so memory stays flat for any input size.
+* the main thread converts them (uint16 below 65500 ids, else int32) and queues them for an
+  ``IndexedDatasetBuilder`` in a child process, started first thing: its megatron-core import
+  (seconds) overlaps the encoding instead of delaying it (see :mod:`tokenizer.builder_proc`).
+  Chunks in flight and the queue (128 MiB) are bounded, so memory stays flat for any input size.
 
 Bad lines are skipped and counted by reason, or with ``--strict`` the first one stops the run
 with ``file:line: reason`` and exit status 1. Usage errors (missing input, empty glob, no
