@@ -86,8 +86,11 @@ def default_data(cfg: Config, dist) -> tuple[Callable[[int], Iterator], Callable
     return train_batches, (valid_batches if valid_ds is not None else None)
 
 
-def run(cfg: Config, data: DataFactory = default_data):
-    """Train per ``cfg``; resumes from ``run_dir`` when it has a checkpoint. Returns the final state."""
+def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=None):
+    """Train per ``cfg``; resumes from ``run_dir`` when it has a checkpoint. Returns the final state.
+
+    ``trainer_cls`` (a :class:`bigtrain.trainer.Trainer` subclass) and ``build(cfg, topology) -> model``
+    let other tasks (fine-tuning) reuse start-up, resume and fault handling unchanged."""
     from bigtrain import checkpoint
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.engine import initialize_engine
@@ -102,7 +105,7 @@ def run(cfg: Config, data: DataFactory = default_data):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         console("bigtrain resolved config:\n" + cfg.to_yaml())
-    model = build_model(cfg, topology=dist.topology)
+    model = (build or build_model)(cfg, topology=dist.topology)
     resuming = checkpoint.latest_tag(checkpoint.checkpoints_dir(cfg)) is not None
     if cfg.checkpoint.load and not resuming:
         checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load)
@@ -116,7 +119,7 @@ def run(cfg: Config, data: DataFactory = default_data):
         if dist.is_main:
             console(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
     train_batches, valid_batches = data(cfg, dist)
-    trainer = Trainer(cfg, dist, engine, train_batches, valid_batches, state)
+    trainer = (trainer_cls or Trainer)(cfg, dist, engine, train_batches, valid_batches, state)
     try:
         return trainer.train()
     finally:

@@ -45,13 +45,6 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _pipeline_items(batches: Iterator[Batch], device: torch.device) -> Iterator[tuple]:
-    """DeepSpeed's pipeline engine wants (inputs, labels) tuples."""
-    for b in batches:
-        b = _to_device(b, device)
-        yield b["tokens"], (b["labels"], b["loss_mask"])
-
-
 def _close(batches: Iterator[Batch]) -> None:
     """Stop a prefetching iterator's thread (plain iterators have nothing to stop)."""
     close = getattr(batches, "close", None)
@@ -83,7 +76,7 @@ class Trainer:
         self.pipeline = cfg.parallel.pipeline > 1
         self.make_valid_batches = make_valid_batches
         self.batches = make_train_batches(self.state.consumed_samples)
-        self.pipe_items = _pipeline_items(self.batches, dist.device) if self.pipeline else None
+        self.pipe_items = self._pipeline_items(self.batches) if self.pipeline else None
         self.metrics = MetricsWriter(
             cfg.train.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard
         )
@@ -95,6 +88,20 @@ class Trainer:
         ]
         self.started = time.time()
 
+    # ------------------------------------------------------------------ what the model is fed
+    # Fine-tuning tasks override these two to feed other inputs (positions, document ids, class labels).
+    def model_args(self, b: Batch) -> tuple:
+        """Positional arguments of the (non-pipeline) model's forward, which returns the loss."""
+        return b["tokens"], b["labels"], b["loss_mask"]
+
+    def pipeline_item(self, b: Batch) -> tuple:
+        """(inputs, labels) as DeepSpeed's pipeline engine wants them for one micro-batch."""
+        return b["tokens"], (b["labels"], b["loss_mask"])
+
+    def _pipeline_items(self, batches: Iterator[Batch]) -> Iterator[tuple]:
+        for b in batches:
+            yield self.pipeline_item(_to_device(b, self.dist.device))
+
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
@@ -105,7 +112,7 @@ class Trainer:
             total = torch.zeros((), device=self.dist.device)
             for _ in range(self.cfg.derived.grad_accum_steps):
                 b = _to_device(next(self.batches), self.dist.device)
-                micro_loss = self.engine(b["tokens"], b["labels"], b["loss_mask"])
+                micro_loss = self.engine(*self.model_args(b))
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 total += micro_loss.detach().float()
@@ -141,13 +148,13 @@ class Trainer:
         try:
             for _ in range(self.cfg.train.eval_steps):
                 if self.pipeline:
-                    loss = self.engine.eval_batch(data_iter=_pipeline_items(batches, self.dist.device))
+                    loss = self.engine.eval_batch(data_iter=self._pipeline_items(batches))
                     losses.append(_dp_mean(loss.detach().float().clone()))
                 else:
                     total = torch.zeros((), device=self.dist.device)
                     for _ in range(self.cfg.derived.grad_accum_steps):
                         b = _to_device(next(batches), self.dist.device)
-                        total += self.engine(b["tokens"], b["labels"], b["loss_mask"]).float()
+                        total += self.engine(*self.model_args(b)).float()
                     losses.append(_dp_mean(total / self.cfg.derived.grad_accum_steps))
         except StopIteration:
             pass
