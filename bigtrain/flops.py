@@ -3,7 +3,11 @@
 Convention (PaLM, Megatron): every matmul counts 2 FLOPs per multiply-add, a training step is
 3x the forward (forward + 2x backward), attention scores and the weighted sum count the full
 ``seq x seq`` square (causal masking not discounted). Activation recomputation is *not* part of
-model FLOPs (MFU); it is reported separately as hardware FLOPs.
+model FLOPs (MFU); it is reported separately as hardware FLOPs. Embedding lookups, norms,
+activations and the softmax are not matmuls and are not counted.
+
+``vocab_size`` is the padded vocabulary: the output layer really multiplies the padding columns.
+The counts are exact against ``torch.utils.flop_counter`` on bigtrain's model (tests/test_flops.py).
 """
 
 from __future__ import annotations
@@ -12,21 +16,45 @@ import torch
 
 from bigtrain.config import ModelConfig
 
-# Dense bf16/fp16 peak TFLOP/s by device-name fragment (most specific first).
-PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0))
+# Dense bf16/fp16 peak TFLOP/s (no sparsity) by device-name fragment, most specific first.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100", 989.0),  # SXM
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 125.0),
+)
+
+
+def block_matmul_params(m: ModelConfig) -> int:
+    """Weights of one transformer block that take part in a matmul (fused QKV, output, SwiGLU)."""
+    h, d = m.hidden_size, m.head_dim
+    attn = h * (m.num_attention_heads + 2 * m.kv_heads) * d + m.num_attention_heads * d * h
+    return attn + 3 * h * m.ffn_size
 
 
 def matmul_params(m: ModelConfig, vocab_size: int) -> int:
     """Parameters that take part in a matmul per token (embedding lookup excluded, output layer included)."""
-    h, d = m.hidden_size, m.head_dim
-    attn = h * (m.num_attention_heads + 2 * m.kv_heads) * d + m.num_attention_heads * d * h
-    mlp = 3 * h * m.ffn_size
-    return m.num_layers * (attn + mlp) + h * vocab_size
+    return m.num_layers * block_matmul_params(m) + m.hidden_size * vocab_size
+
+
+def num_parameters(m: ModelConfig, vocab_size: int) -> int:
+    """Every parameter of the model: embedding, blocks (with their two norms), final norm, output layer."""
+    h = m.hidden_size
+    blocks = m.num_layers * (block_matmul_params(m) + 2 * h)
+    output = 0 if m.tie_embeddings else vocab_size * h
+    return vocab_size * h + blocks + h + output
+
+
+def attention_flops_per_token(m: ModelConfig) -> float:
+    """QK^T and the weighted sum of values, forward, all layers (full square)."""
+    return 2 * 2 * m.num_layers * m.seq_length * m.num_attention_heads * m.head_dim
 
 
 def forward_flops_per_token(m: ModelConfig, vocab_size: int) -> float:
-    attention = 2 * 2 * m.num_layers * m.seq_length * m.num_attention_heads * m.head_dim  # QK^T and AV
-    return 2 * matmul_params(m, vocab_size) + attention
+    return 2 * matmul_params(m, vocab_size) + attention_flops_per_token(m)
 
 
 def train_flops_per_token(m: ModelConfig, vocab_size: int) -> float:
@@ -34,14 +62,18 @@ def train_flops_per_token(m: ModelConfig, vocab_size: int) -> float:
     return 3 * forward_flops_per_token(m, vocab_size)
 
 
+def recompute_flops_per_token(m: ModelConfig, vocab_size: int, checkpointing: str) -> float:
+    """Forward FLOPs run again in the backward pass by activation checkpointing."""
+    if checkpointing == "full":  # every block re-runs its forward; the output layer does not
+        return forward_flops_per_token(m, vocab_size) - 2 * m.hidden_size * vocab_size
+    if checkpointing == "selective":  # only the attention core (one fused kernel re-run on GPU)
+        return attention_flops_per_token(m)
+    return 0.0
+
+
 def hardware_flops_per_token(m: ModelConfig, vocab_size: int, checkpointing: str) -> float:
     """FLOPs actually executed, recomputation included."""
-    extra = 0.0
-    if checkpointing == "full":
-        extra = forward_flops_per_token(m, vocab_size) - 2 * m.hidden_size * vocab_size  # blocks re-run
-    elif checkpointing == "selective":
-        extra = 2 * 2 * m.num_layers * m.seq_length * m.num_attention_heads * m.head_dim
-    return train_flops_per_token(m, vocab_size) + extra
+    return train_flops_per_token(m, vocab_size) + recompute_flops_per_token(m, vocab_size, checkpointing)
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
@@ -50,7 +82,11 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_from_name(torch.cuda.get_device_name(device))
+
+
+def peak_from_name(name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s for a CUDA device name (``torch.cuda.get_device_name``), None if unknown."""
     for fragment, peak in PEAK_TFLOPS:
         if fragment in name:
             return peak
