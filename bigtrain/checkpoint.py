@@ -6,10 +6,13 @@
   keyed by layout key (``"3.attention.qkv.weight"``), written by data-parallel rank 0; conversion and
   weights-only loads read only these, whatever the ZeRO stage was;
 - ``rng/rank{R}.pt``: every rank's RNG states;
-- ``bigtrain.json``: the resolved config, step, consumed samples and layout.
-A save goes to a hidden temporary directory that is renamed when every rank has finished, and only
-then the ``latest`` pointer is replaced (temp file + rename), so a crash never leaves ``latest``
-pointing at a partial checkpoint.
+- ``bigtrain.json``: the resolved config, training state (step, consumed samples, skipped batches) and layout;
+- ``manifest.json``: every file with its size and sha256 (:mod:`bigtrain.checkpoint_files`).
+
+A save writes into ``.tmp_step_X``; every rank fsyncs and checksums the files it wrote, rank 0 writes the
+manifest, renames the directory into place and only then replaces the ``latest`` pointer (temp file +
+rename). A resume verifies the manifest (ranks share the checksumming) and falls back, loudly, to the
+newest checkpoint that verifies; bad ones are moved aside as ``step_X.invalid``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,43 +30,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bigtrain import checkpoint_files as files
+from bigtrain.checkpoint_files import LATEST, META, SAVE_FAULT_POINTS, tag_for
 from bigtrain.config import Config, ModelConfig, config_from_dict
 from bigtrain.distributed import Dist, barrier
 from bigtrain.models import layout
 
-LATEST = "latest"
-META = "bigtrain.json"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+__all__ = ["LATEST", "META", "tag_for", "save_checkpoint", "resume", "WeightReader", "load_weights_only"]
 
 
 def checkpoints_dir(cfg: Config) -> Path:
     return Path(cfg.train.run_dir) / "checkpoints"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def latest_tag(ckpt_dir: Path) -> str | None:
-    pointer = ckpt_dir / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (ckpt_dir / tag / META).is_file() else None
+    """The tag ``latest`` names, if that checkpoint has a manifest (no checksums: cheap)."""
+    tag = files.latest_pointer(ckpt_dir)
+    return tag if tag and (ckpt_dir / tag / files.MANIFEST).is_file() else None
 
 
 def list_tags(ckpt_dir: Path) -> list[str]:
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step_") and (p / META).is_file())
+    """Complete (manifest-bearing) checkpoint tags, oldest first."""
+    return sorted(t for t in files.candidate_tags(ckpt_dir) if (ckpt_dir / t / files.MANIFEST).is_file())
 
 
 # ---------------------------------------------------------------------------- saving
@@ -96,25 +85,77 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(engine, cfg: Config, dist: Dist, step: int, state: dict[str, Any]) -> Path:
-    """Save everything needed to resume at ``step``; returns the final directory."""
+class _SaveFaults:
+    """debug.kill_in_save: SIGKILL this rank at one named moment of one save (tests, cluster drills)."""
+
+    def __init__(self, cfg: Config, dist: Dist, step: int):
+        d = cfg.debug
+        hit_rank = d.fault_rank in (-1, dist.rank)
+        hit_step = d.kill_in_save_step in (0, step)
+        self.point = d.kill_in_save if (d.kill_in_save and hit_rank and hit_step) else None
+
+    def __call__(self, point: str) -> None:
+        assert point in SAVE_FAULT_POINTS, point
+        if point == self.point:
+            print(f"debug.kill_in_save: SIGKILL at {point!r}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _EngineFileRecorder:
+    """Records the files DeepSpeed's checkpoint engine writes on this rank (model, optimizer, layer
+    files go through ``checkpoint_engine.save``), so each rank fsyncs and checksums its own files."""
+
+    def __init__(self, engine, on_write):
+        self.engine, self.paths = engine, []
+        self.original = engine.checkpoint_engine.save
+
+        def save(state_dict, path, *args, **kwargs):
+            result = self.original(state_dict, path, *args, **kwargs)
+            self.paths.append(Path(path))
+            on_write(len(self.paths))
+            return result
+
+        engine.checkpoint_engine.save = save
+
+    def close(self) -> list[Path]:
+        self.engine.checkpoint_engine.save = self.original
+        return self.paths
+
+
+def save_checkpoint(
+    engine, cfg: Config, dist: Dist, step: int, state: dict[str, Any], protect: tuple[str, ...] = ()
+) -> Path:
+    """Save everything needed to resume at ``step``; returns the final directory.
+
+    ``protect``: tags retention must keep (the checkpoint this run resumed from)."""
     ckpt_dir = checkpoints_dir(cfg)
-    tag, tmp_tag = tag_for(step), f".tmp_{tag_for(step)}"
-    tmp = ckpt_dir / tmp_tag
+    tag = tag_for(step)
+    tmp = ckpt_dir / f"{files.TMP_PREFIX}{tag}"
+    fault = _SaveFaults(cfg, dist, step)
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    client_state = {"bigtrain": {**state, "step": step}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-    weights = fp32_master_weights(engine, cfg)
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank{dist.rank:05d}.pt")
+    fault("tmp_created")
+
+    recorder = _EngineFileRecorder(engine, lambda n: fault("first_engine_file") if n == 1 else None)
+    try:
+        client_state = {"bigtrain": {**state, "step": step}}
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
+    finally:
+        written = recorder.close()
+    fault("engine_files")
+    weights = fp32_master_weights(engine, cfg)  # collective under ZeRO: every rank
     if dist.dp_rank == 0:
         (tmp / "weights").mkdir(exist_ok=True)
-        save_file(weights, str(tmp / "weights" / f"tp{dist.tp_rank:02d}_pp{dist.pp_rank:02d}.safetensors"))
-    barrier()
-    final = ckpt_dir / tag
+        path = tmp / "weights" / f"tp{dist.tp_rank:02d}_pp{dist.pp_rank:02d}.safetensors"
+        save_file(weights, str(path))
+        written.append(path)
+    fault("weights")
+    (tmp / "rng").mkdir(exist_ok=True)
+    rng_path = tmp / "rng" / f"rank{dist.rank:05d}.pt"
+    torch.save(_rng_state(), rng_path)
+    written.append(rng_path)
     if dist.is_main:
         meta = {
             "step": step,
@@ -122,39 +163,95 @@ def save_checkpoint(engine, cfg: Config, dist: Dist, step: int, state: dict[str,
             "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline},
             "config": cfg.to_dict(),
         }
-        _write_atomic(tmp / META, json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        written.append(tmp / META)
+    fault("rng")
+
+    # every rank makes its own files durable and checksums them (in parallel), rank 0 collects
+    mine = {p.relative_to(tmp).as_posix(): files.file_entry(p) for p in written}
+    gathered: list[dict[str, Any] | None] = [None] * dist.world_size
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    fault("checksums")
+    final = ckpt_dir / tag
+    if dist.is_main:
+        entries = {rel: e for part in gathered for rel, e in (part or {}).items()}
+        files.write_manifest(tmp, entries, step)
+        fault("manifest")
+        shutil.rmtree(final, ignore_errors=True)  # a stale save of the same step (after a rollback)
         os.replace(tmp, final)
-        _write_atomic(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
+        files.fsync_dir(ckpt_dir)
+        fault("renamed")
+        files.set_latest(ckpt_dir, tag)
+        fault("latest")
+        files.prune(ckpt_dir, cfg.checkpoint.keep_last, protect=(tag, *protect))
+        fault("pruned")
     barrier()
     return final
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    if keep_last <= 0:
-        return
-    tags = list_tags(ckpt_dir)
-    for old in tags[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- loading
-def resume(engine, cfg: Config, dist: Dist) -> dict[str, Any] | None:
-    """Resume from ``run_dir/checkpoints/latest`` if there is one; returns the saved training state."""
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's value of ``obj`` on every rank (one view of a shared file system)."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def verify_distributed(ckpt: Path, dist: Dist, checksums: bool = True) -> list[str]:
+    """Verify a checkpoint with the checksumming spread over all ranks; every rank gets all problems."""
+    try:
+        entries = files.read_manifest(ckpt)
+    except ValueError as e:
+        return [str(e)]
+    share = {rel: e for i, (rel, e) in enumerate(sorted(entries.items())) if i % dist.world_size == dist.rank}
+    problems = files.check_files(ckpt, share, checksums)
+    if not torch.distributed.is_initialized():
+        return problems
+    gathered: list[list[str] | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, problems)
+    return [p for part in gathered for p in (part or [])]
+
+
+def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
+    """The newest checkpoint in run_dir that verifies. Newer bad ones are reported and moved aside."""
+    from bigtrain.metrics import console
+
     ckpt_dir = checkpoints_dir(cfg)
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
+    if dist.is_main:
+        removed = files.remove_stale_temporaries(ckpt_dir)
+        if removed:
+            console(f"removed leftovers of interrupted saves: {', '.join(removed)}")
+    for tag in _broadcast(files.candidate_tags(ckpt_dir)):
+        problems = verify_distributed(ckpt_dir / tag, dist, cfg.checkpoint.verify_checksums)
+        if not problems:
+            if dist.is_main and files.latest_pointer(ckpt_dir) != tag:
+                files.set_latest(ckpt_dir, tag)
+            barrier()
+            return tag
+        barrier()
+        if dist.is_main:
+            moved = files.invalidate(ckpt_dir, tag)
+            files._warn(
+                f"checkpoint {ckpt_dir / tag} is invalid and will not be loaded ({'; '.join(problems)}); "
+                f"moved to {moved.name}, falling back to the previous checkpoint"
+            )
+        barrier()
+    return None
+
+
+def resume(engine, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
+    """Load checkpoint ``tag`` of run_dir (model, optimizer, LR schedule, loss scale, RNG); returns the
+    saved training state."""
+    ckpt_dir = checkpoints_dir(cfg)
     meta = json.loads((ckpt_dir / tag / META).read_text())
     saved = meta["layout"]
     if (saved["tensor"], saved["pipeline"]) != (cfg.parallel.tensor, cfg.parallel.pipeline):
-        raise RuntimeError(
-            f"{ckpt_dir / tag} was saved at tensor={saved['tensor']} pipeline={saved['pipeline']}; resuming "
-            f"optimizer state at tensor={cfg.parallel.tensor} pipeline={cfg.parallel.pipeline} is not supported. "
-            f"Start a new run_dir with checkpoint.load={ckpt_dir / tag} (weights only, any layout)."
-        )
+        raise RuntimeError(layout_change_message(ckpt_dir / tag, saved, cfg))
     path, client_state = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -166,17 +263,34 @@ def resume(engine, cfg: Config, dist: Dist) -> dict[str, Any] | None:
     return client_state["bigtrain"]
 
 
+def layout_change_message(ckpt: Path, saved: dict[str, int], cfg: Config) -> str:
+    return (
+        f"{ckpt} was saved at parallel.tensor={saved['tensor']} parallel.pipeline={saved['pipeline']}; "
+        f"resuming its optimizer state at parallel.tensor={cfg.parallel.tensor} "
+        f"parallel.pipeline={cfg.parallel.pipeline} is not supported. Keep the saved layout, or start a new "
+        f"train.run_dir with checkpoint.load={ckpt} (weights only, any layout, fresh optimizer)."
+    )
+
+
+def _weight_files(rel: str) -> bool:
+    return rel.startswith("weights/") or rel == META
+
+
 def resolve_weights_dir(path: str | Path) -> Path:
-    """A checkpoint tag directory, or a checkpoints directory with a ``latest`` pointer."""
+    """A checkpoint tag directory (verified), or the newest valid checkpoint under a checkpoints or run
+    directory. Only the files weight readers use are checksummed; a bad one raises ValueError naming it."""
     p = Path(path)
-    if (p / "weights").is_dir():
+    if (p / "weights").is_dir() or (p / files.MANIFEST).is_file():
+        problems = files.verify(p, select=_weight_files)
+        if problems:
+            raise ValueError(f"checkpoint {p} is invalid: " + "; ".join(problems))
         return p
-    tag = latest_tag(p)
-    if tag is not None:
-        return p / tag
     if (p / "checkpoints").is_dir():
         return resolve_weights_dir(p / "checkpoints")
-    raise FileNotFoundError(f"{p}: not a bigtrain checkpoint (no weights/ and no valid 'latest' pointer)")
+    tag = files.newest_valid(p, select=_weight_files)
+    if tag is not None:
+        return p / tag
+    raise FileNotFoundError(f"{p}: not a bigtrain checkpoint (no weights/ and no valid step_* checkpoint)")
 
 
 class WeightReader:

@@ -91,6 +91,13 @@ def init_distributed(cfg: Config) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
+    # Groups created later without an explicit timeout (DeepSpeed's pipeline and data-parallel groups)
+    # get torch's 30-minute default, not the world's: make the configured timeout the default.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=True,
@@ -103,7 +110,7 @@ def init_distributed(cfg: Config) -> Dist:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=max(1, int(cfg.train.dist_timeout_minutes)),
+        distributed_timeout_minutes=cfg.train.dist_timeout_minutes,  # timedelta(minutes=...) accepts floats
         order="tp-cp-ep-dp-pp",
         create_gloo_process_groups=False,
     )

@@ -3,6 +3,7 @@ and ``deepspeed.initialize``."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -88,30 +89,63 @@ class LRSchedule:
         return self.lr_at(step) / self.lr if self.lr else 0.0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms (1-D tensors), decay on matrices."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, lr_scales: dict[int, float] | None = None
+) -> list[dict[str, Any]]:
+    """No weight decay on norms (1-D tensors), decay on matrices; frozen parameters left out.
+    ``lr_scales`` (id(param) -> factor, layer-wise decay) splits groups further, each with lr*factor."""
+    if not lr_scales:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+    by_key: dict[tuple[float, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            wd = weight_decay if p.ndim >= 2 else 0.0
+            by_key.setdefault((lr_scales.get(id(p), 1.0), wd), []).append(p)
+    return [
+        {"params": ps, "weight_decay": wd, "lr": lr * scale, "lr_scale": scale}
+        for (scale, wd), ps in sorted(by_key.items(), key=lambda kv: -kv[0][0])
+    ]
+
+
+def layer_lr_scales(model: nn.Module, cfg: Config) -> dict[int, float]:
+    """id(param) -> layer_decay**depth: the head and final norm 1, block i decay**(L+1-i), embedding
+    decay**(L+1) (discriminative fine-tuning: layers near the input move least)."""
+    from bigtrain.models.parallelize import local_parameters
+
+    L, decay = cfg.model.num_layers, cfg.optim.layer_decay
+    scales = {}
+    for lp, param in local_parameters(model, cfg).values():
+        depth = L + 1 - lp.index if lp.index <= L else 0
+        scales[id(param)] = decay**depth
+    return scales
 
 
 def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's CPU Adam under optimizer offload, DeepSpeed's fused Adam on GPU, torch's on CPU."""
+    """AdamW/Adam: DeepSpeed's CPU Adam under optimizer offload, DeepSpeed's fused Adam on GPU, torch's on
+    CPU; SGD (momentum) and RMSprop: torch's. Only trainable parameters are given to the optimizer."""
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    scales = layer_lr_scales(model, cfg) if o.layer_decay != 1.0 else None
+    groups = param_groups(model, o.weight_decay, o.lr, scales)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    if o.name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=o.lr, alpha=o.beta2, eps=o.eps, momentum=o.momentum)
+    decoupled = o.name == "adamw"
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        return DeepSpeedCPUAdam(groups, adamw_mode=decoupled, **kw)
     if device.type == "cuda":
         from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
+        return FusedAdam(groups, adam_w_mode=decoupled, **kw)
+    return (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, **kw)
 
 
 def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
@@ -130,19 +164,38 @@ def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
         dist_init_required=False,
     )
     _record_fp32_grad_norm(engine)
+    _share_fp32_master_partitions(engine)
     return engine
 
 
 def _record_fp32_grad_norm(engine) -> None:
     """DeepSpeed clips plain fp32 (no ZeRO) gradients with a norm it throws away, and under a pipeline
     counts a replicated (norm) parameter only on the first stage. Replace that one step with the
-    tensor/pipeline-aware norm DeepSpeed's ZeRO and bf16 optimizers use, and keep the norm."""
+    tensor/pipeline-aware norm DeepSpeed's ZeRO and bf16 optimizers use, and keep the norm.
+
+    DeepSpeed's ZeRO and bf16 optimizers skip a step whose global gradient norm is not finite (setting
+    ``optimizer.overflow``, so the engine counts it and leaves the LR schedule alone); the plain torch
+    optimizer does not. Give it the same behaviour: a non-finite norm skips ``optimizer.step()``."""
     from deepspeed.runtime.utils import (
         clip_tensors_by_global_norm,
         get_global_norm_of_tensors,
+        is_invalid_grad_norm,
         is_model_parallel_parameter,
     )
     from megatron.core import parallel_state
+
+    optimizer = engine.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.overflow = False
+        torch_step = optimizer.step
+
+        @functools.wraps(torch_step)  # keeps the LR scheduler's wrapper marks (no spurious warning)
+        def guarded_step(*args, **kwargs):
+            if optimizer.overflow:
+                return None  # parameters and optimizer state stay bitwise unchanged
+            return torch_step(*args, **kwargs)
+
+        optimizer.step = guarded_step
 
     def clip_and_record() -> None:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -154,7 +207,36 @@ def _record_fp32_grad_norm(engine) -> None:
             and (is_model_parallel_parameter(p) or tp_rank == 0)
         ]
         norm = get_global_norm_of_tensors(counted, mpu=engine.mpu)
-        clip_tensors_by_global_norm([p.grad for p in params], engine.gradient_clipping(), norm)
+        if hasattr(engine.optimizer, "overflow"):
+            engine.optimizer.overflow = is_invalid_grad_norm(norm)
+        if not getattr(engine.optimizer, "overflow", False):
+            clip_tensors_by_global_norm([p.grad for p in params], engine.gradient_clipping(), norm)
         engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_record
+
+
+def _share_fp32_master_partitions(engine) -> None:
+    """fp32 training under ZeRO 1-3: DeepSpeed's "master" partition is a clone of this rank's (already
+    fp32) parameter partition, 4/dp bytes per parameter for nothing. ZeRO-3 means to share them but
+    compares ``tensor.device == "cpu"/"cuda:0"`` (a torch.device against a str: always False). Point
+    each master at the parameter partition's storage; the copy master -> parameters after every step
+    becomes a copy onto itself. (If a checkpoint load later re-seats a master, it is a clone again.)"""
+    opt = engine.optimizer
+    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
+        return  # masters live on the CPU, parameters on the device
+    pairs = []
+    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        for i, master in enumerate(opt.single_partition_of_fp32_groups):
+            rank = torch.distributed.get_rank(group=opt.real_dp_process_group[i])
+            pairs.append((master, opt.parallel_partitioned_bit16_groups[i][rank]))
+    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat))
+    shared = False
+    for master, param in pairs:
+        same = master.dtype == param.dtype and master.shape == param.shape and master.device == param.device
+        if same and master.data_ptr() != param.data_ptr() and torch.equal(master, param):
+            master.data = param.data
+            shared = True
+    if shared and hasattr(opt, "_link_all_hp_params"):
+        opt._link_all_hp_params()  # parameters' views of their master fragment (read by checkpoints)

@@ -86,8 +86,70 @@ def default_data(cfg: Config, dist) -> tuple[Callable[[int], Iterator], Callable
     return train_batches, (valid_batches if valid_ds is not None else None)
 
 
+def preflight(cfg: Config, rank: int) -> None:
+    """Mismatches that would otherwise surface after start-up (or never), as ConfigError, before any
+    process group exists: a checkpoint whose model shape or layout differs from the config, and (rank 0,
+    the others wait for it at rendezvous) data that is missing, corrupt, out of the vocab or tokenized
+    with another tokenizer."""
+    import json
+
+    from bigtrain import checkpoint_files as files
+    from bigtrain.checkpoint import layout_change_message, model_shape_differences
+    from bigtrain.config import config_from_dict
+
+    def saved_meta(ckpt: Path) -> dict:
+        try:
+            return json.loads((ckpt / files.META).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{ckpt / files.META}: unreadable checkpoint metadata ({e})") from None
+
+    def check_shape(ckpt: Path, what: str) -> None:
+        diffs = model_shape_differences(config_from_dict(saved_meta(ckpt)["config"]).model, cfg.model)
+        if diffs:
+            raise ConfigError(
+                f"{what} {ckpt} has a different model shape than the config: " + "; ".join(diffs)
+            )
+
+    ckpt_dir = Path(cfg.train.run_dir) / "checkpoints"
+    complete = [t for t in files.candidate_tags(ckpt_dir) if (ckpt_dir / t / files.MANIFEST).is_file()]
+    if complete:
+        newest = ckpt_dir / complete[0]
+        check_shape(newest, "resuming: checkpoint")
+        saved = saved_meta(newest)["layout"]
+        if (saved["tensor"], saved["pipeline"]) != (cfg.parallel.tensor, cfg.parallel.pipeline):
+            raise ConfigError(layout_change_message(newest, saved, cfg))
+    elif cfg.checkpoint.load:
+        from bigtrain.checkpoint import resolve_weights_dir
+
+        try:
+            source = resolve_weights_dir(cfg.checkpoint.load)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"checkpoint.load: {e}") from None
+        check_shape(source, "checkpoint.load:")
+    if rank == 0 and not cfg.data.mock:
+        from bigtrain.data import DataError, validate_data
+
+        tok = None
+        if cfg.data.tokenizer:
+            from tokenizer import Tokenizer
+
+            tok = Tokenizer.load(cfg.data.tokenizer)
+        try:
+            for name in ("train", "valid"):
+                if getattr(cfg.data, name) is not None:
+                    validate_data(
+                        getattr(cfg.data, name),
+                        cfg.model.vocab_size,
+                        tok,
+                        cache_dir=cfg.data.cache_dir,
+                        field=f"data.{name}",
+                    )
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+
+
 def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=None):
-    """Train per ``cfg``; resumes from ``run_dir`` when it has a checkpoint. Returns the final state.
+    """Train per ``cfg``; resumes from the newest valid checkpoint in ``run_dir``. Returns the final state.
 
     ``trainer_cls`` (a :class:`bigtrain.trainer.Trainer` subclass) and ``build(cfg, topology) -> model``
     let other tasks (fine-tuning) reuse start-up, resume and fault handling unchanged."""
@@ -105,30 +167,73 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         console("bigtrain resolved config:\n" + cfg.to_yaml())
+    tag = checkpoint.choose_resume_tag(cfg, dist)
     model = (build or build_model)(cfg, topology=dist.topology)
-    resuming = checkpoint.latest_tag(checkpoint.checkpoints_dir(cfg)) is not None
-    if cfg.checkpoint.load and not resuming:
+    if cfg.checkpoint.load and tag is None:
         checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load)
         if dist.is_main:
             console(f"loaded weights from {cfg.checkpoint.load} (fresh optimizer, step 0)")
     engine = initialize_engine(cfg, model, dist)
     state = TrainState()
-    saved = checkpoint.resume(engine, cfg, dist)
-    if saved is not None:
-        state = TrainState(step=saved["step"], consumed_samples=saved["consumed_samples"])
+    if tag is not None:
+        state = TrainState.from_saved(checkpoint.resume(engine, cfg, dist, tag))
         if dist.is_main:
-            console(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
+            console(f"resumed from step {state.step} ({state.consumed_samples} samples consumed) [{tag}]")
     train_batches, valid_batches = data(cfg, dist)
     trainer = (trainer_cls or Trainer)(cfg, dist, engine, train_batches, valid_batches, state)
+    if tag is not None:
+        trainer.protect, trainer.last_saved_step = (tag,), state.step
     try:
         return trainer.train()
     finally:
         shutdown()
 
 
+def run_or_exit(cfg: Config, **kw) -> None:
+    """``run`` for entry points: a failure on this rank (a fault policy, a collective that timed out
+    because a peer died or hangs, any error) is reported in one place and the process exits non-zero
+    at once, instead of hanging in process-group teardown or in a prefetch thread."""
+    import os
+    import traceback
+
+    from bigtrain.distributed import rank_from_env
+    from bigtrain.reliability import TrainingError
+
+    try:
+        preflight(cfg, rank_from_env())
+    except ConfigError as e:
+        print(f"bigtrain: config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    try:
+        run(cfg, **kw)
+    except TrainingError as e:
+        print(f"bigtrain: rank {rank_from_env()}: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    except BaseException as e:  # noqa: BLE001 - every failure must end the process
+        traceback.print_exc()
+        text = str(e).lower()
+        hint = ""
+        if "timed out" in text or "timeout" in text:
+            hint = (
+                f" (no reply within train.dist_timeout_minutes={cfg.train.dist_timeout_minutes:g}: "
+                "a peer rank died or hangs)"
+            )
+        elif "connection" in text or "peer" in text or "broken pipe" in text:
+            hint = " (a peer rank died)"
+        print(
+            f"bigtrain: rank {rank_from_env()}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{hint}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(parse_args(argv))
-    run(cfg)
+    run_or_exit(cfg)
 
 
 if __name__ == "__main__":

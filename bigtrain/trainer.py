@@ -3,9 +3,9 @@ the step itself is DeepSpeed's (``train_batch`` for pipelines, forward/backward/
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import math
 import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +17,15 @@ from bigtrain import checkpoint, flops
 from bigtrain.config import Config
 from bigtrain.distributed import Dist
 from bigtrain.metrics import MetricsWriter, console, format_duration
+from bigtrain.reliability import (
+    ExitSignals,
+    SpikeDetector,
+    TrainingError,
+    WallClock,
+    agree,
+    inject_process_faults,
+    loss_multiplier,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -27,9 +36,17 @@ class TrainState:
 
     step: int = 0
     consumed_samples: int = 0
+    skipped_steps: int = 0  # non-finite steps whose update was skipped
+    skipped_batches: list[list[int]] = field(default_factory=list)  # [start, end) samples never replayed
+    rollbacks: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "consumed_samples": self.consumed_samples}
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
 @dataclass
@@ -38,7 +55,17 @@ class StepResult:
     grad_norm: float | None
     lr: float
     seconds: float
+    applied: bool = True  # False: the optimizer skipped the update (non-finite gradients, fp16 overflow)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Rollback(Exception):
+    """Raised by a hook to reload the last checkpoint and skip the global batch that started at
+    ``batch_start``."""
+
+    def __init__(self, step: int, batch_start: int):
+        super().__init__(f"rollback requested at step {step}")
+        self.step, self.batch_start = step, batch_start
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -74,19 +101,48 @@ class Trainer:
         self.cfg, self.dist, self.engine = cfg, dist, engine
         self.state = state or TrainState()
         self.pipeline = cfg.parallel.pipeline > 1
-        self.make_valid_batches = make_valid_batches
-        self.batches = make_train_batches(self.state.consumed_samples)
-        self.pipe_items = self._pipeline_items(self.batches) if self.pipeline else None
+        self.make_train_batches, self.make_valid_batches = make_train_batches, make_valid_batches
+        self.batches: Iterator[Batch] | None = None
+        self._open_batches()
         self.metrics = MetricsWriter(
             cfg.train.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard
         )
         self.hooks: list[Callable[[Trainer, StepResult], None]] = [
+            nonfinite_hook,
             log_hook,
+            consensus_hook,
             eval_hook,
             checkpoint_hook,
-            crash_hook,
+            fault_injection_hook,
         ]
+        t = cfg.train
+        self.protect: tuple[str, ...] = ()  # checkpoint tags retention must keep (the one resumed from)
+        self.last_saved_step: int | None = None
+        self.stop_reason: str | None = None
+        self.consecutive_skips = 0
+        self.spikes = SpikeDetector(t.spike_sigma, t.spike_window, t.spike_min_history)
+        self.clock = WallClock(t.max_minutes)
+        self.loss_multiplier = 1.0  # debug injections only
+        self.signals = ExitSignals(t.exit_signal_save)  # SIGTERM/SIGUSR1: save at the step's end, exit 0
+        if self.pipeline:
+            self._inject_into_pipeline_loss()
         self.started = time.time()
+
+    def _open_batches(self) -> None:
+        """(Re)start the training batches at the current consumed-samples position."""
+        if self.batches is not None:
+            _close(self.batches)
+        self.batches = self.make_train_batches(self.state.consumed_samples)
+        self.pipe_items = self._pipeline_items(self.batches) if self.pipeline else None
+
+    def _inject_into_pipeline_loss(self) -> None:
+        loss_fn = self.engine.module.loss_fn
+
+        def scaled(outputs, labels):
+            loss = loss_fn(outputs, labels)
+            return loss if self.loss_multiplier == 1.0 else loss * self.loss_multiplier
+
+        self.engine.module.loss_fn = scaled
 
     # ------------------------------------------------------------------ what the model is fed
     # Fine-tuning tasks override these two to feed other inputs (positions, document ids, class labels).
@@ -106,6 +162,11 @@ class Trainer:
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves after the step
+        skipped_before = self.engine.skipped_steps
+        state = self.state
+        self.loss_multiplier = loss_multiplier(
+            self.cfg, self.dist.rank, state.step + 1, state.consumed_samples
+        )
         if self.pipeline:
             loss = float(self.engine.train_batch(data_iter=self.pipe_items))
         else:
@@ -113,6 +174,8 @@ class Trainer:
             for _ in range(self.cfg.derived.grad_accum_steps):
                 b = _to_device(next(self.batches), self.dist.device)
                 micro_loss = self.engine(*self.model_args(b))
+                if self.loss_multiplier != 1.0:
+                    micro_loss = micro_loss * self.loss_multiplier
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 total += micro_loss.detach().float()
@@ -123,19 +186,81 @@ class Trainer:
             grad_norm=None if grad_norm is None else float(grad_norm),
             lr=lr,
             seconds=time.perf_counter() - t0,
+            applied=self.engine.skipped_steps == skipped_before,
         )
 
     def train(self) -> TrainState:
         cfg = self.cfg
-        while self.state.step < cfg.train.steps:
-            result = self.train_step()
-            self.state.step += 1
-            self.state.consumed_samples += cfg.train.global_batch_size
-            for hook in self.hooks:
-                hook(self, result)
-        _close(self.batches)
-        self.metrics.close()
+        try:
+            while self.state.step < cfg.train.steps and self.stop_reason is None:
+                self._skip_recorded_batches()
+                result = self.train_step()
+                self.state.step += 1
+                self.state.consumed_samples += cfg.train.global_batch_size
+                self.clock.observe_step(result.seconds)
+                try:
+                    for hook in self.hooks:
+                        hook(self, result)
+                except Rollback as rollback:
+                    self.roll_back(rollback)
+        finally:
+            _close(self.batches)
+            self.metrics.close()
+            self.signals.restore()
         return self.state
+
+    # ------------------------------------------------------------------ checkpoints and rollback
+    def save(self) -> None:
+        if self.last_saved_step == self.state.step:
+            return
+        t0 = time.monotonic()
+        path = checkpoint.save_checkpoint(
+            self.engine, self.cfg, self.dist, self.state.step, self.state.as_dict(), protect=self.protect
+        )
+        self.clock.last_save = time.monotonic() - t0
+        self.last_saved_step = self.state.step
+        if self.dist.is_main:
+            console(f"saved checkpoint {path} ({self.clock.last_save:.1f}s)")
+
+    def _skip_recorded_batches(self) -> None:
+        """Jump over global batches a spike rollback marked as bad (they are never replayed)."""
+        for start, end in self.state.skipped_batches:
+            if self.state.consumed_samples == start:
+                self.state.consumed_samples = end
+                self._open_batches()
+                if self.dist.is_main:
+                    console(f"skipping samples [{start}, {end}) (marked by a loss-spike rollback)")
+
+    def roll_back(self, rollback: Rollback) -> None:
+        """Reload the newest valid checkpoint and mark the spiking batch so it is never replayed."""
+        cfg, old = self.cfg, self.state
+        if old.rollbacks >= cfg.train.max_rollbacks:
+            raise TrainingError(
+                f"loss spike at step {rollback.step} after {old.rollbacks} rollbacks (train.max_rollbacks); "
+                "stopping: inspect the data and the learning rate"
+            )
+        tag = checkpoint.choose_resume_tag(cfg, self.dist)
+        if tag is None:
+            if self.dist.is_main:
+                console(f"loss spike at step {rollback.step}: no checkpoint to roll back to, continuing")
+            return
+        bad = [rollback.batch_start, rollback.batch_start + cfg.train.global_batch_size]
+        saved = checkpoint.resume(self.engine, cfg, self.dist, tag)
+        self.state = TrainState.from_saved(saved)
+        self.state.skipped_batches = sorted({tuple(r) for r in [*old.skipped_batches, bad]})
+        self.state.skipped_batches = [list(r) for r in self.state.skipped_batches]
+        self.state.rollbacks = old.rollbacks + 1
+        self.state.skipped_steps = old.skipped_steps
+        self.protect, self.last_saved_step = (tag,), self.state.step
+        self._open_batches()
+        if self.dist.is_main:
+            console(
+                f"rolled back to {tag} after the loss spike at step {rollback.step}; samples "
+                f"[{bad[0]}, {bad[1]}) will be skipped (rollback {self.state.rollbacks}/{cfg.train.max_rollbacks})"
+            )
+        self.metrics.write(
+            {"step": rollback.step, "rollback_to": self.state.step, "skip_start": bad[0]}, "spike"
+        )
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -165,9 +290,49 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------- hooks
+def nonfinite_hook(trainer: Trainer, r: StepResult) -> None:
+    """A non-finite loss or gradient norm: the optimizer already skipped the update (DeepSpeed's ZeRO and
+    bf16 optimizers, and bigtrain's guard on the plain one, skip steps with a non-finite norm); apply
+    train.nonfinite. fp16 overflows are DeepSpeed's loss scaling at work: logged, not counted."""
+    cfg, state = trainer.cfg, trainer.state
+    bad_loss = not math.isfinite(r.loss)
+    if r.applied and not bad_loss:
+        trainer.consecutive_skips = 0
+        return
+    if cfg.precision == "fp16" and not r.applied:
+        if trainer.dist.is_main:
+            scale = getattr(trainer.engine.optimizer, "cur_scale", None) or getattr(
+                trainer.engine.optimizer, "loss_scale", None
+            )
+            console(
+                f"step {state.step}: fp16 overflow, update skipped by dynamic loss scaling (scale now {scale})"
+            )
+        return
+    what = f"loss {r.loss}" if bad_loss else f"gradient norm {r.grad_norm}"
+    if cfg.train.nonfinite == "stop":
+        raise TrainingError(
+            f"step {state.step}: non-finite {what}; train.nonfinite=stop, so no checkpoint of this step is "
+            f"written (last saved step: {trainer.last_saved_step})"
+        )
+    if r.applied:  # a NaN loss whose gradients were finite (cannot happen through autograd): say so
+        raise TrainingError(f"step {state.step}: non-finite {what} but the update was applied; stopping")
+    state.skipped_steps += 1
+    trainer.consecutive_skips += 1
+    if trainer.dist.is_main:
+        console(
+            f"step {state.step}: non-finite {what}: update skipped, parameters, optimizer state and LR schedule "
+            f"unchanged ({trainer.consecutive_skips} in a row, {state.skipped_steps} in all)"
+        )
+    if trainer.consecutive_skips >= cfg.train.max_consecutive_skips:
+        raise TrainingError(
+            f"step {state.step}: {trainer.consecutive_skips} non-finite steps in a row "
+            f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping"
+        )
+
+
 def log_hook(trainer: Trainer, r: StepResult) -> None:
     cfg, state = trainer.cfg, trainer.state
-    if state.step % cfg.train.log_interval and state.step != cfg.train.steps:
+    if state.step % cfg.train.log_interval and state.step != cfg.train.steps and r.applied:
         return
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     tokens_per_sec = tokens / r.seconds
@@ -186,6 +351,10 @@ def log_hook(trainer: Trainer, r: StepResult) -> None:
         "consumed_samples": state.consumed_samples,
         "step_seconds": r.seconds,
     }
+    if not r.applied:
+        record["skipped"] = True
+    if state.skipped_steps:
+        record["skipped_steps"] = state.skipped_steps
     if peak:
         record["mfu"] = per_gpu_tflops / peak
     if trainer.dist.device.type == "cuda":
@@ -199,16 +368,44 @@ def log_hook(trainer: Trainer, r: StepResult) -> None:
         gn = "n/a" if r.grad_norm is None else f"{r.grad_norm:.3f}"
         mfu = f" mfu {record['mfu']:.1%}" if peak else ""
         mem = f" mem {record['mem_gib']:.1f}GiB" if "mem_gib" in record else ""
+        skipped = " (update skipped)" if not r.applied else ""
         console(
             f"step {state.step}/{cfg.train.steps} loss {r.loss:.4f} lr {r.lr:.3e} grad_norm {gn} "
             f"tok/s {tokens_per_sec:,.0f} tflops/gpu {per_gpu_tflops:.2f}{mfu}{mem} eta {format_duration(eta)}"
+            f"{skipped}"
         )
+
+
+def consensus_hook(trainer: Trainer, r: StepResult) -> None:
+    """Decisions every rank must take together, in one all-reduce: stop on an exit signal or the
+    wall-clock budget, and act on a loss spike."""
+    cfg, state = trainer.cfg, trainer.state
+    spike_local = r.applied and trainer.spikes.is_spike(r.loss)
+    threshold = trainer.spikes.threshold()
+    signalled, out_of_time, spike = agree(
+        [trainer.signals.received is not None, trainer.clock.out_of_time(), spike_local], trainer.dist.device
+    )
+    if spike:
+        trainer.metrics.write({"step": state.step, "loss": r.loss, "threshold": threshold}, "spike")
+        if trainer.dist.is_main:
+            console(
+                f"loss spike at step {state.step}: loss {r.loss:.4f} is above the running mean + "
+                f"{cfg.train.spike_sigma:g} std ({threshold:.4f})"
+            )
+        if cfg.train.spike_rollback:
+            raise Rollback(state.step, state.consumed_samples - cfg.train.global_batch_size)
+    if signalled:
+        trainer.stop_reason = f"signal {trainer.signals.received or 'received by another rank'}"
+    elif out_of_time:
+        trainer.stop_reason = f"train.max_minutes={cfg.train.max_minutes:g} nearly used"
+    if trainer.stop_reason and trainer.dist.is_main:
+        console(f"stopping after step {state.step}: {trainer.stop_reason}")
 
 
 def eval_hook(trainer: Trainer, r: StepResult) -> None:
     cfg, step = trainer.cfg, trainer.state.step
     due = (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or step == cfg.train.steps
-    if not due or trainer.make_valid_batches is None:
+    if not due or trainer.make_valid_batches is None or trainer.stop_reason:
         return
     val_loss = trainer.evaluate()
     if val_loss is None:
@@ -226,15 +423,11 @@ def checkpoint_hook(trainer: Trainer, r: StepResult) -> None:
     cfg, step = trainer.cfg, trainer.state.step
     if not cfg.checkpoint.save:
         return
-    if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
-        path = checkpoint.save_checkpoint(trainer.engine, cfg, trainer.dist, step, trainer.state.as_dict())
-        if trainer.dist.is_main:
-            console(f"saved checkpoint {path}")
+    due = (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps
+    if due or trainer.stop_reason:
+        trainer.save()
 
 
-def crash_hook(trainer: Trainer, r: StepResult) -> None:
-    """Fault injection (debug.crash_at_step): die like a killed job, without cleanup."""
-    if trainer.cfg.debug.crash_at_step and trainer.state.step == trainer.cfg.debug.crash_at_step:
-        console(f"debug.crash_at_step: rank {trainer.dist.rank} exits at step {trainer.state.step}")
-        sys.stdout.flush()
-        os._exit(13)
+def fault_injection_hook(trainer: Trainer, r: StepResult) -> None:
+    """debug.crash_at_step / debug.sleep_at_step (see :mod:`bigtrain.reliability`)."""
+    inject_process_faults(trainer.cfg, trainer.dist.rank, trainer.state.step)

@@ -217,6 +217,7 @@ def convert(
     weights = HFWeights(hf_dir)
     weights.check_names(m)
     from bigtrain.checkpoint import LATEST, META, tag_for  # heavy (megatron-core): after the cheap checks
+    from bigtrain.checkpoint_files import write_manifest
 
     tag = tag_for(0)
     toks = tokenizer_files(hf_dir)
@@ -260,6 +261,7 @@ def convert(
             "source": {"hf": str(hf_dir), "hf_config": hf, "pipeline_parts": parts},
         }
         (tmp / tag / META).write_text(json.dumps(meta, indent=2))
+        write_manifest(tmp / tag, {}, step=0)  # sizes + checksums, so loads can verify the import
         (tmp / "config.yaml").write_text(cfg.to_yaml())
         (tmp / LATEST).write_text(tag)
         if out.exists():
