@@ -100,7 +100,11 @@ class FP16Config:
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "Optimizer: adamw (fused on GPU).")
+    name: str = opt("adamw", "Optimizer: adamw (fused on GPU) | adam (L2 weight decay) | sgd | rmsprop.")
+    momentum: float = opt(0.9, "Momentum of sgd and rmsprop.")
+    layer_decay: float = opt(
+        1.0, "Layer-wise LR decay: block i of L gets lr*layer_decay**(L+1-i), embeddings **(L+1); 1: off."
+    )
     lr: float = opt(3e-4, "Peak learning rate.")
     min_lr: float = opt(3e-5, "Learning rate at the end of decay.")
     weight_decay: float = opt(0.1, "Decoupled weight decay (not applied to norms).")
@@ -123,8 +127,39 @@ class TrainConfig:
     log_interval: int = opt(1, "Steps between log lines.")
     eval_interval: int = opt(0, "Steps between validations (0: only at the end when data.valid is set).")
     eval_steps: int = opt(2, "Validation batches per evaluation.")
-    dist_timeout_minutes: float = opt(10.0, "Process-group timeout: a dead rank ends the job after this.")
+    dist_timeout_minutes: float = opt(
+        10.0, "Collective timeout: a rank that died or hangs makes the others exit non-zero after this."
+    )
     device: str = opt("auto", "auto|cpu|cuda.")
+    exit_signal_save: bool = opt(
+        True,
+        "On SIGTERM/SIGUSR1 (Slurm's warning before a kill) every rank saves a checkpoint at the end of the "
+        "current step and exits 0. False: the signal's default action (immediate death).",
+    )
+    max_minutes: float = opt(
+        0.0,
+        "Wall-clock budget: stop with a checkpoint before this many minutes since start (leaving room for "
+        "one more step and a save); 0: no limit.",
+    )
+    nonfinite: str = opt(
+        "skip",
+        "Non-finite loss or gradient norm: skip (parameters, optimizer state and LR schedule untouched, step "
+        "counted) or stop (exit non-zero before any checkpoint of poisoned weights).",
+    )
+    max_consecutive_skips: int = opt(5, "train.nonfinite=skip: stop with an error after this many in a row.")
+    spike_sigma: float = opt(
+        0.0,
+        "Loss-spike detection: a loss above the running mean by this many standard deviations is logged "
+        "(console, metrics.jsonl, TensorBoard); 0: off.",
+    )
+    spike_window: int = opt(50, "Steps in the running mean/std of the loss for spike detection.")
+    spike_min_history: int = opt(10, "Steps of history needed before a spike can be declared.")
+    spike_rollback: bool = opt(
+        False,
+        "On a spike, reload the last checkpoint and skip the global batch that caused it (recorded in the "
+        "checkpoint, never replayed).",
+    )
+    max_rollbacks: int = opt(3, "Spike rollbacks allowed per run before stopping with an error.")
 
 
 @dataclass
@@ -148,9 +183,12 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = opt(0, "Steps between checkpoints (0: only at the end).")
-    keep_last: int = opt(3, "Checkpoints kept (older ones deleted).")
+    keep_last: int = opt(3, "Checkpoints kept (older ones deleted; never the one this run resumed from).")
     load: str | None = opt(None, "Start from these weights only (fresh optimizer, step 0).")
     save: bool = opt(True, "Write checkpoints at all.")
+    verify_checksums: bool = opt(
+        True, "On resume, check every file's sha256 against the manifest (false: sizes only, faster)."
+    )
 
 
 @dataclass
@@ -161,9 +199,50 @@ class LoggingConfig:
 
 @dataclass
 class DebugConfig:
+    """Fault injection, for tests and for validating a cluster's recovery (all off by default)."""
+
     crash_at_step: int = opt(
-        0, "Fault injection: every rank exits with code 13 right after this step (0: off)."
+        0, "Right after this step, debug.fault_rank is killed with SIGKILL, like `kill -9` (0: off)."
     )
+    fault_rank: int = opt(-1, "Rank the crash/sleep/non-finite injections hit (-1: every rank).")
+    sleep_at_step: int = opt(0, "After this step, debug.fault_rank sleeps debug.sleep_seconds (a hung rank).")
+    sleep_seconds: float = opt(0.0, "Length of the debug.sleep_at_step sleep.")
+    inject_nonfinite_at_step: int = opt(0, "Multiply this step's loss by NaN on debug.fault_rank (0: off).")
+    inject_spike_at_step: int = opt(
+        0, "Multiply the loss of the global batch first used at this step by debug.spike_factor (0: off)."
+    )
+    spike_factor: float = opt(30.0, "Loss multiplier for debug.inject_spike_at_step.")
+    kill_in_save: str = opt(
+        "",
+        "SIGKILL this process at a named point inside a checkpoint save (see checkpoint.SAVE_FAULT_POINTS).",
+    )
+    kill_in_save_step: int = opt(0, "Only in the save of this step (0: the first save).")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(0, "LoRA rank (0: no adapters; full fine-tuning or freezing as configured).")
+    alpha: float = opt(16.0, "LoRA scale numerator: the update is alpha/rank * B @ A.")
+    dropout: float = opt(0.0, "Dropout on the adapter input.")
+    targets: list = opt(["qkv", "proj", "gate_up", "down"], "Projections with adapters: qkv|proj|gate_up|down.")
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = opt("none", "none (pretraining) | sft | classify.")
+    train: Any = opt(None, "Training JSONL: a path, a glob, or a list of them.")
+    valid: Any = opt(None, "Validation JSONL (same forms as train).")
+    epochs: float = opt(0.0, "Passes over the training examples; sets train.steps (0: use train.steps).")
+    packing: bool = opt(True, "sft: pack several examples into one sequence (attention/positions per example).")
+    overlong: str = opt("truncate", "Examples longer than model.seq_length: truncate | drop (counted either way).")
+    strict: bool = opt(False, "Bad input lines are errors (file:line) instead of skipped and counted.")
+    labels: list = opt([], "classify: class names in id order (default: sorted labels of the training data).")
+    freeze_embeddings: bool = opt(False, "Keep the input embedding fixed.")
+    freeze_layers: int = opt(0, "Keep the first N transformer blocks fixed.")
+    metric: str = opt("val_loss", "Early stopping / best checkpoint metric: val_loss|val_accuracy|val_f1|...")
+    patience: int = opt(0, "Stop after this many validations without improvement (0: never).")
+    min_delta: float = opt(0.0, "Smallest change that counts as an improvement.")
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -190,6 +269,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     derived: Derived = field(default_factory=Derived)
 
     # ------------------------------------------------------------------ derived values and checks
@@ -238,7 +318,12 @@ def validate(cfg: Config, world_size: int) -> None:
         cfg.optim.decay in ("cosine", "linear", "constant"),
         f"optim.decay must be cosine|linear|constant, got {cfg.optim.decay!r}",
     )
-    _check(cfg.optim.name == "adamw", f"optim.name must be adamw, got {cfg.optim.name!r}")
+    _check(
+        cfg.optim.name in ("adamw", "adam", "sgd", "rmsprop"),
+        f"optim.name must be adamw|adam|sgd|rmsprop, got {cfg.optim.name!r}",
+    )
+    _check(0 < cfg.optim.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
+    validate_finetune(cfg)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     _check(
@@ -304,9 +389,50 @@ def validate(cfg: Config, world_size: int) -> None:
         f"size = {t.micro_batch_size}*{dp}",
     )
     _check(t.log_interval > 0, "train.log_interval must be > 0")
+    _check(t.nonfinite in ("skip", "stop"), f"train.nonfinite must be skip|stop, got {t.nonfinite!r}")
+    _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips must be >= 1")
+    _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0")
+    _check(t.spike_sigma >= 0 and t.spike_window >= 2, "train.spike_sigma must be >= 0, train.spike_window >= 2")
     _check(
-        cfg.data.mock or cfg.data.train is not None,
+        not t.spike_rollback or (cfg.checkpoint.save and t.spike_sigma > 0),
+        "train.spike_rollback needs train.spike_sigma > 0 and checkpoint.save (it reloads the last checkpoint)",
+    )
+    from bigtrain.checkpoint_files import SAVE_FAULT_POINTS
+
+    _check(
+        cfg.debug.kill_in_save in ("", *SAVE_FAULT_POINTS),
+        f"debug.kill_in_save must be one of {', '.join(SAVE_FAULT_POINTS)}, got {cfg.debug.kill_in_save!r}",
+    )
+    _check(
+        cfg.data.mock or cfg.data.train is not None or cfg.finetune.task != "none",
         "data.train is not set (a prefix, a glob, or [[weight, prefix], ...]); data.mock=true for random tokens",
+    )
+
+
+def validate_finetune(cfg: Config) -> None:
+    f, lora = cfg.finetune, cfg.finetune.lora
+    _check(f.task in ("none", "sft", "classify"), f"finetune.task must be none|sft|classify, got {f.task!r}")
+    if f.task == "none":
+        return
+    _check(f.train is not None, "finetune.train is not set (JSONL path, glob or list)")
+    _check(cfg.data.tokenizer is not None, "data.tokenizer is not set (fine-tuning reads text)")
+    _check(f.overlong in ("truncate", "drop"), f"finetune.overlong must be truncate|drop, got {f.overlong!r}")
+    _check(f.epochs >= 0 and f.patience >= 0, "finetune.epochs and finetune.patience must be >= 0")
+    _check(
+        0 <= f.freeze_layers <= cfg.model.num_layers,
+        f"finetune.freeze_layers {f.freeze_layers} is not in 0..model.num_layers",
+    )
+    metrics = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
+    _check(
+        f.metric in (metrics if f.task == "classify" else metrics[:1]),
+        f"finetune.metric {f.metric!r} is not available for task {f.task}",
+    )
+    _check(lora.rank >= 0 and 0 <= lora.dropout < 1, "finetune.lora.rank must be >= 0, dropout in [0, 1)")
+    bad = [t for t in lora.targets if t not in ("qkv", "proj", "gate_up", "down")]
+    _check(not bad and bool(lora.targets), f"finetune.lora.targets: unknown {bad} (qkv|proj|gate_up|down)")
+    _check(
+        not (lora.rank and (f.freeze_layers or f.freeze_embeddings)),
+        "finetune.lora freezes the whole base model already; drop finetune.freeze_*",
     )
 
 
