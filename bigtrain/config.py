@@ -224,7 +224,9 @@ class LoraConfig:
     rank: int = opt(0, "LoRA rank (0: no adapters; full fine-tuning or freezing as configured).")
     alpha: float = opt(16.0, "LoRA scale numerator: the update is alpha/rank * B @ A.")
     dropout: float = opt(0.0, "Dropout on the adapter input.")
-    targets: list = opt(["qkv", "proj", "gate_up", "down"], "Projections with adapters: qkv|proj|gate_up|down.")
+    targets: list = opt(
+        ["qkv", "proj", "gate_up", "down"], "Projections with adapters: qkv|proj|gate_up|down."
+    )
 
 
 @dataclass
@@ -233,8 +235,12 @@ class FinetuneConfig:
     train: Any = opt(None, "Training JSONL: a path, a glob, or a list of them.")
     valid: Any = opt(None, "Validation JSONL (same forms as train).")
     epochs: float = opt(0.0, "Passes over the training examples; sets train.steps (0: use train.steps).")
-    packing: bool = opt(True, "sft: pack several examples into one sequence (attention/positions per example).")
-    overlong: str = opt("truncate", "Examples longer than model.seq_length: truncate | drop (counted either way).")
+    packing: bool = opt(
+        True, "sft: pack several examples into one sequence (attention/positions per example)."
+    )
+    overlong: str = opt(
+        "truncate", "Examples longer than model.seq_length: truncate | drop (counted either way)."
+    )
     strict: bool = opt(False, "Bad input lines are errors (file:line) instead of skipped and counted.")
     labels: list = opt([], "classify: class names in id order (default: sorted labels of the training data).")
     freeze_embeddings: bool = opt(False, "Keep the input embedding fixed.")
@@ -322,7 +328,9 @@ def validate(cfg: Config, world_size: int) -> None:
         cfg.optim.name in ("adamw", "adam", "sgd", "rmsprop"),
         f"optim.name must be adamw|adam|sgd|rmsprop, got {cfg.optim.name!r}",
     )
-    _check(0 < cfg.optim.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
+    _check(
+        0 < cfg.optim.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}"
+    )
     validate_finetune(cfg)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigtrain.checkpoint import WeightReader  # noqa: E402
 from bigtrain.config import Config, ConfigError, config_from_dict  # noqa: E402
+from bigtrain.finetune.export import hf_config_overrides, hf_tensor_groups, write_peft_adapter  # noqa: E402
 from bigtrain.models import layout  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,7 +59,8 @@ def check_complete(reader: WeightReader, cfg: Config) -> None:
     if missing:
         names = ", ".join(f"tp{t:02d}_pp{p:02d}.safetensors" for t, p in missing)
         raise ExportError(f"{reader.dir / 'weights'}: missing shard file(s) {names} (incomplete checkpoint)")
-    absent = [lp.key for lp in layout.iter_layer_params(cfg.model) if lp.key not in reader.key_to_pp]
+    params = layout.iter_layer_params(cfg.model, finetune=cfg.finetune)
+    absent = [lp.key for lp in params if lp.key not in reader.key_to_pp]
     if absent:
         raise ExportError(
             f"{reader.dir}: no tensor {', '.join(absent[:5])} in any shard (model differs from config?)"
@@ -119,13 +121,14 @@ def hf_config(cfg: Config, dtype: str, meta: dict | None = None) -> dict:
         "dtype": HF_DTYPE_NAMES[dtype],
         "transformers_version": transformers.__version__,
         **special_ids(cfg, meta or {}),
+        **hf_config_overrides(cfg),  # LlamaForSequenceClassification and its labels for classifiers
     }
 
 
 def hf_tensors(reader: WeightReader, cfg: Config):
-    """(HF name, tensor) pairs, one merged bigtrain tensor at a time."""
-    for lp in layout.iter_layer_params(cfg.model):
-        yield from layout.to_hf(lp, reader.full(lp), cfg.model).items()
+    """(HF name, tensor) pairs, one merged bigtrain tensor at a time (LoRA merged in)."""
+    for _, tensors in hf_tensor_groups(reader, cfg):
+        yield from tensors.items()
 
 
 def _prepare_output(out: Path) -> None:
@@ -139,7 +142,10 @@ def export(
     dtype: str = "fp32",
     max_shard_bytes: int = 2 << 30,
     progress: bool | None = None,
+    peft_adapter: str | Path | None = None,
 ) -> Path:
+    """``peft_adapter``: for a LoRA checkpoint, write the base weights (not merged) to ``output`` and the
+    adapters as a PEFT directory there; otherwise LoRA is merged into the exported weights."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -169,11 +175,18 @@ def export(
             written.append((path, list(current)))
             current.clear()
 
-        params = list(layout.iter_layer_params(cfg.model))
-        bar = tqdm(params, desc="export", unit="group", disable=None if progress is None else not progress)
-        for lp in bar:
-            bar.set_postfix_str(lp.key)
-            for name, tensor in layout.to_hf(lp, reader.full(lp), cfg.model).items():
+        groups = hf_tensor_groups(reader, cfg, merge_lora=peft_adapter is None)
+        total = sum(1 for lp in layout.iter_layer_params(cfg.model, finetune=cfg.finetune) if lp.spec.hf)
+        bar = tqdm(
+            groups,
+            total=total,
+            desc="export",
+            unit="group",
+            disable=None if progress is None else not progress,
+        )
+        for key, tensors in bar:
+            bar.set_postfix_str(key)
+            for name, tensor in tensors.items():
                 t = tensor.to(DTYPES[dtype]).contiguous().clone()  # own storage (no views shared in a file)
                 nbytes = t.numel() * t.element_size()
                 if current and current_bytes + nbytes > max_shard_bytes:
@@ -198,6 +211,8 @@ def export(
                 if f.is_file() and f.name not in WRITTEN and not f.name.endswith(".safetensors"):
                     shutil.copy2(f, tmp / f.name)
         _replace(tmp, out)
+        if peft_adapter is not None:
+            write_peft_adapter(reader, cfg, peft_adapter, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -226,10 +241,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--max-shard-size-mb", type=float, default=2048, help="per safetensors file")
+    parser.add_argument(
+        "--peft-adapter",
+        metavar="DIR",
+        help="LoRA checkpoints: write the adapters as a PEFT directory here and the unmerged base to --output",
+    )
     args = parser.parse_args(argv)
     source = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
     try:
-        out = export(source, args.output, args.dtype, int(args.max_shard_size_mb * 2**20))
+        out = export(
+            source,
+            args.output,
+            args.dtype,
+            int(args.max_shard_size_mb * 2**20),
+            peft_adapter=args.peft_adapter,
+        )
     except (ExportError, ConfigError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"convert_to_hf: {e}", file=sys.stderr)
         sys.exit(1)

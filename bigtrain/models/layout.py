@@ -33,8 +33,9 @@ class ParamSpec:
 
     name: str  # name inside the layer module
     split: str  # vocab | col | row | qkv | gate_up | replicated
-    init: str  # normal | scaled_normal | ones
+    init: str  # normal | scaled_normal | ones | zeros | lora_a
     hf: tuple[str, ...]  # HF name templates ({i} = block index); several for fused tensors
+    shape: tuple[int, ...] | None = None  # full shape of fine-tuning additions (LoRA, classifier)
 
 
 LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
@@ -73,6 +74,40 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
 }
 
 
+# ---------------------------------------------------------------------------- fine-tuning additions
+# LoRA target -> (projection module inside a block, its weight's split). Column-parallel bases (split on
+# the output dim) get A [r, in] replicated and B [out, r] split like the base's rows; row-parallel bases
+# (split on the input dim) get A [r, in] split on its input dim and B [out, r] replicated.
+LORA_TARGETS: dict[str, tuple[str, str]] = {
+    "qkv": ("attention.qkv", "qkv"),
+    "proj": ("attention.proj", "row"),
+    "gate_up": ("mlp.gate_up", "gate_up"),
+    "down": ("mlp.down", "row"),
+}
+SCORE = "score.weight"  # classification head (LlamaForSequenceClassification's ``score``)
+
+
+def lora_specs(m: ModelConfig, finetune) -> tuple[ParamSpec, ...]:
+    """ParamSpecs of one block's LoRA adapters (``finetune``: a FinetuneConfig; none when rank is 0)."""
+    if finetune is None or finetune.task == "none" or not finetune.lora.rank:
+        return ()
+    r = finetune.lora.rank
+    base = {s.name: s for s in LAYER_PARAMS[BLOCK]}
+    specs = []
+    for target in finetune.lora.targets:
+        module, split = LORA_TARGETS[target]
+        out, inp = full_shape(base[f"{module}.weight"], m, 0)
+        a_split, b_split = ("row", "replicated") if split == "row" else ("replicated", split)
+        specs.append(ParamSpec(f"{module}.lora_A", a_split, "lora_a", (), (r, inp)))
+        specs.append(ParamSpec(f"{module}.lora_B", b_split, "zeros", (), (out, r)))
+    return tuple(specs)
+
+
+def is_finetune_param(spec: ParamSpec) -> bool:
+    """Added by fine-tuning (absent from pretrained checkpoints; initialized fresh)."""
+    return spec.shape is not None
+
+
 def layer_kind(index: int, num_layers: int) -> str:
     """Kind of the layer at position ``index`` of the layer list."""
     if index == 0:
@@ -89,6 +124,8 @@ def num_list_layers(m: ModelConfig) -> int:
 def full_shape(spec: ParamSpec, m: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     """Shape of the unsharded parameter."""
     h, d = m.hidden_size, m.head_dim
+    if spec.shape is not None:
+        return spec.shape
     if spec.split == "vocab":
         return (padded_vocab, h)
     if spec.split == "replicated":
@@ -142,7 +179,11 @@ def init_full(spec: ParamSpec, index: int, m: ModelConfig, padded_vocab: int, se
     shape = full_shape(spec, m, padded_vocab)
     if spec.init == "ones":
         return torch.ones(shape)
+    if spec.init == "zeros":
+        return torch.zeros(shape)
     std = m.init_std / (2 * m.num_layers) ** 0.5 if spec.init == "scaled_normal" else m.init_std
+    if spec.init == "lora_a":
+        std = shape[1] ** -0.5  # like PEFT's kaiming-uniform A: B @ A starts at 0 through B = 0
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{index}:{spec.name}".encode()))
     full = torch.randn(shape, generator=gen) * std
     if spec.split == "vocab":
@@ -163,14 +204,31 @@ class LayerParam:
         return f"{self.index}.{self.spec.name}"
 
 
-def iter_layer_params(m: ModelConfig, indices: range | list[int] | None = None) -> Iterator[LayerParam]:
-    """All parameters of the given list layers (default: the whole model), in order."""
+def iter_layer_params(
+    m: ModelConfig, indices: range | list[int] | None = None, finetune=None
+) -> Iterator[LayerParam]:
+    """All parameters of the given list layers (default: the whole model), in order. ``finetune`` (a
+    FinetuneConfig) adds LoRA adapters and, for classification, replaces the output layer by ``score``."""
+    classify = finetune is not None and finetune.task == "classify"
+    lora = lora_specs(m, finetune)
     for index in indices if indices is not None else range(num_list_layers(m)):
         kind = layer_kind(index, m.num_layers)
+        if kind == HEAD and classify:
+            yield LayerParam(
+                index, ParamSpec(SCORE, "replicated", "normal", ("score.weight",), score_shape(m, finetune))
+            )
+            continue
         if kind == HEAD and m.tie_embeddings:
             continue
         for spec in LAYER_PARAMS[kind]:
             yield LayerParam(index, spec)
+        if kind == BLOCK:
+            for spec in lora:
+                yield LayerParam(index, spec)
+
+
+def score_shape(m: ModelConfig, finetune) -> tuple[int, int]:
+    return (len(finetune.labels), m.hidden_size)
 
 
 # ---------------------------------------------------------------------------- HF mapping
@@ -186,10 +244,11 @@ def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch
     if lp.spec.split == "qkv":
         d, nkv = m.head_dim, m.kv_heads
         q_per_group = m.num_attention_heads // nkv
-        grouped = full.view(nkv, q_per_group + 2, d, m.hidden_size)  # [groups, q.. k v, d, h]
-        q = grouped[:, :q_per_group].reshape(-1, m.hidden_size)
-        k = grouped[:, q_per_group].reshape(-1, m.hidden_size)
-        v = grouped[:, q_per_group + 1].reshape(-1, m.hidden_size)
+        cols = full.shape[1]  # hidden size (or the LoRA rank for a B matrix)
+        grouped = full.view(nkv, q_per_group + 2, d, cols)  # [groups, q.. k v, d, cols]
+        q = grouped[:, :q_per_group].reshape(-1, cols)
+        k = grouped[:, q_per_group].reshape(-1, cols)
+        v = grouped[:, q_per_group + 1].reshape(-1, cols)
         return dict(zip(names, (q, k, v)))
     if lp.spec.split == "gate_up":
         return dict(zip(names, full.chunk(2, dim=0)))

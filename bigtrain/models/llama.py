@@ -137,8 +137,18 @@ class Attention(nn.Module):
         # [b, heads, s, d] -> [b, heads, s, d]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """``cache`` (inference only): keys/values of earlier positions; x holds the positions after them."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``cache`` (inference only): keys/values of earlier positions; x holds the positions after them.
+        ``positions``/``doc_ids`` [b, s] (packed fine-tuning sequences): rotary positions restart per
+        document and attention stays within a document (causal and same doc id)."""
+        if positions is not None:
+            return self._packed(x, positions, doc_ids)
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)  # [s, b, groups*(q_per_group+2)*d]
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
@@ -159,6 +169,27 @@ class Attention(nn.Module):
             out = self._core(q, k, v)
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, heads*d]
         return self.proj(out)[0]
+
+    def _packed(self, x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        qkv, _ = self.qkv(x)
+        qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)  # [s, b, heads, d]
+        k, v = qkv[:, :, :, self.q_per_group], qkv[:, :, :, self.q_per_group + 1]  # [s, b, groups, d]
+        cos, sin = rotary_tables(int(positions.max()) + 1, self.head_dim, self.rope_theta, x.device)
+        pos = positions.t()  # [s, b]
+        cos, sin = cos[pos][:, :, None].to(x.dtype), sin[pos][:, :, None].to(x.dtype)  # [s, b, 1, d]
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            t1, t2 = t.chunk(2, dim=-1)
+            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+        q, k = rotate(q), rotate(k)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [b, s, s]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        return self.proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))[0]  # [s, b, heads*d]
 
 
 class SwiGLU(nn.Module):
@@ -183,14 +214,27 @@ class TransformerBlock(nn.Module):
         self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.mlp = SwiGLU(m, mp)
 
-    def _forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x), cache)
+    def _forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), cache, positions, doc_ids)
         return x + self.mlp(self.post_attention_norm(x))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``positions``/``doc_ids`` [b, s]: packed sequences (see Attention.forward)."""
         if self.full_recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x, cache)
+            return checkpoint(self._forward, x, None, positions, doc_ids, use_reentrant=False)
+        return self._forward(x, cache, positions, doc_ids)
 
 
 class Embedding(nn.Module):

@@ -101,6 +101,10 @@ class LanguageModel(nn.Module):
 
 def build_model(cfg: Config, topology=None) -> nn.Module:
     """Construct this rank's part of the model (weights initialized deterministically, fp32, CPU)."""
+    if cfg.finetune.task != "none":  # packed inputs, LoRA adapters or a classification head
+        from bigtrain.finetune.model import build_finetune_model
+
+        return build_finetune_model(cfg, topology)
     mp = megatron_config(cfg)
     if cfg.parallel.pipeline > 1:
         model = PipelineModule(
@@ -133,7 +137,7 @@ def local_parameters(model: nn.Module, cfg: Config) -> dict[str, tuple[layout.La
     """Layout key ("index.name") -> (table entry, live parameter) for everything this rank holds."""
     layers = local_layers(model)
     out = {}
-    for lp in layout.iter_layer_params(cfg.model, sorted(layers)):
+    for lp in layout.iter_layer_params(cfg.model, sorted(layers), cfg.finetune):
         out[lp.key] = (lp, layers[lp.index].get_parameter(lp.spec.name))
     return out
 

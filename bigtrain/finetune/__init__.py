@@ -1,0 +1,1 @@
+"""Fine-tuning (SFT, classification, LoRA) on bigtrain's parallel engine: ``python -m bigtrain.finetune``."""

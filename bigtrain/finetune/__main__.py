@@ -1,0 +1,120 @@
+"""``python -m bigtrain.finetune --config configs/sft-tiny.yaml [--set key=value ...] [--strict]``:
+supervised fine-tuning (``finetune.task: sft``) or text classification (``classify``), full or LoRA,
+at any tensor x pipeline x data layout, starting from ``checkpoint.load`` (a bigtrain checkpoint or a
+tools/convert_from_hf.py output). ``deepspeed launch/finetune.sh`` runs the same on every rank."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from bigtrain.config import Config
+from bigtrain.finetune.data import DataError
+
+
+@dataclass
+class Prepared:
+    train: list  # items (packed sequences or examples) as dicts of tensors
+    valid: list
+
+
+def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
+    """Read and tokenize the data (every rank, deterministically); sets ``finetune.labels`` for
+    classification and ``train.steps`` from ``finetune.epochs``."""
+    from bigtrain.finetune import data as d
+    from tokenizer import Tokenizer
+
+    f, seq = cfg.finetune, cfg.model.seq_length
+    tok = Tokenizer.load(cfg.data.tokenizer)
+    pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
+    if f.task == "sft":
+        template = d.ChatTemplate(d.load_chat_template(cfg.data.tokenizer))
+
+        def read(spec, key):
+            examples, stats = d.read_sft(spec, key, tok, template, seq, f.overlong, f.strict)
+            log(stats.summary(key))
+            return d.pack(examples, seq, pad, f.packing)
+
+        train = read(f.train, "finetune.train")
+        valid = read(f.valid, "finetune.valid") if f.valid is not None else []
+        log(f"sft: {len(train)} training sequences of {seq} tokens (packing {'on' if f.packing else 'off'})")
+    else:
+        examples, stats, labels = d.read_classify(
+            f.train, "finetune.train", tok, seq, f.overlong, f.strict, f.labels or None
+        )
+        log(stats.summary("finetune.train"))
+        f.labels = labels
+        train = [d.classify_item(ex, seq, pad) for ex in examples]
+        valid = []
+        if f.valid is not None:
+            vexamples, vstats, _ = d.read_classify(
+                f.valid, "finetune.valid", tok, seq, f.overlong, f.strict, labels
+            )
+            log(vstats.summary("finetune.valid"))
+            valid = [d.classify_item(ex, seq, pad) for ex in vexamples]
+        if len(labels) < 2:
+            raise DataError(f"finetune.train: classification needs at least 2 labels, found {labels}")
+        log(f"classify: {len(train)} training examples, labels {labels}")
+    if not train:
+        raise DataError("finetune.train: no usable example")
+    if f.epochs:
+        cfg.train.steps = math.ceil(f.epochs * len(train) / cfg.train.global_batch_size)
+        log(f"finetune.epochs {f.epochs}: train.steps = {cfg.train.steps}")
+    return Prepared(train, valid)
+
+
+def data_factory(prepared: Prepared):
+    from bigtrain.finetune import data as d
+
+    def factory(cfg: Config, dist) -> tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]:
+        t, dp = cfg.train, cfg.derived.data_parallel_size
+        valid = (
+            d.valid_batches(prepared.valid, t.micro_batch_size, dist.dp_rank, dp) if prepared.valid else []
+        )
+
+        def train_batches(consumed: int) -> Iterator:
+            return d.train_stream(
+                prepared.train, consumed, t.micro_batch_size, t.global_batch_size, dist.dp_rank, dp, t.seed
+            )
+
+        return train_batches, (lambda: iter(valid)) if valid else None
+
+    return factory
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bigtrain.pretrain import config_or_exit, parse_args, run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    strict = "--strict" in argv
+    argv = [a for a in argv if a != "--strict"]
+    cfg = config_or_exit(parse_args(argv, __doc__))
+    if cfg.finetune.task == "none":
+        print("bigtrain.finetune: config error: finetune.task must be sft|classify", file=sys.stderr)
+        sys.exit(2)
+    cfg.finetune.strict = cfg.finetune.strict or strict
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        prepared = prepare(cfg, lambda line: print(line, flush=True) if main_rank else None)
+    except (DataError, FileNotFoundError) as e:
+        print(f"bigtrain.finetune: data error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    from bigtrain.finetune.model import build_finetune_model
+    from bigtrain.finetune.trainer import FinetuneTrainer
+
+    # The base weights are loaded by build (fine-tuning adds tensors a pretrained checkpoint lacks), so
+    # pretraining's weights-only load is skipped; resuming from run_dir works as in pretraining.
+    base, cfg.checkpoint.load = cfg.checkpoint.load, None
+    run(
+        cfg,
+        data=data_factory(prepared),
+        trainer_cls=FinetuneTrainer,
+        build=lambda c, topology=None: build_finetune_model(c, topology, base),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Hugging Face export of fine-tuned checkpoints (used by tools/convert_to_hf.py): LoRA merged into the
+base weights or written as a PEFT adapter directory; classification as LlamaForSequenceClassification.
+Imports no DeepSpeed/megatron (the export tool stays light)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from bigtrain.config import Config
+from bigtrain.models import layout
+
+# bigtrain LoRA target -> HF module names (fused tensors split in HF's order)
+HF_MODULES = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "proj": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
+
+def _lora(reader, cfg: Config, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Full (A, B) of a block's projection, or None when it has no adapter."""
+    specs = {s.name: s for s in layout.lora_specs(cfg.model, cfg.finetune)}
+    if f"{module}.lora_A" not in specs:
+        return None
+    a = reader.full(layout.LayerParam(index, specs[f"{module}.lora_A"]))
+    b = reader.full(layout.LayerParam(index, specs[f"{module}.lora_B"]))
+    return a, b
+
+
+def hf_tensor_groups(
+    reader, cfg: Config, merge_lora: bool = True
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(layout key, HF tensors) per base parameter; LoRA deltas scale*B@A merged in when ``merge_lora``
+    (otherwise the base weights as they were, for a PEFT adapter on top)."""
+    m, ft = cfg.model, cfg.finetune
+    scale = ft.lora.alpha / ft.lora.rank if ft.lora.rank else 0.0
+    for lp in layout.iter_layer_params(m, finetune=ft):
+        if lp.spec.name.endswith(("lora_A", "lora_B")):
+            continue
+        full = reader.full(lp)
+        if lp.spec.name == layout.SCORE:
+            yield lp.key, {"score.weight": full}
+            continue
+        module = lp.spec.name.removesuffix(".weight")
+        lora = _lora(reader, cfg, lp.index, module) if merge_lora and ft.lora.rank else None
+        if lora is not None:
+            full = full + scale * (lora[1] @ lora[0])  # [out, r] @ [r, in], in bigtrain's full layout
+        yield lp.key, layout.to_hf(lp, full, m)
+
+
+def peft_tensors(reader, cfg: Config) -> dict[str, torch.Tensor]:
+    """PEFT's adapter state: a fused projection's A is shared by its parts, B is split like the weight."""
+    m, ft = cfg.model, cfg.finetune
+    base = {s.name: s for s in layout.LAYER_PARAMS[layout.BLOCK]}
+    out = {}
+    for i in range(1, m.num_layers + 1):
+        for target in ft.lora.targets:
+            module = layout.LORA_TARGETS[target][0]
+            a, b = _lora(reader, cfg, i, module)
+            parts = layout.to_hf(layout.LayerParam(i, base[f"{module}.weight"]), b, m)  # HF name -> B rows
+            for b_part, hf_module in zip(parts.values(), HF_MODULES[target]):
+                prefix = f"base_model.model.model.layers.{i - 1}.{hf_module}"
+                out[f"{prefix}.lora_A.weight"] = a.contiguous().clone()
+                out[f"{prefix}.lora_B.weight"] = b_part.contiguous().clone()
+    return out
+
+
+def write_peft_adapter(reader, cfg: Config, out_dir: str | Path, base_dir: str | Path) -> Path:
+    """adapter_config.json + adapter_model.safetensors, loadable with
+    ``peft.PeftModel.from_pretrained(<the exported base model>, out_dir)``."""
+    from safetensors.torch import save_file
+
+    ft = cfg.finetune
+    if not ft.lora.rank:
+        raise ValueError(
+            f"{reader.dir}: not a LoRA checkpoint (finetune.lora.rank is 0); no adapter to export"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(peft_tensors(reader, cfg), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if ft.task == "classify" else "CAUSAL_LM",
+        "base_model_name_or_path": str(Path(base_dir).resolve()),
+        "r": ft.lora.rank,
+        "lora_alpha": ft.lora.alpha,
+        "lora_dropout": ft.lora.dropout,
+        "target_modules": sorted({name.split(".")[-1] for t in ft.lora.targets for name in HF_MODULES[t]}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def hf_config_overrides(cfg: Config) -> dict:
+    """config.json fields that depend on the fine-tuning task."""
+    ft = cfg.finetune
+    if ft.task != "classify":
+        return {"architectures": ["LlamaForCausalLM"]}
+    return {
+        "architectures": ["LlamaForSequenceClassification"],
+        "num_labels": len(ft.labels),
+        "id2label": {str(i): name for i, name in enumerate(ft.labels)},
+        "label2id": {name: i for i, name in enumerate(ft.labels)},
+        "problem_type": "single_label_classification",
+    }

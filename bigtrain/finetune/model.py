@@ -1,0 +1,269 @@
+"""The fine-tuning model: pretraining's layers fed packed sequences, LoRA adapters on the tensor-parallel
+projections, and a classification head on the last non-pad token.
+
+Layers pass ``(hidden, positions, doc_ids)`` tuples (also between pipeline stages: DeepSpeed sends
+integer tensors along and gives them no gradient); given a plain tensor they behave like pretraining's
+layers, so ``bigtrain.generation`` runs a fine-tuned (LoRA) checkpoint unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from torch import nn
+
+from bigtrain.config import Config, ModelConfig
+from bigtrain.models import layout
+from bigtrain.models.llama import Embedding, FinalNorm, OutputLayer, TransformerBlock, lm_loss
+from bigtrain.models.parallelize import (
+    TiedEmbedding,
+    initialize_weights,
+    local_layers,
+    local_parameters,
+    megatron_config,
+    tp_rank_size,
+)
+
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden or tokens, positions, doc_ids
+
+
+class PackedEmbedding(Embedding):
+    def forward(self, inputs: torch.Tensor | Packed):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        tokens, positions, doc_ids = inputs
+        return super().forward(tokens), positions, doc_ids
+
+
+class PackedTiedEmbedding(TiedEmbedding):
+    def forward(self, inputs: torch.Tensor | Packed):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        tokens, positions, doc_ids = inputs
+        return super().forward(tokens), positions, doc_ids
+
+
+def _tied_logits(module: PackedTiedEmbedding, x: torch.Tensor) -> torch.Tensor:
+    return module.logits(x)
+
+
+class PackedBlock(TransformerBlock):
+    def forward(self, inputs: torch.Tensor | Packed, cache=None):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs, cache)
+        x, positions, doc_ids = inputs
+        return super().forward(x, None, positions, doc_ids), positions, doc_ids
+
+
+class PackedFinalNorm(FinalNorm):
+    """Drops positions; keeps document ids for the classification head (which pools by them)."""
+
+    def __init__(self, m: ModelConfig, keep_doc_ids: bool):
+        super().__init__(m)
+        self.keep_doc_ids = keep_doc_ids
+
+    def forward(self, inputs: torch.Tensor | Packed):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        x, _, doc_ids = inputs
+        x = super().forward(x)
+        return (x, doc_ids) if self.keep_doc_ids else x
+
+
+class ClassificationHead(nn.Module):
+    """``score`` of LlamaForSequenceClassification: logits of the last non-pad token (doc id >= 0).
+    Replicated over tensor ranks (its input is the all-reduced hidden state, so gradients agree)."""
+
+    def __init__(self, m: ModelConfig, num_labels: int):
+        super().__init__()
+        self.score = nn.Linear(m.hidden_size, num_labels, bias=False)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, doc_ids = inputs  # [s, b, h], [b, s]
+        s, b, _ = x.shape
+        last = (torch.arange(s, device=x.device) * (doc_ids >= 0)).argmax(-1)  # [b], as HF pools
+        return self.score(x[last, torch.arange(b, device=x.device)])  # [b, labels]
+
+
+def classify_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over examples with weight 1 (padding examples of a last batch weigh 0)."""
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (losses * weights).sum() / weights.sum().clamp(min=1)
+
+
+class PipelineLoss:
+    def __init__(self, task: str):
+        self.task = task
+
+    def __call__(self, outputs: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (classify_loss if self.task == "classify" else lm_loss)(outputs, labels[0], labels[1])
+
+
+def finetune_specs(cfg: Config, mp: ModelParallelConfig) -> list[LayerSpec]:
+    """The layer list (indices as in bigtrain.models.layout) for ``cfg.finetune.task``."""
+    m, vocab = cfg.model, cfg.derived.padded_vocab_size
+    classify = cfg.finetune.task == "classify"
+    blocks = [LayerSpec(PackedBlock, m, mp, cfg.activation_checkpointing) for _ in range(m.num_layers)]
+    norm = LayerSpec(PackedFinalNorm, m, classify)
+    if classify:
+        return [
+            LayerSpec(PackedEmbedding, m, mp, vocab),
+            *blocks,
+            norm,
+            LayerSpec(ClassificationHead, m, len(cfg.finetune.labels)),
+        ]
+    if m.tie_embeddings:
+        tied = dict(tied_weight_attr="word_embeddings.weight")
+        first = TiedLayerSpec("embed", PackedTiedEmbedding, cfg, mp, **tied)
+        last = TiedLayerSpec("embed", PackedTiedEmbedding, cfg, mp, forward_fn=_tied_logits, **tied)
+    else:
+        first, last = LayerSpec(PackedEmbedding, m, mp, vocab), LayerSpec(OutputLayer, m, mp, vocab, False)
+    return [first, *blocks, norm, last]
+
+
+class FinetuneModel(nn.Module):
+    """The layer list as one module (pipeline = 1), submodules named by list index like LanguageModel."""
+
+    def __init__(self, cfg: Config, mp: ModelParallelConfig):
+        super().__init__()
+        self.tied = cfg.model.tie_embeddings and cfg.finetune.task == "sft"
+        self.task = cfg.finetune.task
+        specs = finetune_specs(cfg, mp)
+        self.num_list_layers = len(specs)
+        for index, spec in enumerate(specs):
+            if not (self.tied and index == len(specs) - 1):
+                self.add_module(str(index), spec.build())
+
+    def outputs(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+        """sft: this rank's vocab slice of the logits [s, b, v/tp]; classify: class logits [b, labels]."""
+        x = (tokens, positions, doc_ids)
+        for index in range(self.num_list_layers - 1):
+            x = getattr(self, str(index))(x)
+        if self.tied:
+            return getattr(self, "0").logits(x)
+        return getattr(self, str(self.num_list_layers - 1))(x)
+
+    def forward(self, tokens, positions, doc_ids, labels, loss_mask) -> torch.Tensor:
+        return PipelineLoss(self.task)(self.outputs(tokens, positions, doc_ids), (labels, loss_mask))
+
+    @torch.no_grad()
+    def evaluate_batch(self, tokens, positions, doc_ids, labels, loss_mask):
+        """(summed loss, summed weight, class predictions [b] or None) for exact validation averages."""
+        out = self.outputs(tokens, positions, doc_ids)
+        if self.task == "classify":
+            losses = F.cross_entropy(out.float(), labels, reduction="none")
+            return (losses * loss_mask).sum(), loss_mask.sum(), out.argmax(-1)
+        mean = lm_loss(out, labels, loss_mask)
+        weight = loss_mask.float().sum()
+        return mean * weight, weight, None
+
+
+# ---------------------------------------------------------------------------- LoRA
+class LoRAColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel base (output split) + scale * B @ A: A [r, in] replicated, B [out/tp, r] split
+    like the base's rows. The adapter's hidden goes through megatron's copy-to-region so its gradient
+    (and so A's and the input's) is all-reduced over tensor ranks, like the base's input gradient."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out, bias = super().forward(x, *args, **kwargs)
+        h = copy_to_tensor_model_parallel_region(F.linear(self.lora_dropout(x), self.lora_A))  # [s, b, r]
+        return out + F.linear(h, self.lora_B) * self.lora_scale, bias
+
+
+class LoRARowParallelLinear(RowParallelLinear):
+    """Row-parallel base (input split, output all-reduced) + scale * B @ A: A [r, in/tp] split like the
+    base's columns, B [out, r] replicated. The rank-r partial product is all-reduced (cheap) before B."""
+
+    def forward(self, x: torch.Tensor):
+        out, bias = super().forward(x)
+        h = reduce_from_tensor_model_parallel_region(F.linear(self.lora_dropout(x), self.lora_A))  # [s, b, r]
+        return out + F.linear(h, self.lora_B) * self.lora_scale, bias
+
+
+def add_lora(model: nn.Module, cfg: Config) -> None:
+    """Give every targeted projection LoRA parameters (filled by initialize_weights via the layout
+    table). The module's class is swapped rather than wrapped so the base weight keeps its name."""
+    lora, m = cfg.finetune.lora, cfg.model
+    _, tp = tp_rank_size()
+    specs = {s.name: s for s in layout.lora_specs(m, cfg.finetune)}
+    for layer in local_layers(model).values():
+        if not isinstance(layer, TransformerBlock):
+            continue
+        for target in lora.targets:
+            name, split = layout.LORA_TARGETS[target]
+            module = layer.get_submodule(name)
+            module.__class__ = LoRARowParallelLinear if split == "row" else LoRAColumnParallelLinear
+            for ab in ("lora_A", "lora_B"):
+                shape = layout.local_shape(specs[f"{name}.{ab}"], m, 0, tp)
+                module.register_parameter(ab, nn.Parameter(torch.zeros(shape)))
+            module.lora_scale = lora.alpha / lora.rank
+            # On CPU and with one seed on every rank, the dropout masks of a replicated input agree
+            # across tensor ranks (they must: the column-parallel adapter input is replicated).
+            module.lora_dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+
+
+def freeze(model: nn.Module, cfg: Config) -> None:
+    """LoRA: only adapters (and a classification head) train. Otherwise freeze_embeddings and the
+    first freeze_layers blocks."""
+    f = cfg.finetune
+    for lp, param in local_parameters(model, cfg).values():
+        if f.lora.rank:
+            param.requires_grad = layout.is_finetune_param(lp.spec)
+        elif (f.freeze_embeddings and lp.index == 0) or 1 <= lp.index <= f.freeze_layers:
+            param.requires_grad = False
+
+
+def build_finetune_model(cfg: Config, topology=None, base: str | None = None) -> nn.Module:
+    """This rank's part of the fine-tuning model; ``base``: a bigtrain checkpoint (or convert_from_hf
+    output) whose weights replace the init (adapters and a new classification head stay fresh)."""
+    mp = megatron_config(cfg)
+    if cfg.parallel.pipeline > 1:
+        model = PipelineModule(
+            layers=finetune_specs(cfg, mp),
+            loss_fn=PipelineLoss(cfg.finetune.task),
+            topology=topology,
+            partition_method=cfg.parallel.partition_method,
+            activation_checkpoint_interval=0,
+        )
+    else:
+        model = FinetuneModel(cfg, mp)
+    if cfg.finetune.lora.rank:
+        add_lora(model, cfg)
+    initialize_weights(model, cfg)
+    if base:
+        load_base_weights(model, cfg, base)
+    freeze(model, cfg)
+    return model
+
+
+@torch.no_grad()
+def load_base_weights(model: nn.Module, cfg: Config, path: str) -> None:
+    """Like checkpoint.load_weights_only, but tensors fine-tuning adds may be absent from ``path``."""
+    from bigtrain.checkpoint import WeightReader, model_shape_differences
+    from bigtrain.config import config_from_dict
+
+    reader = WeightReader(path)
+    diffs = model_shape_differences(config_from_dict(reader.meta["config"]).model, cfg.model)
+    if diffs:
+        raise ValueError(f"{reader.dir}: model shape differs from the config: " + "; ".join(diffs))
+    rank, size = tp_rank_size()
+    for key, (lp, param) in local_parameters(model, cfg).items():
+        if key not in reader.key_to_pp and layout.is_finetune_param(lp.spec):
+            continue
+        full = reader.full(lp)
+        if lp.spec.split == "vocab" and full.shape[0] != cfg.derived.padded_vocab_size:
+            resized = full.new_zeros(cfg.derived.padded_vocab_size, full.shape[1])
+            n = min(full.shape[0], cfg.model.vocab_size)
+            resized[:n] = full[:n]
+            full = resized
+        value = layout.shard(full, lp.spec.split, rank, size)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{reader.dir}: {key} has shape {tuple(full.shape)}, the model needs another")
+        param.copy_(value.to(param.dtype))
