@@ -197,8 +197,9 @@ def run_or_exit(cfg: Config, **kw) -> None:
     import traceback
 
     from bigtrain.distributed import rank_from_env
-    from bigtrain.reliability import TrainingError
+    from bigtrain.reliability import TrainingError, register_with_launcher
 
+    register_with_launcher(rank_from_env())
     try:
         preflight(cfg, rank_from_env())
     except ConfigError as e:

@@ -52,6 +52,15 @@ class ExitSignals:
         self.previous = {}
 
 
+def register_with_launcher(rank: int) -> None:
+    """Under ``bash launch/pretrain.sh`` the launcher forwards SIGTERM/SIGUSR1 to the PIDs listed in
+    ``BIGTRAIN_PID_DIR`` (DeepSpeed's own launcher would kill the ranks instead)."""
+    pid_dir = os.environ.get("BIGTRAIN_PID_DIR")
+    if pid_dir and os.path.isdir(pid_dir):
+        with open(os.path.join(pid_dir, f"{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
 def agree(flags: list[bool], device: torch.device) -> list[bool]:
     """Logical OR of each flag over all ranks (one all-reduce)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:

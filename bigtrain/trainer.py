@@ -310,6 +310,7 @@ def nonfinite_hook(trainer: Trainer, r: StepResult) -> None:
         return
     what = f"loss {r.loss}" if bad_loss else f"gradient norm {r.grad_norm}"
     if cfg.train.nonfinite == "stop":
+        log_hook(trainer, r)  # the bad step is still recorded
         raise TrainingError(
             f"step {state.step}: non-finite {what}; train.nonfinite=stop, so no checkpoint of this step is "
             f"written (last saved step: {trainer.last_saved_step})"

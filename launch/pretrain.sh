@@ -9,6 +9,7 @@
 #       Starts the DeepSpeed launcher itself. Launcher arguments come from DS_LAUNCH_ARGS
 #       (default: every visible GPU, or 1 CPU process), e.g.
 #       DS_LAUNCH_ARGS="--hostfile launch/hostfile.example --num_nodes 2 --num_gpus 8" bash launch/pretrain.sh ...
+#       SIGTERM/SIGUSR1 to this bash process make the local ranks save and exit 0 (exit status 0).
 # BIGTRAIN_ENTRY selects the Python module (default bigtrain.pretrain).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,8 +26,28 @@ if [[ -z "${DS_LAUNCH_ARGS:-}" ]]; then
 fi
 deepspeed_bin="$(dirname "$python")/deepspeed"
 [[ -x "$deepspeed_bin" ]] || deepspeed_bin="deepspeed"
+# Preemption: SIGTERM/SIGUSR1 to this script go to the local ranks themselves (each saves a checkpoint
+# at the end of its step and exits 0), not to DeepSpeed's launcher, which would kill them.
+pid_dir="$(mktemp -d)"
+export BIGTRAIN_PID_DIR="$pid_dir"
+forward() {
+    echo "launch: received SIG$1: every rank saves a checkpoint at the end of its step and exits" >&2
+    for f in "$pid_dir"/*.pid; do
+        [[ -e "$f" ]] && kill -s "$1" "$(cat "$f")" 2>/dev/null || true
+    done
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
 # shellcheck disable=SC2086
-exec "$deepspeed_bin" $DS_LAUNCH_ARGS "${BASH_SOURCE[0]}" "$@"
+"$deepspeed_bin" $DS_LAUNCH_ARGS "${BASH_SOURCE[0]}" "$@" &
+launcher=$!
+status=0
+while true; do
+    wait "$launcher" && status=0 || status=$?
+    kill -0 "$launcher" 2>/dev/null || break  # a trapped signal interrupted wait: keep waiting
+done
+rm -rf "$pid_dir"
+exit "$status"
 ":"""
 # Python reading: hand over to the bash reading above, keeping this interpreter.
 import os
