@@ -131,6 +131,11 @@ class TrainConfig:
         10.0, "Collective timeout: a rank that died or hangs makes the others exit non-zero after this."
     )
     device: str = opt("auto", "auto|cpu|cuda.")
+    compile: bool = opt(
+        False,
+        "torch.compile the elementwise regions (RMSNorm, rotary, SwiGLU gate, loss at tensor size 1): fewer "
+        "kernels and activations on GPU; costs compilation time at start.",
+    )
     exit_signal_save: bool = opt(
         True,
         "On SIGTERM/SIGUSR1 (Slurm's warning before a kill) every rank saves a checkpoint at the end of the "

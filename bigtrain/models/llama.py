@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bigtrain.config import ModelConfig
+from bigtrain.perf import compile_enabled, compiled
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -56,10 +57,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@compiled
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rotary_tables(
@@ -75,6 +81,7 @@ def rotary_tables(
     return emb.cos(), emb.sin()
 
 
+@compiled
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [s, b, heads, d]; cos/sin: [s, d]."""
     cos, sin = cos[:, None, None, :].to(x.dtype), sin[:, None, None, :].to(x.dtype)
@@ -200,7 +207,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)[0].chunk(2, dim=-1)  # this rank's [gate_r; up_r]
-        return self.down(F.silu(gate) * up)[0]
+        return self.down(swiglu(gate, up))[0]
+
+
+@compiled
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class TransformerBlock(nn.Module):
@@ -292,6 +304,16 @@ class OutputLayer(nn.Module):
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over unmasked tokens. logits [s, b, v/tp]; labels, loss_mask [b, s]."""
-    losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
+    if compile_enabled() and parallel_state.get_tensor_model_parallel_world_size() == 1:
+        losses = _cross_entropy(logits, labels.t().contiguous())  # one fused kernel, no all-reduces to trace
+    else:
+        losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
     mask = loss_mask.t().to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+@compiled
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [s, b] from the full (tensor size 1) logits [s, b, v]."""
+    flat = logits.float().flatten(0, 1)
+    return F.cross_entropy(flat, labels.flatten(), reduction="none").view(labels.shape)

@@ -14,6 +14,7 @@ from torch import nn
 from bigtrain.config import Config
 from bigtrain.models import layout
 from bigtrain.models.llama import Embedding, FinalNorm, OutputLayer, TransformerBlock, lm_loss
+from bigtrain.perf import set_compile
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,6 +102,7 @@ class LanguageModel(nn.Module):
 
 def build_model(cfg: Config, topology=None) -> nn.Module:
     """Construct this rank's part of the model (weights initialized deterministically, fp32, CPU)."""
+    set_compile(cfg.train.compile)  # the model's elementwise regions (bigtrain.perf)
     if cfg.finetune.task != "none":  # packed inputs, LoRA adapters or a classification head
         from bigtrain.finetune.model import build_finetune_model
 

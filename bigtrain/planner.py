@@ -1,0 +1,441 @@
+"""Per-GPU memory estimate and layout planner.
+
+Memory is predicted term by term from what bigtrain and DeepSpeed really allocate (names below are
+DeepSpeed's): the tests compare the model-state terms with tensors accounted on every rank of a
+DP=2 run (ZeRO 0-3, :mod:`bigtrain.memory`), and the activation terms with the bytes autograd saves in
+one forward of bigtrain's model (none/selective/full).
+
+- **States** (held from one step to the next, at the end of the backward pass): parameters,
+  gradients (or this rank's gradient partition), optimizer states (fp32 masters + Adam moments,
+  partitioned over data-parallel ranks from ZeRO-1 on), and ZeRO-3's gradient bucket
+  (``reduce_bucket_size`` elements, allocated once) and its always-gathered small parameters.
+- **Activations** (saved for backward, per micro-batch, summed over the micro-batches a pipeline
+  stage holds in flight under 1F1B). Per block and token, with ``a`` bytes per activation element:
+  two RMSNorms each keep an fp32 copy of their input, an fp32 ``rsqrt`` per token, the normalized
+  input and the scaled output (``4h + 4 + 2ah``); attention keeps rotated q and k, the fused QKV
+  output (v is a view into it), SDPA's output and fp32 log-sum-exp, and the out-projection input
+  (``a(4h + 3kvd)/tp + 4 nq/tp``); SwiGLU keeps ``[gate; up]``, silu(gate) and their product
+  (``4af/tp``). ``selective`` drops SDPA's output and log-sum-exp (the core is recomputed);
+  ``full`` keeps only each block's input (``ah``). The output layer adds the fp32 softmax of the
+  logits (``4V/tp``, megatron's cross-entropy keeps it) and the final norm.
+- **Transient** (alive only around the peak): full recompute rebuilds one block in backward; the
+  logits' gradient (fp32, plus a bf16 copy under bf16); the gathered parameters of ZeRO-3; the
+  gradient reduction buckets of ZeRO-1/2.
+
+GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allocator margin.
+Throughput is a model too: compute at a matmul efficiency that grows with tokens per micro-batch,
+tensor-parallel all-reduces, the 1F1B bubble ``(pp-1)/(m+pp-1)``, data-parallel gradient traffic
+(partly hidden by overlap), ZeRO-3's parameter all-gathers and offloaded Adam on the CPU. It ranks
+layouts; it does not replace a measurement (``tools/bench.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from bigtrain import flops
+from bigtrain.config import Config, ConfigError, ModelConfig, validate
+
+GIB = 2**30
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CHECKPOINTING = ("none", "selective", "full")
+# GPU planning: CUDA context + NCCL communicators + cuBLAS workspaces, and allocator fragmentation.
+GPU_OVERHEAD_BYTES = 1.5 * GIB
+ALLOCATOR_MARGIN = 0.08
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    checkpointing: str = "none"
+    offload: bool = False
+
+    def describe(self) -> str:
+        off = "+offload" if self.offload else ""
+        return (
+            f"TP{self.tensor} PP{self.pipeline} DP{self.data} ZeRO-{self.zero}{off} "
+            f"mbs{self.micro_batch} ckpt={self.checkpointing}"
+        )
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU (the heaviest rank)."""
+
+    parameters: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    buffers: float = 0.0
+    activations: float = 0.0
+    transient: float = 0.0
+    cpu_offloaded: float = 0.0  # optimizer state kept in host memory (not in the total)
+
+    @property
+    def states(self) -> float:
+        """Model + optimizer state held between steps (what ZeRO partitions)."""
+        return self.parameters + self.gradients + self.optimizer + self.buffers
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations + self.transient
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "states": self.states, "total": self.total}
+
+
+# ---------------------------------------------------------------------------- parameters per rank
+def layer_parameters(m: ModelConfig, vocab: int, tp: int) -> list[int]:
+    """Parameters of each entry of the layer list on one tensor rank: embedding, blocks, final norm,
+    output layer (0 when tied: it reuses the embedding on the last stage)."""
+    h = m.hidden_size
+    block = flops.block_matmul_params(m) // tp + 2 * h  # norms are replicated over tensor ranks
+    output = 0 if m.tie_embeddings else vocab * h // tp
+    return [vocab * h // tp, *[block] * m.num_layers, h, output]
+
+
+def _balanced_max(weights: list[int], parts: int) -> int:
+    """Smallest possible heaviest part when cutting ``weights`` into ``parts`` contiguous parts
+    (what DeepSpeed's ``partition_method: parameters`` aims for)."""
+    lo, hi = max(weights), sum(weights)
+    while lo < hi:
+        cap = (lo + hi) // 2
+        count, load = 1, 0
+        for w in weights:
+            if load + w > cap:
+                count, load = count + 1, 0
+            load += w
+        if count <= parts:
+            hi = cap
+        else:
+            lo = cap + 1
+    return lo
+
+
+def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int) -> int:
+    """Parameters on the heaviest pipeline stage of one tensor rank."""
+    layers = layer_parameters(m, vocab, tp)
+    heaviest = _balanced_max(layers, pp)
+    if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied embedding
+        heaviest = max(heaviest, layers[0] + layers[-2] + layers[-3])
+    return heaviest
+
+
+def _small_parameters(m: ModelConfig, vocab: int, tp: int, pp: int, threshold: int) -> int:
+    """ZeRO-3 keeps tensors under ``stage3_param_persistence_threshold`` elements whole on every rank."""
+    h, d = m.hidden_size, m.head_dim
+    per_block = [
+        h,
+        h,
+        h * (m.num_attention_heads + 2 * m.kv_heads) * d // tp,
+        m.num_attention_heads * d * h // tp,
+        2 * h * m.ffn_size // tp,
+        h * m.ffn_size // tp,
+    ]
+    blocks = math.ceil(m.num_layers / pp)
+    small = blocks * sum(n for n in per_block if n < threshold)
+    ends = [vocab * h // tp, h, 0 if m.tie_embeddings else vocab * h // tp]
+    return small + sum(n for n in ends if 0 < n < threshold)
+
+
+# ---------------------------------------------------------------------------- model states
+def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
+    """Parameters, gradients, optimizer states and ZeRO buffers per GPU (heaviest rank)."""
+    m, z = cfg.model, cfg.zero
+    vocab = _padded_vocab(cfg, layout.tensor)
+    p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
+    n = layout.data
+    stage = layout.zero
+    mixed = cfg.precision != "fp32"
+    if cfg.precision == "bf16" and stage == 0:
+        stage = 1  # bigtrain runs bf16 ZeRO-0 as ZeRO-1 (DeepSpeed's bf16 optimizer keeps fp32 masters)
+    w = 2 if mixed else 4  # parameter / gradient element bytes
+    est = MemoryEstimate()
+    adam = 8.0 * p  # exp_avg + exp_avg_sq, fp32
+    master = 4.0 * p if mixed else 0.0  # fp32 training: the master *is* the parameter (engine.py)
+    if stage == 0:
+        est.parameters, est.gradients = w * p, w * p
+        est.optimizer = adam + master
+        if cfg.precision == "fp16":
+            est.gradients += 4.0 * p  # fp32 copy of the gradients for the master update
+    elif stage in (1, 2):
+        est.parameters = w * p
+        if cfg.precision == "bf16" and stage == 1:
+            est.gradients = 4.0 * p  # full fp32 accumulation buffer (data_types.grad_accum_dtype)
+        else:
+            est.gradients = w * p / n  # this rank's reduced partition
+        est.optimizer = (adam + master) / n
+    else:
+        small = _small_parameters(
+            m, vocab, layout.tensor, layout.pipeline, z.stage3_param_persistence_threshold
+        )
+        est.parameters = w * ((p - small) / n + small)
+        est.gradients = w * p / n
+        est.optimizer = (adam + master) / n
+        est.buffers = w * z.reduce_bucket_size  # the contiguous gradient bucket, allocated whole
+    if layout.offload and stage >= 1:
+        est.cpu_offloaded = est.optimizer + (4.0 * p / n if mixed else 0.0)
+        est.optimizer = 0.0
+    return est
+
+
+def _padded_vocab(cfg: Config, tp: int) -> int:
+    multiple = cfg.model.make_vocab_size_divisible_by * tp
+    return multiple * math.ceil(cfg.model.vocab_size / multiple)
+
+
+# ---------------------------------------------------------------------------- activations
+def block_activation_bytes(
+    m: ModelConfig, tokens: int, a: int, tp: int, checkpointing: str, device: str = "cuda"
+) -> float:
+    """Bytes one transformer block saves for backward for ``tokens`` tokens of a micro-batch.
+
+    ``device``: CPU SDPA returns its output laid out ``[s, b, heads, d]``, so the out-projection's
+    input is a view of it; CUDA kernels return ``[b, s, heads, d]`` and the reshape copies."""
+    h, kvd, nq, f = m.hidden_size, m.kv_heads * m.head_dim, m.num_attention_heads, m.ffn_size
+    if checkpointing == "full":
+        return tokens * a * h  # the block input only
+    norms = 2 * (4 * h + 4 + 2 * a * h)
+    copy_out = device != "cpu"
+    attention = a * (3 * h + 3 * kvd + (h if copy_out else 0)) / tp + 4 * nq / tp
+    if checkpointing == "selective":  # the core is recomputed: its log-sum-exp (and a copied output)
+        attention -= 4 * nq / tp + (a * h / tp if copy_out else 0)
+    mlp = 4 * a * f / tp
+    rotary = 8 * m.seq_length * m.head_dim  # fp32 cos/sin tables per block, per micro-batch
+    return tokens * (norms + attention + mlp) + rotary
+
+
+def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int) -> float:
+    """Final norm, the fp32 softmax megatron's cross-entropy keeps, loss bookkeeping."""
+    return tokens * ((4 * m.hidden_size + 4 + 2 * a * m.hidden_size) + 4 * vocab / tp + 21)
+
+
+def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tuple[float, float]:
+    """(saved activations, transient peak on top) in bytes on the heaviest pipeline stage."""
+    m = cfg.model
+    a = ACT_BYTES[cfg.precision]
+    vocab = _padded_vocab(cfg, layout.tensor)
+    tokens = layout.micro_batch * m.seq_length
+    pp = layout.pipeline
+    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
+    in_flight = min(pp, accum)  # 1F1B: the first stage holds pp micro-batches
+    blocks_per_stage = math.ceil(m.num_layers / pp)
+    block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing, device)
+    first = in_flight * (blocks_per_stage * block + 8 * tokens)  # + token ids kept by the embedding
+    out = output_activation_bytes(m, tokens, a, vocab, layout.tensor)
+    last = blocks_per_stage * block + out
+    saved = max(first, last) if pp > 1 else blocks_per_stage * block + out + 8 * tokens
+    # transient: gradient of the logits (fp32, plus the activation-dtype copy the matmul takes)
+    transient = tokens * vocab / layout.tensor * (4 + (a if a != 4 else 0))
+    if layout.checkpointing == "full":
+        transient += block_activation_bytes(m, tokens, a, layout.tensor, "none", device)  # one block rebuilt
+    return saved, transient
+
+
+def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
+    """Everything per GPU for ``layout`` (model states + activations + transient peaks)."""
+    est = state_memory(cfg, layout)
+    est.activations, est.transient = activation_memory(cfg, layout)
+    m = cfg.model
+    vocab = _padded_vocab(cfg, layout.tensor)
+    w = 2 if cfg.precision != "fp32" else 4
+    if layout.zero == 3:  # gathered parameters in flight: one block + the prefetch bucket
+        block = flops.block_matmul_params(m) // layout.tensor
+        est.transient += w * (2 * block + min(cfg.zero.stage3_prefetch_bucket_size, vocab * m.hidden_size))
+    elif layout.zero in (1, 2) or (cfg.precision == "bf16" and layout.zero == 0):
+        p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
+        est.transient += w * min(cfg.zero.reduce_bucket_size, p)  # gradient reduction bucket
+    return est
+
+
+# ---------------------------------------------------------------------------- throughput model
+@dataclass
+class Hardware:
+    peak_tflops: float = 989.0
+    gpus_per_node: int = 8
+    intra_node_gbps: float = 300.0  # effective all-reduce bus bandwidth, GB/s (NVLink)
+    inter_node_gbps: float = 40.0  # per GPU (400 Gb/s InfiniBand)
+    cpu_adam_params_per_s: float = 1.0e9  # DeepSpeed CPU Adam, per GPU's share of host cores
+
+
+def matmul_efficiency(tokens_per_microbatch: int, hidden: int) -> float:
+    """Fraction of peak a dense bf16 transformer step reaches; large GEMMs approach ~0.62 on H100
+    (798/989 measured GEMM ceiling times non-matmul overheads), small ones fall off."""
+    size = tokens_per_microbatch * hidden
+    return 0.62 * size / (size + 2.0e6)
+
+
+def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
+    """Predicted seconds per optimizer step, by component."""
+    m = cfg.model
+    vocab = _padded_vocab(cfg, layout.tensor)
+    gpus = layout.tensor * layout.pipeline * layout.data
+    tokens = cfg.train.global_batch_size * m.seq_length
+    hw_flops = flops.hardware_flops_per_token(m, vocab, layout.checkpointing) * tokens
+    eff = matmul_efficiency(layout.micro_batch * m.seq_length, m.hidden_size // layout.tensor)
+    compute = hw_flops / gpus / (hw.peak_tflops * 1e12 * eff)
+    a = ACT_BYTES[cfg.precision]
+    accum = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
+    tp_bw = (hw.intra_node_gbps if layout.tensor <= hw.gpus_per_node else hw.inter_node_gbps) * 1e9
+    tp_comm = 0.0
+    if layout.tensor > 1:  # 2 all-reduces forward + 2 backward per block, of [tokens, h]
+        per = 2 * (layout.tensor - 1) / layout.tensor * layout.micro_batch * m.seq_length * m.hidden_size * a
+        tp_comm = accum * math.ceil(m.num_layers / layout.pipeline) * 4 * per / tp_bw
+    bubble = (layout.pipeline - 1) / (accum + layout.pipeline - 1) if layout.pipeline > 1 else 0.0
+    p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
+    dp_nodes = gpus > hw.gpus_per_node
+    dp_bw = (hw.inter_node_gbps if dp_nodes else hw.intra_node_gbps) * 1e9
+    g = 2 if cfg.precision != "fp32" else 4
+    n = layout.data
+    dp_comm = 0.0
+    if n > 1:
+        dp_comm = 2 * (n - 1) / n * p * g / dp_bw  # reduce-scatter + all-gather = one all-reduce
+        if layout.zero == 3:
+            dp_comm += accum * 2 * (n - 1) / n * p * g / dp_bw  # parameters gathered fwd and bwd
+    exposed_dp = max(0.0, dp_comm - 0.5 * compute) if cfg.zero.overlap_comm else dp_comm
+    zero3_overhead = 0.04 * compute if layout.zero == 3 else 0.0  # per-parameter hooks
+    offload = 12 * p / n / (hw.cpu_adam_params_per_s * 12) if layout.offload else 0.0
+    busy = compute + tp_comm
+    total = busy / (1 - bubble) + exposed_dp + zero3_overhead + offload
+    return {
+        "compute": compute,
+        "tensor_comm": tp_comm,
+        "bubble_fraction": bubble,
+        "data_comm_exposed": exposed_dp,
+        "zero3_overhead": zero3_overhead,
+        "offload_adam": offload,
+        "total": total,
+        "matmul_efficiency": eff,
+    }
+
+
+# ---------------------------------------------------------------------------- planning
+@dataclass
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate
+    fits: bool
+    seconds: dict[str, float]
+    tokens_per_sec_per_gpu: float
+    mfu: float
+    why: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "layout": asdict(self.layout),
+            "memory_gib": {k: v / GIB for k, v in self.memory.as_dict().items()},
+            "fits": self.fits,
+            "step_seconds": self.seconds,
+            "tokens_per_sec_per_gpu": self.tokens_per_sec_per_gpu,
+            "mfu": self.mfu,
+            "why": self.why,
+        }
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    out, v = [], 1
+    while v <= limit:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def layout_config(cfg: Config, layout: Layout) -> Config:
+    """A copy of ``cfg`` set to ``layout`` and resolved for its world size (raises ConfigError)."""
+    c = copy.deepcopy(cfg)
+    c.parallel.tensor, c.parallel.pipeline = layout.tensor, layout.pipeline
+    c.zero.stage, c.zero.offload_optimizer = layout.zero, layout.offload
+    c.train.micro_batch_size = layout.micro_batch
+    c.activation_checkpointing = layout.checkpointing
+    world = layout.tensor * layout.pipeline * layout.data
+    validate(c, world)
+    return c.resolve(world)
+
+
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
+    """Every layout bigtrain accepts for this model on ``gpus`` GPUs (TP within a node)."""
+    out = []
+    for tp in _powers_of_two(min(gpus, gpus_per_node)):
+        for pp in [d for d in range(1, gpus // tp + 1) if (gpus // tp) % d == 0]:
+            if gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            for mbs in _powers_of_two(max(1, cfg.train.global_batch_size // dp)):
+                for zero in (0, 1, 2, 3):
+                    for offload in (False, True) if zero else (False,):
+                        for ckpt in CHECKPOINTING:
+                            layout = Layout(tp, pp, dp, zero, mbs, ckpt, offload)
+                            try:
+                                layout_config(cfg, layout)
+                            except ConfigError:
+                                continue
+                            out.append(layout)
+    return out
+
+
+def evaluate(cfg: Config, layout: Layout, gpu_memory_bytes: float, hw: Hardware) -> Candidate:
+    c = layout_config(cfg, layout)
+    mem = estimate(c, layout)
+    budget = gpu_memory_bytes * (1 - ALLOCATOR_MARGIN) - GPU_OVERHEAD_BYTES
+    secs = step_time(c, layout, hw)
+    gpus = layout.tensor * layout.pipeline * layout.data
+    tokens = c.train.global_batch_size * c.model.seq_length
+    tps = tokens / secs["total"] / gpus
+    model_flops = flops.train_flops_per_token(c.model, c.derived.padded_vocab_size)
+    mfu = tps * model_flops / (hw.peak_tflops * 1e12)
+    return Candidate(layout, mem, mem.total <= budget, secs, tps, mfu)
+
+
+def explain(best: Candidate, ranked: list[Candidate], budget: float) -> str:
+    mem = best.memory
+    parts = [
+        f"{best.layout.describe()}: {mem.total / GIB:.1f} GiB of {budget / GIB:.1f} usable "
+        f"(params {mem.parameters / GIB:.1f}, grads {mem.gradients / GIB:.1f}, optimizer "
+        f"{mem.optimizer / GIB:.1f}, buffers {mem.buffers / GIB:.1f}, activations {mem.activations / GIB:.1f}, "
+        f"transient {mem.transient / GIB:.1f})",
+        f"predicted {best.tokens_per_sec_per_gpu:,.0f} tokens/s/GPU, MFU {best.mfu:.0%}",
+    ]
+    s = best.seconds
+    if s["bubble_fraction"]:
+        parts.append(f"pipeline bubble {s['bubble_fraction']:.0%}")
+    if s["tensor_comm"]:
+        parts.append(f"tensor-parallel all-reduces {s['tensor_comm'] / s['total']:.0%} of the step")
+    if best.layout.checkpointing != "none":
+        parts.append(f"{best.layout.checkpointing} recomputation because nothing cheaper fits")
+    larger = [c for c in ranked if c.layout == replace(best.layout, micro_batch=2 * best.layout.micro_batch)]
+    if larger and not larger[0].fits:
+        parts.append(
+            f"micro-batch {larger[0].layout.micro_batch} would need {larger[0].memory.total / GIB:.1f} GiB"
+        )
+    return "; ".join(parts)
+
+
+def plan(
+    cfg: Config, gpus: int, gpu_memory_gib: float, nodes: int = 1, hw: Hardware | None = None
+) -> list[Candidate]:
+    """Layouts ranked by predicted tokens/s/GPU, fitting ones first; the first has ``why`` filled."""
+    hw = hw or Hardware()
+    if gpus % nodes:
+        raise ConfigError(f"--gpus {gpus} is not divisible by --nodes {nodes}")
+    hw.gpus_per_node = gpus // nodes
+    budget = gpu_memory_gib * GIB * (1 - ALLOCATOR_MARGIN) - GPU_OVERHEAD_BYTES
+    ranked = [
+        evaluate(cfg, layout, gpu_memory_gib * GIB, hw)
+        for layout in candidate_layouts(cfg, gpus, hw.gpus_per_node)
+    ]
+    ranked.sort(key=lambda c: (not c.fits, -c.tokens_per_sec_per_gpu, c.memory.total))
+    if ranked and ranked[0].fits:
+        ranked[0].why = explain(ranked[0], ranked, budget)
+    elif ranked:
+        ranked[0].why = (
+            f"nothing fits in {budget / GIB:.1f} usable GiB per GPU; smallest needs "
+            f"{min(c.memory.total for c in ranked) / GIB:.1f} GiB"
+        )
+    return ranked

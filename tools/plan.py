@@ -1,0 +1,88 @@
+"""Choose a parallel layout: per-GPU memory and predicted throughput of every valid layout.
+
+    python tools/plan.py --config configs/llama-7b.yaml --gpus 8 --gpu-memory-gib 80
+    python tools/plan.py --config configs/llama-13b.yaml --gpus 16 --nodes 2 --gpu-memory-gib 80 --top 5 --json plan.json
+    python tools/plan.py --config configs/llama-1.3b.yaml --gpus 8 --gpu-memory-gib 80 --only tensor=1 zero=1
+
+Layouts: tensor × pipeline × data parallel sizes, ZeRO stage (and optimizer offload), micro-batch size
+and activation checkpointing, as bigtrain's config validation accepts them (the global batch size
+is kept). Memory and throughput come from bigtrain.planner; see its docstring for what is counted.
+Prints the ranking and the settings to use (``--set`` overrides for bigtrain.pretrain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bigtrain import planner  # noqa: E402
+from bigtrain.config import ConfigError, load_config  # noqa: E402
+
+
+def overrides_for(layout: planner.Layout) -> list[str]:
+    return [
+        f"parallel.tensor={layout.tensor}",
+        f"parallel.pipeline={layout.pipeline}",
+        f"zero.stage={layout.zero}",
+        f"zero.offload_optimizer={str(layout.offload).lower()}",
+        f"train.micro_batch_size={layout.micro_batch}",
+        f"activation_checkpointing={layout.checkpointing}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory per GPU")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU")
+    p.add_argument("--top", type=int, default=10, help="rows to print")
+    p.add_argument(
+        "--only", nargs="+", default=[], metavar="FIELD=VALUE", help="keep layouts with these fields"
+    )
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        hw = planner.Hardware(peak_tflops=args.peak_tflops)
+        ranked = planner.plan(cfg, args.gpus, args.gpu_memory_gib, args.nodes, hw)
+    except ConfigError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
+    for item in args.only:
+        key, value = item.split("=", 1)
+        ranked = [c for c in ranked if str(getattr(c.layout, key)).lower() == value.lower()]
+    if not ranked:
+        print("plan: no valid layout (check --gpus against the model's heads, layers and global batch)")
+        return 1
+    m = cfg.model
+    print(
+        f"{args.config}: {m.num_layers} layers, h={m.hidden_size}, seq {m.seq_length}, {cfg.precision}, "
+        f"global batch {cfg.train.global_batch_size}; {args.gpus} GPUs x {args.gpu_memory_gib:g} GiB"
+        f" on {args.nodes} node(s); {len(ranked)} valid layouts, {sum(c.fits for c in ranked)} fit"
+    )
+    print(f"{'#':>3} {'layout':<46} {'GiB/GPU':>8} {'fits':>5} {'tok/s/GPU':>10} {'MFU':>5}")
+    for i, c in enumerate(ranked[: args.top], 1):
+        print(
+            f"{i:>3} {c.layout.describe():<46} {c.memory.total / planner.GIB:>8.1f} {'yes' if c.fits else 'no':>5} "
+            f"{c.tokens_per_sec_per_gpu:>10,.0f} {c.mfu:>5.0%}"
+        )
+    best = ranked[0]
+    print(f"\nchoice: {best.why}")
+    if best.fits:
+        print("settings: --set " + " ".join(overrides_for(best.layout)))
+    if args.json:
+        Path(args.json).write_text(json.dumps([c.as_dict() for c in ranked], indent=2))
+    return 0 if best.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
