@@ -1,5 +1,5 @@
-"""A job killed after step 10 and relaunched with the same command and run_dir resumes exactly:
-steps 11-20 equal the uninterrupted run."""
+"""`kill -9` of one rank at step 7 (checkpoints every 5), then the same command again: the job resumes
+from step 5 and steps 6-20 equal the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,28 +13,34 @@ from tests.training.helpers import assert_close_rel, metrics, single, torchrun, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("overrides", [["zero.stage=1"], ["parallel.pipeline=2"]], ids=["dp2-zero1", "pp2"])
-def test_resume_continues_the_same_curve(overrides, tmp_path):
+@pytest.mark.parametrize(
+    "overrides, killed_rank",
+    [(["zero.stage=1"], 1), (["parallel.pipeline=2"], 0)],
+    ids=["dp2-zero1", "pp2"],
+)
+def test_kill9_one_rank_then_relaunch_continues_the_same_curve(overrides, killed_rank, tmp_path):
     corpus = write_corpus(tmp_path / "corpus" / "patterns")
-    common = ["checkpoint.interval=10", "checkpoint.keep_last=2", "optim.warmup_steps=3", *overrides]
+    common = ["checkpoint.interval=5", "checkpoint.keep_last=2", "optim.warmup_steps=3", *overrides]
     full, split = tmp_path / "full", tmp_path / "split"
     torchrun(2, train_args(corpus, full, *common, steps=20))
-    crashed = torchrun(2, train_args(corpus, split, *common, "debug.crash_at_step=10", steps=20), check=False)
+    kill = ["debug.crash_at_step=7", f"debug.fault_rank={killed_rank}"]
+    crashed = torchrun(2, train_args(corpus, split, *common, *kill, steps=20), check=False)
     assert crashed.returncode != 0
-    assert latest_tag(split / "checkpoints") == "step_00000010"
+    assert f"debug.crash_at_step: SIGKILL to rank {killed_rank} after step 7" in crashed.stdout
+    assert latest_tag(split / "checkpoints") == "step_00000005"
     out = torchrun(2, train_args(corpus, split, *common, steps=20))
-    assert "resumed from step 10" in out.stdout
+    assert "resumed from step 5" in out.stdout
 
     uninterrupted = {r["step"]: r for r in metrics(full)}
-    resumed = [r for r in metrics(split) if r["step"] > 10]
-    assert [r["step"] for r in resumed] == list(range(11, 21))
+    resumed = [r for r in metrics(split) if r["step"] > 5][-15:]
+    assert [r["step"] for r in resumed] == list(range(6, 21))
     for r in resumed:
         ref = uninterrupted[r["step"]]
         assert abs(r["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"]), (r, ref)
         assert r["lr"] == pytest.approx(ref["lr"], rel=1e-12)
         assert r["consumed_samples"] == ref["consumed_samples"]
-    # keep_last=2 retention, and the saved config travels with the checkpoint
-    assert list_tags(split / "checkpoints") == ["step_00000010", "step_00000020"]
+    # keep_last=2 retention, except the checkpoint this run resumed from; the config travels along
+    assert list_tags(split / "checkpoints") == ["step_00000005", "step_00000015", "step_00000020"]
     meta = json.loads((split / "checkpoints" / "step_00000020" / "bigtrain.json").read_text())
     assert meta["consumed_samples"] == 20 * 8 and meta["config"]["train"]["steps"] == 20
 
