@@ -217,6 +217,7 @@ def read_classify(
 ) -> tuple[list[Example], ReadStats, list[str]]:
     """``labels``: the class names (None: taken from this data, sorted; ints numerically)."""
     stats, rows = ReadStats(), []
+    known = None if labels is None else set(labels)
     for where, record in _records(expand_paths(spec, key), strict, stats):
         text, label = record.get("text"), record.get("label")
         if not isinstance(text, str) or not text.strip():
@@ -225,22 +226,16 @@ def read_classify(
             _reject(
                 where, f"'label' must be a string or an integer, got {label!r}", "malformed", strict, stats
             )
+        elif known is not None and str(label) not in known:
+            message = f"label {label!r} is not one of the training labels {labels}"
+            _reject(where, message, "unknown label", strict, stats)
         else:
-            rows.append((where, text, label))
+            rows.append((text, label))
     if labels is None:
-        labels = [str(x) for x in sorted({lab for _, _, lab in rows}, key=lambda x: (isinstance(x, str), x))]
+        labels = [str(x) for x in sorted({lab for _, lab in rows}, key=lambda x: (isinstance(x, str), x))]
     index = {name: i for i, name in enumerate(labels)}
     examples = []
-    for where, text, label in rows:
-        if str(label) not in index:
-            _reject(
-                where,
-                f"label {label!r} is not one of the training labels {labels}",
-                "unknown label",
-                strict,
-                stats,
-            )
-            continue
+    for text, label in rows:
         example = _fit(
             Example([tok.bos_id, *tok.encode(text)], index[str(label)]), seq_length, overlong, stats
         )

@@ -239,6 +239,11 @@ def build_finetune_model(cfg: Config, topology=None, base: str | None = None) ->
     initialize_weights(model, cfg)
     if base:
         load_base_weights(model, cfg, base)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+            print(
+                f"loaded weights from {base} (fresh optimizer, step 0; new adapters/head initialized)",
+                flush=True,
+            )
     freeze(model, cfg)
     return model
 

@@ -235,6 +235,9 @@ def save_best(trainer: FinetuneTrainer, step: int, result: dict[str, Any]) -> No
             "config": cfg.to_dict(),
         }
         (tmp / "bigtrain.json").write_text(json.dumps(meta, indent=2))
+        from bigtrain.checkpoint_files import write_manifest
+
+        write_manifest(tmp, {}, step)  # sizes and checksums of every file, as checkpoints carry
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         console(f"best {metric} {result[metric]:.4f} at step {step}: saved {final}")

@@ -1,0 +1,218 @@
+"""Fine-tuning end to end with the real entry point: SFT on a task the model cannot solve before, judged
+through the exported HF model's generate (acceptance 2); classification at TP=2 with metrics, early
+stopping, best checkpoint and LlamaForSequenceClassification export (3, 5); LoRA at TP=2 with a frozen
+base and merged/PEFT exports (4); freezing and layer-wise LR decay by parameter deltas (5)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigtrain.checkpoint import WeightReader
+from bigtrain.models import layout
+from tests.conftest import REPO, run_cmd
+from tests.finetune.conftest import VOCAB
+from tests.finetune.helpers import (
+    CLASSIFY_TINY,
+    SFT_TINY,
+    classify_rows,
+    reverse_rows,
+    reverse_split,
+    write_jsonl,
+)
+from tests.training.helpers import single, torchrun
+
+pytestmark = pytest.mark.timeout(420)
+MODULE = "bigtrain.finetune"
+
+
+def export(checkpoint: Path, out: Path, *extra: str) -> Path:
+    run_cmd([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--checkpoint", str(checkpoint),
+             "--output", str(out), *extra], timeout=180)  # fmt: skip
+    return out
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def reader_weights(path: Path) -> dict[str, torch.Tensor]:
+    from bigtrain.config import config_from_dict
+
+    reader = WeightReader(path)
+    ft = config_from_dict(reader.meta["config"])
+    return {lp.key: reader.full(lp) for lp in layout.iter_layer_params(ft.model, finetune=ft.finetune)}
+
+
+def test_sft_learns_reversal_measured_through_hf_generate(tok_dir: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train, held_out = reverse_split(400, 60)
+    write_jsonl(tmp_path / "train.jsonl", reverse_rows(train))
+    write_jsonl(tmp_path / "valid.jsonl", reverse_rows(held_out[:20]))
+    run_dir = tmp_path / "run"
+    proc = single(
+        ["--config", SFT_TINY, "--set", f"data.tokenizer={tok_dir}", f"finetune.train={tmp_path / 'train.jsonl'}",
+         f"finetune.valid={tmp_path / 'valid.jsonl'}", f"train.run_dir={run_dir}", "finetune.epochs=16",
+         "train.eval_interval=0", "train.log_interval=50"],
+        module=MODULE,
+    )  # fmt: skip
+    sequences = int(proc.stdout.split("sft: ")[1].split()[0])
+    assert sequences <= 110  # 400 examples of ~14 tokens, packed ~4 to a 64-token sequence
+    assert [r["step"] for r in rows(run_dir) if "loss" in r][-1] == math.ceil(16 * sequences / 8)  # epochs
+    hf = export(run_dir / "checkpoints", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(hf)  # the chat template travelled with the export
+    model = AutoModelForCausalLM.from_pretrained(hf).eval()
+
+    def exact_match(words: list[str]) -> float:
+        hits = 0
+        for row in reverse_rows(words):
+            text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True)  # fmt: skip
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+            hits += (
+                " ".join(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split())
+                == row["response"]
+            )
+        return hits / len(words)
+
+    score = exact_match(held_out)
+    print(f"held-out exact match through HF generate: {score:.1%} of {len(held_out)}")
+    assert score >= 0.95
+
+
+def test_classification_tp2_metrics_early_stop_best_and_export(tok_dir: Path, tmp_path: Path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    write_jsonl(tmp_path / "train.jsonl", classify_rows(300, seed=1))
+    valid = classify_rows(100, seed=2)
+    write_jsonl(tmp_path / "valid.jsonl", valid)
+    run_dir = tmp_path / "run"
+    torchrun(
+        2,
+        ["--config", CLASSIFY_TINY, "--set", f"data.tokenizer={tok_dir}", "parallel.tensor=2",
+         f"finetune.train={tmp_path / 'train.jsonl'}", f"finetune.valid={tmp_path / 'valid.jsonl'}",
+         f"train.run_dir={run_dir}", "train.steps=200", "finetune.patience=2"],
+        module=MODULE,
+    )  # fmt: skip
+    vals = [r for r in rows(run_dir) if "val_accuracy" in r]
+    # early stopping: the run ends at the 2nd validation without a gain over the best accuracy
+    best, bad, expected = -1.0, 0, None
+    for r in vals:
+        best, bad = (r["val_accuracy"], 0) if r["val_accuracy"] > best else (best, bad + 1)
+        if bad == 2:
+            expected = r["step"]
+            break
+    last_step = max(r["step"] for r in rows(run_dir) if "loss" in r)
+    assert expected is not None and last_step == expected < 200
+    assert (run_dir / "checkpoints" / f"step_{expected:08d}").is_dir()
+    best_row = max(vals, key=lambda r: (r["val_accuracy"], -r["step"]))
+    assert json.loads((run_dir / "best" / "bigtrain.json").read_text())["step"] == best_row["step"]
+
+    def predictions(hf: Path) -> list[int]:
+        tok = AutoTokenizer.from_pretrained(hf)
+        model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
+        assert model.config.id2label == {0: "food", 1: "sport", 2: "tech"}
+        enc = tok([r["text"] for r in valid], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return model(**enc).logits.argmax(-1).tolist()
+
+    truth = [{"food": 0, "sport": 1, "tech": 2}[r["label"]] for r in valid]
+    best_preds = predictions(export(run_dir / "best", tmp_path / "hf_best"))
+    accuracy = sum(p == t for p, t in zip(best_preds, truth)) / len(truth)
+    print(f"best checkpoint (step {best_row['step']}): held-out accuracy through HF {accuracy:.1%}")
+    assert accuracy >= 0.95 and accuracy == best_row["val_accuracy"]
+    # the final checkpoint: the logged metrics equal an independent computation from HF's predictions
+    final = next(r for r in vals if r["step"] == last_step)
+    preds = torch.tensor(predictions(export(run_dir / "checkpoints", tmp_path / "hf_final")))
+    y = torch.tensor(truth)
+    tp = torch.stack([((preds == c) & (y == c)).sum() for c in range(3)]).double()
+    precision = torch.nan_to_num(tp / torch.stack([(preds == c).sum() for c in range(3)]))
+    recall = tp / torch.stack([(y == c).sum() for c in range(3)])
+    f1 = torch.nan_to_num(2 * precision * recall / (precision + recall))
+    confusion = torch.zeros(3, 3, dtype=torch.long).index_put_(
+        (y, preds), torch.ones_like(y), accumulate=True
+    )
+    assert final["val_confusion"] == confusion.tolist()
+    assert final["val_accuracy"] == pytest.approx(float((preds == y).double().mean()), abs=1e-12)
+    for name, value in (("val_precision", precision), ("val_recall", recall), ("val_f1", f1)):
+        assert final[name] == pytest.approx(float(value.mean()), abs=1e-12), name
+
+
+def test_lora_tp2_frozen_base_and_merged_and_peft_exports(tok_dir: Path, hf_base, tmp_path: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, base_ckpt = hf_base
+    train, held_out = reverse_split(200, 20)
+    write_jsonl(tmp_path / "train.jsonl", reverse_rows(train))
+    run_dir = tmp_path / "run"
+    torchrun(
+        2,
+        ["--config", SFT_TINY, "--set", f"data.tokenizer={tok_dir}", "parallel.tensor=2",
+         f"finetune.train={tmp_path / 'train.jsonl'}", f"train.run_dir={run_dir}", f"checkpoint.load={base_ckpt}",
+         "finetune.valid=null", "finetune.lora.rank=4", "finetune.lora.alpha=8", "train.steps=12", "train.eval_interval=0"],
+        module=MODULE,
+    )  # fmt: skip
+    params = next(r for r in rows(run_dir) if "trainable_params" in r)
+    assert 0 < params["trainable_params"] < 0.1 * (params["trainable_params"] + params["frozen_params"])
+    before, after = reader_weights(base_ckpt), reader_weights(run_dir / "checkpoints")
+    lora = {k for k in after if "lora_" in k}
+    assert len(lora) == 2 * 4 * 2  # A and B, 4 projections, 2 blocks; replicas agreed across TP ranks
+    for key, value in before.items():  # (vocab padding differs between TP=1 and TP=2: true rows compared)
+        assert torch.equal(after[key][:VOCAB], value[:VOCAB]), f"base weight {key} changed"
+    assert all(after[k].abs().sum() > 0 for k in lora if k.endswith("lora_B"))  # the adapters trained
+    tokens = [1, 5, 17, 271, 268, 266, 17, 6, 17, 274]
+    probe = tmp_path / "bigtrain_logits.pt"
+    torchrun(2, ["--checkpoint", str(run_dir / "checkpoints"), "--tokens", ",".join(map(str, tokens)),
+                 "--output", str(probe)], module="bigtrain.finetune.logits")  # fmt: skip
+    ours = torch.load(probe)
+    merged = AutoModelForCausalLM.from_pretrained(export(run_dir / "checkpoints", tmp_path / "merged")).eval()
+    base = AutoModelForCausalLM.from_pretrained(
+        export(run_dir / "checkpoints", tmp_path / "base", "--peft-adapter", str(tmp_path / "adapter"))
+    ).eval()
+    original = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in base.state_dict().items())
+    peft = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        merged_logits, peft_logits, original_logits = (
+            merged(ids).logits,
+            peft(ids).logits,
+            original(ids).logits,
+        )
+    diffs = [(merged_logits - ours).abs().max().item(), (peft_logits - ours).abs().max().item()]
+    print(f"LoRA TP=2: max |logit diff| merged {diffs[0]:.2e}, PEFT {diffs[1]:.2e}")
+    assert max(diffs) <= 1e-4
+    assert (original_logits - ours).abs().max() > 1e-2  # the adapters matter
+
+
+def test_freezing_and_layer_wise_lr_by_parameter_deltas(tok_dir: Path, hf_base, tmp_path: Path):
+    _, base_ckpt = hf_base
+    train, _ = reverse_split(64, 0)
+    write_jsonl(tmp_path / "train.jsonl", reverse_rows(train))
+    run_dir = tmp_path / "run"
+    lr = 1e-3
+    single(
+        ["--config", SFT_TINY, "--set", f"data.tokenizer={tok_dir}", f"finetune.train={tmp_path / 'train.jsonl'}",
+         f"train.run_dir={run_dir}", f"checkpoint.load={base_ckpt}", "train.steps=1", "optim.name=adam",
+         f"optim.lr={lr}", "optim.warmup_steps=0", "optim.decay=constant", "optim.weight_decay=0", "optim.grad_clip=0",
+         "optim.layer_decay=0.5", "finetune.valid=null", "finetune.freeze_embeddings=true", "finetune.freeze_layers=1"],
+        module=MODULE,
+    )  # fmt: skip
+    before, after = reader_weights(base_ckpt), reader_weights(run_dir / "checkpoints")
+    for key in before:
+        delta = (after[key] - before[key]).abs()
+        index = int(key.split(".")[0])
+        if index <= 1:  # embedding and the first block: frozen
+            assert torch.equal(after[key], before[key]), key
+        else:  # Adam's first step moves every element with a gradient by ~lr (its own layer's lr)
+            expected = lr * 0.5 ** (1 if index == 2 else 0)
+            moved = delta[delta > 0]
+            assert moved.median().item() == pytest.approx(expected, rel=0.02), key

@@ -1,0 +1,206 @@
+"""In-process checks: packed-batch loss and attention boundaries (acceptance 1), data readers and their
+bad-input handling, optimizer choice / layer-wise LR groups, metrics and early stopping on crafted curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigtrain.config import load_config
+from bigtrain.finetune import data as d
+from bigtrain.finetune.trainer import EarlyStopping, classification_metrics
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def sft_model():
+    """A tiny SFT model in a world of one process (megatron-core's layers need parallel_state)."""
+    from bigtrain.finetune.model import build_finetune_model
+    from bigtrain.generation import NativeModel, _start_world_of_one
+
+    cfg = load_config(
+        None,
+        [
+            "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_kv_heads=2",
+            "model.ffn_hidden_size=128", "model.seq_length=32", "model.vocab_size=100", "train.device=cpu",
+            "finetune.task=sft", "finetune.train=unused", "data.tokenizer=unused", "model.init_std=0.2",
+        ],
+    ).resolve(1)  # fmt: skip
+    owns = _start_world_of_one(cfg)
+    model = build_finetune_model(cfg).eval()
+    yield cfg, model
+    if owns:
+        NativeModel._shutdown()
+
+
+def _reference_logits(model, tokens: list[int]) -> torch.Tensor:
+    """One example alone through pretraining's code path (plain tensors: causal SDPA, positions 0..n-1)."""
+    x = torch.tensor([tokens])
+    for index in range(model.num_list_layers - 1):
+        x = getattr(model, str(index))(x)
+    return getattr(model, str(model.num_list_layers - 1))(x)[:, 0, :100]  # [n, vocab]
+
+
+def test_packed_loss_is_response_only_cross_entropy_without_cross_attention(sft_model):
+    cfg, model = sft_model
+    examples = [  # tokens, trained (response) flags
+        d.Example([1, 10, 11, 12, 20, 21, 2], [False, False, False, False, True, True, True]),
+        d.Example([1, 30, 31, 40, 2], [False, False, False, True, True]),
+        d.Example([1, 50, 51, 52, 53, 60, 61, 62, 2], [False] * 5 + [True] * 4),
+        d.Example([1, 70, 80, 2], [False, False, True, True]),
+    ]
+    seqs = d.pack(examples, 32, pad_id=3, packing=True)
+    assert len(seqs) == 1  # 25 tokens: all four share one sequence
+    b = d.collate(seqs)
+    assert b["positions"][0, :7].tolist() == list(range(7)) and b["positions"][0, 7:12].tolist() == list(
+        range(5)
+    )
+    with torch.no_grad():
+        loss = model(b["tokens"], b["positions"], b["doc_ids"], b["labels"], b["loss_mask"])
+        packed_logits = model.outputs(b["tokens"], b["positions"], b["doc_ids"])[:, 0, :100]  # [s, vocab]
+    total, count, start = 0.0, 0, 0
+    for ex in examples:
+        n = len(ex.tokens)
+        ref = _reference_logits(model, ex.tokens)
+        # attention and positions stay inside the example: identical logits packed or alone
+        assert (packed_logits[start : start + n] - ref).abs().max() < 1e-5
+        logp = F.log_softmax(ref.double(), dim=-1)
+        for p in range(n - 1):
+            if ex.target[p + 1]:  # predict a response token (or the EOS after it)
+                total -= float(logp[p, ex.tokens[p + 1]])
+                count += 1
+        start += n
+    assert count == 3 + 2 + 4 + 2
+    assert abs(float(loss) - total / count) < 1e-5
+    # and the prompt tokens really are excluded: training on them too would change the loss
+    everything = b["loss_mask"].clone()
+    everything[0, :24] = 1
+    everything[0, [6, 11, 20]] = 0  # last token of each example predicts nothing
+    with torch.no_grad():
+        assert (
+            abs(
+                float(model(b["tokens"], b["positions"], b["doc_ids"], b["labels"], everything))
+                - total / count
+            )
+            > 1e-3
+        )
+
+
+def test_unpacked_sequences_and_truncation(tok_dir: Path, tmp_path: Path):
+    tok = __import__("tokenizer").Tokenizer.load(tok_dir)
+    template = d.ChatTemplate(d.load_chat_template(tok_dir))
+    rows = [{"prompt": "a b", "response": "b a"}, {"prompt": "a b c d e f g h a b c d", "response": "c d"}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, stats = d.read_sft(str(path), "k", tok, template, 16, "truncate", False)
+    assert stats.truncated == 0 and stats.dropped == 1  # truncation left no response token: dropped
+    examples, stats = d.read_sft(str(path), "k", tok, template, 64, "drop", False)
+    assert len(examples) == 2 and len(d.pack(examples, 64, 3, packing=False)) == 2
+    examples, stats = d.read_sft(str(path), "k", tok, template, 24, "truncate", False)
+    assert stats.truncated == 1 and len(examples[1].tokens) == 24
+    text = template.render([{"role": "user", "content": "a b"}], add_generation_prompt=True)
+    assert examples[0].tokens[: 1 + len(tok.encode(text))] == [tok.bos_id, *tok.encode(text)]
+    assert examples[0].target.index(True) == 1 + len(tok.encode(text))  # first trained token: the reply
+
+
+def test_bad_input_is_counted_or_strict_error(tok_dir: Path, tmp_path: Path):
+    tok = __import__("tokenizer").Tokenizer.load(tok_dir)
+    template = d.ChatTemplate(d.load_chat_template(tok_dir))
+    lines = [
+        json.dumps({"prompt": "a", "response": "a"}),
+        "{not json",
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        json.dumps({"prompt": "a", "response": "  "}),
+        json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                                 {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                                 {"role": "assistant", "content": "d"}]}),
+    ]  # fmt: skip
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    examples, stats = d.read_sft(str(path), "k", tok, template, 64, "truncate", False)
+    assert len(examples) == 2 and stats.lines == 5
+    assert stats.skipped == {"malformed": 1, "unknown role": 1, "empty response": 1}
+    assert sum(examples[1].target) == len(tok.encode("b\n")) + len(tok.encode("d\n")) + 2  # two replies + EOS
+    with pytest.raises(d.DataError, match=rf"{path}:2: malformed JSON"):
+        d.read_sft(str(path), "k", tok, template, 64, "truncate", True)
+    cls = tmp_path / "cls.jsonl"
+    cls.write_text('{"text": "a b", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c", "label": 7}\n')
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text(
+        '{"text": "a", "label": "x"}\n{"text": "a", "label": "zzz"}\n{"text": "", "label": "x"}\n'
+    )
+    _, _, labels = d.read_classify(str(cls), "k", tok, 16, "truncate", False, None)
+    assert labels == ["7", "x", "y"]  # integers first, then strings, each sorted
+    examples, stats, _ = d.read_classify(str(valid), "v", tok, 16, "truncate", False, labels)
+    assert len(examples) == 1 and stats.skipped == {"unknown label": 1, "malformed": 1}
+    with pytest.raises(d.DataError, match=rf"{valid}:2: label 'zzz' is not one of the training labels"):
+        d.read_classify(str(valid), "v", tok, 16, "truncate", True, labels)
+    with pytest.raises(d.DataError, match="no chat template"):
+        d.load_chat_template(tmp_path)
+    with pytest.raises(d.DataError, match="matches no file"):
+        d.expand_paths(str(tmp_path / "none*.jsonl"), "finetune.train")
+
+
+def test_optimizers_and_layer_wise_lr(sft_model):
+    from bigtrain.engine import build_optimizer
+    from bigtrain.finetune.model import freeze
+    from bigtrain.models.parallelize import local_parameters
+
+    cfg, model = sft_model
+    cfg.optim.layer_decay = 0.5
+    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for lp, p in local_parameters(model, cfg).values():
+        depth = {0: 3, 1: 2, 2: 1}.get(lp.index, 0)  # embedding, block 1, block 2, then norm/head
+        assert math.isclose(lr_of[id(p)], cfg.optim.lr * 0.5**depth)
+    cfg.optim.layer_decay = 1.0
+    for name, cls in (("sgd", torch.optim.SGD), ("rmsprop", torch.optim.RMSprop), ("adam", torch.optim.Adam)):
+        cfg.optim.name = name
+        assert type(build_optimizer(cfg, model, torch.device("cpu"))) is cls
+    cfg.optim.name = "adamw"
+    cfg.finetune.freeze_embeddings, cfg.finetune.freeze_layers = True, 1
+    freeze(model, cfg)
+    trained = {
+        id(p) for g in build_optimizer(cfg, model, torch.device("cpu")).param_groups for p in g["params"]
+    }
+    for lp, p in local_parameters(model, cfg).values():
+        assert (id(p) in trained) == (lp.index >= 2), lp.key
+    for p in model.parameters():
+        p.requires_grad = True
+    cfg.finetune.freeze_embeddings, cfg.finetune.freeze_layers = False, 0
+
+
+def test_early_stopping_on_crafted_curves():
+    losses = [2.0, 1.5, 1.6, 1.4, 1.45, 1.41, 1.5, 1.3]
+    stop = EarlyStopping("val_loss", patience=3, min_delta=0.0)
+    stopped = next(step for step, v in enumerate(losses, 1) if (stop.update(step, v), stop.should_stop)[1])
+    assert stopped == 7 and stop.best == 1.4 and stop.best_step == 4
+    acc = [0.5, 0.7, 0.705, 0.69, 0.9, 0.9]
+    stop = EarlyStopping("val_accuracy", patience=2, min_delta=0.01)
+    flags = [(stop.update(step, v), stop.should_stop) for step, v in enumerate(acc, 1)]
+    assert (
+        [f[0] for f in flags] == [True, True, False, False, True, False]
+        and flags[3][1]
+        and stop.best_step == 5
+    )
+    never = EarlyStopping("val_loss", patience=0)
+    assert not any((never.update(i, 1.0), never.should_stop)[1] for i in range(10))
+
+
+def test_classification_metrics_match_definitions():
+    preds = [0, 0, 1, 2, 2, 2, 1, 0]
+    labels = [0, 1, 1, 2, 2, 0, 1, 2]
+    m = classification_metrics(preds, labels, 3)
+    assert m["val_confusion"] == [[1, 0, 1], [1, 2, 0], [1, 0, 2]]
+    # per class: precision 1/3, 2/2, 2/3; recall 1/2, 2/3, 2/3
+    p, r = [1 / 3, 1.0, 2 / 3], [1 / 2, 2 / 3, 2 / 3]
+    f1 = [2 * a * b / (a + b) for a, b in zip(p, r)]
+    assert math.isclose(m["val_accuracy"], 5 / 8)
+    assert math.isclose(m["val_precision"], sum(p) / 3) and math.isclose(m["val_recall"], sum(r) / 3)
+    assert math.isclose(m["val_f1"], sum(f1) / 3)
