@@ -14,10 +14,13 @@ one forward of bigtrain's model (none/selective/full).
   two RMSNorms each keep an fp32 copy of their input, an fp32 ``rsqrt`` per token, the normalized
   input and the scaled output (``4h + 4 + 2ah``); attention keeps rotated q and k, the fused QKV
   output (v is a view into it), SDPA's output and fp32 log-sum-exp, and the out-projection input
-  (``a(4h + 3kvd)/tp + 4 nq/tp``); SwiGLU keeps ``[gate; up]``, silu(gate) and their product
-  (``4af/tp``). ``selective`` drops SDPA's output and log-sum-exp (the core is recomputed);
+  (``a(4h + 3kvd)/tp + 4 nq/tp``; on CPU SDPA's output already has the projection's layout, so the
+  input is a view of it: ``a(3h + 3kvd)/tp``); SwiGLU keeps ``[gate; up]``, silu(gate) and their
+  product (``4af/tp``). ``selective`` recomputes the attention core, dropping its log-sum-exp (and
+  on GPU its output); with fused SDPA there is no ``seq x seq`` matrix to drop, so it saves little.
   ``full`` keeps only each block's input (``ah``). The output layer adds the fp32 softmax of the
-  logits (``4V/tp``, megatron's cross-entropy keeps it) and the final norm.
+  logits (``4V/tp``, megatron's cross-entropy keeps it) and the final norm. Verified on CPU in fp32
+  and bf16 (tests/test_planner.py); the GPU variant differs only in the output copy.
 - **Transient** (alive only around the peak): full recompute rebuilds one block in backward; the
   logits' gradient (fp32, plus a bf16 copy under bf16); the gathered parameters of ZeRO-3; the
   gradient reduction buckets of ZeRO-1/2.
@@ -207,13 +210,16 @@ def block_activation_bytes(
     if checkpointing == "selective":  # the core is recomputed: its log-sum-exp (and a copied output)
         attention -= 4 * nq / tp + (a * h / tp if copy_out else 0)
     mlp = 4 * a * f / tp
-    rotary = 8 * m.seq_length * m.head_dim  # fp32 cos/sin tables per block, per micro-batch
+    # cos/sin: the cached fp32 tables are shared (counted once, in activation_memory); other dtypes
+    # keep a converted copy per use (q and k), i.e. 4 x [s, d] per block
+    rotary = 0 if a == 4 else 4 * m.seq_length * m.head_dim * a
     return tokens * (norms + attention + mlp) + rotary
 
 
 def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int) -> float:
     """Final norm, the fp32 softmax megatron's cross-entropy keeps, loss bookkeeping."""
-    return tokens * ((4 * m.hidden_size + 4 + 2 * a * m.hidden_size) + 4 * vocab / tp + 21)
+    # + the loss's bookkeeping: int64 target ids, bool target mask, float loss mask (13 bytes/token)
+    return tokens * ((4 * m.hidden_size + 4 + 2 * a * m.hidden_size) + 4 * vocab / tp + 13)
 
 
 def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tuple[float, float]:
@@ -231,6 +237,8 @@ def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tupl
     out = output_activation_bytes(m, tokens, a, vocab, layout.tensor)
     last = blocks_per_stage * block + out
     saved = max(first, last) if pp > 1 else blocks_per_stage * block + out + 8 * tokens
+    if layout.checkpointing != "full":  # the cached fp32 rotary tables (inside the recompute otherwise)
+        saved += 8 * m.seq_length * m.head_dim
     # transient: gradient of the logits (fp32, plus the activation-dtype copy the matmul takes)
     transient = tokens * vocab / layout.tensor * (4 + (a if a != 4 else 0))
     if layout.checkpointing == "full":

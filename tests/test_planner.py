@@ -103,7 +103,7 @@ def test_activation_prediction_matches_saved_tensors(world_of_one, precision):  
         measured[mode] = _saved_bytes(cfg, dtype)
         layout = planner.Layout(micro_batch=3, checkpointing=mode)
         predicted, _ = planner.activation_memory(cfg, layout, device="cpu")
-        assert predicted == pytest.approx(measured[mode], rel=0.03), (mode, predicted, measured[mode])
+        assert predicted == pytest.approx(measured[mode], rel=0.01), (mode, predicted, measured[mode])
     assert measured["full"] < measured["selective"] < measured["none"]
 
 

@@ -8,6 +8,8 @@ only describes the architecture. Attribute names match :mod:`bigtrain.models.lay
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
@@ -71,7 +73,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary_tables(
     seq_len: int, head_dim: int, theta: float, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """cos/sin for rotate-half rotary embeddings (HF Llama / megatron non-interleaved convention)."""
+    """cos/sin for rotate-half rotary embeddings (HF Llama / megatron non-interleaved convention).
+    Cached: every block of every step asks for the same tables (8 small kernels each otherwise)."""
+    return _rotary_tables(seq_len, head_dim, theta, torch.device(device), torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=16)
+def _rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device, inference: bool
+) -> tuple[torch.Tensor, ...]:
+    # ``inference`` keys the cache: tensors made under inference_mode cannot be saved for backward
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
     )
@@ -294,10 +305,11 @@ class OutputLayer(nn.Module):
         self.register_buffer(
             "vocab_padding", torch.arange(start, start + local) >= m.vocab_size, persistent=False
         )
+        self.has_padding = bool(self.vocab_padding.any())  # decided here: a device .any() syncs the host
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.linear(x, weight=self.weight if weight is None else weight)[0]
-        if self.vocab_padding.any():
+        if self.has_padding:
             logits = logits.masked_fill(self.vocab_padding.to(logits.device), torch.finfo(logits.dtype).min)
         return logits
 
