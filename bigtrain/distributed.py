@@ -19,8 +19,28 @@ from bigtrain.config import Config
 _SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 
+def adopt_slurm_env() -> None:
+    """``srun python -m bigtrain.pretrain`` (one task per GPU, see launch/slurm.sbatch): Slurm's task
+    variables become torch's, so Slurm's own signals (``--signal=USR1@300``) reach every rank directly.
+    Never overrides another launcher's variables."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "RANK" in env or _launched_by_mpi():
+        return
+    if int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    if "MASTER_ADDR" not in env:
+        raise RuntimeError(
+            "srun: export MASTER_ADDR (the first node's address) before srun; see launch/slurm.sbatch"
+        )
+    env.update(
+        RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0")
+    )
+    env.setdefault("MASTER_PORT", "29500")
+
+
 def world_size_from_env() -> int:
     """World size as the launcher announces it, readable before any process group exists."""
+    adopt_slurm_env()
     if os.environ.get("OMPI_COMM_WORLD_SIZE") and "TORCHELASTIC_RUN_ID" not in os.environ:
         return int(os.environ["OMPI_COMM_WORLD_SIZE"])  # mpirun outranks inherited variables
     for var in _SIZE_VARS:
@@ -30,6 +50,7 @@ def world_size_from_env() -> int:
 
 
 def rank_from_env() -> int:
+    adopt_slurm_env()
     for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         if os.environ.get(var):
             return int(os.environ[var])

@@ -7,6 +7,7 @@ never hangs a multi-node job.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import torch
 
 from bigtrain.config import Config, ConfigError, describe, load_config
 
+FINISHED = "finished.json"  # written into run_dir when train.steps are done
 DataFactory = Callable[[Config, "Dist"], tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]]  # noqa: F821
 
 
@@ -91,8 +93,6 @@ def preflight(cfg: Config, rank: int) -> None:
     process group exists: a checkpoint whose model shape or layout differs from the config, and (rank 0,
     the others wait for it at rendezvous) data that is missing, corrupt, out of the vocab or tokenized
     with another tokenizer."""
-    import json
-
     from bigtrain import checkpoint_files as files
     from bigtrain.checkpoint import layout_change_message, model_shape_differences
     from bigtrain.config import config_from_dict
@@ -184,7 +184,11 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
     if tag is not None:
         trainer.protect, trainer.last_saved_step = (tag,), state.step
     try:
-        return trainer.train()
+        state = trainer.train()
+        if dist.is_main and trainer.stop_reason is None and state.step >= cfg.train.steps:
+            # for auto-resume loops: the run is complete, do not relaunch (launch/slurm.sbatch)
+            (run_dir / FINISHED).write_text(json.dumps(state.as_dict()))
+        return state
     finally:
         shutdown()
 

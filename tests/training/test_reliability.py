@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,12 +122,7 @@ def test_sigterm_to_launcher_saves_the_current_step_and_exits_zero(corpus, tmp_p
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        rows = metrics(run) if (run / "metrics.jsonl").is_file() else []
-        if any(r["step"] == 4 for r in rows):
-            break
-        time.sleep(0.2)
+    wait_for_step(run, 4, [proc])
     time.sleep(1.0)  # inside step 4's injected sleep
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
@@ -137,14 +133,70 @@ def test_sigterm_to_launcher_saves_the_current_step_and_exits_zero(corpus, tmp_p
     assert files.verify(ckpts(run) / files.tag_for(stopped_at)) == []
     assert "received SIGTERM" in out
 
+    assert not (run / "finished.json").exists()  # an auto-resume loop must relaunch
+
     relaunch = torchrun(2, train_args(corpus, run, *common, steps=steps))
     assert resumed_step(relaunch.stdout) == stopped_at
+    assert json.loads((run / "finished.json").read_text())["step"] == steps
     ref = {r["step"]: r for r in metrics(reference)}
     rows = metrics(run)
     assert sorted(r["step"] for r in rows) == list(range(1, steps + 1))
     for r in rows:
         assert abs(r["loss"] - ref[r["step"]]["loss"]) <= 1e-6 * abs(ref[r["step"]]["loss"]), r["step"]
         assert r["consumed_samples"] == ref[r["step"]]["consumed_samples"]
+
+
+def wait_for_step(run: Path, step: int, procs: list[subprocess.Popen], limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if (run / "metrics.jsonl").is_file() and any(r["step"] >= step for r in metrics(run)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never came")
+
+
+def test_slurm_style_ranks_save_on_usr1_and_exit_zero(corpus, tmp_path):
+    """What `srun` + `#SBATCH --signal=USR1@300` does: every task is a rank (Slurm's variables) and
+    every rank gets SIGUSR1 directly."""
+    port = free_port()
+    args = train_args(
+        corpus, tmp_path, "debug.sleep_at_step=3", "debug.sleep_seconds=3", "zero.stage=1", steps=30
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bigtrain.pretrain", *args],
+            cwd=REPO,
+            env=cpu_env(
+                SLURM_PROCID=str(rank),
+                SLURM_NTASKS="2",
+                SLURM_LOCALID=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        wait_for_step(tmp_path, 3, procs)
+        time.sleep(1.0)
+        for p in procs:
+            p.send_signal(signal.SIGUSR1)
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "received SIGUSR1" in outputs[1]
+    stopped_at = max(r["step"] for r in metrics(tmp_path))
+    assert stopped_at in (3, 4)
+    assert files.latest_pointer(ckpts(tmp_path)) == files.tag_for(stopped_at)
+    assert sorted(p.name for p in (ckpts(tmp_path) / files.tag_for(stopped_at)).glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
 
 # ---------------------------------------------------------------------------- 5. non-finite
