@@ -34,7 +34,9 @@ from bigtrain.models.parallelize import (
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden or tokens, positions, doc_ids
 
 
-class PackedEmbedding(Embedding):
+class _PackedInput:
+    """Embedding forward that passes positions and document ids along (plain tokens: as pretraining)."""
+
     def forward(self, inputs: torch.Tensor | Packed):
         if torch.is_tensor(inputs):
             return super().forward(inputs)
@@ -42,12 +44,12 @@ class PackedEmbedding(Embedding):
         return super().forward(tokens), positions, doc_ids
 
 
-class PackedTiedEmbedding(TiedEmbedding):
-    def forward(self, inputs: torch.Tensor | Packed):
-        if torch.is_tensor(inputs):
-            return super().forward(inputs)
-        tokens, positions, doc_ids = inputs
-        return super().forward(tokens), positions, doc_ids
+class PackedEmbedding(_PackedInput, Embedding):
+    pass
+
+
+class PackedTiedEmbedding(_PackedInput, TiedEmbedding):
+    pass
 
 
 def _tied_logits(module: PackedTiedEmbedding, x: torch.Tensor) -> torch.Tensor:
@@ -155,14 +157,17 @@ class FinetuneModel(nn.Module):
 
     @torch.no_grad()
     def evaluate_batch(self, tokens, positions, doc_ids, labels, loss_mask):
-        """(summed loss, summed weight, class predictions [b] or None) for exact validation averages."""
-        out = self.outputs(tokens, positions, doc_ids)
-        if self.task == "classify":
-            losses = F.cross_entropy(out.float(), labels, reduction="none")
-            return (losses * loss_mask).sum(), loss_mask.sum(), out.argmax(-1)
-        mean = lm_loss(out, labels, loss_mask)
-        weight = loss_mask.float().sum()
-        return mean * weight, weight, None
+        return eval_stats(self.task, self.outputs(tokens, positions, doc_ids), labels, loss_mask)
+
+
+def eval_stats(task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
+    """(summed loss, summed weight, class predictions [b] or None) of one micro-batch's outputs, for
+    exact validation averages (token-weighted for SFT, example-weighted for classification)."""
+    if task == "classify":
+        losses = F.cross_entropy(out.float(), labels, reduction="none")
+        return (losses * loss_mask).sum(), loss_mask.sum(), out.argmax(-1)
+    weight = loss_mask.float().sum()
+    return lm_loss(out, labels, loss_mask) * weight, weight, None
 
 
 # ---------------------------------------------------------------------------- LoRA

@@ -88,6 +88,29 @@ class FinetuneTrainer(Trainer):
     def pipeline_item(self, b: Batch) -> tuple:
         return (b["tokens"], b["positions"], b["doc_ids"]), (b["labels"], b["loss_mask"])
 
+    def _eval_micro_batch(self, b: Batch) -> tuple:
+        """eval_stats of one micro-batch on every rank. Under a pipeline only the last stage has the
+        outputs: it computes the statistics itself (DeepSpeed's loss is averaged per micro-batch and
+        over data-parallel ranks, not weighted) and shares them over the pipeline group."""
+        from megatron.core import parallel_state
+
+        from bigtrain.finetune.model import eval_stats
+
+        task = self.cfg.finetune.task
+        if not self.pipeline:
+            return self.engine.module.evaluate_batch(*self.model_args(b))
+        _, out = self.engine.eval_batch(
+            data_iter=iter([self.pipeline_item(b)]), return_logits=True, bcast_loss=False, num_micro_batches=1
+        )
+        stats = torch.zeros(2 + b["tokens"].shape[0], dtype=torch.float64, device=self.dist.device)
+        if self.engine.is_last_stage():
+            s, w, p = eval_stats(task, out, b["labels"], b["loss_mask"])
+            stats[0], stats[1] = s, w
+            if p is not None:
+                stats[2:] = p
+        torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
+        return stats[0], stats[1], stats[2:].long() if task == "classify" else None
+
     @torch.no_grad()
     def evaluate_all(self) -> dict[str, Any] | None:
         """Validation over every item: token- (sft) or example-weighted (classify) loss, and metrics."""
@@ -101,24 +124,15 @@ class FinetuneTrainer(Trainer):
         weight = torch.zeros((), dtype=torch.float64)
         preds, labels = [], []
         try:
-            if self.pipeline:
-                accum = self.cfg.derived.grad_accum_steps
-                for i in range(0, len(self.valid_items), accum):
-                    group = self.valid_items[i : i + accum]
-                    items = (self.pipeline_item(_to_device(b, self.dist.device)) for b in group)
-                    loss = self.engine.eval_batch(data_iter=items, num_micro_batches=len(group))
-                    loss_sum += float(loss) * len(group)
-                    weight += len(group)
-            else:
-                for b in self.valid_items:
-                    b = _to_device(b, self.dist.device)
-                    s, w, p = self.engine.module.evaluate_batch(*self.model_args(b))
-                    loss_sum += float(s)
-                    weight += float(w)
-                    if classify:
-                        keep = b["loss_mask"] > 0
-                        preds += p[keep].tolist()
-                        labels += b["labels"][keep].tolist()
+            for b in self.valid_items:
+                b = _to_device(b, self.dist.device)
+                s, w, p = self._eval_micro_batch(b)
+                loss_sum += float(s)
+                weight += float(w)
+                if classify:
+                    keep = b["loss_mask"] > 0
+                    preds += p[keep].tolist()
+                    labels += b["labels"][keep].tolist()
         finally:
             self.engine.train()
         totals = torch.stack([loss_sum, weight])

@@ -87,9 +87,28 @@ def test_sft_learns_reversal_measured_through_hf_generate(tok_dir: Path, tmp_pat
     assert score >= 0.95
 
 
-def test_classification_tp2_metrics_early_stop_best_and_export(tok_dir: Path, tmp_path: Path):
+def hf_predictions(valid: list[dict], hf: Path) -> list[int]:
+    """Class ids the exported LlamaForSequenceClassification predicts (right-padded batch)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
+    assert model.config.id2label == {0: "food", 1: "sport", 2: "tech"}
+    enc = tok([r["text"] for r in valid], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits.argmax(-1).tolist()
+
+
+def confusion(preds: list[int], truth: list[int]) -> list[list[int]]:
+    y = torch.tensor(truth)
+    return (
+        torch.zeros(3, 3, dtype=torch.long)
+        .index_put_((y, torch.tensor(preds)), torch.ones_like(y), accumulate=True)
+        .tolist()
+    )
+
+
+def test_classification_tp2_metrics_early_stop_best_and_export(tok_dir: Path, tmp_path: Path):
     write_jsonl(tmp_path / "train.jsonl", classify_rows(300, seed=1))
     valid = classify_rows(100, seed=2)
     write_jsonl(tmp_path / "valid.jsonl", valid)
@@ -115,22 +134,14 @@ def test_classification_tp2_metrics_early_stop_best_and_export(tok_dir: Path, tm
     best_row = max(vals, key=lambda r: (r["val_accuracy"], -r["step"]))
     assert json.loads((run_dir / "best" / "bigtrain.json").read_text())["step"] == best_row["step"]
 
-    def predictions(hf: Path) -> list[int]:
-        tok = AutoTokenizer.from_pretrained(hf)
-        model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
-        assert model.config.id2label == {0: "food", 1: "sport", 2: "tech"}
-        enc = tok([r["text"] for r in valid], padding=True, return_tensors="pt")
-        with torch.no_grad():
-            return model(**enc).logits.argmax(-1).tolist()
-
     truth = [{"food": 0, "sport": 1, "tech": 2}[r["label"]] for r in valid]
-    best_preds = predictions(export(run_dir / "best", tmp_path / "hf_best"))
+    best_preds = hf_predictions(valid, export(run_dir / "best", tmp_path / "hf_best"))
     accuracy = sum(p == t for p, t in zip(best_preds, truth)) / len(truth)
     print(f"best checkpoint (step {best_row['step']}): held-out accuracy through HF {accuracy:.1%}")
     assert accuracy >= 0.95 and accuracy == best_row["val_accuracy"]
     # the final checkpoint: the logged metrics equal an independent computation from HF's predictions
     final = next(r for r in vals if r["step"] == last_step)
-    preds = torch.tensor(predictions(export(run_dir / "checkpoints", tmp_path / "hf_final")))
+    preds = torch.tensor(hf_predictions(valid, export(run_dir / "checkpoints", tmp_path / "hf_final")))
     y = torch.tensor(truth)
     tp = torch.stack([((preds == c) & (y == c)).sum() for c in range(3)]).double()
     precision = torch.nan_to_num(tp / torch.stack([(preds == c).sum() for c in range(3)]))
@@ -216,3 +227,24 @@ def test_freezing_and_layer_wise_lr_by_parameter_deltas(tok_dir: Path, hf_base, 
             expected = lr * 0.5 ** (1 if index == 2 else 0)
             moved = delta[delta > 0]
             assert moved.median().item() == pytest.approx(expected, rel=0.02), key
+
+
+def test_lora_classification_pp2_metrics_match_export(tok_dir: Path, hf_base, tmp_path: Path):
+    """Pipeline stages pass (hidden, positions, doc ids); validation statistics come from the last stage;
+    LoRA adapters and the new score head live on different stages and export merged."""
+    write_jsonl(tmp_path / "train.jsonl", classify_rows(200, seed=1))
+    valid = classify_rows(60, seed=2)
+    write_jsonl(tmp_path / "valid.jsonl", valid)
+    run_dir = tmp_path / "run"
+    torchrun(
+        2,
+        ["--config", CLASSIFY_TINY, "--set", f"data.tokenizer={tok_dir}", "parallel.pipeline=2",
+         f"finetune.train={tmp_path / 'train.jsonl'}", f"finetune.valid={tmp_path / 'valid.jsonl'}",
+         f"train.run_dir={run_dir}", f"checkpoint.load={hf_base[1]}", "finetune.lora.rank=4", "train.steps=16",
+         "optim.lr=0.01", "train.eval_interval=0"],
+        module=MODULE,
+    )  # fmt: skip
+    logged = [r for r in rows(run_dir) if "val_accuracy" in r][-1]
+    preds = hf_predictions(valid, export(run_dir / "checkpoints", tmp_path / "hf"))
+    truth = [{"food": 0, "sport": 1, "tech": 2}[r["label"]] for r in valid]
+    assert logged["val_confusion"] == confusion(preds, truth) and logged["val_examples"] == 60
