@@ -301,11 +301,9 @@ def nonfinite_hook(trainer: Trainer, r: StepResult) -> None:
         return
     if cfg.precision == "fp16" and not r.applied:
         if trainer.dist.is_main:
-            scale = getattr(trainer.engine.optimizer, "cur_scale", None) or getattr(
-                trainer.engine.optimizer, "loss_scale", None
-            )
             console(
-                f"step {state.step}: fp16 overflow, update skipped by dynamic loss scaling (scale now {scale})"
+                f"step {state.step}: fp16 overflow, update skipped by dynamic loss scaling "
+                f"(scale now {fp16_loss_scale(trainer.engine)})"
             )
         return
     what = f"loss {r.loss}" if bad_loss else f"gradient norm {r.grad_norm}"
@@ -331,6 +329,12 @@ def nonfinite_hook(trainer: Trainer, r: StepResult) -> None:
         )
 
 
+def fp16_loss_scale(engine) -> float | None:
+    """DeepSpeed's current dynamic loss scale (fp16 optimizers: ``cur_scale``, ZeRO: ``loss_scale``)."""
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    return None if scale is None else float(scale)
+
+
 def log_hook(trainer: Trainer, r: StepResult) -> None:
     cfg, state = trainer.cfg, trainer.state
     if state.step % cfg.train.log_interval and state.step != cfg.train.steps and r.applied:
@@ -354,6 +358,8 @@ def log_hook(trainer: Trainer, r: StepResult) -> None:
     }
     if not r.applied:
         record["skipped"] = True
+    if cfg.precision == "fp16":
+        record["loss_scale"] = fp16_loss_scale(trainer.engine)
     if state.skipped_steps:
         record["skipped_steps"] = state.skipped_steps
     if peak:

@@ -241,6 +241,22 @@ def test_nonfinite_skip_leaves_parameters_bitwise_unchanged(corpus, tmp_path, np
     assert meta["skipped_steps"] == 1 and meta["step"] == 5
 
 
+def test_fp16_overflow_is_logged_and_the_loss_scale_survives_a_crash(corpus, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    common = ["precision=fp16", "checkpoint.interval=4", "debug.inject_nonfinite_at_step=3"]
+    single(train_args(corpus, full, *common, steps=6))
+    crashed = single(train_args(corpus, split, *common, "debug.crash_at_step=5", steps=6), check=False)
+    assert "step 3: fp16 overflow, update skipped by dynamic loss scaling" in crashed.stdout
+    single(train_args(corpus, split, *common, steps=6))
+    ref = {r["step"]: r for r in metrics(full)}
+    assert ref[3]["skipped"] and ref[4]["loss_scale"] == ref[2]["loss_scale"] / 2  # halved by the overflow
+    resumed = [r for r in metrics(split) if r["step"] > 4]
+    assert [r["step"] for r in resumed][-2:] == [5, 6]
+    for r in resumed[-2:]:
+        assert r["loss_scale"] == ref[r["step"]]["loss_scale"]  # restored, not the initial scale
+        assert abs(r["loss"] - ref[r["step"]]["loss"]) <= 1e-6 * abs(ref[r["step"]]["loss"])
+
+
 # ---------------------------------------------------------------------------- 6. a hung rank
 def test_a_hung_rank_makes_every_process_exit_within_the_timeout(corpus, tmp_path):
     timeout_s = 15
