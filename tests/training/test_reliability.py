@@ -199,6 +199,15 @@ def test_slurm_style_ranks_save_on_usr1_and_exit_zero(corpus, tmp_path):
     ]
 
 
+def test_wall_clock_budget_stops_with_a_checkpoint(corpus, tmp_path):
+    out = single(train_args(corpus, tmp_path, "train.max_minutes=0.12", "checkpoint.interval=0", steps=100000))
+    assert "stopping after step" in out.stdout and "train.max_minutes=0.12 nearly used" in out.stdout
+    last = max(r["step"] for r in metrics(tmp_path))
+    assert 0 < last < 100000
+    assert files.latest_pointer(ckpts(tmp_path)) == files.tag_for(last)
+    assert not (tmp_path / "finished.json").exists()
+
+
 # ---------------------------------------------------------------------------- 5. non-finite
 def test_nonfinite_stop_exits_before_saving_poisoned_weights(corpus, tmp_path):
     args = train_args(corpus, tmp_path, "checkpoint.interval=1", "debug.inject_nonfinite_at_step=3", steps=8)
