@@ -15,7 +15,7 @@ import torch
 
 from bigtrain.checkpoint import WeightReader
 from bigtrain.models import layout
-from tests.conftest import REPO, run_cmd
+from tests.conftest import REPO, VENV_BIN, run_cmd, run_with_port
 from tests.finetune.conftest import VOCAB
 from tests.finetune.helpers import (
     CLASSIFY_TINY,
@@ -230,20 +230,21 @@ def test_freezing_and_layer_wise_lr_by_parameter_deltas(tok_dir: Path, hf_base, 
 
 
 def test_lora_classification_pp2_metrics_match_export(tok_dir: Path, hf_base, tmp_path: Path):
-    """Pipeline stages pass (hidden, positions, doc ids); validation statistics come from the last stage;
+    """Launched with ``deepspeed launch/finetune.sh``. Pipeline stages pass (hidden, positions, doc ids); validation statistics come from the last stage;
     LoRA adapters and the new score head live on different stages and export merged."""
     write_jsonl(tmp_path / "train.jsonl", classify_rows(200, seed=1))
     valid = classify_rows(60, seed=2)
     write_jsonl(tmp_path / "valid.jsonl", valid)
     run_dir = tmp_path / "run"
-    torchrun(
-        2,
-        ["--config", CLASSIFY_TINY, "--set", f"data.tokenizer={tok_dir}", "parallel.pipeline=2",
-         f"finetune.train={tmp_path / 'train.jsonl'}", f"finetune.valid={tmp_path / 'valid.jsonl'}",
-         f"train.run_dir={run_dir}", f"checkpoint.load={hf_base[1]}", "finetune.lora.rank=4", "train.steps=16",
-         "optim.lr=0.01", "train.eval_interval=0"],
-        module=MODULE,
-    )  # fmt: skip
+    args = ["--config", CLASSIFY_TINY, "--set", f"data.tokenizer={tok_dir}", "parallel.pipeline=2",
+            f"finetune.train={tmp_path / 'train.jsonl'}", f"finetune.valid={tmp_path / 'valid.jsonl'}",
+            f"train.run_dir={run_dir}", f"checkpoint.load={hf_base[1]}", "finetune.lora.rank=4", "train.steps=16",
+            "optim.lr=0.01", "train.eval_interval=0"]  # fmt: skip
+    # through the DeepSpeed launcher and the bash/Python launch/finetune.sh
+    deepspeed = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2"]
+    run_with_port(
+        lambda port: [*deepspeed, "--master_port", str(port), "launch/finetune.sh", *args], timeout=300
+    )
     logged = [r for r in rows(run_dir) if "val_accuracy" in r][-1]
     preds = hf_predictions(valid, export(run_dir / "checkpoints", tmp_path / "hf"))
     truth = [{"food": 0, "sport": 1, "tech": 2}[r["label"]] for r in valid]
