@@ -165,6 +165,8 @@ def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
     )
     _record_fp32_grad_norm(engine)
     _share_fp32_master_partitions(engine)
+    if dist.device.type == "cuda" and dist.is_main:
+        _log_attention_kernel(cfg, dist.device)
     return engine
 
 
@@ -240,3 +242,14 @@ def _share_fp32_master_partitions(engine) -> None:
             shared = True
     if shared and hasattr(opt, "_link_all_hp_params"):
         opt._link_all_hp_params()  # parameters' views of their master fragment (read by checkpoints)
+
+
+def _log_attention_kernel(cfg: Config, device: torch.device) -> None:
+    """Say which SDPA kernel attention really gets (profiled once): a silent fallback from flash to the
+    math kernel costs memory (a seq x seq matrix per head) and speed."""
+    from bigtrain.metrics import console
+    from bigtrain.perf import attention_kernel
+
+    kernel = attention_kernel(cfg, device)
+    note = "" if kernel in ("flash", "cudnn") else " (not flash: check precision, head size, torch build)"
+    console(f"attention: SDPA {kernel} kernel on {torch.cuda.get_device_name(device)}{note}")

@@ -43,6 +43,16 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: An
     return found[0] if found else "unknown"
 
 
+def attention_kernel(cfg: Any, device: torch.device) -> str:
+    """The SDPA kernel bigtrain's attention gets for ``cfg``'s shapes and precision on ``device``."""
+    m = cfg.model
+    tp = cfg.parallel.tensor
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    q = torch.randn(1, m.num_attention_heads // tp, m.seq_length, m.head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, m.kv_heads // tp, m.seq_length, m.head_dim, device=device, dtype=dtype)
+    return sdpa_backend(q, kv, kv)
+
+
 # ---------------------------------------------------------------------------- train.compile regions
 _enabled = False
 

@@ -88,12 +88,14 @@ def test_bench_cuda_tiny_bf16_flash(tmp_path):
 def test_sdpa_backend_is_profiled():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from bigtrain.perf import sdpa_backend
+    from bigtrain.perf import attention_kernel, sdpa_backend
 
     q, kv = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8)
     with sdpa_kernel(SDPBackend.MATH):
         assert sdpa_backend(q, kv, kv) == "math"
     assert sdpa_backend(q, kv, kv) in ("flash (cpu)", "math")
+    cfg = load_config(TINY, ["precision=bf16"]).resolve(1)
+    assert attention_kernel(cfg, torch.device("cpu")) in ("flash (cpu)", "math")
 
 
 def test_compile_regions_same_loss_and_grads(world_of_one, monkeypatch):  # noqa: F811

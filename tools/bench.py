@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from bigtrain import flops  # noqa: E402
 from bigtrain.config import Config, load_config  # noqa: E402
+from bigtrain.perf import attention_kernel  # noqa: E402
 
 GIB = 2**30
 
@@ -152,17 +153,6 @@ class ReferenceSystem:
         pass
 
 
-def sdpa_report(cfg: Config, device: torch.device) -> dict[str, Any]:
-    """Which SDPA kernel bigtrain's attention shapes get on this device (profiled, not assumed)."""
-    from bigtrain.perf import sdpa_backend
-
-    m = cfg.model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-    q = torch.randn(1, m.num_attention_heads, m.seq_length, m.head_dim, device=device, dtype=dtype)
-    kv = torch.randn(1, m.kv_heads, m.seq_length, m.head_dim, device=device, dtype=dtype)
-    return {"backend": sdpa_backend(q, kv, kv), "dtype": str(dtype)}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     overrides = list(args.set)
     if args.compile:
@@ -257,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "results": results,
         "process_rss_high_water_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "sdpa": sdpa_report(cfg, device),
+        "sdpa": {"backend": attention_kernel(cfg, device)},
     }
     if "reference" in results:
         b, ref = results["bigtrain"], results["reference"]
