@@ -204,3 +204,30 @@ def test_classification_metrics_match_definitions():
     assert math.isclose(m["val_accuracy"], 5 / 8)
     assert math.isclose(m["val_precision"], sum(p) / 3) and math.isclose(m["val_recall"], sum(r) / 3)
     assert math.isclose(m["val_f1"], sum(f1) / 3)
+
+
+def test_cli_strict_names_file_and_line_and_missing_template_is_clear(tok_dir: Path, tmp_path: Path):
+    import shutil
+    import sys
+
+    from tests.conftest import run_cmd
+    from tests.finetune.helpers import SFT_TINY
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ""}\n')
+    cmd = [sys.executable, "-m", "bigtrain.finetune", "--config", SFT_TINY, "--set", f"data.tokenizer={tok_dir}",
+           f"finetune.train={bad}", "finetune.valid=null", f"train.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = run_cmd([*cmd, "--strict"], check=False, timeout=120)
+    assert proc.returncode == 2 and f"{bad}:2: empty response" in proc.stderr, proc.stderr
+    bare = tmp_path / "bare_tokenizer"
+    shutil.copytree(tok_dir, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    cmd[cmd.index(f"data.tokenizer={tok_dir}")] = f"data.tokenizer={bare}"
+    proc = run_cmd(cmd, check=False, timeout=120)
+    assert (
+        proc.returncode == 2
+        and "no chat template" in proc.stderr
+        and "chat_template --tokenizer" in proc.stderr
+    )
