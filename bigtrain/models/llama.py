@@ -194,7 +194,7 @@ class Attention(nn.Module):
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)  # [s, b, heads, d]
         k, v = qkv[:, :, :, self.q_per_group], qkv[:, :, :, self.q_per_group + 1]  # [s, b, groups, d]
-        cos, sin = rotary_tables(int(positions.max()) + 1, self.head_dim, self.rope_theta, x.device)
+        cos, sin = rotary_tables(s, self.head_dim, self.rope_theta, x.device)  # positions restart below s
         pos = positions.t()  # [s, b]
         cos, sin = cos[pos][:, :, None].to(x.dtype), sin[pos][:, :, None].to(x.dtype)  # [s, b, 1, d]
 
@@ -205,9 +205,16 @@ class Attention(nn.Module):
         q, k = rotate(q), rotate(k)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [b, s, s]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]  # [b, 1, s, s]
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(_masked_core, q, k, v, mask, use_reentrant=False)
+        else:
+            out = _masked_core(q, k, v, mask)
         return self.proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))[0]  # [s, b, heads*d]
+
+
+def _masked_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class SwiGLU(nn.Module):
