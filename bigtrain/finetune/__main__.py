@@ -108,10 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     # The base weights are loaded by build (fine-tuning adds tensors a pretrained checkpoint lacks), so
     # pretraining's weights-only load is skipped; resuming from run_dir works as in pretraining.
     base, cfg.checkpoint.load = cfg.checkpoint.load, None
+
+    def trainer(*args, **kwargs) -> FinetuneTrainer:
+        cfg.checkpoint.load = base  # past run's weights-only load: checkpoints record where we started
+        return FinetuneTrainer(*args, **kwargs)
+
     run(
         cfg,
         data=data_factory(prepared),
-        trainer_cls=FinetuneTrainer,
+        trainer_cls=trainer,
         build=lambda c, topology=None: build_finetune_model(c, topology, base),
     )
 

@@ -246,7 +246,7 @@ def build_finetune_model(cfg: Config, topology=None, base: str | None = None) ->
         load_base_weights(model, cfg, base)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
             print(
-                f"loaded weights from {base} (fresh optimizer, step 0; new adapters/head initialized)",
+                f"loaded base weights from {base} (new adapters/head initialized; a resume overrides them)",
                 flush=True,
             )
     freeze(model, cfg)
