@@ -78,6 +78,11 @@ class FinetuneTrainer(Trainer):
         self.valid_items = list(self.make_valid_batches()) if self.make_valid_batches else []
         f = self.cfg.finetune
         self.stopper = EarlyStopping(f.metric, f.patience, f.min_delta)
+        best = Path(self.cfg.train.run_dir) / "best" / "bigtrain.json"
+        if self.state.step and best.is_file():  # resumed: RUN_DIR/best is only replaced by a better one
+            saved = json.loads(best.read_text())
+            if saved["best"]["metric"] == f.metric and saved["step"] <= self.state.step:
+                self.stopper.best, self.stopper.best_step = saved["best"]["value"], saved["step"]
         # validation over the whole set with task metrics, in place of the pretraining loss-only one
         self.hooks = [finetune_eval_hook if h is eval_hook else h for h in self.hooks]
         report_parameters(self)
