@@ -35,7 +35,7 @@ def describe(path: str | Path) -> dict:
     derived = saved.get("derived", {})
     tensor, pipeline = meta["layout"]["tensor"], meta["layout"]["pipeline"]
     padded = derived.get("padded_vocab_size") or 0
-    table = {lp.key: lp for lp in layout.iter_layer_params(m)}
+    table = {lp.key: lp for lp in layout.iter_layer_params(m, finetune=cfg.finetune)}
 
     files, tensors = [], []
     for (tp, pp), f in sorted(reader.files.items()):
