@@ -350,7 +350,10 @@ def model_shape_differences(saved: ModelConfig, current: ModelConfig) -> list[st
 
 @torch.no_grad()
 def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> dict[str, Any]:
-    """Fill this rank's parameters from a checkpoint of any layout (fresh optimizer, step 0)."""
+    """Fill this rank's parameters from a checkpoint of any layout (fresh optimizer, step 0).
+
+    Tensors that fine-tuning adds (LoRA adapters, a classification head) keep their initialization
+    when the checkpoint (a pretrained base) does not have them."""
     from bigtrain.models.parallelize import local_parameters, tp_rank_size
 
     reader = WeightReader(path)
@@ -358,12 +361,17 @@ def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> 
     if diffs:
         raise ValueError(f"{reader.dir}: model shape differs from the config: " + "; ".join(diffs))
     rank, size = tp_rank_size()
-    for lp, param in local_parameters(model, cfg).values():
+    for key, (lp, param) in local_parameters(model, cfg).items():
+        if key not in reader.key_to_pp and layout.is_finetune_param(lp.spec):
+            continue
         full = reader.full(lp)
         if lp.spec.split == "vocab" and full.shape[0] != cfg.derived.padded_vocab_size:
             resized = full.new_zeros(cfg.derived.padded_vocab_size, full.shape[1])
             n = min(full.shape[0], cfg.model.vocab_size)
             resized[:n] = full[:n]
             full = resized
-        param.copy_(layout.shard(full, lp.spec.split, rank, size).to(param.dtype))
+        value = layout.shard(full, lp.spec.split, rank, size)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{reader.dir}: {key} has shape {tuple(full.shape)}, the model needs another")
+        param.copy_(value.to(param.dtype))
     return reader.meta

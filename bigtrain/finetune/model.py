@@ -243,7 +243,9 @@ def build_finetune_model(cfg: Config, topology=None, base: str | None = None) ->
         add_lora(model, cfg)
     initialize_weights(model, cfg)
     if base:
-        load_base_weights(model, cfg, base)
+        from bigtrain.checkpoint import load_weights_only
+
+        load_weights_only(model, cfg, base)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
             print(
                 f"loaded base weights from {base} (new adapters/head initialized; a resume overrides them)",
@@ -251,29 +253,3 @@ def build_finetune_model(cfg: Config, topology=None, base: str | None = None) ->
             )
     freeze(model, cfg)
     return model
-
-
-@torch.no_grad()
-def load_base_weights(model: nn.Module, cfg: Config, path: str) -> None:
-    """Like checkpoint.load_weights_only, but tensors fine-tuning adds may be absent from ``path``."""
-    from bigtrain.checkpoint import WeightReader, model_shape_differences
-    from bigtrain.config import config_from_dict
-
-    reader = WeightReader(path)
-    diffs = model_shape_differences(config_from_dict(reader.meta["config"]).model, cfg.model)
-    if diffs:
-        raise ValueError(f"{reader.dir}: model shape differs from the config: " + "; ".join(diffs))
-    rank, size = tp_rank_size()
-    for key, (lp, param) in local_parameters(model, cfg).items():
-        if key not in reader.key_to_pp and layout.is_finetune_param(lp.spec):
-            continue
-        full = reader.full(lp)
-        if lp.spec.split == "vocab" and full.shape[0] != cfg.derived.padded_vocab_size:
-            resized = full.new_zeros(cfg.derived.padded_vocab_size, full.shape[1])
-            n = min(full.shape[0], cfg.model.vocab_size)
-            resized[:n] = full[:n]
-            full = resized
-        value = layout.shard(full, lp.spec.split, rank, size)
-        if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"{reader.dir}: {key} has shape {tuple(full.shape)}, the model needs another")
-        param.copy_(value.to(param.dtype))
