@@ -317,7 +317,8 @@ class OutputLayer(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.linear(x, weight=self.weight if weight is None else weight)[0]
         if self.has_padding:
-            logits = logits.masked_fill(self.vocab_padding.to(logits.device), torch.finfo(logits.dtype).min)
+            # in place: the matmul's output is not saved for backward, and a copy would be [tokens, vocab]
+            logits.masked_fill_(self.vocab_padding.to(logits.device), torch.finfo(logits.dtype).min)
         return logits
 
 
