@@ -352,7 +352,13 @@ def log_hook(trainer: Trainer, r: StepResult) -> None:
         "lr": r.lr,
         "grad_norm": r.grad_norm,
         "tokens_per_sec": tokens_per_sec,
-        "tflops_per_gpu": per_gpu_tflops,
+        "tflops_per_gpu": per_gpu_tflops,  # model FLOPs (MFU); hardware adds recomputation
+        "hw_tflops_per_gpu": flops.hardware_flops_per_token(
+            cfg.model, cfg.derived.padded_vocab_size, cfg.activation_checkpointing
+        )
+        * tokens_per_sec
+        / 1e12
+        / cfg.derived.world_size,
         "consumed_samples": state.consumed_samples,
         "step_seconds": r.seconds,
     }
