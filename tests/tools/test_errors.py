@@ -27,9 +27,23 @@ def copy_weights(ckpt, dest):
     return dest
 
 
+def rewrite_manifest(step):
+    """A manifest that agrees with the damaged files (a faulty writer, not disk corruption): the
+    exporter's own consistency checks must still catch it."""
+    from bigtrain.checkpoint_files import MANIFEST, write_manifest
+
+    (step / MANIFEST).unlink(missing_ok=True)
+    write_manifest(step, {}, step=0)
+
+
 def test_export_refuses_checkpoint_with_missing_shard(imported, tmp_path):
     step = copy_weights(imported, tmp_path / "step_00000000")
     (step / "weights" / "tp00_pp01.safetensors").unlink()  # a whole stage of rank 0: no key points to it
+    out = tmp_path / "hf"
+    proc = tool("convert_to_hf", "--checkpoint", step, "--output", out, check=False)
+    assert proc.returncode == 1
+    assert "manifest.json is missing" in proc.stderr, proc.stderr  # an unverifiable checkpoint is refused
+    rewrite_manifest(step)
     out = tmp_path / "hf"
     proc = tool("convert_to_hf", "--checkpoint", step, "--output", out, check=False)
     assert proc.returncode == 1
@@ -47,6 +61,7 @@ def test_export_refuses_tied_copies_out_of_sync(trained, tmp_path):
     tensors = load_file(str(last))
     tensors["0.word_embeddings.weight"] = tensors["0.word_embeddings.weight"] + 1e-3
     save_file(tensors, str(last))
+    rewrite_manifest(step)
     with pytest.raises(ExportError, match="0.word_embeddings.weight differs between pipeline stages"):
         export(step, tmp_path / "hf", progress=False)
     assert_nothing_written(tmp_path / "hf")
@@ -141,3 +156,18 @@ def test_mistral_without_sliding_window_imports(tmp_path):
     tokens = torch.randint(0, HF_ARCH["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     with venv_on_path(), NativeModel.from_checkpoint(ckpt) as model, torch.no_grad():
         assert (model.logits(tokens) - hf(tokens).logits).abs().max() <= 1e-5
+
+
+def test_export_refuses_a_corrupted_shard_naming_it(imported, tmp_path):
+    tag = imported / (imported / "latest").read_text().strip()
+    step = tmp_path / tag.name
+    shutil.copytree(tag, step)
+    shard = step / "weights" / "tp00_pp00.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "hf"
+    proc = tool("convert_to_hf", "--checkpoint", step, "--output", out, check=False)
+    assert proc.returncode == 1
+    assert f"{shard} fails its sha256 checksum" in proc.stderr, proc.stderr
+    assert_nothing_written(out)
