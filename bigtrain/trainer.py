@@ -181,9 +181,12 @@ class Trainer:
                 total += micro_loss.detach().float()
             loss = _dp_mean(total / self.cfg.derived.grad_accum_steps)
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            grad_norm = float(grad_norm)
+            grad_norm = grad_norm if grad_norm >= 0 else math.nan  # DeepSpeed's -1: "not finite"
         return StepResult(
             loss=loss,
-            grad_norm=None if grad_norm is None else float(grad_norm),
+            grad_norm=grad_norm,
             lr=lr,
             seconds=time.perf_counter() - t0,
             applied=self.engine.skipped_steps == skipped_before,

@@ -43,7 +43,9 @@ def assert_latest_is_complete(run_dir: Path) -> None:
 
 
 def weights(run_dir: Path, step: int) -> dict:
-    return load_file(str(ckpts(run_dir) / files.tag_for(step) / "weights" / "tp00_pp00.safetensors"))
+    """Every saved master tensor of a checkpoint, keyed by shard file and layout key."""
+    shards = sorted((ckpts(run_dir) / files.tag_for(step) / "weights").glob("*.safetensors"))
+    return {(f.name, k): v for f in shards for k, v in load_file(str(f)).items()}
 
 
 # ---------------------------------------------------------------------------- 2. kill inside a save
@@ -200,7 +202,9 @@ def test_slurm_style_ranks_save_on_usr1_and_exit_zero(corpus, tmp_path):
 
 
 def test_wall_clock_budget_stops_with_a_checkpoint(corpus, tmp_path):
-    out = single(train_args(corpus, tmp_path, "train.max_minutes=0.12", "checkpoint.interval=0", steps=100000))
+    out = single(
+        train_args(corpus, tmp_path, "train.max_minutes=0.12", "checkpoint.interval=0", steps=100000)
+    )
     assert "stopping after step" in out.stdout and "train.max_minutes=0.12 nearly used" in out.stdout
     last = max(r["step"] for r in metrics(tmp_path))
     assert 0 < last < 100000
@@ -220,8 +224,12 @@ def test_nonfinite_stop_exits_before_saving_poisoned_weights(corpus, tmp_path):
 
 @pytest.mark.parametrize(
     "nproc, overrides",
-    [(1, []), (2, ["precision=bf16", "zero.stage=1"])],
-    ids=["fp32-guard", "dp2-bf16-zero1"],
+    [
+        (1, []),
+        (2, ["precision=bf16", "zero.stage=1", "debug.fault_rank=0"]),  # one rank's NaN reaches all
+        (2, ["parallel.pipeline=2"]),  # the loss exists on the last stage only
+    ],
+    ids=["fp32-guard", "dp2-bf16-zero1", "pp2-fp32"],
 )
 def test_nonfinite_skip_leaves_parameters_bitwise_unchanged(corpus, tmp_path, nproc, overrides):
     args = train_args(
@@ -230,7 +238,6 @@ def test_nonfinite_skip_leaves_parameters_bitwise_unchanged(corpus, tmp_path, np
         "checkpoint.interval=1",
         "checkpoint.keep_last=0",
         "debug.inject_nonfinite_at_step=3",
-        "debug.fault_rank=0",
         "optim.warmup_steps=0",
         *overrides,
         steps=5,
