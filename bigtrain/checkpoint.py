@@ -78,10 +78,31 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
 
     from bigtrain.models.parallelize import local_parameters
 
+    masters = _fp16_optimizer_masters(engine.optimizer)
     out = {}
     for key, (_, param) in local_parameters(engine.module, cfg).items():
-        full = safe_get_full_fp32_param(param)
-        out[key] = (param.detach() if full is None else full).float().cpu().contiguous()
+        full = safe_get_full_fp32_param(param)  # ZeRO and the bf16 optimizer map parameters to masters
+        if full is None:
+            full = masters.get(id(param), param.detach())  # fp16 without ZeRO; plain fp32: the parameter
+        out[key] = full.float().cpu().contiguous()
+    return out
+
+
+def _fp16_optimizer_masters(optimizer) -> dict[int, torch.Tensor]:
+    """fp32 masters of DeepSpeed's fp16 optimizers (no ZeRO), by ``id`` of the fp16 parameter:
+    ``safe_get_full_fp32_param`` does not reach them, and the fp16 parameters are rounded copies."""
+    out: dict[int, torch.Tensor] = {}
+    fp16_groups = getattr(optimizer, "fp16_groups", None)
+    if fp16_groups is None:
+        return out
+    if hasattr(optimizer, "fp32_groups_flat"):  # fused: one flat fp32 buffer per group
+        from torch._utils import _unflatten_dense_tensors
+
+        for params, flat in zip(fp16_groups, optimizer.fp32_groups_flat):
+            out.update((id(p), m) for p, m in zip(params, _unflatten_dense_tensors(flat, params)))
+    elif hasattr(optimizer, "fp32_groups"):  # unfused: one fp32 tensor per parameter
+        for params, masters in zip(fp16_groups, optimizer.fp32_groups):
+            out.update((id(p), m) for p, m in zip(params, masters))
     return out
 
 
@@ -206,15 +227,17 @@ def verify_distributed(ckpt: Path, dist: Dist, checksums: bool = True) -> list[s
     """Verify a checkpoint with the checksumming spread over all ranks; every rank gets all problems."""
     try:
         entries = files.read_manifest(ckpt)
-    except ValueError as e:
-        return [str(e)]
-    share = {rel: e for i, (rel, e) in enumerate(sorted(entries.items())) if i % dist.world_size == dist.rank}
-    problems = files.check_files(ckpt, share, checksums)
+        share = {
+            rel: e for i, (rel, e) in enumerate(sorted(entries.items())) if i % dist.world_size == dist.rank
+        }
+        problems = files.check_files(ckpt, share, checksums)
+    except ValueError as e:  # still join the gather below: every rank must reach it
+        problems = [str(e)]
     if not torch.distributed.is_initialized():
         return problems
     gathered: list[list[str] | None] = [None] * dist.world_size
     torch.distributed.all_gather_object(gathered, problems)
-    return [p for part in gathered for p in (part or [])]
+    return list(dict.fromkeys(p for part in gathered for p in (part or [])))
 
 
 def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:

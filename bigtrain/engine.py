@@ -243,6 +243,24 @@ def _share_fp32_master_partitions(engine) -> None:
             shared = True
     if shared and hasattr(opt, "_link_all_hp_params"):
         opt._link_all_hp_params()  # parameters' views of their master fragment (read by checkpoints)
+    if shared:
+        # A shared master is a view into the rank's whole flat parameter buffer, and torch.save writes a
+        # view's entire storage: without compaction every optimizer shard would hold all parameters.
+        state_dict = opt.state_dict
+        opt.state_dict = functools.wraps(state_dict)(lambda *a, **k: _compact_views(state_dict(*a, **k)))
+
+
+def _compact_views(obj):
+    """``obj`` with every tensor that views a larger storage replaced by a compact copy (what is saved)."""
+    if torch.is_tensor(obj):
+        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+            return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        return type(obj)((k, _compact_views(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact_views(v) for v in obj)
+    return obj
 
 
 def _log_attention_kernel(cfg: Config, device: torch.device) -> None:

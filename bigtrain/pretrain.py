@@ -111,7 +111,12 @@ def preflight(cfg: Config, rank: int) -> None:
             )
 
     ckpt_dir = Path(cfg.train.run_dir) / "checkpoints"
-    complete = [t for t in files.candidate_tags(ckpt_dir) if (ckpt_dir / t / files.MANIFEST).is_file()]
+    # the checkpoint a resume would start from (its metadata verified; checksums of the rest come later)
+    complete = [
+        t
+        for t in files.candidate_tags(ckpt_dir)
+        if not files.verify(ckpt_dir / t, select=lambda r: r == files.META)
+    ]
     if complete:
         newest = ckpt_dir / complete[0]
         check_shape(newest, "resuming: checkpoint")
@@ -183,14 +188,12 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
     trainer = (trainer_cls or Trainer)(cfg, dist, engine, train_batches, valid_batches, state)
     if tag is not None:
         trainer.protect, trainer.last_saved_step = (tag,), state.step
-    try:
-        state = trainer.train()
-        if dist.is_main and trainer.stop_reason is None and state.step >= cfg.train.steps:
-            # for auto-resume loops: the run is complete, do not relaunch (launch/slurm.sbatch)
-            (run_dir / FINISHED).write_text(json.dumps(state.as_dict()))
-        return state
-    finally:
-        shutdown()
+    state = trainer.train()
+    if dist.is_main and trainer.stop_reason is None and state.step >= cfg.train.steps:
+        # for auto-resume loops: the run is complete, do not relaunch (launch/slurm.sbatch)
+        (run_dir / FINISHED).write_text(json.dumps(state.as_dict()))
+    shutdown()  # not on errors: tearing down groups with a dead peer can block (run_or_exit exits)
+    return state
 
 
 def run_or_exit(cfg: Config, **kw) -> None:
@@ -201,8 +204,9 @@ def run_or_exit(cfg: Config, **kw) -> None:
     import traceback
 
     from bigtrain.distributed import rank_from_env
-    from bigtrain.reliability import TrainingError, register_with_launcher
+    from bigtrain.reliability import TrainingError, exit_signals, register_with_launcher
 
+    exit_signals(cfg.train.exit_signal_save)  # before the launcher can forward anything to this rank
     register_with_launcher(rank_from_env())
     try:
         preflight(cfg, rank_from_env())

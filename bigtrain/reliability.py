@@ -52,6 +52,18 @@ class ExitSignals:
         self.previous = {}
 
 
+_EXIT_SIGNALS: ExitSignals | None = None
+
+
+def exit_signals(enabled: bool) -> ExitSignals:
+    """The process's handlers, installed once: entry points call this before anything slow, so a
+    signal during start-up (checkpoint verification, model build) is kept, not fatal."""
+    global _EXIT_SIGNALS
+    if _EXIT_SIGNALS is None:
+        _EXIT_SIGNALS = ExitSignals(enabled)
+    return _EXIT_SIGNALS
+
+
 def register_with_launcher(rank: int) -> None:
     """Under ``bash launch/pretrain.sh`` the launcher forwards SIGTERM/SIGUSR1 to the PIDs listed in
     ``BIGTRAIN_PID_DIR`` (DeepSpeed's own launcher would kill the ranks instead)."""
@@ -73,9 +85,12 @@ def agree(flags: list[bool], device: torch.device) -> list[bool]:
 class WallClock:
     """train.max_minutes: stop while one more step and a save still fit in the budget."""
 
-    def __init__(self, max_minutes: float):
+    def __init__(self, max_minutes: float, started: float | None = None):
+        """``started``: a ``time.time()`` value; default: when this process started (the scheduler's
+        limit counts start-up too)."""
         self.budget = max_minutes * 60.0
-        self.started = time.monotonic()
+        self.started = _process_start() if started is None else started
+        self.startup = time.time() - self.started
         self.longest_step = 0.0
         self.last_save = 0.0
 
@@ -85,8 +100,19 @@ class WallClock:
     def out_of_time(self) -> bool:
         if self.budget <= 0:
             return False
-        margin = 1.5 * self.longest_step + 2.0 * self.last_save + 5.0
-        return time.monotonic() - self.started + margin >= self.budget
+        # until a save was timed, assume it costs what start-up did (which loaded a checkpoint or built one)
+        save = self.last_save or self.startup
+        margin = 1.5 * self.longest_step + 2.0 * save + 5.0
+        return time.time() - self.started + margin >= self.budget
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or restricted: count from now
+        return time.time()
 
 
 class SpikeDetector:

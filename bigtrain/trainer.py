@@ -18,11 +18,11 @@ from bigtrain.config import Config
 from bigtrain.distributed import Dist
 from bigtrain.metrics import MetricsWriter, console, format_duration
 from bigtrain.reliability import (
-    ExitSignals,
     SpikeDetector,
     TrainingError,
     WallClock,
     agree,
+    exit_signals,
     inject_process_faults,
     loss_multiplier,
 )
@@ -123,7 +123,7 @@ class Trainer:
         self.spikes = SpikeDetector(t.spike_sigma, t.spike_window, t.spike_min_history)
         self.clock = WallClock(t.max_minutes)
         self.loss_multiplier = 1.0  # debug injections only
-        self.signals = ExitSignals(t.exit_signal_save)  # SIGTERM/SIGUSR1: save at the step's end, exit 0
+        self.signals = exit_signals(t.exit_signal_save)  # SIGTERM/SIGUSR1: save at the step's end, exit 0
         if self.pipeline:
             self._inject_into_pipeline_loss()
         self.started = time.time()
@@ -209,7 +209,6 @@ class Trainer:
         finally:
             _close(self.batches)
             self.metrics.close()
-            self.signals.restore()
         return self.state
 
     # ------------------------------------------------------------------ checkpoints and rollback
@@ -302,7 +301,7 @@ def nonfinite_hook(trainer: Trainer, r: StepResult) -> None:
     if r.applied and not bad_loss:
         trainer.consecutive_skips = 0
         return
-    if cfg.precision == "fp16" and not r.applied:
+    if cfg.precision == "fp16" and not r.applied and not bad_loss:
         if trainer.dist.is_main:
             console(
                 f"step {state.step}: fp16 overflow, update skipped by dynamic loss scaling "

@@ -42,10 +42,10 @@ trap 'forward USR1' USR1
 "$deepspeed_bin" $DS_LAUNCH_ARGS "${BASH_SOURCE[0]}" "$@" &
 launcher=$!
 status=0
-while true; do
-    wait "$launcher" && status=0 || status=$?
-    kill -0 "$launcher" 2>/dev/null || break  # a trapped signal interrupted wait: keep waiting
+while kill -0 "$launcher" 2>/dev/null; do
+    wait "$launcher" || true  # returns early (>128) when a trapped signal interrupts it
 done
+wait "$launcher" && status=0 || status=$?  # the launcher's own exit status
 rm -rf "$pid_dir"
 exit "$status"
 ":"""

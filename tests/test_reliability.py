@@ -34,14 +34,15 @@ def test_flat_losses_do_not_make_every_wiggle_a_spike():
 
 
 def test_wall_clock_leaves_room_for_a_step_and_a_save(monkeypatch):
-    now = [0.0]
-    monkeypatch.setattr("bigtrain.reliability.time.monotonic", lambda: now[0])
-    clock = WallClock(max_minutes=1.0)
-    clock.observe_step(10.0)
-    clock.last_save = 5.0
-    now[0] = 29.0  # 29 + 1.5*10 + 2*5 + 5 = 59 < 60
+    now = [1000.0]
+    monkeypatch.setattr("bigtrain.reliability.time.time", lambda: now[0])
+    clock = WallClock(max_minutes=1.0, started=990.0)  # the process started 10 s ago
+    clock.observe_step(5.0)
+    # no save timed yet: assume start-up's 10 s: 1000-990 + 1.5*5 + 2*10 + 5 = 42.5 < 60
     assert not clock.out_of_time()
-    now[0] = 31.0
+    now[0] = 1008.0  # 18 + 7.5 + 20 + 5 = 50.5
+    assert not clock.out_of_time()
+    clock.last_save = 15.0  # a measured save replaces the estimate: 18 + 7.5 + 30 + 5 = 60.5
     assert clock.out_of_time()
     assert not WallClock(0.0).out_of_time()
 

@@ -86,7 +86,7 @@ def data_factory(prepared: Prepared):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bigtrain.pretrain import config_or_exit, parse_args, run
+    from bigtrain.pretrain import config_or_exit, parse_args, run_or_exit
 
     argv = list(sys.argv[1:] if argv is None else argv)
     strict = "--strict" in argv
@@ -105,19 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     from bigtrain.finetune.model import build_finetune_model
     from bigtrain.finetune.trainer import FinetuneTrainer
 
-    # The base weights are loaded by build (fine-tuning adds tensors a pretrained checkpoint lacks), so
-    # pretraining's weights-only load is skipped; resuming from run_dir works as in pretraining.
-    base, cfg.checkpoint.load = cfg.checkpoint.load, None
-
-    def trainer(*args, **kwargs) -> FinetuneTrainer:
-        cfg.checkpoint.load = base  # past run's weights-only load: checkpoints record where we started
-        return FinetuneTrainer(*args, **kwargs)
-
-    run(
+    # checkpoint.load (the base) goes through pretraining's weights-only load, which keeps the tensors
+    # fine-tuning adds (adapters, head) at their initialization; resuming from run_dir works as there.
+    run_or_exit(
         cfg,
         data=data_factory(prepared),
-        trainer_cls=trainer,
-        build=lambda c, topology=None: build_finetune_model(c, topology, base),
+        trainer_cls=FinetuneTrainer,
+        build=lambda c, topology=None: build_finetune_model(c, topology),
     )
 
 
