@@ -81,6 +81,11 @@ def test_corrupted_then_truncated_newest_checkpoint_falls_back(corpus, tmp_path)
     args = train_args(corpus, run, "checkpoint.interval=2", "checkpoint.keep_last=3", "zero.stage=1", steps=4)
     first = torchrun(2, args)
     newest = ckpts(run) / files.tag_for(4)
+    # each ZeRO-1 shard holds half of (fp32 master + Adam moments) = 1.5x the weights, not the whole
+    # flat master buffer (2x): shared masters are compacted before saving
+    weights_bytes = (newest / "weights" / "tp00_pp00.safetensors").stat().st_size
+    for shard in newest.glob("*optim_states.pt"):
+        assert shard.stat().st_size < 1.75 * weights_bytes, (shard.name, shard.stat().st_size, weights_bytes)
     shard = newest / "weights" / "tp00_pp00.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -259,13 +264,21 @@ def test_nonfinite_skip_leaves_parameters_bitwise_unchanged(corpus, tmp_path, np
 
 def test_fp16_overflow_is_logged_and_the_loss_scale_survives_a_crash(corpus, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    common = ["precision=fp16", "checkpoint.interval=4", "debug.inject_nonfinite_at_step=3"]
+    # a finite but huge loss: fp16 gradients overflow (a NaN loss would be train.nonfinite's business)
+    common = [
+        "precision=fp16",
+        "checkpoint.interval=4",
+        "debug.inject_spike_at_step=3",
+        "debug.spike_factor=1.0e+20",
+    ]
     single(train_args(corpus, full, *common, steps=6))
     crashed = single(train_args(corpus, split, *common, "debug.crash_at_step=5", steps=6), check=False)
     assert "step 3: fp16 overflow, update skipped by dynamic loss scaling" in crashed.stdout
     single(train_args(corpus, split, *common, steps=6))
     ref = {r["step"]: r for r in metrics(full)}
     assert ref[3]["skipped"] and ref[4]["loss_scale"] == ref[2]["loss_scale"] / 2  # halved by the overflow
+    masters = weights(full, 4)  # fp32 masters, not the fp16 model's rounded copies
+    assert any((t != t.half().float()).any() for t in masters.values())
     resumed = [r for r in metrics(split) if r["step"] > 4]
     assert [r["step"] for r in resumed][-2:] == [5, 6]
     for r in resumed[-2:]:
