@@ -32,10 +32,9 @@ class ExitSignals:
 
     def __init__(self, enabled: bool):
         self.received: str | None = None
-        self.previous = {}
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in EXIT_SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
@@ -45,11 +44,6 @@ class ExitSignals:
                 file=sys.stderr,
                 flush=True,
             )
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
 
 _EXIT_SIGNALS: ExitSignals | None = None
