@@ -179,15 +179,17 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
         if dist.is_main:
             console(f"loaded weights from {cfg.checkpoint.load} (fresh optimizer, step 0)")
     engine = initialize_engine(cfg, model, dist)
-    state = TrainState()
+    state, saved = TrainState(), None
     if tag is not None:
-        state = TrainState.from_saved(checkpoint.resume(engine, cfg, dist, tag))
+        saved = checkpoint.resume(engine, cfg, dist, tag)
+        state = TrainState.from_saved(saved)
         if dist.is_main:
             console(f"resumed from step {state.step} ({state.consumed_samples} samples consumed) [{tag}]")
     train_batches, valid_batches = data(cfg, dist)
     trainer = (trainer_cls or Trainer)(cfg, dist, engine, train_batches, valid_batches, state)
-    if tag is not None:
+    if saved is not None:
         trainer.protect, trainer.last_saved_step = (tag,), state.step
+        trainer.load_extra_state(saved)
     state = trainer.train()
     if dist.is_main and trainer.stop_reason is None and state.step >= cfg.train.steps:
         # for auto-resume loops: the run is complete, do not relaunch (launch/slurm.sbatch)

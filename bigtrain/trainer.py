@@ -212,12 +212,20 @@ class Trainer:
         return self.state
 
     # ------------------------------------------------------------------ checkpoints and rollback
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state saved with each checkpoint next to TrainState (e.g. early stopping)."""
+        return {}
+
+    def load_extra_state(self, saved: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved (called on resume and rollback)."""
+
     def save(self) -> None:
         if self.last_saved_step == self.state.step:
             return
         t0 = time.monotonic()
+        state = {**self.state.as_dict(), **self.extra_state()}
         path = checkpoint.save_checkpoint(
-            self.engine, self.cfg, self.dist, self.state.step, self.state.as_dict(), protect=self.protect
+            self.engine, self.cfg, self.dist, self.state.step, state, protect=self.protect
         )
         self.clock.last_save = time.monotonic() - t0
         self.last_saved_step = self.state.step
@@ -249,6 +257,7 @@ class Trainer:
         bad = [rollback.batch_start, rollback.batch_start + cfg.train.global_batch_size]
         saved = checkpoint.resume(self.engine, cfg, self.dist, tag)
         self.state = TrainState.from_saved(saved)
+        self.load_extra_state(saved)
         self.state.skipped_batches = sorted({tuple(r) for r in [*old.skipped_batches, bad]})
         self.state.skipped_batches = [list(r) for r in self.state.skipped_batches]
         self.state.rollbacks = old.rollbacks + 1

@@ -87,6 +87,20 @@ class FinetuneTrainer(Trainer):
         self.hooks = [finetune_eval_hook if h is eval_hook else h for h in self.hooks]
         report_parameters(self)
 
+    def extra_state(self) -> dict[str, Any]:
+        s = self.stopper
+        return {"early_stopping": {"best": s.best, "best_step": s.best_step, "bad": s.bad}}
+
+    def load_extra_state(self, saved: dict[str, Any]) -> None:
+        """A resumed run keeps its patience count (validations without a gain) and best value."""
+        es = saved.get("early_stopping")
+        if es is not None:
+            self.stopper.best, self.stopper.best_step, self.stopper.bad = (
+                es["best"],
+                es["best_step"],
+                es["bad"],
+            )
+
     def model_args(self, b: Batch) -> tuple:
         return b["tokens"], b["positions"], b["doc_ids"], b["labels"], b["loss_mask"]
 

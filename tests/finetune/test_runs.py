@@ -155,6 +155,19 @@ def test_classification_tp2_metrics_early_stop_best_and_export(tok_dir: Path, tm
     for name, value in (("val_precision", precision), ("val_recall", recall), ("val_f1", f1)):
         assert final[name] == pytest.approx(float(value.mean()), abs=1e-12), name
 
+    # patience survives a crash: killed right after the first validation without a gain (its checkpoint
+    # holds that count), the relaunch stops at the same step as the uninterrupted run
+    crash_dir = tmp_path / "crash"
+    common = ["--config", CLASSIFY_TINY, "--set", f"data.tokenizer={tok_dir}", "parallel.tensor=2",
+              f"finetune.train={tmp_path / 'train.jsonl'}", f"finetune.valid={tmp_path / 'valid.jsonl'}",
+              f"train.run_dir={crash_dir}", "train.steps=200", "finetune.patience=2", "checkpoint.interval=10"]  # fmt: skip
+    crashed = torchrun(2, [*common, f"debug.crash_at_step={expected - 10}"], module=MODULE, check=False)
+    assert crashed.returncode != 0
+    torchrun(2, common, module=MODULE)
+    resumed_vals = [r for r in rows(crash_dir) if "val_accuracy" in r]
+    assert [r["val_accuracy"] for r in resumed_vals] == [r["val_accuracy"] for r in vals]
+    assert max(r["step"] for r in rows(crash_dir) if "loss" in r) == expected
+
 
 def test_lora_tp2_frozen_base_and_merged_and_peft_exports(tok_dir: Path, hf_base, tmp_path: Path):
     from peft import PeftModel
