@@ -259,7 +259,7 @@ def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
         barrier()
         if dist.is_main:
             moved = files.invalidate(ckpt_dir, tag)
-            files._warn(
+            files.warn(
                 f"checkpoint {ckpt_dir / tag} is invalid and will not be loaded ({'; '.join(problems)}); "
                 f"moved to {moved.name}, falling back to the previous checkpoint"
             )

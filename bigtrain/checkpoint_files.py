@@ -48,7 +48,7 @@ def step_of(tag: str) -> int:
     return int(tag.split("_", 1)[1])
 
 
-def _warn(msg: str) -> None:
+def warn(msg: str) -> None:
     print(f"bigtrain: WARNING: {msg}", file=sys.stderr, flush=True)
 
 
@@ -163,7 +163,7 @@ def newest_valid(
         problems = verify(ckpt_dir / tag, checksums, select)
         if not problems:
             return tag
-        _warn(f"checkpoint {ckpt_dir / tag} is invalid and is skipped: " + "; ".join(problems))
+        warn(f"checkpoint {ckpt_dir / tag} is invalid and is skipped: " + "; ".join(problems))
     return None
 
 

@@ -188,8 +188,7 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
     train_batches, valid_batches = data(cfg, dist)
     trainer = (trainer_cls or Trainer)(cfg, dist, engine, train_batches, valid_batches, state)
     if saved is not None:
-        trainer.protect, trainer.last_saved_step = (tag,), state.step
-        trainer.load_extra_state(saved)
+        trainer.adopt_checkpoint(tag, saved)
     state = trainer.train()
     if dist.is_main and trainer.stop_reason is None and state.step >= cfg.train.steps:
         # for auto-resume loops: the run is complete, do not relaunch (launch/slurm.sbatch)

@@ -219,6 +219,12 @@ class Trainer:
     def load_extra_state(self, saved: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` saved (called on resume and rollback)."""
 
+    def adopt_checkpoint(self, tag: str, saved: dict[str, Any]) -> None:
+        """Bookkeeping once checkpoint ``tag`` is loaded (resume or rollback): retention keeps it, this
+        step needs no new save, and subclass state comes back."""
+        self.protect, self.last_saved_step = (tag,), saved["step"]
+        self.load_extra_state(saved)
+
     def save(self) -> None:
         if self.last_saved_step == self.state.step:
             return
@@ -257,12 +263,10 @@ class Trainer:
         bad = [rollback.batch_start, rollback.batch_start + cfg.train.global_batch_size]
         saved = checkpoint.resume(self.engine, cfg, self.dist, tag)
         self.state = TrainState.from_saved(saved)
-        self.load_extra_state(saved)
-        self.state.skipped_batches = sorted({tuple(r) for r in [*old.skipped_batches, bad]})
-        self.state.skipped_batches = [list(r) for r in self.state.skipped_batches]
+        self.adopt_checkpoint(tag, saved)
+        self.state.skipped_batches = sorted(map(list, {tuple(r) for r in [*old.skipped_batches, bad]}))
         self.state.rollbacks = old.rollbacks + 1
         self.state.skipped_steps = old.skipped_steps
-        self.protect, self.last_saved_step = (tag,), self.state.step
         self._open_batches()
         if self.dist.is_main:
             console(
