@@ -82,12 +82,22 @@ class ZeroConfig:
     stage: int = opt(0, "DeepSpeed ZeRO stage 0-3 (2/3 need pipeline = 1).")
     offload_optimizer: bool = opt(False, "Keep optimizer states on CPU (ZeRO >= 1).")
     overlap_comm: bool = opt(True, "Overlap gradient reduction with backward.")
-    reduce_bucket_size: int = opt(500_000_000, "Elements per gradient reduce bucket.")
+    reduce_bucket_size: int = opt(
+        500_000_000,
+        "Elements per gradient reduce bucket (capped at the parameters of one rank's model shard: ZeRO-3 "
+        "allocates the bucket whole).",
+    )
     allgather_bucket_size: int = opt(500_000_000, "Elements per all-gather bucket (ZeRO 1/2).")
     stage3_param_persistence_threshold: int = opt(
         100_000, "ZeRO-3: parameters smaller than this stay gathered."
     )
     stage3_prefetch_bucket_size: int = opt(50_000_000, "ZeRO-3: elements prefetched ahead of use.")
+    grad_reduce_dtype: str = opt(
+        "fp32",
+        "Data type of the data-parallel gradient reduction under bf16/fp16: fp32 (Megatron-LM's choice for "
+        "bf16: no rounding of the summed gradients, twice the bytes on the wire) | model (the training "
+        "precision, DeepSpeed's default: half the traffic, each rank's gradients rounded to 8/11 bits).",
+    )
 
 
 @dataclass
@@ -374,6 +384,10 @@ def validate(cfg: Config, world_size: int) -> None:
     )
     _check(cfg.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0-3, got {cfg.zero.stage}")
     _check(
+        cfg.zero.grad_reduce_dtype in ("fp32", "model"),
+        f"zero.grad_reduce_dtype must be fp32|model, got {cfg.zero.grad_reduce_dtype!r}",
+    )
+    _check(
         not (p.pipeline > 1 and cfg.zero.stage >= 2),
         f"zero.stage {cfg.zero.stage} cannot be combined with parallel.pipeline {p.pipeline} "
         "(DeepSpeed's pipeline engine supports ZeRO 0-1)",
@@ -405,7 +419,9 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(t.nonfinite in ("skip", "stop"), f"train.nonfinite must be skip|stop, got {t.nonfinite!r}")
     _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips must be >= 1")
     _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0")
-    _check(t.spike_sigma >= 0 and t.spike_window >= 2, "train.spike_sigma must be >= 0, train.spike_window >= 2")
+    _check(
+        t.spike_sigma >= 0 and t.spike_window >= 2, "train.spike_sigma must be >= 0, train.spike_window >= 2"
+    )
     _check(
         not t.spike_rollback or (cfg.checkpoint.save and t.spike_sigma > 0),
         "train.spike_rollback needs train.spike_sigma > 0 and checkpoint.save (it reloads the last checkpoint)",

@@ -12,6 +12,7 @@ from torch import nn
 
 from bigtrain.config import Config
 from bigtrain.distributed import Dist, MegatronMPU
+from bigtrain.planner import reduce_bucket_elements
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -20,7 +21,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     zero: dict[str, Any] = {
         "stage": z.stage,
         "overlap_comm": z.overlap_comm,
-        "reduce_bucket_size": z.reduce_bucket_size,
+        "reduce_bucket_size": reduce_bucket_elements(cfg, cfg.parallel.tensor, cfg.parallel.pipeline),
         "allgather_bucket_size": z.allgather_bucket_size,
         "contiguous_gradients": True,
     }
@@ -58,6 +59,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
             "hysteresis": f.hysteresis,
             "min_loss_scale": f.min_loss_scale,
         }
+    if cfg.precision != "fp32":  # DeepSpeed reduces in the training precision unless told otherwise
+        ds["communication_data_type"] = "fp32" if z.grad_reduce_dtype == "fp32" else cfg.precision
     if cfg.parallel.pipeline > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": 0}
     return ds

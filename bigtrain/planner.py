@@ -148,6 +148,14 @@ def _small_parameters(m: ModelConfig, vocab: int, tp: int, pp: int, threshold: i
 
 
 # ---------------------------------------------------------------------------- model states
+def reduce_bucket_elements(cfg: Config, tp: int, pp: int) -> int:
+    """The gradient bucket handed to DeepSpeed: ``zero.reduce_bucket_size`` capped at the parameters of
+    one pipeline stage's tensor-parallel shard, since no bucket ever holds more (ZeRO-3 allocates the
+    bucket whole: 500M elements would be 1-2 GB even for a tiny model)."""
+    vocab = _padded_vocab(cfg, tp)
+    return min(cfg.zero.reduce_bucket_size, stage_parameters(cfg.model, vocab, tp, pp))
+
+
 def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     """Parameters, gradients, optimizer states and ZeRO buffers per GPU (heaviest rank)."""
     m, z = cfg.model, cfg.zero
@@ -181,7 +189,7 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
         est.parameters = w * ((p - small) / n + small)
         est.gradients = w * p / n
         est.optimizer = (adam + master) / n
-        est.buffers = w * z.reduce_bucket_size  # the contiguous gradient bucket, allocated whole
+        est.buffers = w * reduce_bucket_elements(cfg, layout.tensor, layout.pipeline)  # allocated whole
     if layout.offload and stage >= 1:
         est.cpu_offloaded = est.optimizer + (4.0 * p / n if mixed else 0.0)
         est.optimizer = 0.0
@@ -257,8 +265,7 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
         block = flops.block_matmul_params(m) // layout.tensor
         est.transient += w * (2 * block + min(cfg.zero.stage3_prefetch_bucket_size, vocab * m.hidden_size))
     elif layout.zero in (1, 2) or (cfg.precision == "bf16" and layout.zero == 0):
-        p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
-        est.transient += w * min(cfg.zero.reduce_bucket_size, p)  # gradient reduction bucket
+        est.transient += w * reduce_bucket_elements(cfg, layout.tensor, layout.pipeline)  # reduction bucket
     return est
 
 
@@ -299,13 +306,14 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
     dp_nodes = gpus > hw.gpus_per_node
     dp_bw = (hw.inter_node_gbps if dp_nodes else hw.intra_node_gbps) * 1e9
-    g = 2 if cfg.precision != "fp32" else 4
+    w = 2 if cfg.precision != "fp32" else 4  # parameter bytes
+    g = 4 if cfg.zero.grad_reduce_dtype == "fp32" else w  # gradient bytes on the wire
     n = layout.data
     dp_comm = 0.0
     if n > 1:
         dp_comm = 2 * (n - 1) / n * p * g / dp_bw  # reduce-scatter + all-gather = one all-reduce
         if layout.zero == 3:
-            dp_comm += accum * 2 * (n - 1) / n * p * g / dp_bw  # parameters gathered fwd and bwd
+            dp_comm += accum * 2 * (n - 1) / n * p * w / dp_bw  # parameters gathered fwd and bwd
     exposed_dp = max(0.0, dp_comm - 0.5 * compute) if cfg.zero.overlap_comm else dp_comm
     zero3_overhead = 0.04 * compute if layout.zero == 3 else 0.0  # per-parameter hooks
     offload = 12 * p / n / (hw.cpu_adam_params_per_s * 12) if layout.offload else 0.0

@@ -165,3 +165,25 @@ def test_plan_cli_prints_choice_and_settings(tmp_path):
     rows = json.loads(out.read_text())
     assert rows[0]["fits"] and rows[0]["memory_gib"]["total"] < 80
     assert {"parameters", "gradients", "optimizer", "activations"} <= set(rows[0]["memory_gib"])
+
+
+def test_reduce_bucket_capped_at_the_shard_and_reduction_dtype_reach_deepspeed():
+    """DeepSpeed allocates ZeRO-3's gradient bucket whole: the default 500M elements would be 2 GB of fp32
+    for a 0.2M-parameter model. bigtrain hands it at most one rank's shard; a smaller setting is kept."""
+    from bigtrain.engine import deepspeed_config
+
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        cfg = load_config(TINY, [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", "zero.stage=1"]).resolve(
+            tp * pp
+        )
+        shard = planner.stage_parameters(cfg.model, cfg.derived.padded_vocab_size, tp, pp)
+        assert deepspeed_config(cfg)["zero_optimization"]["reduce_bucket_size"] == shard < 500_000_000
+    cfg = load_config(TINY, ["zero.stage=3", "zero.reduce_bucket_size=1000"]).resolve(2)
+    assert deepspeed_config(cfg)["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert planner.state_memory(cfg, planner.Layout(tensor=1, pipeline=1, data=2, zero=3)).buffers == 4 * 1000
+    # the gradient reduction dtype: fp32 by default under bf16, the training precision on request
+    assert "communication_data_type" not in deepspeed_config(cfg)  # fp32 training reduces in fp32
+    bf16 = load_config(TINY, ["precision=bf16"]).resolve(2)
+    assert deepspeed_config(bf16)["communication_data_type"] == "fp32"
+    model = load_config(TINY, ["precision=bf16", "zero.grad_reduce_dtype=model"]).resolve(2)
+    assert deepspeed_config(model)["communication_data_type"] == "bf16"
