@@ -74,6 +74,8 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
     """This rank's (tensor x pipeline) shards as fp32 masters, keyed by layout key.
 
     A collective over the data-parallel group under ZeRO (every rank must call it)."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_get_full_fp32_param
 
     from bigtrain.models.parallelize import local_parameters
@@ -82,6 +84,11 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
     out = {}
     for key, (_, param) in local_parameters(engine.module, cfg).items():
         full = safe_get_full_fp32_param(param)  # ZeRO and the bf16 optimizer map parameters to masters
+        if full is None and getattr(param, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE:
+            # ZeRO-3 keeps no master of a frozen (requires_grad=False) parameter, and its data is this
+            # rank's empty partition between forwards: gather the whole tensor (every rank takes part)
+            with GatheredParameters([param]):
+                full = param.detach().clone()
         if full is None:
             full = masters.get(id(param), param.detach())  # fp16 without ZeRO; plain fp32: the parameter
         out[key] = full.float().cpu().contiguous()

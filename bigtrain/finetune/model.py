@@ -49,7 +49,14 @@ class PackedEmbedding(_PackedInput, Embedding):
 
 
 class PackedTiedEmbedding(_PackedInput, TiedEmbedding):
-    pass
+    """The tied output layer reads the embedding's weight outside the embedding's forward: ZeRO-3 has to
+    gather it for that module too (else it finds the released, empty partition, as in validation)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from deepspeed.runtime.zero import register_external_parameter
+
+        register_external_parameter(self.output, self.word_embeddings.weight)  # a no-op below ZeRO-3
 
 
 def _tied_logits(module: PackedTiedEmbedding, x: torch.Tensor) -> torch.Tensor:
@@ -101,11 +108,18 @@ def classify_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
 
 
 class PipelineLoss:
+    """The pipeline engine's loss on the last stage. In evaluation (no grad) ``lm_loss`` gets a copy of
+    the logits: megatron's vocab-parallel cross-entropy works in place on its input (in fp32
+    ``logits.float()`` is that very tensor), and ``eval_batch(return_logits=True)`` hands these logits
+    back, which FinetuneTrainer scores itself (they would be exp(logits - max) otherwise)."""
+
     def __init__(self, task: str):
         self.task = task
 
     def __call__(self, outputs: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (classify_loss if self.task == "classify" else lm_loss)(outputs, labels[0], labels[1])
+        if self.task == "classify":
+            return classify_loss(outputs, labels[0], labels[1])
+        return lm_loss(outputs if torch.is_grad_enabled() else outputs.clone(), labels[0], labels[1])
 
 
 def finetune_specs(cfg: Config, mp: ModelParallelConfig) -> list[LayerSpec]:
@@ -171,6 +185,35 @@ def eval_stats(task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: to
 
 
 # ---------------------------------------------------------------------------- LoRA
+class LoRADropout(nn.Module):
+    """Inverted dropout on a LoRA adapter's input (PEFT's ``lora_dropout``), with the masks of the
+    unsharded model: one Bernoulli mask over the full input features, of which a row-parallel adapter
+    (whose input is this tensor rank's slice of the features) keeps its own slice, so tensor parallelism
+    changes neither the mask nor how many random numbers are drawn; a column-parallel adapter's input is
+    replicated and every tensor rank draws the same whole mask.
+
+    The masks come from the global RNG, which every rank seeds alike (``train.seed``) and which only
+    dropout draws from during training, so tensor ranks stay in step (and in step with a tensor = 1 run),
+    and activation recomputation (torch.utils.checkpoint restores the global RNG) redraws the same masks.
+    Data-parallel ranks draw the same masks for their different samples. Eval mode: the identity."""
+
+    def __init__(self, p: float, rank: int = 0, size: int = 1):
+        super().__init__()
+        self.p, self.rank, self.size = p, rank, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        full = (*x.shape[:-1], x.shape[-1] * self.size)  # [s, b, in]
+        keep = torch.empty(full, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        if self.size > 1:
+            keep = keep.chunk(self.size, dim=-1)[self.rank]
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, tensor_slice={self.rank}/{self.size}"
+
+
 class LoRAColumnParallelLinear(ColumnParallelLinear):
     """Column-parallel base (output split) + scale * B @ A: A [r, in] replicated, B [out/tp, r] split
     like the base's rows. The adapter's hidden goes through megatron's copy-to-region so its gradient
@@ -196,7 +239,7 @@ def add_lora(model: nn.Module, cfg: Config) -> None:
     """Give every targeted projection LoRA parameters (filled by initialize_weights via the layout
     table). The module's class is swapped rather than wrapped so the base weight keeps its name."""
     lora, m = cfg.finetune.lora, cfg.model
-    _, tp = tp_rank_size()
+    tp_rank, tp = tp_rank_size()
     specs = {s.name: s for s in layout.lora_specs(m, cfg.finetune)}
     for layer in local_layers(model).values():
         if not isinstance(layer, TransformerBlock):
@@ -209,9 +252,9 @@ def add_lora(model: nn.Module, cfg: Config) -> None:
                 shape = layout.local_shape(specs[f"{name}.{ab}"], m, 0, tp)
                 module.register_parameter(ab, nn.Parameter(torch.zeros(shape)))
             module.lora_scale = lora.alpha / lora.rank
-            # On CPU and with one seed on every rank, the dropout masks of a replicated input agree
-            # across tensor ranks (they must: the column-parallel adapter input is replicated).
-            module.lora_dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+            # a row-parallel adapter's input is this rank's slice of the features: it keeps that slice
+            # of the full mask; a column-parallel adapter's input is whole on every rank
+            module.lora_dropout = LoRADropout(lora.dropout, *((tp_rank, tp) if split == "row" else (0, 1)))
 
 
 def freeze(model: nn.Module, cfg: Config) -> None:

@@ -110,7 +110,8 @@ class FinetuneTrainer(Trainer):
     def _eval_micro_batch(self, b: Batch) -> tuple:
         """eval_stats of one micro-batch on every rank. Under a pipeline only the last stage has the
         outputs: it computes the statistics itself (DeepSpeed's loss is averaged per micro-batch and
-        over data-parallel ranks, not weighted) and shares them over the pipeline group."""
+        over data-parallel ranks, not weighted) and shares them over the pipeline group. (The engine's
+        loss function leaves the logits it returns intact in evaluation: see PipelineLoss.)"""
         from megatron.core import parallel_state
 
         from bigtrain.finetune.model import eval_stats
@@ -172,10 +173,12 @@ class FinetuneTrainer(Trainer):
 
 def report_parameters(trainer: FinetuneTrainer) -> None:
     """Trainable vs frozen parameters on this rank, and the optimizer state that costs (fp32 states:
-    2 per trainable parameter for Adam(W), 1 for SGD momentum / RMSprop, 2 for RMSprop with momentum)."""
+    2 per trainable parameter for Adam(W), 1 for SGD momentum / RMSprop, 2 for RMSprop with momentum).
+    Counts are of whole (tensor x pipeline rank) parameters, also under ZeRO-3 where ``p.numel()`` is
+    that of a released, empty partition."""
     params = list(trainer.engine.module.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    trainable = sum(_numel(p) for p in params if p.requires_grad)
+    total = sum(_numel(p) for p in params)
     o = trainer.cfg.optim
     states = {"adamw": 2, "adam": 2, "sgd": 1 if o.momentum else 0, "rmsprop": 2 if o.momentum else 1}[o.name]
     record = {
@@ -192,6 +195,10 @@ def report_parameters(trainer: FinetuneTrainer) -> None:
             f"optimizer state {record['optimizer_state_mib']:.2f} MiB "
             f"(full fine-tuning: {record['optimizer_state_mib_full_finetuning']:.2f} MiB)"
         )
+
+
+def _numel(param: torch.nn.Parameter) -> int:
+    return getattr(param, "ds_numel", param.numel())  # ZeRO-3: the full parameter's size
 
 
 def finetune_eval_hook(trainer: FinetuneTrainer, r: StepResult) -> None:

@@ -62,3 +62,26 @@ def classify_rows(n: int, seed: int) -> list[dict]:
         letters.insert(rng.randint(0, len(letters)), marker)
         rows.append({"text": " ".join(letters), "label": MARKERS[marker]})
     return rows
+
+
+def export(checkpoint: Path, out: Path, *extra: str) -> Path:
+    """tools/convert_to_hf.py: a fine-tuning checkpoint (or RUN_DIR/best) -> an HF directory."""
+    run_cmd([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--checkpoint", str(checkpoint),
+             "--output", str(out), *extra], timeout=180)  # fmt: skip
+    return out
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl record of a run (training, validation, parameter counts)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def reader_weights(path: Path) -> dict:
+    """Full (tensor-parallel shards merged) fp32 weights of a checkpoint's weights/, by layout key."""
+    from bigtrain.checkpoint import WeightReader
+    from bigtrain.config import config_from_dict
+    from bigtrain.models import layout
+
+    reader = WeightReader(path)
+    ft = config_from_dict(reader.meta["config"])
+    return {lp.key: reader.full(lp) for lp in layout.iter_layer_params(ft.model, finetune=ft.finetune)}

@@ -7,46 +7,28 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from bigtrain.checkpoint import WeightReader
-from bigtrain.models import layout
-from tests.conftest import REPO, VENV_BIN, run_cmd, run_with_port
+from tests.conftest import VENV_BIN, run_with_port
 from tests.finetune.conftest import VOCAB
 from tests.finetune.helpers import (
     CLASSIFY_TINY,
     SFT_TINY,
     classify_rows,
+    export,
+    reader_weights,
     reverse_rows,
     reverse_split,
+    rows,
     write_jsonl,
 )
 from tests.training.helpers import single, torchrun
 
 pytestmark = pytest.mark.timeout(420)
 MODULE = "bigtrain.finetune"
-
-
-def export(checkpoint: Path, out: Path, *extra: str) -> Path:
-    run_cmd([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--checkpoint", str(checkpoint),
-             "--output", str(out), *extra], timeout=180)  # fmt: skip
-    return out
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def reader_weights(path: Path) -> dict[str, torch.Tensor]:
-    from bigtrain.config import config_from_dict
-
-    reader = WeightReader(path)
-    ft = config_from_dict(reader.meta["config"])
-    return {lp.key: reader.full(lp) for lp in layout.iter_layer_params(ft.model, finetune=ft.finetune)}
 
 
 def test_sft_learns_reversal_measured_through_hf_generate(tok_dir: Path, tmp_path: Path):

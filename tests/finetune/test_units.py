@@ -231,3 +231,27 @@ def test_cli_strict_names_file_and_line_and_missing_template_is_clear(tok_dir: P
         and "no chat template" in proc.stderr
         and "chat_template --tokenizer" in proc.stderr
     )
+
+
+def test_lora_dropout_is_one_mask_over_the_full_input():
+    """A row-parallel adapter's input is its tensor rank's slice of the features: each rank keeps its
+    slice of one mask over the full input and draws as many random numbers as the unsharded model, so
+    TP=2 ranks (the same RNG state) together apply TP=1's mask and stay in step with it. Inverted
+    dropout in train mode; eval mode is the identity and draws nothing."""
+    from bigtrain.finetune.model import LoRADropout
+
+    p, x = 0.25, torch.rand(6, 3, 8) + 1  # [s, b, in], no zeros
+
+    def draw(module: LoRADropout, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(7)
+        return module(inp), torch.get_rng_state()
+
+    full, state = draw(LoRADropout(p), x)
+    slices = [draw(LoRADropout(p, rank, 2), x[..., 4 * rank : 4 * rank + 4]) for rank in range(2)]
+    assert torch.equal(torch.cat([out for out, _ in slices], dim=-1), full)
+    assert all(torch.equal(after, state) for _, after in slices)
+    assert not torch.equal(slices[0][0] == 0, slices[1][0] == 0)  # the halves are not one mask twice
+    kept = full != 0
+    assert torch.allclose(full[kept], x[kept] / (1 - p)) and 0.1 < 1 - kept.float().mean() < 0.4
+    module, rng = LoRADropout(p).eval(), torch.get_rng_state()
+    assert module(x) is x and torch.equal(torch.get_rng_state(), rng)

@@ -29,7 +29,8 @@ SEQ = 32
 TRAINED = {  # name -> (processes, overrides)
     "tp2pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2", "model.tie_embeddings=true"]),
     "tp1": (1, []),
-    "dp2-zero3": (2, ["zero.stage=3"]),
+    # persistence threshold 0: ZeRO-3 really partitions every tensor (the default keeps tiny ones whole)
+    "dp2-zero3": (2, ["zero.stage=3", "zero.stage3_param_persistence_threshold=0"]),
 }
 HF_ARCH = {
     "vocab_size": 400,

@@ -39,7 +39,8 @@ FP32_LAYOUTS = {
     "dp2-zero0": (2, ["zero.stage=0"]),
     "dp2-zero1": (2, ["zero.stage=1"]),
     "dp2-zero2": (2, ["zero.stage=2"]),
-    "dp2-zero3": (2, ["zero.stage=3"]),
+    # persistence threshold 0: ZeRO-3 really partitions every tensor (the default keeps tiny ones whole)
+    "dp2-zero3": (2, ["zero.stage=3", "zero.stage3_param_persistence_threshold=0"]),
     "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
 }
 
