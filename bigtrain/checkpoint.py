@@ -80,7 +80,6 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
 
     from bigtrain.models.parallelize import local_parameters
 
-    masters = _fp16_optimizer_masters(engine.optimizer)
     out = {}
     for key, (_, param) in local_parameters(engine.module, cfg).items():
         full = safe_get_full_fp32_param(param)  # ZeRO and the bf16 optimizer map parameters to masters
@@ -90,26 +89,8 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
             with GatheredParameters([param]):
                 full = param.detach().clone()
         if full is None:
-            full = masters.get(id(param), param.detach())  # fp16 without ZeRO; plain fp32: the parameter
+            full = param.detach()  # fp32 without ZeRO: the parameter is the master; or a frozen one
         out[key] = full.float().cpu().contiguous()
-    return out
-
-
-def _fp16_optimizer_masters(optimizer) -> dict[int, torch.Tensor]:
-    """fp32 masters of DeepSpeed's fp16 optimizers (no ZeRO), by ``id`` of the fp16 parameter:
-    ``safe_get_full_fp32_param`` does not reach them, and the fp16 parameters are rounded copies."""
-    out: dict[int, torch.Tensor] = {}
-    fp16_groups = getattr(optimizer, "fp16_groups", None)
-    if fp16_groups is None:
-        return out
-    if hasattr(optimizer, "fp32_groups_flat"):  # fused: one flat fp32 buffer per group
-        from torch._utils import _unflatten_dense_tensors
-
-        for params, flat in zip(fp16_groups, optimizer.fp32_groups_flat):
-            out.update((id(p), m) for p, m in zip(params, _unflatten_dense_tensors(flat, params)))
-    elif hasattr(optimizer, "fp32_groups"):  # unfused: one fp32 tensor per parameter
-        for params, masters in zip(fp16_groups, optimizer.fp32_groups):
-            out.update((id(p), m) for p, m in zip(params, masters))
     return out
 
 

@@ -41,13 +41,15 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if cfg.precision != "fp32" and z.stage == 0:
+        # Mixed precision at ZeRO-0 runs as ZeRO-1: identical maths, optimizer states sharded over
+        # data-parallel ranks. DeepSpeed 0.19's own stage-0 paths are wrong: bf16 trains pure bf16
+        # weights, and fp16 (FP16_Optimizer) divides by the loss scale gradients that engine.backward
+        # never multiplied by it (updates ~65536x too small: deepspeedai/DeepSpeed PR #8393).
+        zero["stage"] = 1
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-        if z.stage <= 1:
-            # DeepSpeed keeps fp32 masters and fp32 gradient accumulation for bf16 only through its
-            # ZeRO-1 bf16 optimizer (its stage-0 bf16 path trains pure bf16 weights), so stage 0
-            # runs as stage 1: identical maths, optimizer states sharded over data-parallel ranks.
-            zero["stage"] = 1
+        if zero["stage"] == 1:  # fp32 masters and fp32 gradient accumulation: DeepSpeed's bf16 optimizer
             ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif cfg.precision == "fp16":
         f = cfg.fp16
@@ -281,7 +283,7 @@ def _skip_identity_allreduce(engine, cfg: Config) -> None:
     """One data-parallel rank: DeepSpeed still "all-reduces" every gradient after backward (flatten into
     buckets, all-reduce over a group of one, divide by 1, copy back): extra passes over all gradients
     each step for an identity (5-10% of a small model's CPU step). Skip it where the optimizer does not
-    depend on that path: torch/fp16 optimizers and the bf16 optimizer (it accumulates its fp32
+    depend on that path: the torch optimizer and the bf16 optimizer (it accumulates its fp32
     gradients before the reduction). ZeRO-1/2's optimizer moves gradients into its partitions there."""
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer

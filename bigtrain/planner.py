@@ -164,17 +164,15 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     n = layout.data
     stage = layout.zero
     mixed = cfg.precision != "fp32"
-    if cfg.precision == "bf16" and stage == 0:
-        stage = 1  # bigtrain runs bf16 ZeRO-0 as ZeRO-1 (DeepSpeed's bf16 optimizer keeps fp32 masters)
+    if mixed and stage == 0:
+        stage = 1  # bigtrain runs bf16/fp16 ZeRO-0 as ZeRO-1 (engine.deepspeed_config)
     w = 2 if mixed else 4  # parameter / gradient element bytes
     est = MemoryEstimate()
     adam = 8.0 * p  # exp_avg + exp_avg_sq, fp32
     master = 4.0 * p if mixed else 0.0  # fp32 training: the master *is* the parameter (engine.py)
-    if stage == 0:
+    if stage == 0:  # fp32 only
         est.parameters, est.gradients = w * p, w * p
         est.optimizer = adam + master
-        if cfg.precision == "fp16":
-            est.gradients += 4.0 * p  # fp32 copy of the gradients for the master update
     elif stage in (1, 2):
         est.parameters = w * p
         if cfg.precision == "bf16" and stage == 1:
@@ -264,7 +262,7 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
     if layout.zero == 3:  # gathered parameters in flight: one block + the prefetch bucket
         block = flops.block_matmul_params(m) // layout.tensor
         est.transient += w * (2 * block + min(cfg.zero.stage3_prefetch_bucket_size, vocab * m.hidden_size))
-    elif layout.zero in (1, 2) or (cfg.precision == "bf16" and layout.zero == 0):
+    elif layout.zero in (1, 2) or (cfg.precision != "fp32" and layout.zero == 0):
         est.transient += w * reduce_bucket_elements(cfg, layout.tensor, layout.pipeline)  # reduction bucket
     return est
 
