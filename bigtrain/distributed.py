@@ -94,6 +94,20 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
+def check_accelerator(cfg: Config, device: torch.device) -> None:
+    """DeepSpeed picks its accelerator once, at import (CUDA when a GPU is visible): a CPU run on a GPU
+    machine would get its engine moved to the GPU while bigtrain feeds CPU batches. Say so up front."""
+    from deepspeed.accelerator import get_accelerator
+
+    chosen = get_accelerator().device_name()
+    if chosen != device.type:
+        raise RuntimeError(
+            f"train.device={cfg.train.device} runs on {device.type}, but DeepSpeed chose its {chosen} "
+            f"accelerator: set DS_ACCELERATOR={device.type} in the environment"
+            + (" (or CUDA_VISIBLE_DEVICES= to hide the GPUs)" if device.type == "cpu" else "")
+        )
+
+
 def init_distributed(cfg: Config) -> Dist:
     """Create the default process group (NCCL on GPU, gloo on CPU) and both views of the rank grid."""
     import deepspeed
@@ -109,6 +123,7 @@ def init_distributed(cfg: Config) -> Dist:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     device = pick_device(cfg)
+    check_accelerator(cfg, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)

@@ -48,8 +48,10 @@ def attention_kernel(cfg: Any, device: torch.device) -> str:
     m = cfg.model
     tp = cfg.parallel.tensor
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-    q = torch.randn(1, m.num_attention_heads // tp, m.seq_length, m.head_dim, device=device, dtype=dtype)
-    kv = torch.randn(1, m.kv_heads // tp, m.seq_length, m.head_dim, device=device, dtype=dtype)
+    # constant inputs: the kernel choice does not depend on values, and drawing random ones would move
+    # this rank's RNG alone (only rank 0 probes), putting e.g. dropout masks out of step across ranks
+    q = torch.ones(1, m.num_attention_heads // tp, m.seq_length, m.head_dim, device=device, dtype=dtype)
+    kv = torch.ones(1, m.kv_heads // tp, m.seq_length, m.head_dim, device=device, dtype=dtype)
     return sdpa_backend(q, kv, kv)
 
 

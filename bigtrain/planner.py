@@ -156,6 +156,11 @@ def reduce_bucket_elements(cfg: Config, tp: int, pp: int) -> int:
     return min(cfg.zero.reduce_bucket_size, stage_parameters(cfg.model, vocab, tp, pp))
 
 
+def reduce_bytes(cfg: Config) -> int:
+    """Bytes per gradient element in the data-parallel reduction (DeepSpeed's communication_data_type)."""
+    return 4 if cfg.precision == "fp32" or cfg.zero.grad_reduce_dtype == "fp32" else 2
+
+
 def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     """Parameters, gradients, optimizer states and ZeRO buffers per GPU (heaviest rank)."""
     m, z = cfg.model, cfg.zero
@@ -187,7 +192,8 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
         est.parameters = w * ((p - small) / n + small)
         est.gradients = w * p / n
         est.optimizer = (adam + master) / n
-        est.buffers = w * reduce_bucket_elements(cfg, layout.tensor, layout.pipeline)  # allocated whole
+        # the gradient bucket, allocated whole in the reduction's dtype
+        est.buffers = reduce_bytes(cfg) * reduce_bucket_elements(cfg, layout.tensor, layout.pipeline)
     if layout.offload and stage >= 1:
         est.cpu_offloaded = est.optimizer + (4.0 * p / n if mixed else 0.0)
         est.optimizer = 0.0
@@ -262,6 +268,13 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
     if layout.zero == 3:  # gathered parameters in flight: one block + the prefetch bucket
         block = flops.block_matmul_params(m) // layout.tensor
         est.transient += w * (2 * block + min(cfg.zero.stage3_prefetch_bucket_size, vocab * m.hidden_size))
+    elif cfg.precision == "bf16" and layout.zero <= 1:
+        # DeepSpeed's bf16 optimizer reduces its fp32 gradients through the engine's all-reduce, flattened
+        # in buckets of 500M elements (not zero.reduce_bucket_size), cast to the reduction's dtype; one
+        # data-parallel rank skips it (engine.py)
+        if layout.data > 1:
+            p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
+            est.transient += (4 + reduce_bytes(cfg)) * min(500_000_000, p)
     elif layout.zero in (1, 2) or (cfg.precision != "fp32" and layout.zero == 0):
         est.transient += w * reduce_bucket_elements(cfg, layout.tensor, layout.pipeline)  # reduction bucket
     return est
@@ -305,7 +318,7 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     dp_nodes = gpus > hw.gpus_per_node
     dp_bw = (hw.inter_node_gbps if dp_nodes else hw.intra_node_gbps) * 1e9
     w = 2 if cfg.precision != "fp32" else 4  # parameter bytes
-    g = 4 if cfg.zero.grad_reduce_dtype == "fp32" else w  # gradient bytes on the wire
+    g = reduce_bytes(cfg)  # gradient bytes on the wire
     n = layout.data
     dp_comm = 0.0
     if n > 1:

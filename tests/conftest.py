@@ -15,6 +15,9 @@ VENV_BIN = Path(sys.executable).parent
 # One toolchain for every process: DeepSpeed JIT-builds a CPU comm op with the first `ninja` on PATH,
 # and two ninja versions alternating throw away each other's build log (a 40-120 s rebuild each time).
 os.environ["PATH"] = str(VENV_BIN) + os.pathsep + os.environ.get("PATH", "")
+# Tests run CPU layouts (gloo) also on GPU machines: DeepSpeed must not pick its CUDA accelerator (it does
+# so at import, before any bigtrain config is read). `gpu` tests remove this for their processes.
+os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def free_port() -> int:

@@ -63,6 +63,7 @@ def test_bench_cpu_tiny_writes_sane_json(tmp_path):
 def test_bench_cuda_tiny_bf16_flash(tmp_path):
     env = cpu_env()
     env.pop("CUDA_VISIBLE_DEVICES")
+    env.pop("DS_ACCELERATOR")
     report = _bench(
         tmp_path,
         "--set",
@@ -95,7 +96,28 @@ def test_sdpa_backend_is_profiled():
         assert sdpa_backend(q, kv, kv) == "math"
     assert sdpa_backend(q, kv, kv) in ("flash (cpu)", "math")
     cfg = load_config(TINY, ["precision=bf16"]).resolve(1)
+    rng = torch.get_rng_state()
     assert attention_kernel(cfg, torch.device("cpu")) in ("flash (cpu)", "math")
+    # only rank 0 probes: drawing random numbers would put its RNG (dropout masks) out of step
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_deepspeed_accelerator_must_match_the_device(monkeypatch):
+    """DeepSpeed chooses CUDA at import on a GPU machine: a CPU run there is refused with the fix named."""
+    import deepspeed.accelerator
+
+    from bigtrain.distributed import check_accelerator
+
+    cfg = load_config(TINY).resolve(1)
+    check_accelerator(cfg, torch.device("cpu"))  # here DeepSpeed's accelerator is the CPU one
+
+    class Cuda:
+        def device_name(self) -> str:
+            return "cuda"
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Cuda())
+    with pytest.raises(RuntimeError, match="set DS_ACCELERATOR=cpu"):
+        check_accelerator(cfg, torch.device("cpu"))
 
 
 def test_compile_regions_same_loss_and_grads(world_of_one, monkeypatch):  # noqa: F811

@@ -181,9 +181,33 @@ def test_reduce_bucket_capped_at_the_shard_and_reduction_dtype_reach_deepspeed()
     cfg = load_config(TINY, ["zero.stage=3", "zero.reduce_bucket_size=1000"]).resolve(2)
     assert deepspeed_config(cfg)["zero_optimization"]["reduce_bucket_size"] == 1000
     assert planner.state_memory(cfg, planner.Layout(tensor=1, pipeline=1, data=2, zero=3)).buffers == 4 * 1000
+    bf16 = load_config(TINY, ["precision=bf16", "zero.stage=3", "zero.reduce_bucket_size=1000"]).resolve(2)
+    zero3 = planner.Layout(tensor=1, pipeline=1, data=2, zero=3)
+    assert (
+        planner.state_memory(bf16, zero3).buffers == 4 * 1000
+    )  # DeepSpeed allocates it in fp32 (the reduction dtype)
     # the gradient reduction dtype: fp32 by default under bf16, the training precision on request
     assert "communication_data_type" not in deepspeed_config(cfg)  # fp32 training reduces in fp32
     bf16 = load_config(TINY, ["precision=bf16"]).resolve(2)
     assert deepspeed_config(bf16)["communication_data_type"] == "fp32"
     model = load_config(TINY, ["precision=bf16", "zero.grad_reduce_dtype=model"]).resolve(2)
     assert deepspeed_config(model)["communication_data_type"] == "bf16"
+
+
+@pytest.mark.parametrize("reduce_dtype,itemsize", [("fp32", 4), ("model", 2)])
+def test_zero3_bucket_prediction_matches_deepspeeds_allocation(world_of_one, reduce_dtype, itemsize):  # noqa: F811
+    """bf16 ZeRO-3: DeepSpeed allocates its gradient bucket whole, in the reduction's dtype (fp32 by
+    default), capped by bigtrain at the model's size; the planner predicts exactly that buffer."""
+    from bigtrain.distributed import init_distributed
+    from bigtrain.engine import initialize_engine
+    from bigtrain.models.parallelize import build_model
+
+    cfg = load_config(TINY, ["precision=bf16", "zero.stage=3", f"zero.grad_reduce_dtype={reduce_dtype}"])
+    cfg = cfg.resolve(1)
+    dist = init_distributed(cfg)
+    engine = initialize_engine(cfg, build_model(cfg, topology=dist.topology), dist)
+    buffers = [b.buffer for b in engine.optimizer.ipg_buckets.values()]
+    assert [t.element_size() for t in buffers] == [itemsize]
+    allocated = sum(t.numel() * t.element_size() for t in buffers)
+    predicted = planner.state_memory(cfg, planner.Layout(tensor=1, pipeline=1, data=1, zero=3)).buffers
+    assert allocated == predicted == itemsize * planner.reduce_bucket_elements(cfg, 1, 1)

@@ -23,6 +23,7 @@ def _on_gpu(args: list[str]):
     def env_for(port: int) -> dict[str, str]:
         env = cpu_env(MASTER_PORT=str(port))
         env.pop("CUDA_VISIBLE_DEVICES")  # cpu_env hides GPUs from every other test
+        env.pop("DS_ACCELERATOR")  # and keeps DeepSpeed on its CPU accelerator
         return env
 
     return run_with_port(
