@@ -53,6 +53,14 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def gpu_env(**extra: str) -> dict[str, str]:
+    """cpu_env for the `gpu` tests' child processes: GPUs visible, DeepSpeed free to pick CUDA."""
+    env = cpu_env(**extra)
+    env.pop("CUDA_VISIBLE_DEVICES")
+    env.pop("DS_ACCELERATOR")
+    return env
+
+
 def run_cmd(
     args: list[str], timeout: float = 300, check: bool = True, **kwargs
 ) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import torch
 
 from bigtrain import flops
 from bigtrain.config import load_config
-from tests.conftest import REPO, cpu_env, run_cmd
+from tests.conftest import REPO, cpu_env, gpu_env, run_cmd
 from tests.models.test_layout import tiny_cfg, world_of_one  # noqa: F401  (fixture)
 
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -61,9 +61,6 @@ def test_bench_cpu_tiny_writes_sane_json(tmp_path):
 
 @pytest.mark.gpu
 def test_bench_cuda_tiny_bf16_flash(tmp_path):
-    env = cpu_env()
-    env.pop("CUDA_VISIBLE_DEVICES")
-    env.pop("DS_ACCELERATOR")
     report = _bench(
         tmp_path,
         "--set",
@@ -78,7 +75,7 @@ def test_bench_cuda_tiny_bf16_flash(tmp_path):
         "2",
         "--repeats",
         "2",
-        env=env,
+        env=gpu_env(),
     )
     assert report["sdpa"]["backend"] == "flash"
     assert report["peak_tflops"]  # H100/H200/A100 are in the table

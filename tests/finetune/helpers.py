@@ -71,11 +71,6 @@ def export(checkpoint: Path, out: Path, *extra: str) -> Path:
     return out
 
 
-def rows(run_dir: Path) -> list[dict]:
-    """Every metrics.jsonl record of a run (training, validation, parameter counts)."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def reader_weights(path: Path) -> dict:
     """Full (tensor-parallel shards merged) fp32 weights of a checkpoint's weights/, by layout key."""
     from bigtrain.checkpoint import WeightReader

@@ -25,10 +25,9 @@ from tests.finetune.helpers import (
     reader_weights,
     reverse_rows,
     reverse_split,
-    rows,
     write_jsonl,
 )
-from tests.training.helpers import assert_close_rel, single, torchrun
+from tests.training.helpers import assert_close_rel, losses, rows, single, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MODULE = "bigtrain.finetune"
@@ -51,10 +50,6 @@ def sft_args(tok_dir: Path, data: tuple[Path, Path], run_dir: Path, *overrides: 
     return ["--config", SFT_TINY, "--set", f"data.tokenizer={tok_dir}", f"finetune.train={data[0]}",
             f"finetune.valid={data[1]}", f"train.run_dir={run_dir}", "train.log_interval=1",
             "train.micro_batch_size=2", *overrides]  # fmt: skip
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in rows(run_dir) if "loss" in r]
 
 
 def val_losses(run_dir: Path) -> dict[int, float]:

@@ -22,10 +22,9 @@ from tests.finetune.helpers import (
     reader_weights,
     reverse_rows,
     reverse_split,
-    rows,
     write_jsonl,
 )
-from tests.training.helpers import single, torchrun
+from tests.training.helpers import rows, single, torchrun
 
 pytestmark = pytest.mark.timeout(420)
 MODULE = "bigtrain.finetune"

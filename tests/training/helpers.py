@@ -68,10 +68,14 @@ def single(args: list[str], timeout: float = 300, module: str = "bigtrain.pretra
     )
 
 
+def rows(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl record of a run (training, validation, parameter counts)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     """Training rows of metrics.jsonl (validation rows excluded)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in rows(run_dir) if "loss" in r]
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -13,21 +13,17 @@ import pytest
 import torch
 
 from bigtrain import flops
-from tests.conftest import REPO, cpu_env, run_cmd, run_with_port
+from tests.conftest import REPO, gpu_env, run_cmd, run_with_port
 from tests.training.helpers import metrics, train_args, write_corpus
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
 
 def _on_gpu(args: list[str]):
-    def env_for(port: int) -> dict[str, str]:
-        env = cpu_env(MASTER_PORT=str(port))
-        env.pop("CUDA_VISIBLE_DEVICES")  # cpu_env hides GPUs from every other test
-        env.pop("DS_ACCELERATOR")  # and keeps DeepSpeed on its CPU accelerator
-        return env
-
     return run_with_port(
-        lambda port: [sys.executable, "-m", "bigtrain.pretrain", *args], timeout=600, env_for=env_for
+        lambda port: [sys.executable, "-m", "bigtrain.pretrain", *args],
+        timeout=600,
+        env_for=lambda port: gpu_env(MASTER_PORT=str(port)),
     )
 
 

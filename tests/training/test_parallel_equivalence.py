@@ -109,6 +109,6 @@ def test_fp16_tracks_fp32(nproc, overrides, corpus, baseline, tmp_path):
     ~65536x too small (2.5e-2 off after 10 steps); bigtrain runs fp16 ZeRO-0 as ZeRO-1 (2.8e-3 off)."""
     args = train_args(corpus, tmp_path, "checkpoint.save=false", "precision=fp16", *overrides)
     single(args) if nproc == 1 else torchrun(nproc, args)
-    rows = [r for r in metrics(tmp_path)]
+    rows = metrics(tmp_path)
     assert all(not r.get("skipped") for r in rows)  # no overflow: the difference is not a skipped step
     assert_close_rel([r["loss"] for r in rows], baseline, 1e-2)
