@@ -11,10 +11,11 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
-from bigtrain.config import Config
+from bigtrain.config import Config, ConfigError
 
 _SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
@@ -106,6 +107,51 @@ def check_accelerator(cfg: Config, device: torch.device) -> None:
             f"accelerator: set DS_ACCELERATOR={device.type} in the environment"
             + (" (or CUDA_VISIBLE_DEVICES= to hide the GPUs)" if device.type == "cpu" else "")
         )
+
+
+def precision_supported(precision: str, device: torch.device) -> bool:
+    """Whether DeepSpeed's accelerator for ``device`` trains in ``precision`` on this host. DeepSpeed
+    refuses an unsupported half precision only after start-up (``ValueError: Type fp16 is not supported
+    on your device``); its CPU accelerator asks oneDNN, which has fp16 only on processors with
+    AVX512-FP16/AMX-FP16 (not on e.g. AMD EPYC Zen 4), and its CUDA accelerator asks the GPU's compute
+    capability (bf16 needs Ampere or newer). A host whose accelerator is not ``device`` (see
+    ``check_accelerator``) is not asked."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if precision == "fp32" or accelerator.device_name() != device.type:
+        return True
+    return bool(accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported())
+
+
+def check_precision(cfg: Config) -> None:
+    """Refuse (ConfigError, one line naming the field and what runs instead) a ``precision`` this host
+    cannot train in, before any process group exists."""
+    try:
+        device = pick_device(cfg)
+    except RuntimeError:  # no such device: init_distributed says so
+        return
+    if precision_supported(cfg.precision, device):
+        return
+    others = [p for p in ("bf16", "fp16", "fp32") if p != cfg.precision and precision_supported(p, device)]
+    raise ConfigError(
+        f"precision: {cfg.precision} is not supported by DeepSpeed's {device.type} accelerator on this "
+        f"host ({_processor_name(device)}); use " + " or ".join(f"precision={p}" for p in others)
+    )
+
+
+def _processor_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def init_distributed(cfg: Config) -> Dist:

@@ -35,9 +35,10 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
 
 def load_and_resolve(args: argparse.Namespace) -> Config:
     """Config from file + overrides, vocab from the tokenizer, validated against the world size."""
-    from bigtrain.distributed import world_size_from_env
+    from bigtrain.distributed import check_precision, world_size_from_env
 
     cfg = load_config(args.config, args.set)
+    check_precision(cfg)  # the host cannot: DeepSpeed would refuse it only after start-up
     vocab = None
     if cfg.data.tokenizer and cfg.model.vocab_size is None:
         from tokenizer import Tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -105,6 +106,27 @@ def has_cuda() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+@functools.cache
+def host_supports(precision: str) -> bool:
+    """Whether this host's CPU can train in ``precision`` (the same question pre-flight asks)."""
+    import torch
+
+    from bigtrain.distributed import precision_supported
+
+    return precision_supported(precision, torch.device("cpu"))
+
+
+def needs_precision(precision: str) -> pytest.MarkDecorator:
+    """Skip (reason shown under ``-ra``) a CPU test that trains in ``precision`` where this host cannot:
+    DeepSpeed's CPU accelerator has fp16 only where oneDNN has it (AVX512-FP16/AMX; not on AMD EPYC).
+    What such hosts do instead is tested everywhere (tests/test_host.py)."""
+    return pytest.mark.skipif(
+        not host_supports(precision),
+        reason=f"this host's CPU cannot train in {precision} (DeepSpeed's CPU accelerator: oneDNN has no "
+        f"{precision} here); bigtrain refuses precision={precision} on it",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import needs_precision
 from tests.training.helpers import (
     assert_close_rel,
     losses,
@@ -98,6 +99,7 @@ def test_bf16_data_parallel_gradient_reduction(reduce_dtype, corpus, bf16_baseli
         assert worst > 1e-5, f"bf16 reduction should round the gradients: {dp2} vs {bf16_baseline}"
 
 
+@needs_precision("fp16")
 @pytest.mark.parametrize(
     "nproc,overrides",
     [(1, []), (2, ["zero.stage=0"]), (2, ["parallel.pipeline=2"])],
