@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -470,32 +471,57 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_EXAMPLES = {int: "an integer like 1000 or 1e5", float: "a number like 3e-4, 0.0003 or 1e5"}
+
+
+def _number(value: Any, tp: type, key: str) -> int | float:
+    """A YAML value for an int/float field. PyYAML (YAML 1.1) reads ``3e-4`` and ``1e5`` as strings
+    (its floats need a dot: ``3.0e-4``), so decimal strings are numbers here; an int field takes only
+    integral values (``1e5``, ``2.0``). Anything else raises ConfigError showing an accepted form."""
+    wrong = ConfigError(f"{key}: expected {tp.__name__} ({_EXAMPLES[tp]}), got {value!r}")
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        value = int(text) if text.lstrip("+-").isdigit() else float(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise wrong
+    if tp is float:
+        return float(value)
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise wrong
+        return int(value)
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check a YAML value against a field's annotation; int->float is the only silent conversion."""
+    """Check a YAML value against a field's annotation. Numbers written as YAML strings (``3e-4``) and
+    integral floats for int fields are converted; nothing else is (see :func:`_number`)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
+        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append(str(e))
+        if len(args) == 1:  # ``X | None``: X's own message, which shows an accepted form
+            raise ConfigError(
+                errors[0].replace(f"expected {args[0].__name__}", f"expected null or {args[0].__name__}", 1)
+            )
         raise ConfigError(f"{key}: expected {tp}, got {value!r}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key + ".")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected int, got {value!r}")
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
+    if tp in (int, float):
+        return _number(value, tp, key)
+    if tp in (str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
     return value
 

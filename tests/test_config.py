@@ -28,7 +28,9 @@ def test_overrides_types_and_derived_values():
 def test_unknown_key_and_wrong_type_name_the_field():
     with pytest.raises(ConfigError, match=r"unknown config key model\.hidden_sise"):
         load_config(TINY, ["model.hidden_sise=3"])
-    with pytest.raises(ConfigError, match=r"train\.steps: expected int"):
+    with pytest.raises(
+        ConfigError, match=r"train\.steps: expected int \(an integer like 1000 or 1e5\), got 'many'"
+    ):
         load_config(TINY, ["train.steps=many"])
     with pytest.raises(ConfigError, match=r"--set"):
         load_config(TINY, ["nokeyvalue"])
@@ -115,4 +117,40 @@ def test_config_file_errors(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_numbers_as_people_write_them(tmp_path: Path):
+    """PyYAML (YAML 1.1) reads 3e-4, 1e5 and 1E-3 as strings; numeric fields take them, from a file and
+    from --set, and a value that is no number names the field and shows an accepted form."""
+    path = tmp_path / "numbers.yaml"
+    path.write_text(
+        "optim:\n  lr: 3e-4\n  eps: 1E-8\n  min_lr: 1e-5\ntrain:\n  steps: 1e5\n  max_minutes: 90\n"
+        "model:\n  rope_theta: 5e5\ndata:\n  train_samples: 2.5e6\n"
+    )
+    cfg = load_config(
+        path, ["optim.weight_decay=1e-2", "train.global_batch_size=1.6e1", "fp16.min_loss_scale=1"]
+    )
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.min_lr) == (3e-4, 1e-8, 1e-5)
+    assert cfg.train.steps == 100_000 and type(cfg.train.steps) is int
+    assert cfg.data.train_samples == 2_500_000 and type(cfg.data.train_samples) is int
+    assert cfg.model.rope_theta == 5e5 and type(cfg.train.max_minutes) is float
+    assert cfg.optim.weight_decay == 0.01 and cfg.train.global_batch_size == 16
+    assert load_config(TINY, ["train.steps=1.5e2"]).train.steps == 150  # integral: accepted
+    assert type(cfg.fp16.min_loss_scale) is float
+    cases = {
+        "optim.lr=abc": "optim.lr: expected float (a number like 3e-4, 0.0003 or 1e5), got 'abc'",
+        "optim.lr=3e-4x": "optim.lr: expected float (a number like 3e-4, 0.0003 or 1e5), got '3e-4x'",
+        "optim.beta2=true": "optim.beta2: expected float (a number like 3e-4, 0.0003 or 1e5), got True",
+        "train.steps=2.5": "train.steps: expected int (an integer like 1000 or 1e5), got 2.5",
+        "train.steps=2.5e0": "train.steps: expected int (an integer like 1000 or 1e5), got '2.5e0'",
+        "data.train_samples=lots": "data.train_samples: expected null or int (an integer like 1000 or 1e5), got 'lots'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(TINY, [override])
+        assert str(err.value) == message
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 3e_4\n")
+    with pytest.raises(ConfigError, match=r"^optim\.lr: expected float \(a number like 3e-4"):
         load_config(bad)
