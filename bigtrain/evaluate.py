@@ -45,7 +45,8 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
     cfg.derived.grad_accum_steps = 1
     dist = init_distributed(cfg)
     try:
-        windows = SequentialWindows(data_path, cfg.model.seq_length)
+        # the checks training runs: ids within the vocabulary, an integer dtype wide enough for it
+        windows = SequentialWindows(data_path, cfg.model.seq_length, vocab_size=cfg.model.vocab_size)
         model = build_model(cfg, topology=dist.topology)
         source = cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg))
         checkpoint.load_weights_only(model, cfg, source)

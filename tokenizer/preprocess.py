@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -280,6 +281,7 @@ def dataset_meta(
     """``PREFIX.meta.json`` minus the shard list: what bigtrain.data checks before training."""
     return {
         "format": "bigtrain-indexed-dataset/1",
+        "preprocess_id": uuid.uuid4().hex,  # this run: keys the caches derived from its files
         "tokenizer_fingerprint": tok.fingerprint,
         "tokenizer": str(tok.dir),
         "vocab_size": tok.vocab_size,

@@ -10,7 +10,8 @@ commit removes the old ``PREFIX.meta.json`` first and writes the new one last, s
 the completion marker: an interrupted run leaves at most temporary files, and a set of
 ``.bin``/``.idx`` files without its meta file never comes from a finished run. Dataset files of an
 earlier run under the same prefix (e.g. more shards, or an unsharded ``PREFIX.bin`` that readers
-would take first) are removed at commit so they cannot blend into the new set.
+would take first) are removed at commit so they cannot blend into the new set, and so are the caches
+bigtrain.data derived from them (:func:`remove_derived_caches`).
 
 The ``IndexedDatasetBuilder`` itself lives in a child process (:class:`BuilderProcess`, see
 :mod:`tokenizer.builder_proc` for why): importing megatron-core costs ~10 s, and this way the
@@ -19,15 +20,17 @@ first documents are read and tokenized while it loads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,54 @@ def choose_dtype(vocab_size: int) -> type[np.integer]:
 
 def meta_path(prefix: str) -> Path:
     return Path(prefix + ".meta.json")
+
+
+# ---------------------------------------------------------------------------- derived caches
+# bigtrain.data keeps what it derives from a dataset in a cache directory (``data.cache_dir``, by default
+# ``cache/`` next to the data): the token-id range of each prefix, and megatron-core's index maps in one
+# directory per set of input files. The layout is defined here, where datasets are replaced, so that a
+# commit can drop the entries of the files it replaces; readers also key every entry by the files'
+# identity, so an entry this cannot reach (another cache_dir) is never used for the new files either.
+CACHE_DIR = "cache"
+TOKEN_STATS_DIR = "token_stats"  # one JSON file per prefix (token_stats_file), "prefix" inside
+INDEX_MAPS_DIR = "index"  # one directory per set of inputs, listed in its INDEX_INPUTS_FILE
+INDEX_INPUTS_FILE = "inputs.json"  # {"prefixes": [...], "identities": [...]}
+
+
+def default_cache_dir(prefix: str) -> str:
+    """``cache/`` beside ``prefix``: where derived caches go when ``data.cache_dir`` is not set."""
+    return os.path.join(os.path.dirname(os.path.abspath(prefix)), CACHE_DIR)
+
+
+def token_stats_file(prefix: str, cache_dir: str | None = None) -> str:
+    """The token-id range cache of one (absolute) prefix."""
+    digest = hashlib.md5(prefix.encode(), usedforsecurity=False).hexdigest()[:10]
+    directory = cache_dir or default_cache_dir(prefix)
+    return os.path.join(directory, TOKEN_STATS_DIR, f"{os.path.basename(prefix)}-{digest}.json")
+
+
+def remove_derived_caches(prefixes: Iterable[str], cache_dir: str) -> list[str]:
+    """Delete the entries of ``cache_dir`` derived from any of ``prefixes`` (absolute); returns their paths.
+
+    Token-stats files of those prefixes, and every index-map directory whose inputs include one of them
+    (a blend's maps depend on all its members). Entries of other datasets are kept.
+    """
+    wanted = set(prefixes)
+    removed = [p for p in (token_stats_file(x, cache_dir) for x in sorted(wanted)) if os.path.isfile(p)]
+    for path in removed:
+        os.unlink(path)
+    index_root = os.path.join(cache_dir, INDEX_MAPS_DIR)
+    for name in sorted(os.listdir(index_root)) if os.path.isdir(index_root) else []:
+        entry = os.path.join(index_root, name)
+        try:
+            with open(os.path.join(entry, INDEX_INPUTS_FILE)) as f:
+                inputs = json.load(f).get("prefixes", [])
+        except (OSError, ValueError, AttributeError):
+            continue  # not an entry of ours (or one still being written): leave it
+        if wanted & set(inputs):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 class BuilderProcess:
@@ -178,6 +229,7 @@ class DatasetWriter:
         self._open = False
         self._temps: list[Path] = []
         self.shards: list[ShardInfo] = []
+        self.removed_caches: list[str] = []  # derived-cache entries the commit deleted
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -227,8 +279,12 @@ class DatasetWriter:
         """Give the finished files their final names and write the meta file last; returns the prefixes."""
         final_meta = meta_path(self.prefix)
         final_meta.unlink(missing_ok=True)
-        for old in self._existing_outputs():
+        old_outputs = self._existing_outputs()
+        for old in old_outputs:
             old.unlink()
+        replaced = {os.path.abspath(os.path.splitext(p)[0]) for p in old_outputs}
+        replaced |= {os.path.abspath(s.prefix) for s in self.shards}
+        self.removed_caches = remove_derived_caches(replaced, default_cache_dir(self.prefix))
         for ext in (".bin", ".idx"):
             for shard in self.shards:
                 os.replace(shard.prefix + ext + self._tag, shard.prefix + ext)

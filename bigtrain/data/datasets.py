@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +24,7 @@ import torch
 from bigtrain.config import Config, TrainConfig
 from bigtrain.data.corpus import DataError, DataSpec
 from bigtrain.data.validate import Corpus, ShardInfo, validate_data
+from tokenizer.writer import INDEX_INPUTS_FILE, INDEX_MAPS_DIR, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +205,39 @@ def _single_process_rank() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------ building
+def index_cache_dir(root: str, shards: Sequence[ShardInfo]) -> str:
+    """``ROOT/index/DIGEST``, created with ``inputs.json``: the home of megatron-core's index maps for
+    exactly these files (what ``GPTDatasetConfig.path_to_cache`` gets).
+
+    megatron-core names its cache files by a hash of the dataset config (paths, seed, lengths, sample
+    counts, split, tokenizer), not of what the files hold: after re-preprocessing to the same prefix it
+    loaded the old run's document/sample maps for the new ``.bin`` (other samples, then an IndexError
+    naming nothing). DIGEST covers every shard's :func:`~bigtrain.data.validate.data_identity` (sizes,
+    mtimes, preprocessing run), so changed files get new maps. ``inputs.json`` lists the prefixes, for
+    ``tokenizer.preprocess`` to delete the entry when it replaces one of them. Raises DataError naming
+    the directory when it cannot be written.
+    """
+    entries = sorted({s.prefix: s.identity for s in shards}.items())
+    digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(root, INDEX_MAPS_DIR, digest)
+    inputs = os.path.join(path, INDEX_INPUTS_FILE)
+    if os.path.isfile(inputs):
+        return path
+    try:
+        os.makedirs(path, exist_ok=True)
+        tmp = f"{inputs}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(
+                {"prefixes": [p for p, _ in entries], "identities": [i for _, i in entries]}, f, indent=1
+            )
+        os.replace(tmp, inputs)
+    except OSError as e:
+        raise DataError(
+            f"{path}: cannot write the index-map cache ({e.strerror}); set data.cache_dir"
+        ) from None
+    return path
+
+
 def _blend(corpora: Sequence[Corpus]) -> tuple[list[str], list[float] | None, list[int]]:
     """Flatten corpora to megatron's (prefixes, weights) and the corpus index of every prefix.
 
@@ -290,8 +326,9 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, S
     Validates the data first (see :func:`validate_data`), then builds through megatron-core with
     ``train.steps * global_batch_size`` train samples and enough valid samples for every evaluation.
     ``data.valid`` gives a separate validation corpus; otherwise ``data.split`` splits each shard.
-    Index maps are cached in ``data.cache_dir`` or ``cache/`` next to the (first) training data, keyed
-    by everything that shapes them (seed, lengths, sizes, split, tokenizer), so a restart reuses them.
+    Index maps are cached in ``data.cache_dir`` or ``cache/`` next to the (first) training data, under
+    :func:`index_cache_dir` (keyed by the files' identity) and then by megatron by everything else that
+    shapes them (seed, lengths, sizes, split, tokenizer): a restart reuses them, new files get new maps.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -305,23 +342,23 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, S
     vocab = int(tokenizer.vocab_size) if tokenizer is not None else cfg.model.vocab_size
     cache_dir = os.path.abspath(d.cache_dir) if d.cache_dir else None
 
-    def validate() -> tuple[list[Corpus], list[Corpus] | None]:
+    def validate() -> tuple[list[Corpus], list[Corpus] | None, str]:
         train = validate_data(d.train, vocab, tokenizer, cache_dir=cache_dir, field="data.train")
         valid = None
         if d.valid is not None:
             valid = validate_data(d.valid, vocab, tokenizer, cache_dir=cache_dir, field="data.valid")
         else:
             _check_split(train, d.split)
-        return train, valid
+        shards = [s for c in train + (valid or []) for s in c.shards]
+        return train, valid, index_cache_dir(cache_dir or default_cache_dir(shards[0].prefix), shards)
 
-    train_corpora, valid_corpora = rank0_first(validate)
+    train_corpora, valid_corpora, path_to_cache = rank0_first(validate)
     all_shards = [s for c in train_corpora + (valid_corpora or []) for s in c.shards]
     info = (
         TokenizerInfo.from_tokenizer(tokenizer)
         if tokenizer is not None
         else TokenizerInfo.from_data(vocab, all_shards)
     )
-    path_to_cache = cache_dir or os.path.join(os.path.dirname(train_corpora[0].shards[0].prefix), "cache")
     train_prefixes, train_weights, train_corpus_of = _blend(train_corpora)
     common = _gpt_options(cfg, info, path_to_cache)
     if valid_corpora is not None:

@@ -2,8 +2,9 @@
 
 A bad dataset otherwise shows up hours into a job as an embedding index error on one rank, a hang at
 a barrier, or silently wrong training (data from another tokenizer). Everything here is cheap except
-the token-id range scan, whose result is cached next to the index maps, keyed by file size and mtime,
-so a restart does not read the corpus again.
+the token-id range scan, whose result is cached next to the index maps, keyed by the identity of the
+files (:func:`data_identity`: sizes, mtimes and the preprocessing run), so a restart does not read the
+corpus again and a re-preprocessed prefix is never judged by its predecessor's figures.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bigtrain.data.corpus import CorpusSpec, DataError, DataSpec, meta_path, parse_blend, resolve_corpus
+from tokenizer.writer import token_stats_file
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +37,25 @@ _DTYPE_CODES = {
     7: np.float32,
     8: np.uint16,
 }
-_TOKEN_DTYPES = (np.uint16, np.int32)
-UINT16_VOCAB_LIMIT = 65500  # preprocess writes uint16 below this vocab size, int32 from it on
 _SCAN_CHUNK = 1 << 24  # tokens per read while scanning for the id range
-_STATS_VERSION = 1
+_STATS_VERSION = 2  # 2: the key holds the metadata digest (data_identity)
 
 
-def expected_token_dtype(vocab_size: int) -> np.dtype:
-    """The dtype ``tokenizer.preprocess`` writes for a vocabulary of this size."""
-    return np.dtype(np.uint16 if vocab_size < UINT16_VOCAB_LIMIT else np.int32)
+def token_dtype_problem(dtype: np.dtype, vocab_size: int | None) -> str | None:
+    """Why token ids cannot be stored as ``dtype`` (None when they can).
+
+    The one rule for training, evaluation and validation: any integer dtype, signed or unsigned, whose
+    range holds every id ``0 .. vocab_size - 1``. ``tokenizer.preprocess`` writes uint16 or int32, but
+    megatron-core's ``IndexedDatasetBuilder`` defaults to int32 and older tools wrote int64: all read alike.
+    """
+    if dtype.kind not in "iu":
+        return f"token dtype {dtype.name} is not an integer type"
+    if vocab_size is not None and np.iinfo(dtype).max < vocab_size - 1:
+        return (
+            f"token dtype {dtype.name} cannot hold ids up to {vocab_size - 1} (vocab size {vocab_size}; "
+            f"its largest value is {np.iinfo(dtype).max}); tokenized for another vocabulary?"
+        )
+    return None
 
 
 @dataclass
@@ -59,6 +71,7 @@ class ShardInfo:
     meta: dict[str, Any] | None = None
     min_id: int | None = None
     max_id: int | None = None
+    identity: dict[str, Any] = field(default_factory=dict)  # see data_identity
 
 
 @dataclass
@@ -115,18 +128,35 @@ def read_index(prefix: str) -> tuple[np.dtype, int, np.ndarray]:
     return np.dtype(_DTYPE_CODES[code]), n_doc - 1, lengths
 
 
-def _read_meta(prefix: str) -> tuple[str | None, dict[str, Any] | None]:
+def _read_meta(prefix: str) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(path, parsed object, sha256 of its bytes) of the dataset's metadata; Nones when it has none."""
     path = meta_path(prefix)
     if path is None:
-        return None, None
+        return None, None, None
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        meta = json.loads(raw)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable dataset metadata ({e})".replace("\n", " ")) from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: dataset metadata is not a JSON object")
-    return path, meta
+    return path, meta, hashlib.sha256(raw).hexdigest()
+
+
+def data_identity(prefix: str, meta_sha256: str | None = None) -> dict[str, Any]:
+    """What a cache derived from ``prefix.bin``/``.idx`` must be keyed by: both files' sizes and mtimes
+    (ns) and the sha256 of the metadata ``tokenizer.preprocess`` wrote (unique per run: it holds a
+    ``preprocess_id``), so re-preprocessing to the same prefix never meets the old run's caches, even when
+    sizes and mtimes agree (a copy with ``cp -p``, a coarse-mtime file system)."""
+    b, i = os.stat(prefix + ".bin"), os.stat(prefix + ".idx")
+    return {
+        "bin_size": b.st_size,
+        "bin_mtime_ns": b.st_mtime_ns,
+        "idx_size": i.st_size,
+        "idx_mtime_ns": i.st_mtime_ns,
+        "meta_sha256": meta_sha256,
+    }
 
 
 def _as_dtype(name: str) -> np.dtype | None:
@@ -142,22 +172,10 @@ def fingerprint_of(meta: dict[str, Any]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- id-range scan
-def _stats_file(prefix: str, cache_dir: str | None) -> str:
-    directory = cache_dir or os.path.join(os.path.dirname(prefix), "cache")
-    digest = hashlib.md5(prefix.encode(), usedforsecurity=False).hexdigest()[:10]
-    return os.path.join(directory, "token_stats", f"{os.path.basename(prefix)}-{digest}.json")
-
-
-def _file_key(prefix: str, dtype: np.dtype) -> dict[str, Any]:
-    b, i = os.stat(prefix + ".bin"), os.stat(prefix + ".idx")
-    return {
-        "version": _STATS_VERSION,
-        "bin_size": b.st_size,
-        "bin_mtime_ns": b.st_mtime_ns,
-        "idx_size": i.st_size,
-        "idx_mtime_ns": i.st_mtime_ns,
-        "dtype": dtype.name,
-    }
+def _file_key(prefix: str, dtype: np.dtype, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    if identity is None:
+        identity = data_identity(prefix, _read_meta(prefix)[2])
+    return {"version": _STATS_VERSION, **identity, "dtype": dtype.name}
 
 
 def scan_token_range(prefix: str, dtype: np.dtype, num_tokens: int) -> tuple[int, int]:
@@ -174,11 +192,16 @@ def scan_token_range(prefix: str, dtype: np.dtype, num_tokens: int) -> tuple[int
 
 
 def token_range(
-    prefix: str, dtype: np.dtype, num_tokens: int, cache_dir: str | None = None
+    prefix: str,
+    dtype: np.dtype,
+    num_tokens: int,
+    cache_dir: str | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> tuple[int, int]:
-    """The id range of a dataset, from the stats cache when the files are unchanged, else scanned and cached."""
-    path = _stats_file(prefix, cache_dir)
-    key = _file_key(prefix, dtype)
+    """The id range of a dataset, from the stats cache when the files are unchanged (same
+    :func:`data_identity`, computed when not given), else scanned and cached."""
+    path = token_stats_file(prefix, cache_dir)
+    key = _file_key(prefix, dtype, identity)
     try:
         with open(path) as f:
             cached = json.load(f)
@@ -219,10 +242,9 @@ def inspect_shard(
             f"{prefix}.bin: {bin_size} bytes but {prefix}.idx describes {num_tokens} {dtype.name} tokens "
             f"({num_tokens * dtype.itemsize} bytes); the pair is truncated or mismatched"
         )
-    if dtype.type not in _TOKEN_DTYPES:
-        raise DataError(f"{prefix}.idx: token dtype {dtype.name} is not uint16 or int32")
-    meta_file, meta = _read_meta(prefix)
-    info = ShardInfo(prefix, dtype, num_docs, len(lengths), num_tokens, meta_file, meta)
+    meta_file, meta, meta_sha256 = _read_meta(prefix)
+    identity = data_identity(prefix, meta_sha256)
+    info = ShardInfo(prefix, dtype, num_docs, len(lengths), num_tokens, meta_file, meta, identity=identity)
     if meta is not None:
         recorded = fingerprint_of(meta)
         current = getattr(tokenizer, "fingerprint", None) if tokenizer is not None else None
@@ -234,21 +256,17 @@ def inspect_shard(
         meta_dtype = meta.get("dtype")
         if isinstance(meta_dtype, str) and _as_dtype(meta_dtype) != dtype:
             raise DataError(f"{meta_file}: records dtype {meta_dtype} but {prefix}.idx stores {dtype.name}")
-    if vocab_size is not None:
-        want = expected_token_dtype(vocab_size)
-        if dtype != want:
+    problem = token_dtype_problem(dtype, vocab_size)
+    if problem:
+        raise DataError(f"{prefix}.idx: {problem}")
+    if vocab_size is not None and num_tokens:
+        info.min_id, info.max_id = token_range(prefix, dtype, num_tokens, cache_dir, identity)
+        if info.max_id >= vocab_size or info.min_id < 0:
+            bad = info.max_id if info.max_id >= vocab_size else info.min_id
             raise DataError(
-                f"{prefix}.idx: token dtype {dtype.name} does not match vocab size {vocab_size} (expected "
-                f"{want.name}: uint16 below {UINT16_VOCAB_LIMIT}, int32 otherwise); tokenized for another vocabulary?"
+                f"{prefix}.bin: token id {bad} is outside the vocabulary [0, {vocab_size}); "
+                "the data was tokenized with another tokenizer"
             )
-        if num_tokens:
-            info.min_id, info.max_id = token_range(prefix, dtype, num_tokens, cache_dir)
-            if info.max_id >= vocab_size or info.min_id < 0:
-                bad = info.max_id if info.max_id >= vocab_size else info.min_id
-                raise DataError(
-                    f"{prefix}.bin: token id {bad} is outside the vocabulary [0, {vocab_size}); "
-                    "the data was tokenized with another tokenizer"
-                )
     return info
 
 

@@ -111,7 +111,9 @@ def test_second_build_reuses_index_cache(tmp_path, monkeypatch, use_cache_dir):
     scans = _counting(monkeypatch, validate, "scan_token_range")
 
     first, _ = build_datasets(cfg)
-    expected_dir = cache_dir or str(tmp_path / "data" / "web" / "cache")
+    cache_root = cache_dir or str(tmp_path / "data" / "web" / "cache")
+    (entry,) = os.listdir(os.path.join(cache_root, "index"))  # one entry for these files
+    expected_dir = os.path.join(cache_root, "index", entry)
     files = {
         f: os.stat(os.path.join(expected_dir, f)).st_mtime_ns
         for f in os.listdir(expected_dir)

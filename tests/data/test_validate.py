@@ -29,9 +29,17 @@ def _uint16_for_large_vocab(tmp_path):
     return prefix, {"vocab_size": 70_000}, prefix + ".idx"
 
 
-def _int32_for_small_vocab(tmp_path):
-    prefix = write_dataset(tmp_path / "wide", random_docs(30, seed=1), dtype=np.int32)
-    return prefix, {"vocab_size": 100}, prefix + ".idx"
+def _too_narrow(dtype, vocab_size):
+    def make(tmp_path):
+        prefix = write_dataset(tmp_path / "narrow", random_docs(30, seed=1), dtype=dtype)
+        return prefix, {"vocab_size": vocab_size}, prefix + ".idx"
+
+    return make
+
+
+def _float_tokens(tmp_path):
+    prefix = write_dataset(tmp_path / "float", random_docs(30, seed=1), dtype=np.float32)
+    return prefix, {}, prefix + ".idx"
 
 
 def _other_tokenizer(tmp_path):
@@ -111,8 +119,10 @@ def _negative_weight(tmp_path):
 
 CASES = {
     "token id >= vocab": (_id_too_large, "outside the vocabulary"),
-    "uint16 file, vocab needs int32": (_uint16_for_large_vocab, "does not match vocab size 70000"),
-    "int32 file, small vocab": (_int32_for_small_vocab, "does not match vocab size 100"),
+    "uint16 file, vocab needs int32": (_uint16_for_large_vocab, "uint16 cannot hold ids up to 69999"),
+    "uint8 file, vocab 300": (_too_narrow(np.uint8, 300), "uint8 cannot hold ids up to 299"),
+    "int16 file, vocab 40000": (_too_narrow(np.int16, 40_000), "int16 cannot hold ids up to 39999"),
+    "float32 tokens": (_float_tokens, "float32 is not an integer type"),
     "different tokenizer": (_other_tokenizer, "different tokenizer"),
     "missing .bin": (_missing_bin, "missing"),
     "missing .idx": (_missing_idx, "missing"),
@@ -187,3 +197,60 @@ def test_token_range_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="token id 150"):
         validate_data(prefix, vocab_size=100)
     assert len(scans) == 2
+
+
+@pytest.mark.parametrize(
+    "dtype, vocab_size",
+    [(np.int32, 512), (np.int64, 512), (np.uint8, 256), (np.int16, 32_768), (np.uint16, 65_536)],
+)
+def test_any_integer_dtype_wide_enough_is_read_like_uint16(tmp_path, dtype, vocab_size):
+    """Issue 12 §5: int32 data for a 512-token vocabulary (megatron-core's builder default) trains;
+    one rule (an integer dtype holding vocab_size - 1) for training, validation and evaluation."""
+    from bigtrain.data import SequentialWindows
+
+    docs = random_docs(40, seed=3, vocab=min(vocab_size, 250))
+    reference = write_dataset(tmp_path / "ref", docs, dtype=np.uint16)
+    prefix = write_dataset(tmp_path / "wide", docs, dtype=dtype)
+    (corpus,) = validate_data(prefix, vocab_size=vocab_size)
+    assert corpus.shards[0].dtype == dtype and corpus.shards[0].max_id == max(map(max, docs))
+    got, want = (build_datasets(make_cfg(p, vocab=vocab_size))[0] for p in (prefix, reference))
+    assert len(got) == len(want) > 0
+    for i in range(len(want)):
+        assert got[i]["tokens"].tolist() == want[i]["tokens"].tolist()
+        assert got[i]["tokens"].dtype == want[i]["tokens"].dtype
+    got, want = (SequentialWindows(p, 16, vocab_size=vocab_size) for p in (prefix, reference))
+    assert [w["labels"].tolist() for w in got] == [w["labels"].tolist() for w in want]
+
+
+def test_pretrain_preflight_accepts_int32_for_a_small_vocab(tmp_path):
+    """What `bigtrain.pretrain` runs before any process group: it refused int32 data for vocab 512."""
+    from bigtrain.config import ConfigError
+    from bigtrain.pretrain import preflight
+
+    wide = write_dataset(tmp_path / "wide", random_docs(30, seed=1, vocab=512), dtype=np.int32)
+    cfg = make_cfg(wide, vocab=512)
+    cfg.train.run_dir = str(tmp_path / "run")
+    preflight(cfg, rank=0)
+    cfg.data.train = write_dataset(tmp_path / "narrow", random_docs(30, seed=1, vocab=256), dtype=np.uint8)
+    with pytest.raises(
+        ConfigError, match=f"{cfg.data.train}.idx: token dtype uint8 cannot hold ids up to 511"
+    ):
+        preflight(cfg, rank=0)
+
+
+def test_token_stats_are_keyed_by_the_preprocessing_run(tmp_path, monkeypatch):
+    """Same sizes and mtimes (a ``cp -p``, a coarse-mtime file system) but another preprocessing run,
+    recorded in the metadata: the cached id range is not trusted."""
+    scans = []
+    original = validate_module.scan_token_range
+    monkeypatch.setattr(validate_module, "scan_token_range", lambda *a: scans.append(a) or original(*a))
+    prefix = write_dataset(tmp_path / "x", [[5, 6, 2], [7, 8, 2]], meta={**META, "preprocess_id": "a"})
+    assert validate_data(prefix, vocab_size=100)[0].shards[0].max_id == 8
+    stamps = {ext: os.stat(prefix + ext).st_mtime_ns for ext in (".bin", ".idx")}
+    write_dataset(prefix, [[5, 6, 2], [7, 99, 2]], meta={**META, "preprocess_id": "b"})
+    for ext, ns in stamps.items():
+        os.utime(prefix + ext, ns=(ns, ns))
+    assert validate_data(prefix, vocab_size=100)[0].shards[0].max_id == 99
+    assert len(scans) == 2
+    assert validate_data(prefix, vocab_size=100)[0].shards[0].max_id == 99
+    assert len(scans) == 2  # unchanged since: cached

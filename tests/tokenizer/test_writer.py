@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from tokenizer.writer import DatasetWriter
+from tokenizer.writer import (
+    CACHE_DIR,
+    INDEX_INPUTS_FILE,
+    INDEX_MAPS_DIR,
+    TOKEN_STATS_DIR,
+    DatasetWriter,
+    token_stats_file,
+)
 
 
 class FakeBuilder:
@@ -79,3 +87,28 @@ def test_commit_replaces_a_previous_run_under_the_same_prefix(tmp_path: Path) ->
     writer.commit({})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", "d.meta.json", "other.bin"]
     assert (tmp_path / "d.bin").stat().st_size == 6
+
+
+def test_commit_removes_the_caches_derived_from_the_files_it_replaces(tmp_path: Path) -> None:
+    """bigtrain.data's token stats and index-map entries of a replaced prefix (old shards included) go;
+    those of other datasets, a blend's entry that includes the prefix excepted, stay."""
+    prefix, old_shard, other = (str(tmp_path / n) for n in ("d", "d_00003", "other"))
+    for name in ("d_00003.bin", "d_00003.idx", "other.bin", "other.idx"):
+        (tmp_path / name).write_bytes(b"old")
+    cache = tmp_path / CACHE_DIR
+    for p in (prefix, old_shard, other):
+        Path(token_stats_file(p)).parent.mkdir(parents=True, exist_ok=True)
+        Path(token_stats_file(p)).write_text(json.dumps({"prefix": p}))
+    entries = {"mine": [prefix], "old_shard": [old_shard], "blend": [other, prefix], "theirs": [other]}
+    for name, prefixes in entries.items():
+        (cache / INDEX_MAPS_DIR / name).mkdir(parents=True)
+        (cache / INDEX_MAPS_DIR / name / INDEX_INPUTS_FILE).write_text(json.dumps({"prefixes": prefixes}))
+    (cache / INDEX_MAPS_DIR / "foreign").mkdir()  # no inputs.json: not ours to judge
+    writer = DatasetWriter(prefix, np.uint16, FakeBuilder())
+    writer.add(docs(3))
+    writer.close()
+    writer.commit({})
+    assert sorted(os.listdir(cache / INDEX_MAPS_DIR)) == ["foreign", "theirs"]
+    assert os.listdir(cache / TOKEN_STATS_DIR) == [os.path.basename(token_stats_file(other))]
+    assert len(writer.removed_caches) == 5
+    assert (tmp_path / "other.bin").read_bytes() == b"old" and not (tmp_path / "d_00003.bin").exists()
