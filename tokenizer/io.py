@@ -1,7 +1,7 @@
 """Streaming document readers shared by tokenizer training and dataset preprocessing.
 
-Inputs are ``.jsonl`` (one JSON object per line, text under a key), ``.jsonl.gz`` (the same,
-gzip-compressed) and ``.txt`` (the whole file is one document). Files are read line by line, so
+Inputs are ``.jsonl`` (one JSON object per line, text under a key), ``.jsonl.gz``/``.jsonl.bz2``/
+``.jsonl.xz`` (the same, compressed) and ``.txt`` (the whole file is one document). Files are read line by line, so
 memory is bounded by the largest single document, never by the file size; a ``.txt`` document is
 necessarily read whole because it is tokenized as one piece.
 
@@ -10,17 +10,23 @@ Documents come out as UTF-8 ``bytes``: SentencePiece accepts them without anothe
 Unicode (a JSON escape such as ``"\\ud800"`` decodes to a lone surrogate that cannot be encoded).
 
 Bad input is reported through a callback with ``(path, line, reason)``; the reasons are the
-fixed names in :data:`SKIP_REASONS` so counts can be compared between runs and tools.
+fixed names in :data:`SKIP_REASONS` so counts can be compared between runs and tools. A file that
+cannot be read on (truncated or corrupt compressed data, not compressed at all, an I/O error) is
+reported through a second callback with its :class:`ReadError`: the documents read before the
+failure stay, the rest of that file is skipped, the other files follow.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import json
+import lzma
+import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 SKIP_REASONS = (
     "blank_line",  # a JSONL line with nothing (or only whitespace) on it
@@ -32,9 +38,36 @@ SKIP_REASONS = (
     "invalid_utf8",  # bytes are not UTF-8, or the text holds lone surrogates
 )
 
-SUFFIXES = (".jsonl.gz", ".jsonl", ".txt")
+SUFFIXES = (".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".jsonl", ".txt")
+_OPENERS = {"jsonl.gz": gzip.open, "jsonl.bz2": bz2.open, "jsonl.xz": lzma.open, "jsonl": open}
+# What reading a damaged or unreadable input raises: OSError covers gzip.BadGzipFile, bz2's "Invalid
+# data stream", IsADirectoryError and PermissionError; EOFError is a compressed stream cut short.
+_READ_FAILURES = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+@dataclass(frozen=True)
+class ReadError:
+    """An input that failed part way: where (``line`` None when unknown), why, and what was kept."""
+
+    path: Path
+    line: int | None
+    detail: str
+    kept: int  # valid documents read from the file before the failure
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+
+    def describe(self) -> str:
+        """One line: ``file:line: unreadable (why); kept the N documents before it, skipped the rest``."""
+        return (
+            f"{self.where}: unreadable ({self.detail}); kept the {self.kept} document(s) before it, "
+            "skipped the rest of the file"
+        )
+
 
 SkipHandler = Callable[[Path, int, str], None]
+ReadErrorHandler = Callable[[ReadError], None]
 
 
 class InputError(Exception):
@@ -60,6 +93,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             paths.extend(Path(m) for m in matches)
         else:
             path = Path(pattern)
+            if path.is_dir():
+                raise InputError(
+                    f"input is a directory, not a file: {pattern} (give its files, e.g. '{pattern}/*.jsonl')"
+                )
             if not path.is_file():
                 raise InputError(f"input file not found: {pattern}")
             paths.append(path)
@@ -77,27 +114,47 @@ def input_kind(path: Path) -> str:
     raise InputError(f"unsupported input type (want {', '.join(SUFFIXES)}): {path}")
 
 
-def iter_documents(paths: Sequence[Path], json_key: str, on_skip: SkipHandler) -> Iterator[bytes]:
-    """Every valid document of ``paths`` in order, as UTF-8 bytes; bad ones go to ``on_skip``."""
+def iter_documents(
+    paths: Sequence[Path], json_key: str, on_skip: SkipHandler, on_read_error: ReadErrorHandler | None = None
+) -> Iterator[bytes]:
+    """Every valid document of ``paths`` in order, as UTF-8 bytes; bad ones go to ``on_skip``.
+
+    A file that fails while being read goes to ``on_read_error`` after its documents read so far, and
+    reading goes on with the next file; without a handler it raises :class:`InputError` naming the file
+    and line (line: the one being read when it failed).
+    """
     for path in paths:
         kind = input_kind(path)
-        if kind == "txt":
-            doc = _txt_document(path, on_skip)
-            if doc is not None:
-                yield doc
-            continue
-        opener = gzip.open if kind == "jsonl.gz" else open
-        with opener(path, "rb") as f:
-            yield from _jsonl_documents(path, f, json_key, on_skip)
+        lineno, kept = 0, 0
+        try:
+            if kind == "txt":
+                doc = _txt_document(path, on_skip)
+                if doc is not None:
+                    kept += 1
+                    yield doc
+                continue
+            with _OPENERS[kind](path, "rb") as f:
+                for lineno, raw in enumerate(f, start=1):
+                    doc, reason = parse_jsonl_line(raw, json_key)
+                    if reason is None:
+                        kept += 1
+                        yield doc
+                    else:
+                        on_skip(path, lineno, reason)
+        except _READ_FAILURES as e:
+            error = ReadError(path, None if kind == "txt" else lineno + 1, _failure(e), kept)
+            if on_read_error is None:
+                raise InputError(error.describe()) from None
+            on_read_error(error)
 
 
-def _jsonl_documents(path: Path, f: BinaryIO, json_key: str, on_skip: SkipHandler) -> Iterator[bytes]:
-    for lineno, raw in enumerate(f, start=1):
-        doc, reason = parse_jsonl_line(raw, json_key)
-        if reason is None:
-            yield doc
-        else:
-            on_skip(path, lineno, reason)
+def _failure(e: BaseException) -> str:
+    """Why a read failed, in a few words (the path is named by the caller, not repeated)."""
+    if isinstance(e, EOFError):
+        return f"compressed data ends early, the file is truncated: {e}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}"
 
 
 def parse_jsonl_line(raw: bytes, json_key: str) -> tuple[bytes, str | None]:
@@ -145,26 +202,42 @@ def _document_bytes(text: str) -> tuple[bytes, str | None]:
 
 
 class SkipCounter:
-    """The ``on_skip`` handler of the CLIs: counts bad documents by reason, or raises in strict mode.
+    """The ``on_skip`` and ``on_read_error`` handlers of the CLIs: counts bad documents by reason and
+    keeps read errors, or raises in strict mode.
 
-    In strict mode the first bad line raises InputError with ``file:line: reason``, the format
-    editors and CI logs turn into a link.
+    In strict mode the first bad line or unreadable file raises BadLineError with ``file:line: reason``,
+    the format editors and CI logs turn into a link.
     """
 
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
         self.counts = dict.fromkeys(SKIP_REASONS, 0)
+        self.read_errors: list[ReadError] = []
 
     def __call__(self, path: Path, line: int, reason: str) -> None:
         if self.strict:
             raise BadLineError(f"{path}:{line}: {reason}")
         self.counts[reason] += 1
 
+    def read_error(self, error: ReadError) -> None:
+        """The ``on_read_error`` handler: kept for the summary, or in strict mode raised as BadLineError."""
+        if self.strict:
+            raise BadLineError(f"{error.where}: unreadable ({error.detail})")
+        self.read_errors.append(error)
+
+    def read_error_records(self) -> list[dict[str, object]]:
+        """The read errors as JSON-ready records (summary and dataset metadata)."""
+        return [
+            {"file": str(e.path), "line": e.line, "error": e.detail, "documents_kept": e.kept}
+            for e in self.read_errors
+        ]
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def describe(self) -> str:
-        """``"3 (malformed_json=2, blank_line=1)"``: the non-zero counts only."""
+        """``"3 (malformed_json=2, blank_line=1), 1 unreadable file(s)"``: the non-zero counts only."""
         parts = [f"{reason}={n}" for reason, n in self.counts.items() if n]
-        return f"{self.total}" + (f" ({', '.join(parts)})" if parts else "")
+        unreadable = f", {len(self.read_errors)} unreadable file(s)" if self.read_errors else ""
+        return f"{self.total}" + (f" ({', '.join(parts)})" if parts else "") + unreadable

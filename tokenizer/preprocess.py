@@ -17,7 +17,10 @@ Pipeline (measured to keep both cores on SentencePiece; see BENCHMARKS.md):
   Chunks in flight and the queue (128 MiB) are bounded, so memory stays flat for any input size.
 
 Bad lines are skipped and counted by reason, or with ``--strict`` the first one stops the run
-with ``file:line: reason`` and exit status 1. Usage errors (missing input, empty glob, no
+with ``file:line: reason`` and exit status 1. A file that cannot be read to its end (truncated or
+corrupt compressed data, an I/O error) keeps the documents read before the failure, is named with
+the line in a warning and in the summary (``read_errors``), and the other files follow; with
+``--strict`` it stops the run the same way. Usage errors (missing input, empty glob, no
 tokenizer) exit with status 2. Output is written under temporary names and renamed only when
 complete, with ``PREFIX.meta.json`` written last (fingerprint, vocab size, dtype, counts, inputs,
 shards); see :mod:`tokenizer.writer`.
@@ -77,7 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--workers", type=int, default=os.cpu_count() or 1, help="encoding threads (default: all cores)"
     )
     p.add_argument("--json-key", default="text")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad line (file:line: reason)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad line or unreadable file (file:line: reason)",
+    )
     p.add_argument("--shard-size-tokens", type=int, default=0, help="start a new shard after T tokens")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--summary-json", type=Path, help="also write the final summary here as JSON")
@@ -236,6 +243,7 @@ def summary(
         "text_bytes": stats.text_bytes,
         "skipped": skips.total,
         "skipped_by_reason": dict(skips.counts),
+        "read_errors": skips.read_error_records(),
         "elapsed_s": round(elapsed, 3),
         "mb_per_s": round(stats.rate(stats.ended), 3),
         "tokens_per_s": round(stats.tokens / max((stats.ended or time.monotonic()) - stats.main_at, 1e-9), 1),
@@ -268,6 +276,8 @@ def print_summary(s: dict[str, Any], skips: SkipCounter) -> None:
         f"{s['first_doc_s']}s, megatron builder ready at {s['builder_ready_s']}s",
         flush=True,
     )
+    for error in skips.read_errors:
+        print(f"preprocess: warning: {error.describe()}", file=sys.stderr, flush=True)
 
 
 def dataset_meta(
@@ -293,6 +303,7 @@ def dataset_meta(
         "tokens": stats.tokens,
         "text_bytes": stats.text_bytes,
         "skipped_by_reason": dict(skips.counts),
+        "read_errors": skips.read_error_records(),
         "inputs": [str(p) for p in paths],
         "json_key": args.json_key,
         "shard_size_tokens": args.shard_size_tokens,
@@ -314,7 +325,7 @@ def run(args: argparse.Namespace, started: float) -> int:
     )
     with writer:
         Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-        docs = iter_documents(paths, args.json_key, skips)
+        docs = iter_documents(paths, args.json_key, skips, skips.read_error)
         tokenize_into(
             writer, docs, tok, args.workers, args.chunk_bytes, stats, Progress(stats, args.log_interval)
         )
@@ -322,8 +333,9 @@ def run(args: argparse.Namespace, started: float) -> int:
         stats.ended = time.monotonic()
         stats.mark_ready(writer.builder.ready_at or stats.ended)
         if stats.documents == 0:
+            unreadable = "".join(f"; {e.describe()}" for e in skips.read_errors)
             print(
-                f"preprocess: error: no valid documents in the input (skipped {skips.describe()})",
+                f"preprocess: error: no valid documents in the input (skipped {skips.describe()}){unreadable}",
                 file=sys.stderr,
             )
             return 1

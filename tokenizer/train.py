@@ -17,6 +17,10 @@ Settings, and why (all recorded in ``bigtrain_tokenizer.json``):
 * ``allow_whitespace_only_pieces``: runs of spaces (code indentation) get their own pieces;
 * ids unk=0, bos=1, eos=2, pad=3; ``--special-tokens`` become user-defined symbols right after.
 
+A file that cannot be read to its end (truncated or corrupt compressed data, an I/O error) keeps the
+documents read before the failure and is named, with the line, in a warning and in the metadata; with
+``--strict`` it stops the run, as does the first bad line.
+
 Documents are fed as chunks of whole lines of at most ``--max-sentence-bytes`` (SentencePiece
 skips longer "sentences"), keeping newlines and tabs so they are learned like any character.
 ``--sample-docs K`` keeps a uniform reservoir sample of K documents (seeded, so reproducible)
@@ -62,6 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the document sample")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad line or unreadable file (file:line: reason)",
+    )
     args = p.parse_args(argv)
     if args.vocab_size < 300:
         p.error("--vocab-size must be at least 300 (256 byte pieces + special tokens + some merges)")
@@ -112,7 +121,11 @@ def sentences(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
 
 
 class _Tap:
-    """Passes documents through while counting them and keeping the first few for the parity check."""
+    """Passes documents through while counting them and keeping the first few for the parity check.
+
+    An exception raised while reading is kept in ``error``: SentencePiece's trainer, which drives the
+    iteration, reports it only as ``INTERNAL: <class name>``, without the message naming the file.
+    """
 
     def __init__(self, docs: Iterable[str]) -> None:
         self._docs = docs
@@ -120,16 +133,21 @@ class _Tap:
         self.bytes = 0
         self.kept: list[str] = []
         self._kept_bytes = 0
+        self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for doc in self._docs:
-            self.count += 1
-            n = len(doc.encode("utf-8"))
-            self.bytes += n
-            if len(self.kept) < CHECK_DOCS and self._kept_bytes + n <= CHECK_BYTES:
-                self.kept.append(doc)
-                self._kept_bytes += n
-            yield doc
+        try:
+            for doc in self._docs:
+                self.count += 1
+                n = len(doc.encode("utf-8"))
+                self.bytes += n
+                if len(self.kept) < CHECK_DOCS and self._kept_bytes + n <= CHECK_BYTES:
+                    self.kept.append(doc)
+                    self._kept_bytes += n
+                yield doc
+        except Exception as e:
+            self.error = e
+            raise
 
 
 def required_chars(special_tokens: Sequence[str]) -> str:
@@ -232,17 +250,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         print(f"tokenizer.train: error: {e}", file=sys.stderr)
         return 2
-    skips = SkipCounter()
-    docs: Iterable[str] = (d.decode("utf-8") for d in iter_documents(paths, args.json_key, skips))
-    if args.sample_docs:
-        docs = reservoir_sample(docs, args.sample_docs, args.seed)
-    tap = _Tap(docs)
+    skips = SkipCounter(strict=args.strict)
+    docs: Iterable[str] = (
+        d.decode("utf-8") for d in iter_documents(paths, args.json_key, skips, skips.read_error)
+    )
     try:
-        model_bytes = train_model(args, sentences(tap, args.max_sentence_bytes))
-    except RuntimeError as e:
-        reason = "no documents to train on" if tap.count == 0 else f"sentencepiece failed: {e}"
-        print(f"tokenizer.train: error: {reason}", file=sys.stderr)
+        if args.sample_docs:
+            docs = reservoir_sample(docs, args.sample_docs, args.seed)
+        tap = _Tap(docs)
+        try:
+            model_bytes = train_model(args, sentences(tap, args.max_sentence_bytes))
+        except RuntimeError as e:
+            if isinstance(tap.error, InputError):
+                raise tap.error from None
+            if tap.error is not None:
+                raise RuntimeError(f"reading the input failed: {tap.error!r}") from tap.error
+            reason = "no documents to train on" if tap.count == 0 else f"sentencepiece failed: {e}"
+            raise InputError(reason + "".join(f"; {r.describe()}" for r in skips.read_errors)) from None
+    except InputError as e:
+        print(f"tokenizer.train: error: {e}", file=sys.stderr)
         return 1
+    for error in skips.read_errors:
+        print(f"tokenizer.train: warning: {error.describe()}", file=sys.stderr)
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(model_bytes)
@@ -261,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "documents": tap.count,
         "bytes": tap.bytes,
         "skipped": skips.counts,
+        "read_errors": skips.read_error_records(),
         "parity_checked_texts": checked,
     }
     write_meta(out, tok, args, stats)
