@@ -30,7 +30,10 @@ def _window_batch(window: dict, device: torch.device, real: bool) -> dict[str, t
 
 @torch.no_grad()
 def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
-    """Mean loss over every window (each window's last seq_length tokens are predicted)."""
+    """Mean loss over every window (each window's last seq_length tokens are predicted).
+
+    Raises DataError (naming the file) for data training would refuse, before any process group exists.
+    """
     from megatron.core import parallel_state
 
     from bigtrain import checkpoint
@@ -43,10 +46,16 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
     cfg.train.micro_batch_size = 1
     cfg.train.global_batch_size = cfg.derived.data_parallel_size
     cfg.derived.grad_accum_steps = 1
+    # Before any process group: the checks training runs (ids within the vocabulary, an integer dtype
+    # wide enough for it, and with data.tokenizer, data tokenized by that tokenizer).
+    tok = None
+    if cfg.data.tokenizer:
+        from tokenizer import Tokenizer
+
+        tok = Tokenizer.load(cfg.data.tokenizer)
+    windows = SequentialWindows(data_path, cfg.model.seq_length, cfg.model.vocab_size, tok)
     dist = init_distributed(cfg)
     try:
-        # the checks training runs: ids within the vocabulary, an integer dtype wide enough for it
-        windows = SequentialWindows(data_path, cfg.model.seq_length, vocab_size=cfg.model.vocab_size)
         model = build_model(cfg, topology=dist.topology)
         source = cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg))
         checkpoint.load_weights_only(model, cfg, source)
@@ -89,7 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         print("bigtrain.evaluate: --data PREFIX is required", file=sys.stderr)
         sys.exit(2)
     cfg = config_or_exit(parse_args(argv, description=__doc__))
-    result = evaluate(cfg, data)
+    from bigtrain.data import DataError
+
+    try:
+        result = evaluate(cfg, data)
+    except DataError as e:
+        print(f"bigtrain.evaluate: data error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if rank_from_env() == 0:
         print(json.dumps(result), flush=True)
 

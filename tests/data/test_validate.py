@@ -222,8 +222,10 @@ def test_any_integer_dtype_wide_enough_is_read_like_uint16(tmp_path, dtype, voca
     assert [w["labels"].tolist() for w in got] == [w["labels"].tolist() for w in want]
 
 
-def test_pretrain_preflight_accepts_int32_for_a_small_vocab(tmp_path):
-    """What `bigtrain.pretrain` runs before any process group: it refused int32 data for vocab 512."""
+def test_pretrain_and_evaluate_apply_one_dtype_rule(tmp_path, capsys):
+    """What `bigtrain.pretrain` runs before any process group refused int32 data for vocab 512 (which
+    `bigtrain.evaluate` read); both now accept it and refuse a too-narrow dtype naming the file."""
+    from bigtrain import evaluate
     from bigtrain.config import ConfigError
     from bigtrain.pretrain import preflight
 
@@ -231,11 +233,26 @@ def test_pretrain_preflight_accepts_int32_for_a_small_vocab(tmp_path):
     cfg = make_cfg(wide, vocab=512)
     cfg.train.run_dir = str(tmp_path / "run")
     preflight(cfg, rank=0)
-    cfg.data.train = write_dataset(tmp_path / "narrow", random_docs(30, seed=1, vocab=256), dtype=np.uint8)
-    with pytest.raises(
-        ConfigError, match=f"{cfg.data.train}.idx: token dtype uint8 cannot hold ids up to 511"
-    ):
+    narrow = write_dataset(tmp_path / "narrow", random_docs(30, seed=1, vocab=256), dtype=np.uint8)
+    cfg.data.train = narrow
+    message = f"{narrow}.idx: token dtype uint8 cannot hold ids up to 511"
+    with pytest.raises(ConfigError, match=message):
         preflight(cfg, rank=0)
+    with pytest.raises(SystemExit) as exit_info:  # configs/tiny.yaml has vocab_size 512
+        evaluate.main(
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--data",
+                narrow,
+                "--set",
+                "data.mock=false",
+                f"data.train={narrow}",
+            ]
+        )
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"bigtrain.evaluate: data error: {message} (vocab size 512")
 
 
 def test_token_stats_are_keyed_by_the_preprocessing_run(tmp_path, monkeypatch):
