@@ -143,3 +143,26 @@ def test_mock_data(tmp_path):
     item = train[0]
     assert item["tokens"].shape == (32,)
     assert int(item["tokens"].max()) < 50 and int(item["labels"].max()) < 50
+
+
+def test_rewritten_data_never_meets_the_old_index_maps(tmp_path):
+    """Files replaced under the same names by another tool (no bigtrain metadata, so no preprocess
+    cleanup): a prefix with more documents, and a shard set that shrank. The next build in the same
+    data.cache_dir equals a build in an empty one, sample for sample."""
+    single = write_dataset(tmp_path / "data" / "single", random_docs(40, seed=5))
+    shards = [write_dataset(tmp_path / "data" / f"set_{i:05d}", random_docs(50, seed=i)) for i in range(3)]
+    names = [single, str(tmp_path / "data" / "set")]
+
+    def samples(name: str, cache: str) -> list[list[list[int]]]:
+        cfg = make_cfg(name, cache_dir=str(tmp_path / cache), split="80,20,0")
+        return [[ds[i]["tokens"].tolist() for i in range(len(ds))] for ds in build_datasets(cfg)]
+
+    before = [samples(name, "cache") for name in names]
+    write_dataset(single, random_docs(200, seed=6))
+    for ext in (".bin", ".idx"):
+        os.remove(shards[2] + ext)
+    write_dataset(shards[1], random_docs(20, seed=7))
+    for name, old in zip(names, before):
+        after = samples(name, "cache")
+        assert after == samples(name, "fresh") and len(after[0]) != len(old[0])
+    assert len(os.listdir(tmp_path / "cache" / "index")) == 4  # one entry per set of files
