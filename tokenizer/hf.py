@@ -14,10 +14,15 @@ here from the pieces, scores and types in ``tokenizer.model``:
   SentencePiece (for Unigram this relies on the characters of those names being in the
   vocabulary, which :func:`tokenizer.train.required_chars` ensures);
 * user-defined symbols (``--special-tokens``) become always-matched added tokens, as in
-  SentencePiece; BOS/EOS/UNK/PAD are special tokens, with ``split_special_tokens`` so a literal
-  "<s>" in text is encoded as text, as SentencePiece does;
+  SentencePiece; BOS/EOS/UNK/PAD are special tokens. As in every HF Llama tokenizer their strings
+  are read as those tokens (``split_special_tokens`` false): a chat template's ``{{ eos_token }}``
+  must become the EOS id in ``apply_chat_template(..., tokenize=True)``, which is what fine-tuning
+  trains on. SentencePiece reads a literal "<s>" in text as text; ``split_special_tokens=True``
+  in the call does the same in transformers;
 * post-processor: BOS is prepended (``add_bos_token=True``, like Llama), so
-  ``AutoTokenizer(...)(text)["input_ids"] == Tokenizer.encode(text, add_bos=True)``.
+  ``AutoTokenizer(...)(text, split_special_tokens=True)["input_ids"] == Tokenizer.encode(text,
+  add_bos=True)`` for every text, and without the flag for every text without special-token strings
+  (``apply_chat_template`` adds no BOS of its own: the template decides).
 
 :func:`verify_parity` loads the written directory with ``transformers.AutoTokenizer`` and
 compares ids with SentencePiece; training calls it and fails loudly on any difference.
@@ -177,7 +182,7 @@ def write_hf_files(out_dir: Path, model_bytes: bytes) -> None:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "split_special_tokens": True,
+        "split_special_tokens": False,  # chat templates' special tokens are tokens (see module doc)
         "padding_side": "right",
     }
     _write_json(out_dir / "tokenizer_config.json", config)
@@ -197,8 +202,16 @@ def verify_parity(out_dir: Path, texts: Sequence[str]) -> int:
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     hf = AutoTokenizer.from_pretrained(str(out_dir))
     texts = list(texts)
-    got_all = hf(texts)["input_ids"]
+    got_all = hf(texts, split_special_tokens=True)["input_ids"]  # literal "<s>" as text, like SentencePiece
     want_all = sp.encode(texts, add_bos=True)
+    special = special_tokens(load_model_proto((out_dir / "tokenizer.model").read_bytes()))
+    specials = [special.bos, special.eos, special.unk, special.pad]
+    got = hf("".join(specials), add_special_tokens=False)["input_ids"]
+    want = [special.bos_id, special.eos_id, special.unk_id, special.pad_id]
+    if got != want:  # what a chat template's {{ bos_token }} / {{ eos_token }} become
+        raise ParityError(
+            f"HF tokenizer reads the special-token strings {specials} as {got}, expected {want}"
+        )
     for text, got, want in zip(texts, got_all, want_all):
         if got != want:
             at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))

@@ -35,6 +35,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class ExportError(ValueError):
@@ -85,18 +86,61 @@ def _tensor(reader: WeightReader, tp: int, pp: int, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def special_ids(cfg: Config, meta: dict) -> dict[str, int | None]:
-    """bos/eos/pad ids: the tokenizer's, else those of the HF model it was imported from, else unset."""
-    if cfg.data.tokenizer and (Path(cfg.data.tokenizer) / "tokenizer.model").is_file():
+def has_hf_tokenizer(tokenizer_dir: Path | None) -> bool:
+    return tokenizer_dir is not None and any((tokenizer_dir / f).is_file() for f in HF_TOKENIZER_FILES)
+
+
+def special_ids(meta: dict, tokenizer_dir: Path | None) -> dict[str, int | None]:
+    """bos/eos/pad ids: the exported tokenizer's (its HF files as ``AutoTokenizer`` loads them, checked against
+    its tokenizer.model), else those of the HF model it was imported from, else unset. An id the tokenizer
+    does not define (a Llama-2 model has no pad) is left unset, never written as -1."""
+    model = None if tokenizer_dir is None else tokenizer_dir / "tokenizer.model"
+    if not has_hf_tokenizer(tokenizer_dir):
+        if model is not None and model.is_file():  # a bare SentencePiece model
+            from tokenizer import Tokenizer
+
+            sp = Tokenizer.load(model)
+            return {f"{n}_token_id": i if i >= 0 else None for n, i in (("bos", sp.bos_id), ("eos", sp.eos_id),
+                                                                        ("pad", sp.pad_id))}  # fmt: skip
+        source = meta.get("source", {}).get("hf_config", {})
+        return {k: source.get(k) for k in SPECIAL}
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:
+        raise ExportError(f"{tokenizer_dir}: transformers cannot load the tokenizer files ({e})") from None
+    if model.is_file():
         from tokenizer import Tokenizer
 
-        tok = Tokenizer.load(cfg.data.tokenizer)
-        return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    source = meta.get("source", {}).get("hf_config", {})
-    return {k: source.get(k) for k in SPECIAL}
+        sp = Tokenizer.load(model)
+        for name in ("bos", "eos", "unk", "pad"):
+            want, got = getattr(sp, f"{name}_id"), getattr(hf, f"{name}_token_id")
+            if want is not None and want >= 0 and got is not None and got != want:
+                raise ExportError(
+                    f"{tokenizer_dir}: the HF tokenizer files make {name} id {got} but {model} has {want}; "
+                    "training and the export would disagree"
+                )
+    return {k: getattr(hf, k) for k in SPECIAL}
 
 
-def hf_config(cfg: Config, dtype: str, meta: dict | None = None) -> dict:
+def stop_ids(tokenizer_dir: Path | None, eos: int | None) -> int | list[int] | None:
+    """generation_config's eos_token_id: EOS plus the token the chat template ends assistant replies with
+    (``<|im_end|>``, ``<|eot_id|>``, ...) when it is another one, so generation stops where SFT taught it."""
+    ids = [] if eos is None else [eos]
+    if has_hf_tokenizer(tokenizer_dir):
+        from bigtrain.finetune.data import ChatTemplate, DataError
+
+        try:
+            chat = ChatTemplate(tokenizer_dir)
+            ids += [i for i in chat.end_of_turn_ids() if i not in ids]
+        except DataError as e:
+            if "no chat template" not in str(e):
+                print(f"convert_to_hf: warning: {e}; generation stops on EOS only", file=sys.stderr)
+    return ids[0] if len(ids) == 1 else ids or None
+
+
+def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: Path | None = None) -> dict:
     """config.json of the export: LlamaConfig fields from the config table, true (unpadded) vocab.
     Rotary settings are written in both the ``rope_parameters`` (transformers 5) and ``rope_theta``
     (transformers 4) forms."""
@@ -120,7 +164,7 @@ def hf_config(cfg: Config, dtype: str, meta: dict | None = None) -> dict:
         "torch_dtype": HF_DTYPE_NAMES[dtype],
         "dtype": HF_DTYPE_NAMES[dtype],
         "transformers_version": transformers.__version__,
-        **special_ids(cfg, meta or {}),
+        **special_ids(meta or {}, tokenizer_dir),
         **hf_config_overrides(cfg),  # LlamaForSequenceClassification and its labels for classifiers
     }
 
@@ -202,9 +246,11 @@ def export(
             weight_map.update({n: final.name for n in names})
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = hf_config(cfg, dtype, reader.meta)
+        config = hf_config(cfg, dtype, reader.meta, tokenizer_dir)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         generation = {k: config[k] for k in SPECIAL if config[k] is not None}
+        if (eos := stop_ids(tokenizer_dir, config["eos_token_id"])) is not None:
+            generation["eos_token_id"] = eos
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer_dir is not None:
             for f in sorted(tokenizer_dir.iterdir()):

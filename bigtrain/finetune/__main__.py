@@ -28,20 +28,24 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
     from tokenizer import Tokenizer
 
     f, seq = cfg.finetune, cfg.model.seq_length
-    tok = Tokenizer.load(cfg.data.tokenizer)
-    pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
+    if not cfg.data.tokenizer:
+        raise DataError("data.tokenizer: fine-tuning needs a tokenizer directory")
     if f.task == "sft":
-        template = d.ChatTemplate(d.load_chat_template(cfg.data.tokenizer))
+        # the exported tokenizer files render and tokenize: what is trained is what the export serves
+        chat = d.ChatTemplate(cfg.data.tokenizer)
+        log(chat.describe())
 
         def read(spec, key):
-            examples, stats = d.read_sft(spec, key, tok, template, seq, f.overlong, f.strict)
+            examples, stats = d.read_sft(spec, key, chat, seq, f.overlong, f.strict)
             log(stats.summary(key))
-            return d.pack(examples, seq, pad, f.packing)
+            return d.pack(examples, seq, chat.pad_id, f.packing)
 
         train = read(f.train, "finetune.train")
         valid = read(f.valid, "finetune.valid") if f.valid is not None else []
         log(f"sft: {len(train)} training sequences of {seq} tokens (packing {'on' if f.packing else 'off'})")
     else:
+        tok = Tokenizer.load(cfg.data.tokenizer)
+        pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
         examples, stats, labels = d.read_classify(
             f.train, "finetune.train", tok, seq, f.overlong, f.strict, f.labels or None
         )

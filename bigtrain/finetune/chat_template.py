@@ -1,6 +1,12 @@
 """``python -m bigtrain.finetune.chat_template --tokenizer DIR [--template FILE]``: store a Jinja chat
-template in a tokenizer directory (tokenizer_config.json), where SFT reads it and the HF export copies it.
-Without --template, bigtrain's default (``<|role|>`` headers, no special tokens) is written."""
+template in a tokenizer directory, where SFT reads it and the HF export copies it (``chat_template.jinja``
+when the directory has one, else ``tokenizer_config.json``: where transformers reads it).
+
+Before anything is written, the template renders and tokenizes a sample conversation (system, user,
+assistant, two turns; without the system message when the template refuses one) exactly as fine-tuning
+will: transformers' chat-template environment with the tokenizer's special tokens. A template that fails
+is refused, naming it (exit 2). Without --template, bigtrain's default is stored: ``<|role|>`` headers,
+BOS first and EOS after every assistant reply."""
 
 from __future__ import annotations
 
@@ -8,24 +14,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from bigtrain.finetune.data import DEFAULT_CHAT_TEMPLATE, ChatTemplate, save_chat_template
+from bigtrain.finetune.data import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    DataError,
+    save_chat_template,
+    stored_settings,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--tokenizer", required=True, help="tokenizer directory (python -m tokenizer.train output)"
     )
     parser.add_argument("--template", help="Jinja template file (default: bigtrain's)")
     args = parser.parse_args(argv)
-    template = Path(args.template).read_text() if args.template else DEFAULT_CHAT_TEMPLATE
+    source = args.template or "bigtrain's default chat template"
     try:
-        ChatTemplate(template).render([{"role": "user", "content": "x"}], add_generation_prompt=True)
-        save_chat_template(args.tokenizer, template)
-    except Exception as e:  # a template that does not render is reported, not stored
-        print(f"chat_template: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"chat template stored in {Path(args.tokenizer) / 'tokenizer_config.json'}")
+        template = Path(args.template).read_text(encoding="utf-8") if args.template else DEFAULT_CHAT_TEMPLATE
+        chat = ChatTemplate(args.tokenizer, template, source, **stored_settings(args.tokenizer))
+        chat.check()
+        described = chat.describe()
+        stored = save_chat_template(args.tokenizer, template)
+    except (DataError, OSError) as e:
+        print(f"chat_template: not stored: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(described)
+    print(f"chat template stored in {stored}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Fine-tuning data: JSONL readers (SFT prompt/response or chat messages; text classification), the chat
 template kept in the tokenizer directory, packing, and epoch-wise micro-batch streams.
 
-SFT examples become token ids plus a mask of the tokens the model is trained to produce (assistant
-content and the EOS after it); everything the user, system or template says is context only.
+SFT examples are the ids ``apply_chat_template(messages, tokenize=True)`` gives on the exported tokenizer,
+plus a mask of the tokens the model is trained to produce (assistant content and the end-of-turn token the
+template puts after it); everything the user, system or template says is context only.
 Packed sequences carry ``positions`` (restarting at 0 per example) and ``doc_ids`` (-1 on padding) so
 attention and rotary positions never cross example boundaries.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,9 +23,24 @@ from typing import Any
 import torch
 
 ROLES = ("system", "user", "assistant")
+# bigtrain's own template: BOS, then ``<|role|>`` headers; every assistant reply ends with EOS, which is
+# what the model learns to stop on (the export's generation_config stops on it).
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+# What storing a template renders (and what finds a template's end-of-turn token): two turns with a system
+# message, and without it for templates that refuse system messages.
+SAMPLE_CONVERSATION = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three plus three?"},
+    {"role": "assistant", "content": "Six."},
+)
+CHAT_TEMPLATE_FILE = (
+    "chat_template.jinja"  # where transformers 5 saves a template (it wins over the config's)
 )
 Batch = dict[str, torch.Tensor]
 
@@ -33,39 +50,201 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------- chat template
-def load_chat_template(tokenizer_dir: str | Path) -> str:
-    """The Jinja chat template of a tokenizer directory (``chat_template`` in tokenizer_config.json,
-    which the HF export copies, so ``apply_chat_template`` renders the same text after export)."""
-    path = Path(tokenizer_dir) / "tokenizer_config.json"
-    template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
-    if not template:
-        raise DataError(
-            f"{tokenizer_dir}: no chat template (tokenizer_config.json has no 'chat_template'); add one with "
-            f"python -m bigtrain.finetune.chat_template --tokenizer {tokenizer_dir} [--template FILE]"
-        )
-    return template
+def template_file(tokenizer_dir: str | Path) -> Path:
+    """The file transformers reads a directory's chat template from: ``chat_template.jinja`` when present,
+    else ``tokenizer_config.json`` (its ``chat_template`` field)."""
+    jinja = Path(tokenizer_dir) / CHAT_TEMPLATE_FILE
+    return jinja if jinja.is_file() else Path(tokenizer_dir) / "tokenizer_config.json"
 
 
-def save_chat_template(tokenizer_dir: str | Path, template: str = DEFAULT_CHAT_TEMPLATE) -> None:
-    path = Path(tokenizer_dir) / "tokenizer_config.json"
+def stored_settings(tokenizer_dir: str | Path) -> dict[str, Any]:
+    """Tokenizer settings :func:`save_chat_template` writes along with the template."""
+    return {} if template_file(tokenizer_dir).name == CHAT_TEMPLATE_FILE else {"split_special_tokens": False}
+
+
+def save_chat_template(tokenizer_dir: str | Path, template: str = DEFAULT_CHAT_TEMPLATE) -> Path:
+    """Store ``template`` where ``AutoTokenizer.from_pretrained(tokenizer_dir)`` reads it (with
+    :func:`stored_settings`); returns that file."""
+    path = template_file(tokenizer_dir)
+    if path.name == CHAT_TEMPLATE_FILE:
+        path.write_text(template, encoding="utf-8")
+        return path
     if not path.is_file():
-        raise DataError(f"{tokenizer_dir}: no tokenizer_config.json (not a bigtrain tokenizer directory)")
-    config = json.loads(path.read_text())
+        raise DataError(f"{tokenizer_dir}: no tokenizer_config.json (not a tokenizer directory)")
+    config = json.loads(path.read_text(encoding="utf-8"))
     config["chat_template"] = template
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    # directories written before tokenizer.hf read special-token strings as tokens: with the flag on, the
+    # template's {{ eos_token }} would be tokenized as the text "</s>" (the same in training and the export)
+    config.update(stored_settings(tokenizer_dir))
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 class ChatTemplate:
-    """Renders messages like transformers' ``apply_chat_template`` (sandboxed Jinja, same options)."""
+    """A tokenizer directory's chat template, rendered and tokenized exactly as
+    ``AutoTokenizer.from_pretrained(export).apply_chat_template(messages, tokenize=True)`` does on the
+    exported files (the export copies this directory's tokenizer files).
 
-    def __init__(self, source: str):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    Rendering is transformers' own (``render_jinja_template``: its sandbox, ``raise_exception``,
+    ``strftime_now``, ``tojson``, ``{% generation %}``) with the tokenizer's special tokens
+    (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``, ...) as variables; the whole rendered
+    conversation is tokenized at once by the HF tokenizer without added BOS/EOS, special-token strings
+    read as those tokens. ``template``: a template to use instead of the directory's, and ``hf_kwargs``
+    tokenizer settings, as :func:`save_chat_template` will store them (to check a template before storing
+    it). Raises :class:`DataError` naming the directory or the template file.
+    """
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self.template = env.from_string(source)
+    def __init__(
+        self,
+        tokenizer_dir: str | Path,
+        template: str | None = None,
+        source: str | None = None,
+        **hf_kwargs: Any,
+    ):
+        from jinja2 import TemplateSyntaxError
+        from transformers import AutoTokenizer
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        tokenizer_dir = Path(tokenizer_dir)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), **hf_kwargs)
+        except Exception as e:  # no or broken HF files: nothing to render with
+            raise DataError(
+                f"{tokenizer_dir}: cannot load the Hugging Face tokenizer ({_one_line(e)}); fine-tuning "
+                "needs the HF files tokenizer.train writes (tokenizer.json, tokenizer_config.json)"
+            ) from None
+        self.source = source or str(template_file(tokenizer_dir))
+        if template is None:
+            template = self.hf.chat_template
+            if isinstance(template, dict):
+                template = template.get("default")
+        if not template:
+            raise DataError(
+                f"{tokenizer_dir}: no chat template (tokenizer_config.json has no 'chat_template'); add one with "
+                f"python -m bigtrain.finetune.chat_template --tokenizer {tokenizer_dir} [--template FILE]"
+            )
+        try:
+            _compile_jinja_template(template)
+        except TemplateSyntaxError as e:
+            raise DataError(
+                f"{self.source}: chat template syntax error at template line {e.lineno}: {e.message}"
+            ) from None
+        self.template = template
+        self.variables = self.hf.special_tokens_map  # what apply_chat_template passes (bos_token, ...)
+        controls = sorted((t for t in self.hf.added_tokens_encoder if t.strip()), key=len, reverse=True)
+        self._control = re.compile("|".join(map(re.escape, controls)) or "(?!)")
+        self._generation = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id, else its EOS id (padding is never trained on)."""
+        pad = self.hf.pad_token_id
+        return pad if pad is not None else self.hf.eos_token_id
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        """The template's text for ``messages`` (``apply_chat_template(..., tokenize=False)``)."""
+        return self._render(messages, add_generation_prompt)[0]
+
+    def _render(self, messages, add_generation_prompt: bool, spans: bool = False) -> tuple[str, list]:
+        from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            texts, indices = render_jinja_template(
+                conversations=[messages],
+                chat_template=self.template,
+                add_generation_prompt=add_generation_prompt,
+                return_assistant_tokens_mask=spans,
+                **self.variables,
+            )
+        except TemplateError as e:
+            if type(e) is TemplateError:  # raise_exception(...) in the template: it refuses this conversation
+                raise Rejected(
+                    f"chat template {self.source} refused it: {e}", "refused by the chat template"
+                ) from None
+            raise DataError(f"chat template {self.source}: {_one_line(e)}") from None
+        except Exception as e:
+            raise DataError(f"chat template {self.source}: {_one_line(e)}") from None
+        return texts[0], indices[0] if spans else []
+
+    def encode(self, messages: list[dict[str, str]]) -> Example:
+        """Token ids of the whole rendered conversation and which of them are trained: each assistant
+        reply and the end-of-turn token the template puts after it (EOS, ``<|im_end|>``, ...), nothing else.
+
+        A reply's text is what rendering ``messages[:i+1]`` adds to ``messages[:i]`` rendered with the
+        generation prompt (what a server sends for turn i), up to the last special or added token in it
+        (text after that, such as a newline, belongs to no reply). Templates with ``{% generation %}``
+        blocks mark the trained text themselves, as ``return_assistant_tokens_mask`` uses them.
+        A token is trained when its characters overlap a reply's.
+        """
+        text, spans = self._render(messages, False, spans=self._generation)
+        if not self._generation:
+            for i, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    spans.append(self._reply_span(messages, i, text))
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        target = [any(s < b and max(e, s + 1) > a for a, b in spans) for s, e in enc["offset_mapping"]]
+        return Example(list(enc["input_ids"]), target)
+
+    def _reply_span(self, messages: list[dict[str, str]], i: int, text: str) -> tuple[int, int]:
+        try:
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+        except (DataError, Rejected) as e:
+            if i:
+                raise
+            raise Rejected(
+                f"the assistant speaks first and the template renders no prompt for it ({e})",
+                "refused by the chat template",
+            ) from None
+        turn = self.render(messages[: i + 1], add_generation_prompt=False)
+        if not turn.startswith(prompt) or not text.startswith(turn):
+            raise DataError(
+                f"chat template {self.source} does not render a conversation as growing prefixes (message {i}: "
+                "the prompt for a reply, the reply and the rest must extend one another); it cannot be trained "
+                "as served"
+            )
+        ends = [m.end() for m in self._control.finditer(turn, len(prompt))]
+        return len(prompt), ends[-1] if ends else len(turn)
+
+    def check(self) -> Example:
+        """Encode :data:`SAMPLE_CONVERSATION` (without its system message when the template refuses that);
+        raises DataError naming the template when it cannot be rendered and trained."""
+        try:
+            return self.encode(list(SAMPLE_CONVERSATION))
+        except Rejected:
+            try:
+                return self.encode(list(SAMPLE_CONVERSATION[1:]))
+            except Rejected as e:
+                raise DataError(f"{e} (a sample user/assistant conversation of two turns)") from None
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Ids of the special/added tokens that end the sample's assistant replies (what generation should
+        stop on), in order of appearance; empty when the template ends replies with none."""
+        example, ids = self.check(), []
+        control = {self.hf.convert_tokens_to_ids(t) for t in self.hf.added_tokens_encoder}
+        for p, token in enumerate(example.tokens):
+            ends_reply = example.target[p] and (p + 1 == len(example.tokens) or not example.target[p + 1])
+            if ends_reply and token in control and token not in ids:
+                ids.append(token)
+        return ids
+
+    def describe(self) -> str:
+        """One start-up line: where the template is from and what replies end with."""
+        ids = self.end_of_turn_ids()
+        if not ids:
+            split = " (split_special_tokens is on: special-token strings are read as text)"
+            return (
+                f"chat template {self.source}: warning: assistant replies end with no special token"
+                f"{split if self.hf.split_special_tokens else ''}, so the model does not learn to stop; store a "
+                "template that emits eos_token after each reply (e.g. bigtrain's default: "
+                "python -m bigtrain.finetune.chat_template --tokenizer DIR)"
+            )
+        names = ", ".join(f"{self.hf.convert_ids_to_tokens(i)} (id {i})" for i in ids)
+        return f"chat template {self.source}: assistant replies end with {names}"
 
 
 # ---------------------------------------------------------------------------- reading
@@ -158,26 +337,6 @@ def _messages(record: dict) -> list[dict[str, str]]:
     return [*head, {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def encode_chat(messages: list[dict[str, str]], tok, template: ChatTemplate) -> Example:
-    """BOS + rendered context (not trained) + each assistant reply and EOS (trained). The context up to
-    a reply is what ``apply_chat_template(..., add_generation_prompt=True)`` renders."""
-    tokens, target = [tok.bos_id], [False]
-    done = ""
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        prompt = template.render(messages[:i], add_generation_prompt=True)
-        full = template.render(messages[: i + 1], add_generation_prompt=False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError("the chat template does not render conversations as growing prefixes")
-        context = tok.encode(prompt[len(done) :]) if prompt != done else []
-        reply = tok.encode(full[len(prompt) :]) + [tok.eos_id]
-        tokens += context + reply
-        target += [False] * len(context) + [True] * len(reply)
-        done = full
-    return Example(tokens, target)
-
-
 def _fit(example: Example, seq_length: int, overlong: str, stats: ReadStats) -> Example | None:
     if len(example.tokens) <= seq_length:
         return example
@@ -195,11 +354,14 @@ def _fit(example: Example, seq_length: int, overlong: str, stats: ReadStats) -> 
     return Example(example.tokens[:seq_length], example.target)
 
 
-def read_sft(spec: Any, key: str, tok, template: ChatTemplate, seq_length: int, overlong: str, strict: bool):
+def read_sft(spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong: str, strict: bool):
+    """SFT examples of JSONL files as ``chat`` renders and tokenizes them (see :meth:`ChatTemplate.encode`).
+    Lines the template refuses (``raise_exception``) are skipped and counted like other bad lines; a template
+    that fails (undefined variable, ...) raises DataError naming it and the line."""
     stats, examples = ReadStats(), []
     for where, record in _records(expand_paths(spec, key), strict, stats):
         try:
-            example = encode_chat(_messages(record), tok, template)
+            example = chat.encode(_messages(record))
         except Rejected as e:
             _reject(where, str(e), e.reason, strict, stats)
             continue

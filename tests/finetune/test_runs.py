@@ -50,13 +50,16 @@ def test_sft_learns_reversal_measured_through_hf_generate(tok_dir: Path, tmp_pat
     tok = AutoTokenizer.from_pretrained(hf)  # the chat template travelled with the export
     model = AutoModelForCausalLM.from_pretrained(hf).eval()
 
+    stopped = 0
+
     def exact_match(words: list[str]) -> float:
+        nonlocal stopped
         hits = 0
         for row in reverse_rows(words):
-            text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                           add_generation_prompt=True)  # fmt: skip
-            ids = tok(text, return_tensors="pt")["input_ids"]
+            ids = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                          return_tensors="pt")["input_ids"]  # fmt: skip
             out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+            stopped += out[0, -1].item() == tok.eos_token_id  # it learned to end its reply
             hits += (
                 " ".join(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split())
                 == row["response"]
@@ -64,8 +67,10 @@ def test_sft_learns_reversal_measured_through_hf_generate(tok_dir: Path, tmp_pat
         return hits / len(words)
 
     score = exact_match(held_out)
-    print(f"held-out exact match through HF generate: {score:.1%} of {len(held_out)}")
-    assert score >= 0.95
+    print(
+        f"held-out exact match through HF generate: {score:.1%} of {len(held_out)}, {stopped} ended with EOS"
+    )
+    assert score >= 0.95 and stopped >= 0.95 * len(held_out)
 
 
 def hf_predictions(valid: list[dict], hf: Path) -> list[int]:

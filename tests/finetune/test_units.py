@@ -93,25 +93,30 @@ def test_packed_loss_is_response_only_cross_entropy_without_cross_attention(sft_
 
 
 def test_unpacked_sequences_and_truncation(tok_dir: Path, tmp_path: Path):
-    tok = __import__("tokenizer").Tokenizer.load(tok_dir)
-    template = d.ChatTemplate(d.load_chat_template(tok_dir))
+    chat = d.ChatTemplate(tok_dir)
     rows = [{"prompt": "a b", "response": "b a"}, {"prompt": "a b c d e f g h a b c d", "response": "c d"}]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    examples, stats = d.read_sft(str(path), "k", tok, template, 16, "truncate", False)
+    examples, stats = d.read_sft(str(path), "k", chat, 16, "truncate", False)
     assert stats.truncated == 0 and stats.dropped == 1  # truncation left no response token: dropped
-    examples, stats = d.read_sft(str(path), "k", tok, template, 64, "drop", False)
+    examples, stats = d.read_sft(str(path), "k", chat, 64, "drop", False)
     assert len(examples) == 2 and len(d.pack(examples, 64, 3, packing=False)) == 2
-    examples, stats = d.read_sft(str(path), "k", tok, template, 24, "truncate", False)
+    examples, stats = d.read_sft(str(path), "k", chat, 24, "truncate", False)
     assert stats.truncated == 1 and len(examples[1].tokens) == 24
-    text = template.render([{"role": "user", "content": "a b"}], add_generation_prompt=True)
-    assert examples[0].tokens[: 1 + len(tok.encode(text))] == [tok.bos_id, *tok.encode(text)]
-    assert examples[0].target.index(True) == 1 + len(tok.encode(text))  # first trained token: the reply
+    # the served prompt (BOS from the template, no BOS added in code), then the reply "b a" and EOS trained
+    prompt = chat.hf.apply_chat_template([{"role": "user", "content": "a b"}], add_generation_prompt=True)
+    prompt = prompt["input_ids"]
+    assert prompt[0] == chat.hf.bos_token_id and prompt.count(chat.hf.bos_token_id) == 1
+    reply = chat.hf.encode("b a", add_special_tokens=False) + [chat.hf.eos_token_id]
+    n = len(prompt) + len(reply)
+    assert examples[0].tokens[:n] == prompt + reply
+    assert examples[0].target[:n] == [False] * len(prompt) + [True] * len(reply)
+    assert not any(examples[0].target[n:])  # the newline after EOS is not trained
 
 
 def test_bad_input_is_counted_or_strict_error(tok_dir: Path, tmp_path: Path):
     tok = __import__("tokenizer").Tokenizer.load(tok_dir)
-    template = d.ChatTemplate(d.load_chat_template(tok_dir))
+    chat = d.ChatTemplate(tok_dir)
     lines = [
         json.dumps({"prompt": "a", "response": "a"}),
         "{not json",
@@ -123,12 +128,14 @@ def test_bad_input_is_counted_or_strict_error(tok_dir: Path, tmp_path: Path):
     ]  # fmt: skip
     path = tmp_path / "sft.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    examples, stats = d.read_sft(str(path), "k", tok, template, 64, "truncate", False)
+    examples, stats = d.read_sft(str(path), "k", chat, 64, "truncate", False)
     assert len(examples) == 2 and stats.lines == 5
     assert stats.skipped == {"malformed": 1, "unknown role": 1, "empty response": 1}
-    assert sum(examples[1].target) == len(tok.encode("b\n")) + len(tok.encode("d\n")) + 2  # two replies + EOS
+    assert (
+        sum(examples[1].target) == len(tok.encode("b")) + len(tok.encode("d")) + 2
+    )  # two replies + EOS each
     with pytest.raises(d.DataError, match=rf"{path}:2: malformed JSON"):
-        d.read_sft(str(path), "k", tok, template, 64, "truncate", True)
+        d.read_sft(str(path), "k", chat, 64, "truncate", True)
     cls = tmp_path / "cls.jsonl"
     cls.write_text('{"text": "a b", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c", "label": 7}\n')
     valid = tmp_path / "valid.jsonl"
@@ -141,8 +148,8 @@ def test_bad_input_is_counted_or_strict_error(tok_dir: Path, tmp_path: Path):
     assert len(examples) == 1 and stats.skipped == {"unknown label": 1, "malformed": 1}
     with pytest.raises(d.DataError, match=rf"{valid}:2: label 'zzz' is not one of the training labels"):
         d.read_classify(str(valid), "v", tok, 16, "truncate", True, labels)
-    with pytest.raises(d.DataError, match="no chat template"):
-        d.load_chat_template(tmp_path)
+    with pytest.raises(d.DataError, match="cannot load the Hugging Face tokenizer"):
+        d.ChatTemplate(tmp_path)
     with pytest.raises(d.DataError, match="matches no file"):
         d.expand_paths(str(tmp_path / "none*.jsonl"), "finetune.train")
 

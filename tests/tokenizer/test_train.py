@@ -23,7 +23,7 @@ def assert_hf_parity_and_round_trip(out: Path, lines: list[str]) -> None:
 
     tok = Tokenizer.load(out)
     hf = AutoTokenizer.from_pretrained(str(out))
-    hf_ids = hf(lines)["input_ids"]
+    hf_ids = hf(lines, split_special_tokens=True)["input_ids"]  # literal "<s>" as text, like SentencePiece
     mismatched = [line for line, got in zip(lines, hf_ids) if got != tok.encode(line, add_bos=True)]
     assert not mismatched, f"{len(mismatched)}/{len(lines)} lines differ, e.g. {mismatched[:3]}"
     for line in lines:
