@@ -169,7 +169,11 @@ def save_checkpoint(
         meta = {
             "step": step,
             **state,
-            "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline},
+            "layout": {
+                "tensor": cfg.parallel.tensor,
+                "pipeline": cfg.parallel.pipeline,
+                "data_parallel": cfg.derived.data_parallel_size,
+            },
             "config": cfg.to_dict(),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -255,19 +259,76 @@ def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
     return None
 
 
+def compare_with_saved(cfg: Config, tag: str) -> list[str]:
+    """:func:`bigtrain.resume_rules.reconcile` against checkpoint ``tag`` of run_dir: raises ConfigError
+    for a refused change, returns the honoured ones as lines."""
+    from bigtrain.resume_rules import reconcile
+
+    ckpt = checkpoints_dir(cfg) / tag
+    return reconcile(cfg, json.loads((ckpt / META).read_text()), str(ckpt))
+
+
+# Optimizer hyper-parameters the config sets (engine.build_optimizer) and a checkpoint load overwrites with
+# the saved ones; "lr" is the schedule's (see _keep_configured).
+_GROUP_HYPERPARAMETERS = ("betas", "eps", "weight_decay", "momentum", "alpha")
+
+
+def _keep_configured(engine, cfg: Config, saved: Config):
+    """Snapshot what the engine was built with from ``cfg`` before DeepSpeed's load overwrites it with the
+    checkpoint's values; the returned function puts it back. That covers the optimizer's param_groups
+    hyper-parameters, the LR schedule (LambdaLR pickles its LRSchedule and base_lrs; the restored step
+    count is kept), ZeRO/bf16's gradient clip and fp16's dynamic loss-scaler settings (the saved current
+    scale is kept unless ``fp16.initial_scale_power`` changed)."""
+    from bigtrain.engine import LRSchedule
+
+    scheduler, opt = engine.lr_scheduler, engine.optimizer
+    groups = [{k: g[k] for k in _GROUP_HYPERPARAMETERS if k in g} for g in scheduler.optimizer.param_groups]
+    clip = getattr(opt, "clip_grad", None)
+    scaler = getattr(opt, "loss_scaler", None)
+    scaling = {
+        k: getattr(scaler, k) for k in ("scale_window", "min_scale", "delayed_shift") if hasattr(scaler, k)
+    }
+
+    def restore() -> None:
+        schedule = LRSchedule(cfg)
+        params = scheduler.optimizer.param_groups
+        scheduler.lr_lambdas = [schedule] * len(params)
+        scheduler.base_lrs = [cfg.optim.lr * g.get("lr_scale", 1.0) for g in params]
+        for g, configured, base in zip(params, groups, scheduler.base_lrs):
+            g.update(configured, initial_lr=base, lr=base * schedule(scheduler.last_epoch))
+        scheduler._last_lr = [g["lr"] for g in params]
+        if clip is not None:
+            opt.clip_grad = clip
+        restored = getattr(opt, "loss_scaler", None)
+        if scaling and getattr(restored, "dynamic", False):
+            if restored.delayed_shift != scaling["delayed_shift"]:
+                restored.cur_hysteresis = scaling["delayed_shift"]
+            for k, v in scaling.items():
+                setattr(restored, k, v)
+            if cfg.fp16.initial_scale_power != saved.fp16.initial_scale_power:
+                restored.cur_scale = float(2**cfg.fp16.initial_scale_power)
+
+    return restore
+
+
 def resume(engine, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
     """Load checkpoint ``tag`` of run_dir (model, optimizer, LR schedule, loss scale, RNG); returns the
-    saved training state."""
+    saved training state. Hyper-parameters that ``bigtrain.resume_rules`` honours (schedule, optimizer
+    param_groups, clipping, fp16 scaling) are those of ``cfg`` afterwards, not the checkpoint's."""
+    from bigtrain.resume_rules import saved_config
+
     ckpt_dir = checkpoints_dir(cfg)
     meta = json.loads((ckpt_dir / tag / META).read_text())
     saved = meta["layout"]
     if (saved["tensor"], saved["pipeline"]) != (cfg.parallel.tensor, cfg.parallel.pipeline):
         raise RuntimeError(layout_change_message(ckpt_dir / tag, saved, cfg))
+    restore_configured = _keep_configured(engine, cfg, saved_config(meta))
     path, client_state = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    restore_configured()
     rng_file = ckpt_dir / tag / "rng" / f"rank{dist.rank:05d}.pt"
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=False))

@@ -7,6 +7,7 @@ never hangs a multi-node job.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -97,6 +98,7 @@ def preflight(cfg: Config, rank: int) -> None:
     from bigtrain import checkpoint_files as files
     from bigtrain.checkpoint import layout_change_message, model_shape_differences
     from bigtrain.config import config_from_dict
+    from bigtrain.resume_rules import reconcile
 
     def saved_meta(ckpt: Path) -> dict:
         try:
@@ -120,10 +122,12 @@ def preflight(cfg: Config, rank: int) -> None:
     ]
     if complete:
         newest = ckpt_dir / complete[0]
-        check_shape(newest, "resuming: checkpoint")
-        saved = saved_meta(newest)["layout"]
+        meta = saved_meta(newest)
+        saved = meta["layout"]
         if (saved["tensor"], saved["pipeline"]) != (cfg.parallel.tensor, cfg.parallel.pipeline):
             raise ConfigError(layout_change_message(newest, saved, cfg))
+        # every other field: refused ones stop here; run() applies and says the honoured ones
+        reconcile(copy.deepcopy(cfg), meta, str(newest))
     elif cfg.checkpoint.load:
         from bigtrain.checkpoint import resolve_weights_dir
 
@@ -169,11 +173,12 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
     dist = init_distributed(cfg)
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
-    if dist.is_main:
+    tag = checkpoint.choose_resume_tag(cfg, dist)
+    changes = checkpoint.compare_with_saved(cfg, tag) if tag is not None else []
+    if dist.is_main:  # after the comparison: what config.yaml records is what runs
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         console("bigtrain resolved config:\n" + cfg.to_yaml())
-    tag = checkpoint.choose_resume_tag(cfg, dist)
     model = (build or build_model)(cfg, topology=dist.topology)
     if cfg.checkpoint.load and tag is None:
         checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load)
@@ -186,6 +191,8 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
         state = TrainState.from_saved(saved)
         if dist.is_main:
             console(f"resumed from step {state.step} ({state.consumed_samples} samples consumed) [{tag}]")
+            for line in changes:  # honoured config changes (bigtrain.resume_rules), in effect from now
+                console(line)
     train_batches, valid_batches = data(cfg, dist)
     trainer = (trainer_cls or Trainer)(cfg, dist, engine, train_batches, valid_batches, state)
     if saved is not None:
@@ -217,6 +224,10 @@ def run_or_exit(cfg: Config, **kw) -> None:
         sys.exit(2)
     try:
         run(cfg, **kw)
+    except ConfigError as e:  # the checkpoint resumed after a fallback differs from the pre-flight's
+        print(f"bigtrain: config error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except TrainingError as e:
         print(f"bigtrain: rank {rank_from_env()}: error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -55,7 +55,13 @@ def test_resume_with_another_model_shape(trained, tmp_path):
     shutil.copytree(run, copy)
     t0 = time.monotonic()
     out = single(train_args(corpus, copy, "model.ffn_hidden_size=256"), check=False)
-    fails_fast(out, t0, "resuming: checkpoint", "model.ffn_hidden_size: checkpoint 128 vs config 256")
+    fails_fast(
+        out,
+        t0,
+        f"resuming from {copy / 'checkpoints' / 'step_00000002'}: ",
+        "model.ffn_hidden_size: checkpoint 128 vs config 256",
+        "keep model.ffn_hidden_size=128 to resume",
+    )
 
 
 def test_resume_at_another_parallel_layout(trained, tmp_path):

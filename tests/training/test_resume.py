@@ -4,11 +4,26 @@ from step 5 and steps 6-20 equal the uninterrupted run."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from bigtrain.checkpoint import latest_tag, list_tags
-from tests.training.helpers import assert_close_rel, metrics, single, torchrun, train_args, write_corpus
+from bigtrain.config import load_config
+from bigtrain.engine import LRSchedule
+from tests.training.helpers import (
+    TINY,
+    assert_close_rel,
+    metrics,
+    single,
+    torchrun,
+    train_args,
+    write_corpus,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +80,124 @@ def test_weights_only_load_at_another_layout(tmp_path):
     assert [r["step"] for r in loaded] == [1, 2, 3]
     assert loaded[0]["loss"] < fresh["loss"] - 0.05, "the trained weights were not loaded"
     assert_close_rel([r["loss"] for r in resharded], [r["loss"] for r in loaded], 1e-4)
+
+
+# ---------------------------------------------------------------------------- relaunch vs the saved config
+CONSTANT_LR = ["optim.decay=constant", "optim.warmup_steps=0"]  # steps 1-4 do not depend on train.steps
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """The issue's run: 12 documents, train.steps=4 (data.train_samples unset), checkpoints at 2 and 4."""
+    root = tmp_path_factory.mktemp("relaunch")
+    corpus = write_corpus(root / "corpus" / "docs", documents=12)
+    run = root / "run"
+    single(train_args(corpus, run, *CONSTANT_LR, "checkpoint.interval=2", steps=4))
+    return corpus, run
+
+
+def copy_run(run: Path, dest: Path, keep_step: int) -> Path:
+    """A copy of ``run`` whose newest checkpoint is ``keep_step`` (later ones removed)."""
+    shutil.copytree(run, dest)
+    for tag in list_tags(dest / "checkpoints"):
+        if int(tag[5:]) > keep_step:
+            shutil.rmtree(dest / "checkpoints" / tag)
+    return dest
+
+
+def meta(run: Path, step: int) -> dict:
+    return json.loads((run / "checkpoints" / f"step_{step:08d}" / "bigtrain.json").read_text())
+
+
+def test_more_steps_than_the_saved_data_order_is_refused(four_steps, tmp_path):
+    """4 -> 8 steps would rebuild megatron's shuffle for 64 samples (batches 5-8 re-reading seen windows):
+    refused in pre-flight naming train.steps, the saved sample count and the remedies."""
+    corpus, run = four_steps
+    copy = copy_run(run, tmp_path / "run", 4)
+    t0 = time.monotonic()
+    out = single(train_args(corpus, copy, *CONSTANT_LR, steps=8), check=False)
+    assert out.returncode == 2 and "step 5/" not in out.stdout, out.stderr[-3000:]
+    assert time.monotonic() - t0 < 30  # pre-flight: no process group, no model
+    line = next(x for x in out.stderr.splitlines() if x.startswith("bigtrain: config error"))
+    assert "train.steps: checkpoint 4 vs config 8 needs 64 training samples" in line
+    assert "built for 32" in line and "data.train_samples=64" in line and "checkpoint.load=" in line
+    assert latest_tag(copy / "checkpoints") == "step_00000004"  # nothing was touched
+
+    # wrong on purpose: what the relaunch used to read. A shuffle built for 64 samples differs from the
+    # saved run's (built for 32) already in its first 32, so batches 5-8 would not continue the epoch.
+    saved, rebuilt = (train_dataset(corpus, steps) for steps in (4, 8))
+    assert [window(saved, i) for i in range(32)] != [window(rebuilt, i) for i in range(32)]
+
+
+def train_dataset(corpus: Path, steps: int):
+    from bigtrain.data import build_datasets
+
+    args = train_args(corpus, Path("unused"), *CONSTANT_LR, steps=steps)
+    return build_datasets(load_config(TINY, args[3:]).resolve(1))[0]
+
+
+def window(dataset, i: int) -> list[int]:
+    return dataset[i]["tokens"].tolist()
+
+
+def test_fewer_steps_keep_the_saved_data_order(four_steps, tmp_path):
+    """Relaunched from step 2 with train.steps 4 -> 3: the datasets stay built for the saved 32 samples
+    (recorded in config.yaml and the new checkpoint), so step 3 equals the saved run's step 3. Before,
+    the shuffle was rebuilt for 24 samples (the control below shows that order differs)."""
+    corpus, run = four_steps
+    copy = copy_run(run, tmp_path / "run", 2)
+    out = single(train_args(corpus, copy, *CONSTANT_LR, steps=3))
+    assert "resumed from step 2" in out.stdout
+    assert "train.steps: 4 → 3 from step 3" in out.stdout
+    assert "data.train_samples: kept at 32, the saved run's data order" in out.stdout
+    resumed, reference = metrics(copy)[-1], metrics(run)[2]
+    assert resumed["step"] == reference["step"] == 3
+    assert abs(resumed["loss"] - reference["loss"]) <= 1e-6 * reference["loss"], (resumed, reference)
+    assert yaml.safe_load((copy / "config.yaml").read_text())["data"]["train_samples"] == 32
+    assert meta(copy, 3)["config"]["data"]["train_samples"] == 32
+    assert meta(copy, 3)["config"]["train"]["steps"] == 3
+
+    saved, rebuilt = train_dataset(corpus, 4), train_dataset(corpus, 3)  # control: the old relaunch
+    assert [window(saved, i) for i in range(16, 24)] != [window(rebuilt, i) for i in range(16, 24)]
+
+
+def test_data_parallel_size_and_honoured_changes_at_zero1(tmp_path):
+    """ZeRO-1 on 2 ranks. Relaunched on 1 process: refused in pre-flight (DeepSpeed's own error came after
+    start-up) with the remedy; at another ZeRO stage too. Relaunched on 2 ranks with a new LR schedule,
+    Adam betas/eps, weight decay and clip: each said in one line, and each is what the optimizer holds
+    (DeepSpeed's load had put the saved values back) and what the new checkpoint records."""
+    corpus = write_corpus(tmp_path / "corpus" / "patterns")
+    run = tmp_path / "run"
+    common = ["zero.stage=1", "data.train_samples=64", "optim.warmup_steps=0"]
+    torchrun(2, train_args(corpus, run, *common, steps=2))
+
+    t0 = time.monotonic()
+    out = single(train_args(corpus, run, *common, steps=4), check=False)
+    assert out.returncode == 2 and "step 3/" not in out.stdout, out.stderr[-3000:]
+    assert time.monotonic() - t0 < 30
+    assert "data-parallel size: checkpoint 2 vs config 1" in out.stderr
+    assert "relaunch with world size 2" in out.stderr and "checkpoint.load=" in out.stderr
+    out = torchrun(2, train_args(corpus, run, *common, "zero.stage=2", steps=4), check=False)
+    assert out.returncode != 0 and "step 3/" not in out.stdout
+    assert "zero.stage: checkpoint 1 vs config 2" in out.stderr
+
+    changed = ["optim.lr=0.02", "optim.min_lr=0.002", "optim.decay=linear", "optim.beta2=0.99",
+               "optim.eps=1e-6", "optim.weight_decay=0.05", "optim.grad_clip=0.25"]  # fmt: skip
+    out = torchrun(2, train_args(corpus, run, *common, *changed, steps=4))
+    for line in ("optim.lr: 0.01 → 0.02", "optim.min_lr: 0.001 → 0.002", "optim.decay: cosine → linear",
+                 "optim.beta2: 0.95 → 0.99", "optim.eps: 1e-08 → 1e-06", "optim.weight_decay: 0.1 → 0.05",
+                 "optim.grad_clip: 1.0 → 0.25", "train.steps: 2 → 4"):  # fmt: skip
+        assert f"{line} from step 3" in out.stdout, line
+    new = load_config(TINY, train_args(corpus, run, *common, *changed, steps=4)[3:]).resolve(2)
+    resumed = [r for r in metrics(run) if r["step"] > 2]
+    assert [r["lr"] for r in resumed] == pytest.approx([LRSchedule(new).lr_at(s) for s in (2, 3)], rel=1e-12)
+    ckpt = run / "checkpoints" / "step_00000004"
+    for rank in (0, 1):
+        state = torch.load(next(ckpt.glob(f"zero_pp_rank_{rank}_*optim_states.pt")), weights_only=False)
+        zero = state["optimizer_state_dict"]
+        assert zero["clip_grad"] == 0.25
+        groups = zero["base_optimizer_state"]["param_groups"]
+        assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # matrices, then norms
+        assert all(tuple(g["betas"]) == (0.9, 0.99) and g["eps"] == 1e-6 for g in groups)
+    saved = meta(run, 4)["config"]["optim"]
+    assert (saved["lr"], saved["beta2"], saved["grad_clip"]) == (0.02, 0.99, 0.25)

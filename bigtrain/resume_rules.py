@@ -1,0 +1,356 @@
+"""What a resumed run does with each config field that differs from the checkpoint's saved config.
+
+Every leaf of the config tree (and the data-parallel size, which the world size sets) is in
+:data:`RULES`, in one of three classes:
+
+- ``free``: the change does not alter what a training step computes (logging, validation, checkpoint
+  cadence, fault policies, communication tuning); it takes effect without a word.
+- ``honoured``: the new value takes effect from the first resumed step and rank 0 says so in one line
+  (``optim.lr: 0.001 → 0.0001 from step 3``). Where DeepSpeed's restored state would override it
+  (LR schedule, optimizer hyper-parameters, gradient clipping, fp16 loss scaling), ``checkpoint.resume``
+  puts the new value back after the load.
+- ``refused``: the restored state cannot follow the change (model shape, layout, optimizer kind, data
+  order, precision); pre-flight stops before any process group with one line naming the field, the
+  saved and new values and the remedy.
+
+:func:`reconcile` applies the table; ``tests/test_resume_rules.py`` fails when a config field is in no
+class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bigtrain.config import Config, ConfigError, Derived, config_from_dict
+
+FREE, HONOURED, REFUSED = "free", "honoured", "refused"
+DP_SIZE = "derived.data_parallel_size"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a resume treats a change of one field.
+
+    ``kind`` applies when ``only_if(saved, new)`` holds (always when None), ``otherwise`` when it does
+    not; ``value`` reads the compared value (default: the field itself), ``why`` is the reason shown in
+    refusals and in the README table."""
+
+    kind: str
+    why: str
+    only_if: Callable[[Config, Config], bool] | None = None
+    otherwise: str = FREE
+    value: Callable[[Config], Any] | None = None
+
+    def kind_for(self, saved: Config, new: Config) -> str:
+        return self.kind if self.only_if is None or self.only_if(saved, new) else self.otherwise
+
+
+def _partitioned(saved: Config, new: Config) -> bool:
+    """The saved optimizer state is split over data-parallel ranks: ZeRO >= 1, and bf16/fp16 at ZeRO-0,
+    which run as ZeRO-1 (``engine.deepspeed_config``)."""
+    return saved.zero.stage >= 1 or saved.precision != "fp32"
+
+
+def _both_fp16(saved: Config, new: Config) -> bool:
+    return saved.precision == new.precision == "fp16"
+
+
+def _optimizer_uses(*names: str) -> Callable[[Config, Config], bool]:
+    return lambda saved, new: new.optim.name in names
+
+
+def _valid_source_changes(saved: Config, new: Config) -> bool:
+    return (saved.data.valid is None) != (new.data.valid is None)
+
+
+def _pipelined(saved: Config, new: Config) -> bool:
+    return new.parallel.pipeline > 1
+
+
+SHAPE = "the checkpoint's weights have the saved shape"
+LAYOUT = "the optimizer state is saved per tensor x pipeline rank"
+SCHEDULE = "DeepSpeed restores the saved LR schedule; the new one is put in its place at the restored step"
+GROUPS = "DeepSpeed restores the saved optimizer param_groups; the new value is set on them after the load"
+BUILT = "not part of the restored state: the model/engine is built with the new value"
+FAULT = "a fault or stop policy, not what a step computes"
+TUNING = "communication or memory tuning: the same results"
+LOGGING = "logging, validation or checkpoint cadence"
+DATA = "the documents behind the saved data position (megatron's shuffle)"
+SCALER = "DeepSpeed restores the saved loss scaler; the new value is set on it after the load"
+
+RULES: dict[str, Rule] = {
+    # model: the shape is what the weights are; numerics outside the weights are honoured
+    "model.num_layers": Rule(REFUSED, SHAPE),
+    "model.hidden_size": Rule(REFUSED, SHAPE),
+    "model.num_attention_heads": Rule(REFUSED, SHAPE),
+    "model.num_kv_heads": Rule(REFUSED, SHAPE, value=lambda c: c.model.kv_heads),
+    "model.ffn_hidden_size": Rule(REFUSED, SHAPE, value=lambda c: c.model.ffn_size),
+    "model.vocab_size": Rule(REFUSED, SHAPE),
+    "model.tie_embeddings": Rule(REFUSED, SHAPE),
+    "model.make_vocab_size_divisible_by": Rule(REFUSED, "it sets the padded embedding's saved shape"),
+    "model.seq_length": Rule(
+        REFUSED, "samples are windows of seq_length+1 tokens: the saved data position counts saved windows"
+    ),
+    "model.init_std": Rule(
+        REFUSED,
+        "only the initial weights depend on it, and the resumed weights were drawn with the saved value",
+    ),
+    "model.rope_theta": Rule(HONOURED, BUILT),
+    "model.norm_eps": Rule(HONOURED, BUILT),
+    # layout
+    "parallel.tensor": Rule(REFUSED, LAYOUT),
+    "parallel.pipeline": Rule(REFUSED, LAYOUT),
+    "parallel.sequence_parallel": Rule(REFUSED, LAYOUT),
+    "parallel.partition_method": Rule(
+        REFUSED, "it decides which layers (and optimizer state) each pipeline stage holds", only_if=_pipelined
+    ),
+    DP_SIZE: Rule(
+        REFUSED,
+        "the optimizer state is partitioned over the data-parallel ranks (ZeRO >= 1; bf16/fp16 run as ZeRO-1) "
+        "and cannot be re-partitioned yet",
+        only_if=_partitioned,
+        otherwise=HONOURED,  # ZeRO-0 fp32: every rank holds all of it; the data position is a global count
+    ),
+    "derived.world_size": Rule(FREE, "follows from the layout and the data-parallel size (classified there)"),
+    "derived.grad_accum_steps": Rule(FREE, "follows from the batch sizes and the data-parallel size"),
+    "derived.padded_vocab_size": Rule(FREE, "follows from model.vocab_size and parallel.tensor"),
+    "zero.stage": Rule(REFUSED, "the optimizer state's partitioning and checkpoint format"),
+    "zero.offload_optimizer": Rule(REFUSED, "the optimizer implementation (DeepSpeed's CPU Adam)"),
+    "zero.overlap_comm": Rule(FREE, TUNING),
+    "zero.reduce_bucket_size": Rule(FREE, TUNING),
+    "zero.allgather_bucket_size": Rule(FREE, TUNING),
+    "zero.stage3_param_persistence_threshold": Rule(FREE, TUNING),
+    "zero.stage3_prefetch_bucket_size": Rule(FREE, TUNING),
+    "zero.grad_reduce_dtype": Rule(HONOURED, BUILT),
+    "activation_checkpointing": Rule(FREE, "recomputation: the same results"),
+    "precision": Rule(REFUSED, "the optimizer (fp32 masters, loss scaler) and its checkpoint format"),
+    # fp16 dynamic loss scaling: DeepSpeed pickles the whole scaler into the checkpoint
+    "fp16.initial_scale_power": Rule(
+        HONOURED,
+        "the saved current scale is restored; a new value restarts the scale at 2**value",
+        only_if=_both_fp16,
+    ),
+    "fp16.loss_scale_window": Rule(HONOURED, SCALER, only_if=_both_fp16),
+    "fp16.hysteresis": Rule(HONOURED, SCALER, only_if=_both_fp16),
+    "fp16.min_loss_scale": Rule(HONOURED, SCALER, only_if=_both_fp16),
+    # optimizer and schedule
+    "optim.name": Rule(REFUSED, "the optimizer's saved state (Adam moments, momentum buffers)"),
+    "optim.layer_decay": Rule(REFUSED, "it splits the optimizer's saved parameter groups"),
+    "optim.lr": Rule(HONOURED, SCHEDULE),
+    "optim.min_lr": Rule(HONOURED, SCHEDULE),
+    "optim.warmup_steps": Rule(HONOURED, SCHEDULE),
+    "optim.decay": Rule(HONOURED, SCHEDULE),
+    "optim.decay_steps": Rule(HONOURED, SCHEDULE),
+    "optim.weight_decay": Rule(HONOURED, GROUPS),
+    "optim.beta1": Rule(HONOURED, GROUPS, only_if=_optimizer_uses("adamw", "adam")),
+    "optim.beta2": Rule(HONOURED, GROUPS, only_if=_optimizer_uses("adamw", "adam", "rmsprop")),
+    "optim.eps": Rule(HONOURED, GROUPS, only_if=_optimizer_uses("adamw", "adam", "rmsprop")),
+    "optim.momentum": Rule(HONOURED, GROUPS, only_if=_optimizer_uses("sgd", "rmsprop")),
+    "optim.grad_clip": Rule(
+        HONOURED, "DeepSpeed's ZeRO/bf16 optimizers restore the saved clip; the new one is set"
+    ),
+    # the loop
+    "train.steps": Rule(
+        HONOURED,
+        "the run's length, and the LR decay length unless optim.decay_steps is set; the data order stays the "
+        "saved run's (data.train_samples)",
+    ),
+    "train.micro_batch_size": Rule(
+        HONOURED, "gradient accumulation is recomputed; global batches are unchanged"
+    ),
+    "train.global_batch_size": Rule(
+        HONOURED,
+        "the data position is a sample count: the next global batch starts where the saved run stopped",
+    ),
+    "train.seed": Rule(REFUSED, "megatron's shuffle of the data and the RNG streams restored on every rank"),
+    "train.run_dir": Rule(FREE, "a copied run directory resumes like the original"),
+    "train.log_interval": Rule(FREE, LOGGING),
+    "train.eval_interval": Rule(FREE, LOGGING),
+    "train.eval_steps": Rule(FREE, LOGGING),
+    "train.dist_timeout_minutes": Rule(FREE, FAULT),
+    "train.device": Rule(FREE, "checkpoints load on any device"),
+    "train.compile": Rule(FREE, "compiled regions compute the same"),
+    "train.exit_signal_save": Rule(FREE, FAULT),
+    "train.max_minutes": Rule(FREE, FAULT),
+    "train.nonfinite": Rule(FREE, FAULT),
+    "train.max_consecutive_skips": Rule(FREE, FAULT),
+    "train.spike_sigma": Rule(FREE, FAULT),
+    "train.spike_window": Rule(FREE, FAULT),
+    "train.spike_min_history": Rule(FREE, FAULT),
+    "train.spike_rollback": Rule(FREE, FAULT),
+    "train.max_rollbacks": Rule(FREE, FAULT),
+    # data
+    "data.train": Rule(REFUSED, DATA),
+    "data.split": Rule(REFUSED, "which documents of data.train are training documents"),
+    "data.valid": Rule(
+        REFUSED,
+        "without data.valid, data.split carves validation documents out of data.train",
+        only_if=_valid_source_changes,
+    ),
+    "data.tokenizer": Rule(REFUSED, "the token ids the data and the model were built with"),
+    "data.mock": Rule(REFUSED, DATA),
+    "data.cache_dir": Rule(FREE, "megatron's index maps are rebuilt identically wherever they are cached"),
+    "data.train_samples": Rule(
+        HONOURED,
+        "megatron's shuffle is built for this many samples: unset, a resume keeps the saved run's count (the "
+        "order of the samples not yet seen is unchanged); a new value rebuilds the shuffle",
+    ),
+    "checkpoint.load": Rule(
+        REFUSED, "it is read only when train.run_dir has no checkpoint; a resume restores run_dir's newest"
+    ),
+    "checkpoint.interval": Rule(FREE, LOGGING),
+    "checkpoint.keep_last": Rule(FREE, LOGGING),
+    "checkpoint.save": Rule(FREE, LOGGING),
+    "checkpoint.verify_checksums": Rule(FREE, LOGGING),
+    "logging.tensorboard": Rule(FREE, LOGGING),
+    "logging.peak_tflops": Rule(FREE, LOGGING),
+    **{f"debug.{f.name}": Rule(FREE, "fault injection") for f in dataclasses.fields(Config().debug)},
+    # fine-tuning
+    "finetune.task": Rule(REFUSED, "the model head and the data"),
+    "finetune.train": Rule(REFUSED, "the examples behind the saved data position"),
+    "finetune.packing": Rule(REFUSED, "the training sequences behind the saved data position"),
+    "finetune.overlong": Rule(REFUSED, "the training sequences behind the saved data position"),
+    "finetune.labels": Rule(REFUSED, "the class ids of the saved score head"),
+    "finetune.freeze_embeddings": Rule(REFUSED, "which parameters the saved optimizer state covers"),
+    "finetune.freeze_layers": Rule(REFUSED, "which parameters the saved optimizer state covers"),
+    "finetune.metric": Rule(REFUSED, "the restored best value and patience count are of the saved metric"),
+    "finetune.lora.rank": Rule(REFUSED, SHAPE),
+    "finetune.lora.targets": Rule(REFUSED, SHAPE),
+    "finetune.valid": Rule(FREE, "validation only"),
+    "finetune.strict": Rule(FREE, "only whether a bad input line stops the run"),
+    "finetune.epochs": Rule(HONOURED, "it sets train.steps (see there); the epoch order is seeded per epoch"),
+    "finetune.patience": Rule(
+        HONOURED, "the restored count of validations without a gain meets the new value"
+    ),
+    "finetune.min_delta": Rule(HONOURED, "applies to the validations after the resume"),
+    "finetune.lora.alpha": Rule(HONOURED, BUILT),
+    "finetune.lora.dropout": Rule(HONOURED, BUILT),
+}
+
+
+def leaves(cfg: Config, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of the config tree by dotted name (``derived`` included), with its value."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(leaves(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def saved_config(meta: dict[str, Any]) -> Config:
+    """The config a checkpoint's ``bigtrain.json`` records, with its derived values (world size, ...)."""
+    saved = config_from_dict(meta["config"])
+    derived = meta["config"].get("derived") or {}
+    names = {f.name for f in dataclasses.fields(Derived)}
+    saved.derived = Derived(**{k: v for k, v in derived.items() if k in names})
+    return saved
+
+
+def _get(cfg: Config, name: str) -> Any:
+    rule = RULES[name]
+    if rule.value is not None:
+        return rule.value(cfg)
+    node: Any = cfg
+    for part in name.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in YAML or --set (null, true)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def train_samples_needed(cfg: Config, step: int, consumed: int) -> int:
+    """Samples a pretraining run resumed at ``step``/``consumed`` reads by ``train.steps``."""
+    return consumed + max(0, cfg.train.steps - step) * cfg.train.global_batch_size
+
+
+def reconcile(cfg: Config, meta: dict[str, Any], ckpt: str) -> list[str]:
+    """Compare ``cfg`` with the config saved in a checkpoint's metadata ``meta`` field by field.
+
+    Raises ConfigError (one line) naming every refused field with the saved and new values and the
+    remedy. Otherwise returns the honoured changes as lines for rank 0 (``optim.lr: 0.001 → 0.0001 from
+    step 3``). Pretraining with ``data.train_samples`` unset gets the saved run's sample count, so
+    megatron's shuffle (and ``config.yaml``) stay those of the saved run."""
+    from bigtrain.data.datasets import num_samples
+
+    try:
+        saved = saved_config(meta)
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt}: its saved config does not load ({e})") from None
+    step, consumed = int(meta["step"]), int(meta.get("consumed_samples", 0))
+    pretraining = cfg.finetune.task == "none"
+    kept_order = None
+    if pretraining and cfg.data.train_samples is None:
+        kept_order = cfg.data.train_samples = num_samples(saved)[0]
+    refused, honoured = [], []
+    for name, rule in RULES.items():
+        before, after = _get(saved, name), _get(cfg, name)
+        if name == "data.train_samples":
+            before = num_samples(saved)[0] if pretraining else before
+        if before == after:
+            continue
+        kind = rule.kind_for(saved, cfg)
+        if kind == REFUSED:
+            refused.append(_refusal(name, rule, saved, before, after, ckpt))
+        elif kind == HONOURED:
+            note = (
+                " (megatron's shuffle is rebuilt: a new data order)" if name == "data.train_samples" else ""
+            )
+            honoured.append(f"{name}: {_show(before)} → {_show(after)} from step {step + 1}{note}")
+    if pretraining and not refused:
+        needed = train_samples_needed(cfg, step, consumed)
+        if needed > cfg.data.train_samples:
+            refused.append(_coverage_refusal(saved, cfg, needed, kept_order, step, consumed, ckpt))
+        elif kept_order is not None and (saved.train.steps, saved.train.global_batch_size) != (
+            cfg.train.steps,
+            cfg.train.global_batch_size,
+        ):
+            honoured.append(f"data.train_samples: kept at {kept_order}, the saved run's data order")
+    if refused:
+        raise ConfigError(f"resuming from {ckpt}: " + "; ".join(refused))
+    return honoured
+
+
+def _refusal(name: str, rule: Rule, saved: Config, before: Any, after: Any, ckpt: str) -> str:
+    what = f"{name}: checkpoint {_show(before)} vs config {_show(after)} ({rule.why})"
+    if name == DP_SIZE:
+        return (
+            f"data-parallel size: checkpoint {before} vs config {after} (world size {saved.derived.world_size} "
+            f"saved, {rule.why}); relaunch with world size {saved.derived.world_size}, or start a new "
+            f"train.run_dir from its weights with checkpoint.load={ckpt} (fresh optimizer, step 0)"
+        )
+    if name == "checkpoint.load":
+        return f"{what}; drop the change to resume, or use a new train.run_dir to start from those weights"
+    return (
+        f"{what}; keep {name}={_show(before)} to resume, or start a new train.run_dir from its weights with "
+        f"checkpoint.load={ckpt} (fresh optimizer, step 0)"
+    )
+
+
+def _coverage_refusal(
+    saved: Config, cfg: Config, needed: int, kept: int | None, step: int, consumed: int, ckpt: str
+) -> str:
+    t = cfg.train
+    if kept is None:
+        return (
+            f"train.steps={t.steps} needs {needed} training samples but data.train_samples is "
+            f"{cfg.data.train_samples}; raise data.train_samples (a new value rebuilds megatron's shuffle)"
+        )
+    most = step + max(0, kept - consumed) // t.global_batch_size
+    return (
+        f"train.steps: checkpoint {saved.train.steps} vs config {t.steps} needs {needed} training samples, but "
+        f"the saved run's data order (megatron's shuffle) was built for {kept} (data.train_samples unset: "
+        f"train.steps*global_batch_size at its start), and a shuffle built for more samples orders them "
+        f"differently (batches after step {step} would repeat seen samples and skip others); keep "
+        f"train.steps <= {most}, or accept a new data order from step {step + 1} with "
+        f"data.train_samples={needed}, or start a new train.run_dir with checkpoint.load={ckpt}. To extend "
+        f"later without either, pin data.train_samples at a run's start"
+    )

@@ -1,0 +1,150 @@
+"""bigtrain.resume_rules: every config field is classified, and each class does what the table says
+(in-process, on saved metadata as checkpoint.save_checkpoint writes it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigtrain.config import Config, ConfigError, load_config
+from bigtrain.resume_rules import FREE, HONOURED, REFUSED, RULES, leaves, reconcile
+from tests.conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+CKPT = "runs/x/checkpoints/step_00000004"
+
+
+def config(*overrides: str, world: int = 1) -> Config:
+    return load_config(TINY, list(overrides)).resolve(world)
+
+
+def meta(cfg: Config, step: int = 4) -> dict:
+    """bigtrain.json of a checkpoint of ``cfg`` after ``step`` steps (no skipped batches)."""
+    return {"step": step, "consumed_samples": step * cfg.train.global_batch_size, "config": cfg.to_dict()}
+
+
+def test_every_config_field_is_classified():
+    """A new config field fails here until RULES says what a resume does with it."""
+    fields = set(leaves(Config()))
+    assert fields - set(RULES) == set(), "config fields in no resume class"
+    assert set(RULES) - fields == set(), "resume rules for fields that do not exist"
+    assert {r.kind for r in RULES.values()} == {FREE, HONOURED, REFUSED}
+    assert all(r.why for r in RULES.values())
+
+
+def test_honoured_changes_are_said_per_field_from_the_next_step():
+    saved = config("optim.lr=1e-3", "optim.beta2=0.95", "optim.grad_clip=1.0")
+    new = config("optim.lr=1e-4", "optim.beta2=0.99", "optim.grad_clip=0.5", "train.log_interval=5")
+    lines = reconcile(new, meta(saved, step=2), CKPT)
+    assert lines == [
+        "optim.lr: 0.001 → 0.0001 from step 3",
+        "optim.beta2: 0.95 → 0.99 from step 3",
+        "optim.grad_clip: 1.0 → 0.5 from step 3",
+    ]  # train.log_interval is free: no line
+    same = config()
+    assert reconcile(same, meta(config()), CKPT) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.seed=7"], "train.seed: checkpoint 1234 vs config 7"),
+        (["optim.name=sgd"], "optim.name: checkpoint adamw vs config sgd"),
+        (["precision=bf16"], "precision: checkpoint fp32 vs config bf16"),
+        (["zero.stage=1"], "zero.stage: checkpoint 0 vs config 1"),
+        (["model.seq_length=64"], "model.seq_length: checkpoint 32 vs config 64"),
+        (["model.ffn_hidden_size=256"], "model.ffn_hidden_size: checkpoint 128 vs config 256"),
+        (["data.mock=false", "data.train=/data/other"], "data.train: checkpoint null vs config /data/other"),
+    ],
+)
+def test_refused_changes_name_field_values_and_remedy(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        reconcile(config(*overrides), meta(config()), CKPT)
+    message = str(err.value)
+    assert message.startswith(f"resuming from {CKPT}: ") and "\n" not in message
+    assert needle in message
+    assert "to resume, or start a new train.run_dir from its weights with checkpoint.load=" + CKPT in message
+
+
+def test_conditional_rules():
+    # fp16 scaling fields: free unless both runs are fp16, honoured then
+    assert reconcile(config("fp16.loss_scale_window=10"), meta(config()), CKPT) == []
+    fp16 = config("precision=fp16")
+    assert reconcile(config("precision=fp16", "fp16.initial_scale_power=8"), meta(fp16), CKPT) == [
+        "fp16.initial_scale_power: 16 → 8 from step 5"
+    ]
+    # momentum is honoured only where the optimizer has one
+    assert reconcile(config("optim.momentum=0.5"), meta(config()), CKPT) == []
+    sgd = config("optim.name=sgd")
+    assert reconcile(config("optim.name=sgd", "optim.momentum=0.5"), meta(sgd), CKPT) == [
+        "optim.momentum: 0.9 → 0.5 from step 5"
+    ]
+    # data.valid: another validation corpus is free; switching between a split and a corpus is not
+    split = config("data.mock=false", "data.train=/d/a")
+    with pytest.raises(ConfigError, match="data.valid: checkpoint null vs config /d/b"):
+        reconcile(config("data.mock=false", "data.train=/d/a", "data.valid=/d/b"), meta(split), CKPT)
+    with_valid = config("data.mock=false", "data.train=/d/a", "data.valid=/d/b")
+    assert (
+        reconcile(config("data.mock=false", "data.train=/d/a", "data.valid=/d/c"), meta(with_valid), CKPT)
+        == []
+    )
+
+
+def test_data_parallel_size():
+    """Partitioned optimizer state (ZeRO >= 1, or bf16/fp16, which run as ZeRO-1) is refused at another
+    data-parallel size with the remedy; ZeRO-0 fp32 state is whole on every rank: honoured."""
+    for saved_overrides in (["zero.stage=1"], ["zero.stage=3"], ["precision=bf16"]):
+        saved = config(*saved_overrides, world=2)
+        with pytest.raises(ConfigError) as err:
+            reconcile(config(*saved_overrides, world=1), meta(saved), CKPT)
+        assert "data-parallel size: checkpoint 2 vs config 1" in str(err.value)
+        assert "relaunch with world size 2" in str(err.value) and f"checkpoint.load={CKPT}" in str(err.value)
+    assert reconcile(config(world=4), meta(config(world=2)), CKPT) == [
+        "derived.data_parallel_size: 2 → 4 from step 5"
+    ]
+    # TP=2 x DP=1 saved, TP=1 x DP=2 relaunched: the layout field is named, not only the DP size
+    with pytest.raises(ConfigError, match="parallel.tensor: checkpoint 2 vs config 1"):
+        reconcile(config(world=2), meta(config("parallel.tensor=2", world=2)), CKPT)
+
+
+def test_data_order_of_the_saved_run():
+    """Unset data.train_samples: megatron's shuffle stays the one the saved run was built for. Raising
+    train.steps past it (the issue's 4 -> 8) is refused naming the fields; fewer steps keep the order."""
+    four = config("train.steps=4")
+    with pytest.raises(ConfigError) as err:
+        reconcile(config("train.steps=8"), meta(four), CKPT)
+    message = str(err.value)
+    assert "train.steps: checkpoint 4 vs config 8 needs 64 training samples" in message
+    assert "built for 32" in message and "keep train.steps <= 4" in message
+    assert "data.train_samples=64" in message and f"checkpoint.load={CKPT}" in message
+    # another of the kind: a larger global batch needs more samples too
+    with pytest.raises(ConfigError, match="needs 48 training samples"):
+        reconcile(config("train.steps=5", "train.global_batch_size=16"), meta(config("train.steps=5")), CKPT)
+
+    eight = config("train.steps=8")
+    six = config("train.steps=6")
+    assert reconcile(six, meta(eight), CKPT) == [
+        "train.steps: 8 → 6 from step 5",
+        "data.train_samples: kept at 64, the saved run's data order",
+    ]
+    assert six.data.train_samples == 64  # what config.yaml and the next checkpoints record
+    # an explicit new count is honoured and said to rebuild the order
+    pinned = config("train.steps=8", "data.train_samples=64")
+    assert reconcile(pinned, meta(four), CKPT) == [
+        "train.steps: 4 → 8 from step 5",
+        "data.train_samples: 32 → 64 from step 5 (megatron's shuffle is rebuilt: a new data order)",
+    ]
+    # a pinned count that covers the extension is no change at all for the data
+    assert reconcile(config("train.steps=8", "data.train_samples=64"), meta(pinned), CKPT) == []
+
+
+def test_finetune_fields():
+    base = ["finetune.task=sft", "finetune.train=x.jsonl", "data.tokenizer=tok"]
+    saved = config(*base, "finetune.patience=2")
+    assert reconcile(config(*base, "finetune.patience=4"), meta(saved), CKPT) == [
+        "finetune.patience: 2 → 4 from step 5"
+    ]
+    assert reconcile(config(*base, "finetune.patience=2", "train.steps=40"), meta(saved), CKPT) == [
+        "train.steps: 4 → 40 from step 5"  # fine-tuning data is ordered per epoch: no sample count
+    ]
+    with pytest.raises(ConfigError, match="finetune.lora.rank: checkpoint 0 vs config 8"):
+        reconcile(config(*base, "finetune.patience=2", "finetune.lora.rank=8"), meta(saved), CKPT)
