@@ -148,3 +148,80 @@ def test_finetune_fields():
     ]
     with pytest.raises(ConfigError, match="finetune.lora.rank: checkpoint 0 vs config 8"):
         reconcile(config(*base, "finetune.patience=2", "finetune.lora.rank=8"), meta(saved), CKPT)
+
+
+def test_restored_state_gets_the_configured_values():
+    """checkpoint._keep_configured around a load that does what DeepSpeed's does (the saved param_groups,
+    LambdaLR state with its pickled LRSchedule, clip and whole fp16 loss scaler come back): afterwards
+    the optimizer, schedule, clip and scaler hold the new config's values at the restored step."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from bigtrain.checkpoint import _keep_configured
+    from bigtrain.engine import LRSchedule, build_optimizer
+
+    def engine(cfg: Config):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        opt = build_optimizer(cfg, model, torch.device("cpu"))
+        f = cfg.fp16
+        scaler = DynamicLossScaler(
+            2.0**f.initial_scale_power, f.loss_scale_window, f.min_loss_scale, f.hysteresis, False
+        )
+        wrapper = SimpleNamespace(clip_grad=cfg.optim.grad_clip, loss_scaler=scaler)
+        return SimpleNamespace(
+            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(cfg)), optimizer=wrapper
+        )
+
+    old = config("precision=fp16", "train.steps=6")
+    saved = engine(old)
+    for _ in range(2):
+        saved.lr_scheduler.optimizer.step()
+        saved.lr_scheduler.step()
+    saved.optimizer.loss_scaler.cur_scale = 1024.0  # where dynamic scaling had got to
+
+    def resumed(*overrides: str):
+        new = config("precision=fp16", "train.steps=6", *overrides)
+        e = engine(new)
+        restore = _keep_configured(e, new, old)
+        e.lr_scheduler.optimizer.load_state_dict(saved.lr_scheduler.optimizer.state_dict())  # the load
+        e.lr_scheduler.load_state_dict(saved.lr_scheduler.state_dict())
+        e.optimizer.clip_grad, e.optimizer.loss_scaler = (
+            old.optim.grad_clip,
+            copy.deepcopy(saved.optimizer.loss_scaler),
+        )
+        return new, e, restore
+
+    changed = ["optim.lr=1e-4", "optim.min_lr=1e-5", "optim.beta2=0.99", "optim.eps=1e-6", "optim.weight_decay=0.05",
+               "optim.grad_clip=0.25", "fp16.loss_scale_window=10", "fp16.hysteresis=1", "fp16.min_loss_scale=2",
+               "fp16.initial_scale_power=8"]  # fmt: skip
+    new, e, restore = resumed(*changed)
+    groups = e.lr_scheduler.optimizer.param_groups
+    assert groups[0]["betas"] == (0.9, 0.95) and groups[0]["lr"] != 1e-4  # control: the load's values
+    restore()
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-6 for g in groups)
+    schedule = LRSchedule(new)
+    assert [g["lr"] for g in groups] == [schedule.lr_at(2)] * 2 and e.lr_scheduler.last_epoch == 2
+    e.lr_scheduler.optimizer.step()
+    e.lr_scheduler.step()
+    assert [g["lr"] for g in groups] == pytest.approx([schedule.lr_at(3)] * 2, rel=1e-15)
+    scaler = e.optimizer.loss_scaler
+    assert e.optimizer.clip_grad == 0.25
+    assert (scaler.scale_window, scaler.delayed_shift, scaler.cur_hysteresis, scaler.min_scale) == (
+        10,
+        1,
+        1,
+        2.0,
+    )
+    assert scaler.cur_scale == 2.0**8  # fp16.initial_scale_power changed: the scale restarts there
+
+    _, e, restore = resumed()  # nothing changed: the saved scale and schedule continue
+    restore()
+    assert e.optimizer.loss_scaler.cur_scale == 1024.0
+    assert (
+        e.lr_scheduler.optimizer.param_groups[0]["lr"] == saved.lr_scheduler.optimizer.param_groups[0]["lr"]
+    )
