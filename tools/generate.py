@@ -8,7 +8,10 @@ size 1 with a KV cache; a checkpoint of any layout is merged through the layout 
 transformers' ``generate``. Comparing the two on a checkpoint and its export is the conversion check.
 
 ``--prompt-ids 1,17,42`` feeds token ids instead of text (checkpoints trained without a tokenizer);
-``--json`` prints ``{"prompt_ids", "new_ids", "text"}`` instead of the text.
+``--chat`` sends the prompt as one user message through the tokenizer's chat template with the generation
+prompt (the ids ``apply_chat_template(..., add_generation_prompt=True)`` gives, what SFT trained on) and
+stops at the token the template ends replies with; ``--json`` prints ``{"prompt_ids", "new_ids", "text"}``
+instead of the text.
 """
 
 from __future__ import annotations
@@ -32,25 +35,41 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[list[int], list[int], str
 
     path = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
     with NativeModel.from_checkpoint(path) as model:
-        tok = None
+        tok = stop = None
         tok_dir = model.cfg.data.tokenizer
         if tok_dir and (Path(tok_dir) / "tokenizer.model").is_file():
             from tokenizer import Tokenizer
 
             tok = Tokenizer.load(tok_dir)
+            stop = tok.eos_id
         if args.prompt_ids is not None:
             prompt_ids = parse_ids(args.prompt_ids)
         elif tok is None:
             raise SystemExit(
                 "generate: the checkpoint's config has no usable data.tokenizer; pass --prompt-ids"
             )
+        elif args.chat:
+            from bigtrain.finetune.data import ChatTemplate, DataError
+
+            try:
+                chat = ChatTemplate(tok_dir)
+            except DataError as e:
+                raise SystemExit(f"generate: --chat: {e}") from None
+            prompt_ids = chat_ids(chat.hf, args.prompt)
+            stop = (chat.end_of_turn_ids() or [stop])[0]  # where SFT taught replies to end
         else:
             prompt_ids = tok.encode(args.prompt, add_bos=True)
-        eos = None if args.ignore_eos or tok is None else tok.eos_id
+        eos = None if args.ignore_eos else stop
         new = model.generate(
             prompt_ids, args.max_new_tokens, args.greedy, args.temperature, args.top_p, eos, args.seed
         )
     return prompt_ids, new, None if tok is None else tok.decode(new)
+
+
+def chat_ids(hf_tokenizer, prompt: str) -> list[int]:
+    """``prompt`` as a user message with the generation prompt, as a chat server sends it."""
+    messages = [{"role": "user", "content": prompt}]
+    return hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
 
 
 @torch.no_grad()
@@ -67,6 +86,10 @@ def from_hf(args: argparse.Namespace) -> tuple[list[int], list[int], str | None]
         prompt_ids = parse_ids(args.prompt_ids)
     elif tok is None:
         raise SystemExit(f"generate: {args.hf} has no tokenizer files; pass --prompt-ids")
+    elif args.chat:
+        if not tok.chat_template:
+            raise SystemExit(f"generate: --chat: {args.hf} has no chat template")
+        prompt_ids = chat_ids(tok, args.prompt)  # generation_config's eos ids include the end-of-turn token
     else:
         prompt_ids = tok(args.prompt)["input_ids"]
     gen = model.generation_config
@@ -106,9 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     parser.add_argument("--json", action="store_true", help="print prompt ids, new ids and text as JSON")
+    parser.add_argument(
+        "--chat", action="store_true", help="send --prompt as a user message through the chat template"
+    )
     args = parser.parse_args(argv)
     if args.tag and not args.checkpoint:
         parser.error("--tag needs --checkpoint")
+    if args.chat and args.prompt is None:
+        parser.error("--chat needs --prompt")
 
     prompt_ids, new, text = from_checkpoint(args) if args.checkpoint else from_hf(args)
     if args.json:

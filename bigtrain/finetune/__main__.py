@@ -25,7 +25,6 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
     """Read and tokenize the data (every rank, deterministically); sets ``finetune.labels`` for
     classification and ``train.steps`` from ``finetune.epochs``."""
     from bigtrain.finetune import data as d
-    from tokenizer import Tokenizer
 
     f, seq = cfg.finetune, cfg.model.seq_length
     if not cfg.data.tokenizer:
@@ -44,8 +43,8 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
         valid = read(f.valid, "finetune.valid") if f.valid is not None else []
         log(f"sft: {len(train)} training sequences of {seq} tokens (packing {'on' if f.packing else 'off'})")
     else:
-        tok = Tokenizer.load(cfg.data.tokenizer)
-        pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
+        tok = d.hf_tokenizer(cfg.data.tokenizer)  # what the exported classifier is given
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         examples, stats, labels = d.read_classify(
             f.train, "finetune.train", tok, seq, f.overlong, f.strict, f.labels or None
         )

@@ -14,13 +14,28 @@ import argparse
 import sys
 from pathlib import Path
 
+from bigtrain.checkpoint_files import read_manifest
 from bigtrain.finetune.data import (
     DEFAULT_CHAT_TEMPLATE,
     ChatTemplate,
     DataError,
     save_chat_template,
     stored_settings,
+    template_file,
 )
+
+
+def checkpoint_holding(path: Path) -> Path | None:
+    """The checkpoint whose manifest checksums ``path`` (a tokenizer imported into a checkpoint):
+    changing the file would make the checkpoint fail verification."""
+    path = path.resolve()
+    for parent in path.parents:
+        try:
+            if path.relative_to(parent).as_posix() in read_manifest(parent):
+                return parent
+        except ValueError:  # no (readable) manifest here
+            continue
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         chat = ChatTemplate(args.tokenizer, template, source, **stored_settings(args.tokenizer))
         chat.check()
         described = chat.describe()
+        target = template_file(args.tokenizer)
+        if (checkpoint := checkpoint_holding(target)) is not None:
+            raise DataError(
+                f"{target} belongs to checkpoint {checkpoint} (its manifest checksums it); copy the tokenizer "
+                f"directory (cp -r {args.tokenizer} data/tokenizer), store the template there and set "
+                "data.tokenizer to it"
+            )
         stored = save_chat_template(args.tokenizer, template)
     except (DataError, OSError) as e:
         print(f"chat_template: not stored: {e}", file=sys.stderr)

@@ -84,6 +84,20 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
+def hf_tokenizer(tokenizer_dir: str | Path, **kwargs: Any):
+    """``AutoTokenizer.from_pretrained(tokenizer_dir)``: the files the HF export copies, so fine-tuning data
+    is tokenized exactly as the exported model is served; DataError naming the directory if it cannot load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), **kwargs)
+    except Exception as e:  # no or broken HF files
+        raise DataError(
+            f"{tokenizer_dir}: cannot load the Hugging Face tokenizer ({_one_line(e)}); fine-tuning "
+            "needs the HF files tokenizer.train writes (tokenizer.json, tokenizer_config.json)"
+        ) from None
+
+
 class ChatTemplate:
     """A tokenizer directory's chat template, rendered and tokenized exactly as
     ``AutoTokenizer.from_pretrained(export).apply_chat_template(messages, tokenize=True)`` does on the
@@ -106,17 +120,10 @@ class ChatTemplate:
         **hf_kwargs: Any,
     ):
         from jinja2 import TemplateSyntaxError
-        from transformers import AutoTokenizer
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         tokenizer_dir = Path(tokenizer_dir)
-        try:
-            self.hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), **hf_kwargs)
-        except Exception as e:  # no or broken HF files: nothing to render with
-            raise DataError(
-                f"{tokenizer_dir}: cannot load the Hugging Face tokenizer ({_one_line(e)}); fine-tuning "
-                "needs the HF files tokenizer.train writes (tokenizer.json, tokenizer_config.json)"
-            ) from None
+        self.hf = hf_tokenizer(tokenizer_dir, **hf_kwargs)
         self.source = source or str(template_file(tokenizer_dir))
         if template is None:
             template = self.hf.chat_template
@@ -377,7 +384,9 @@ def read_sft(spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong:
 def read_classify(
     spec: Any, key: str, tok, seq_length: int, overlong: str, strict: bool, labels: list[str] | None
 ) -> tuple[list[Example], ReadStats, list[str]]:
-    """``labels``: the class names (None: taken from this data, sorted; ints numerically)."""
+    """``tok``: the HF tokenizer (:func:`hf_tokenizer`); a text's ids are ``tok(text)["input_ids"]``, what the
+    exported classifier is given (BOS as the tokenizer adds it). ``labels``: the class names (None: taken
+    from this data, sorted; ints numerically)."""
     stats, rows = ReadStats(), []
     known = None if labels is None else set(labels)
     for where, record in _records(expand_paths(spec, key), strict, stats):
@@ -398,9 +407,7 @@ def read_classify(
     index = {name: i for i, name in enumerate(labels)}
     examples = []
     for text, label in rows:
-        example = _fit(
-            Example([tok.bos_id, *tok.encode(text)], index[str(label)]), seq_length, overlong, stats
-        )
+        example = _fit(Example(tok(text)["input_ids"], index[str(label)]), seq_length, overlong, stats)
         if example is not None:
             examples.append(example)
             stats.used += 1

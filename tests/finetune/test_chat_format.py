@@ -380,3 +380,92 @@ def test_storing_a_template_renders_a_sample_and_refuses_a_failing_one(tok_dir: 
     conv = [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "b a"}]
     assert chat.encode(conv).tokens == chat.hf.apply_chat_template(conv, tokenize=True)["input_ids"]
     assert chat.end_of_turn_ids() == [] and "warning" in chat.describe()
+
+
+def test_template_with_generation_blocks_trains_what_transformers_marks(tok_dir: Path, tmp_path: Path):
+    """A template with ``{% generation %}`` blocks: the trained tokens are transformers' own
+    ``return_assistant_tokens_mask``, here each reply, EOS and the newline after it (the control: without
+    the blocks, the newline after EOS is not trained)."""
+    tok = tmp_path / "tok"
+    shutil.copytree(tok_dir, tok)
+    marked = (
+        "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token + '\\n' }}"
+        "{% endgeneration %}{% else %}{{ message['content'] + '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    )
+    store_template(tok, marked, tmp_path)
+    chat = d.ChatTemplate(tok)
+    conv = [{"role": "system", "content": "a"}, {"role": "user", "content": "a b c"},
+            {"role": "assistant", "content": "c b a"}, {"role": "user", "content": "d"},
+            {"role": "assistant", "content": ""}, {"role": "user", "content": "e f"},
+            {"role": "assistant", "content": "f e "}]  # fmt: skip
+    want = chat.hf.apply_chat_template(conv, return_assistant_tokens_mask=True)
+    example = chat.encode(conv)
+    assert example.tokens == want["input_ids"]
+    replies = [len(chat.hf.encode(m["content"] + "</s>\n", add_special_tokens=False)) for m in conv[2::2]]
+    assert [int(t) for t in example.target] == want["assistant_masks"] and sum(example.target) == sum(replies)
+    chat._generation = False
+    assert sum(chat.encode(conv).target) == sum(replies) - 3
+
+
+def test_generate_chat_sends_the_served_prompt_from_checkpoint_and_export(built):
+    """tools/generate.py --chat: the bigtrain checkpoint and its export send the same prompt ids,
+    apply_chat_template(add_generation_prompt=True), and generate the same tokens."""
+    from transformers import AutoTokenizer
+
+    from tests.tools.conftest import last_json, tool
+
+    tokenizer, exported = built("chatml")
+    checkpoint = tokenizer.parent.parent
+    args = [
+        "--prompt",
+        "what is two plus four",
+        "--chat",
+        "--greedy",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+    ]
+    ours = last_json(tool("generate", "--checkpoint", checkpoint, *args, "--json").stdout)
+    theirs = last_json(tool("generate", "--hf", exported, *args, "--json").stdout)
+    served = AutoTokenizer.from_pretrained(exported).apply_chat_template(
+        [{"role": "user", "content": "what is two plus four"}], add_generation_prompt=True
+    )["input_ids"]
+    assert ours["prompt_ids"] == theirs["prompt_ids"] == served
+    assert ours["new_ids"] == theirs["new_ids"] and len(ours["new_ids"]) == 6
+
+
+def test_storing_into_an_imported_checkpoint_is_refused(built, capsys):
+    """The tokenizer inside a convert_from_hf checkpoint is checksummed by its manifest: storing a template
+    there would make the checkpoint fail verification, so the CLI names it and the remedy."""
+    from bigtrain.finetune import chat_template
+
+    tokenizer, _ = built("chatml")
+    before = (tokenizer / "tokenizer_config.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        chat_template.main(["--tokenizer", str(tokenizer)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"belongs to checkpoint {tokenizer.parent.resolve()}" in err and "cp -r" in err
+    assert (tokenizer / "tokenizer_config.json").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["default", "llama2"])
+def test_classification_ids_equal_what_the_exported_classifier_is_given(name: str, built, tmp_path: Path):
+    """The same kind of drift for classification: the ids trained equal the export tokenizer's ``tok(text)``
+    (BOS as it adds it). Control: bigtrain's former ``[BOS] + sentencepiece`` differs on the Llama-2 files."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    tokenizer, exported = built(name)
+    rng = random.Random(3)
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8))), "label": i % 2}
+            for i in range(20)]  # fmt: skip
+    path = write_jsonl(tmp_path / "cls.jsonl", rows)
+    examples, _, _ = d.read_classify(str(path), "k", d.hf_tokenizer(tokenizer), 64, "truncate", True, None)
+    served = AutoTokenizer.from_pretrained(exported)([r["text"] for r in rows])["input_ids"]
+    assert [ex.tokens for ex in examples] == served
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
+    former = [sp.encode(r["text"], add_bos=True) for r in rows]
+    assert (former == served) == (name == "default")

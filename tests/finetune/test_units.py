@@ -142,12 +142,12 @@ def test_bad_input_is_counted_or_strict_error(tok_dir: Path, tmp_path: Path):
     valid.write_text(
         '{"text": "a", "label": "x"}\n{"text": "a", "label": "zzz"}\n{"text": "", "label": "x"}\n'
     )
-    _, _, labels = d.read_classify(str(cls), "k", tok, 16, "truncate", False, None)
+    _, _, labels = d.read_classify(str(cls), "k", chat.hf, 16, "truncate", False, None)
     assert labels == ["7", "x", "y"]  # integers first, then strings, each sorted
-    examples, stats, _ = d.read_classify(str(valid), "v", tok, 16, "truncate", False, labels)
+    examples, stats, _ = d.read_classify(str(valid), "v", chat.hf, 16, "truncate", False, labels)
     assert len(examples) == 1 and stats.skipped == {"unknown label": 1, "malformed": 1}
     with pytest.raises(d.DataError, match=rf"{valid}:2: label 'zzz' is not one of the training labels"):
-        d.read_classify(str(valid), "v", tok, 16, "truncate", True, labels)
+        d.read_classify(str(valid), "v", chat.hf, 16, "truncate", True, labels)
     with pytest.raises(d.DataError, match="cannot load the Hugging Face tokenizer"):
         d.ChatTemplate(tmp_path)
     with pytest.raises(d.DataError, match="matches no file"):
