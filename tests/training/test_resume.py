@@ -201,3 +201,18 @@ def test_data_parallel_size_and_honoured_changes_at_zero1(tmp_path):
         assert all(tuple(g["betas"]) == (0.9, 0.99) and g["eps"] == 1e-6 for g in groups)
     saved = meta(run, 4)["config"]["optim"]
     assert (saved["lr"], saved["beta2"], saved["grad_clip"]) == (0.02, 0.99, 0.25)
+
+
+def test_data_parallel_size_change_of_whole_optimizer_state_is_honoured(tmp_path):
+    """ZeRO-0 fp32 keeps the whole optimizer state on every rank and the data position is a global
+    sample count: 2 ranks -> 1 process is honoured (said in one line) and continues the curve of an
+    uninterrupted single-process run exactly."""
+    corpus = write_corpus(tmp_path / "corpus" / "patterns")
+    common = ["data.train_samples=32", *CONSTANT_LR]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    single(train_args(corpus, reference, *common, steps=4))
+    torchrun(2, train_args(corpus, run, *common, steps=2))
+    out = single(train_args(corpus, run, *common, steps=4))
+    assert "derived.data_parallel_size: 2 → 1 from step 3" in out.stdout
+    assert_close_rel([r["loss"] for r in metrics(run)], [r["loss"] for r in metrics(reference)], 1e-6)
+    assert meta(run, 4)["layout"] == {"tensor": 1, "pipeline": 1, "data_parallel": 1}
