@@ -191,8 +191,9 @@ class DataConfig:
     mock: bool = opt(False, "Random tokens instead of files (smoke tests only).")
     train_samples: int | None = opt(
         None,
-        "Samples the training dataset is built for (default: train.steps*global_batch_size). megatron's "
-        "shuffle depends on it: pin it to extend train.steps on resume without changing the data order.",
+        "Samples the training dataset is built for (default: train.steps*global_batch_size at a run's start; a "
+        "resume keeps the saved run's count). megatron's shuffle depends on it: pin it at the start to extend "
+        "train.steps on a later resume; a new value on resume rebuilds the shuffle (a new data order).",
     )
 
 
