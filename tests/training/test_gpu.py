@@ -44,6 +44,7 @@ def test_tiny_bf16_on_one_gpu_learns_resumes_and_exports(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     on_gpu = ["train.device=cuda", "precision=bf16", "checkpoint.interval=20", "logging.tensorboard=false"]
+    on_gpu.append("data.train_samples=352")  # 44 steps x 8: the relaunch extends 40 -> 44 in the same order
     first = _on_gpu(train_args(corpus, run, *on_gpu, steps=40))
     assert "attention: SDPA flash kernel" in first.stdout + first.stderr, first.stdout[-3000:]
     rows = metrics(run)
