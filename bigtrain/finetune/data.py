@@ -39,9 +39,8 @@ SAMPLE_CONVERSATION = (
     {"role": "user", "content": "And three plus three?"},
     {"role": "assistant", "content": "Six."},
 )
-CHAT_TEMPLATE_FILE = (
-    "chat_template.jinja"  # where transformers 5 saves a template (it wins over the config's)
-)
+# where transformers 5 saves a template; when present, it wins over tokenizer_config.json's
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 Batch = dict[str, torch.Tensor]
 
 
