@@ -59,6 +59,15 @@ class StepResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class GlobalBatch:
+    """This rank's share of one global batch and the loss normalizer its micro-batches use."""
+
+    micro_batches: list[Batch]  # grad_accum_steps micro-batches, still on the host
+    tokens: torch.Tensor  # trained tokens (classification: example weight) of the whole global batch
+    normalizer: torch.Tensor  # tokens / (micro-batches x data-parallel ranks), fp32, on the device
+
+
 class Rollback(Exception):
     """Raised by a hook to reload the last checkpoint and skip the global batch that started at
     ``batch_start``."""
@@ -133,7 +142,6 @@ class Trainer:
         if self.batches is not None:
             _close(self.batches)
         self.batches = self.make_train_batches(self.state.consumed_samples)
-        self.pipe_items = self._pipeline_items(self.batches) if self.pipeline else None
 
     def _inject_into_pipeline_loss(self) -> None:
         loss_fn = self.engine.module.loss_fn
@@ -154,9 +162,53 @@ class Trainer:
         """(inputs, labels) as DeepSpeed's pipeline engine wants them for one micro-batch."""
         return b["tokens"], (b["labels"], b["loss_mask"])
 
-    def _pipeline_items(self, batches: Iterator[Batch]) -> Iterator[tuple]:
-        for b in batches:
-            yield self.pipeline_item(_to_device(b, self.dist.device))
+    def _pipeline_items(self, gb: GlobalBatch) -> Iterator[tuple]:
+        """The pipeline engine's micro-batches, the normalizer riding with the labels to the last stage."""
+        for b in gb.micro_batches:
+            inputs, labels = self.pipeline_item(_to_device(b, self.dist.device))
+            yield inputs, (*labels, gb.normalizer)
+
+    def next_global_batch(self, batches: Iterator[Batch]) -> GlobalBatch:
+        """This rank's ``grad_accum_steps`` micro-batches of the next global batch and their normalizer.
+
+        The loss of a step is the mean over every trained token (``loss_mask``; classification: example
+        weight) of the global batch, whatever the micro-batch size, accumulation, data or pipeline
+        parallelism or packing (Megatron-core's per-token loss). So the global count is known before
+        the first backward: this rank's micro-batches are read ahead (small token tensors), their
+        ``loss_mask`` summed on the host and all-reduced over data-parallel ranks (one collective, no
+        device value read on the host), and each micro-batch's loss is its token-loss sum divided by
+        ``tokens / (grad_accum_steps x dp)``: DeepSpeed's division by the accumulation steps and its
+        data-parallel gradient mean then make loss and gradient the global token mean. Every pipeline
+        stage reads its micro-batches (the engine feeds the first and last), so all agree on the count.
+        Raises StopIteration when ``batches`` has no complete global batch left."""
+        from megatron.core import parallel_state
+
+        micro = [next(batches) for _ in range(self.cfg.derived.grad_accum_steps)]
+        tokens = torch.stack([b["loss_mask"].sum(dtype=torch.float64) for b in micro]).sum()
+        tokens = tokens.to(self.dist.device)
+        dp = parallel_state.get_data_parallel_world_size()
+        if dp > 1:
+            torch.distributed.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+        normalizer = (tokens.clamp(min=1) / (len(micro) * dp)).float()
+        return GlobalBatch(micro, tokens, normalizer)
+
+    def _forward_global_batch(self, gb: GlobalBatch, train: bool) -> float:
+        """Run (and with ``train``, back-propagate and step) one global batch; returns its loss: the
+        mean over its trained tokens, the same on every rank."""
+        if self.pipeline:
+            run = self.engine.train_batch if train else self.engine.eval_batch
+            return float(run(data_iter=self._pipeline_items(gb)))  # averaged over DP by DeepSpeed
+        total = torch.zeros((), device=self.dist.device)
+        for b in gb.micro_batches:
+            b = _to_device(b, self.dist.device)
+            micro_loss = self.engine(*self.model_args(b), gb.normalizer)
+            if train:
+                if self.loss_multiplier != 1.0:
+                    micro_loss = micro_loss * self.loss_multiplier
+                self.engine.backward(micro_loss)
+                self.engine.step()
+            total += micro_loss.detach().float()
+        return _dp_mean(total / len(gb.micro_batches))
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> StepResult:
@@ -167,19 +219,7 @@ class Trainer:
         self.loss_multiplier = loss_multiplier(
             self.cfg, self.dist.rank, state.step + 1, state.consumed_samples
         )
-        if self.pipeline:
-            loss = float(self.engine.train_batch(data_iter=self.pipe_items))
-        else:
-            total = torch.zeros((), device=self.dist.device)
-            for _ in range(self.cfg.derived.grad_accum_steps):
-                b = _to_device(next(self.batches), self.dist.device)
-                micro_loss = self.engine(*self.model_args(b))
-                if self.loss_multiplier != 1.0:
-                    micro_loss = micro_loss * self.loss_multiplier
-                self.engine.backward(micro_loss)
-                self.engine.step()
-                total += micro_loss.detach().float()
-            loss = _dp_mean(total / self.cfg.derived.grad_accum_steps)
+        loss = self._forward_global_batch(self.next_global_batch(self.batches), train=True)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             grad_norm = float(grad_norm)
@@ -280,28 +320,25 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Mean loss over every trained token of up to ``train.eval_steps`` validation global batches
+        (token-weighted like training); None without validation data or trained tokens."""
         if self.make_valid_batches is None:
             return None
         batches = self.make_valid_batches()
         self.engine.eval()
-        losses = []
+        loss_sum, tokens = 0.0, 0.0
         try:
             for _ in range(self.cfg.train.eval_steps):
-                if self.pipeline:
-                    loss = self.engine.eval_batch(data_iter=self._pipeline_items(batches))
-                    losses.append(_dp_mean(loss.detach().float().clone()))
-                else:
-                    total = torch.zeros((), device=self.dist.device)
-                    for _ in range(self.cfg.derived.grad_accum_steps):
-                        b = _to_device(next(batches), self.dist.device)
-                        total += self.engine(*self.model_args(b)).float()
-                    losses.append(_dp_mean(total / self.cfg.derived.grad_accum_steps))
+                gb = self.next_global_batch(batches)
+                n = float(gb.tokens)
+                loss_sum += self._forward_global_batch(gb, train=False) * n
+                tokens += n
         except StopIteration:
             pass
         finally:
             _close(batches)
             self.engine.train()
-        return sum(losses) / len(losses) if losses else None
+        return loss_sum / tokens if tokens else None
 
 
 # ---------------------------------------------------------------------------- hooks

@@ -109,6 +109,12 @@ class SampleDataset(torch.utils.data.Dataset):
         self.corpus_of_dataset = list(corpus_of_dataset)
         self.corpora = list(corpora)
         self.split = split
+        # megatron-core 0.16 caches the first sample's loss mask and then zeroes that sample's pad
+        # positions in the cached tensor itself, so every later sample loses them too, and which
+        # sample a rank reads first decides its masks (NVIDIA/Megatron-LM#1711, open PR #6981).
+        # The masks are cheap (ones and an arange): build them per sample.
+        for gpt in self.gpt_datasets:
+            gpt.masks_and_position_ids_are_cacheable = False
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -101,10 +101,19 @@ class ClassificationHead(nn.Module):
         return self.score(x[last, torch.arange(b, device=x.device)])  # [b, labels]
 
 
-def classify_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over examples with weight 1 (padding examples of a last batch weigh 0)."""
+def classify_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Cross-entropy summed over examples by weight (padding examples of a last batch weigh 0), divided
+    by ``normalizer``. logits [b, labels]; labels, weights [b]; returns a 0-dim fp32 tensor. None: this
+    micro-batch's own weight (its mean); training passes the global batch's (as ``lm_loss``)."""
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
-    return (losses * weights).sum() / weights.sum().clamp(min=1)
+    if normalizer is None:
+        normalizer = weights.sum().clamp(min=1)
+    return (losses * weights).sum() / normalizer
 
 
 class PipelineLoss:
@@ -116,10 +125,11 @@ class PipelineLoss:
     def __init__(self, task: str):
         self.task = task
 
-    def __call__(self, outputs: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, outputs: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``labels``: (labels, loss_mask[, normalizer]); see ``lm_loss`` / ``classify_loss``."""
         if self.task == "classify":
-            return classify_loss(outputs, labels[0], labels[1])
-        return lm_loss(outputs if torch.is_grad_enabled() else outputs.clone(), labels[0], labels[1])
+            return classify_loss(outputs, *labels)
+        return lm_loss(outputs if torch.is_grad_enabled() else outputs.clone(), *labels)
 
 
 def finetune_specs(cfg: Config, mp: ModelParallelConfig) -> list[LayerSpec]:
@@ -166,8 +176,10 @@ class FinetuneModel(nn.Module):
             return getattr(self, "0").logits(x)
         return getattr(self, str(self.num_list_layers - 1))(x)
 
-    def forward(self, tokens, positions, doc_ids, labels, loss_mask) -> torch.Tensor:
-        return PipelineLoss(self.task)(self.outputs(tokens, positions, doc_ids), (labels, loss_mask))
+    def forward(self, tokens, positions, doc_ids, labels, loss_mask, normalizer=None) -> torch.Tensor:
+        """The loss of one micro-batch: its mean, or its sum over ``normalizer`` (see ``lm_loss``)."""
+        outputs = self.outputs(tokens, positions, doc_ids)
+        return PipelineLoss(self.task)(outputs, (labels, loss_mask, normalizer))
 
     @torch.no_grad()
     def evaluate_batch(self, tokens, positions, doc_ids, labels, loss_mask):
@@ -178,10 +190,8 @@ def eval_stats(task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: to
     """(summed loss, summed weight, class predictions [b] or None) of one micro-batch's outputs, for
     exact validation averages (token-weighted for SFT, example-weighted for classification)."""
     if task == "classify":
-        losses = F.cross_entropy(out.float(), labels, reduction="none")
-        return (losses * loss_mask).sum(), loss_mask.sum(), out.argmax(-1)
-    weight = loss_mask.float().sum()
-    return lm_loss(out, labels, loss_mask) * weight, weight, None
+        return classify_loss(out, labels, loss_mask, 1.0), loss_mask.sum(), out.argmax(-1)
+    return lm_loss(out, labels, loss_mask, 1.0), loss_mask.float().sum(), None
 
 
 # ---------------------------------------------------------------------------- LoRA

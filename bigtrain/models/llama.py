@@ -322,14 +322,27 @@ class OutputLayer(nn.Module):
         return logits
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over unmasked tokens. logits [s, b, v/tp]; labels, loss_mask [b, s]."""
+def lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Next-token loss summed over the tokens ``loss_mask`` trains, divided by ``normalizer``.
+
+    logits [s, b, v/tp]; labels, loss_mask [b, s]; returns a 0-dim fp32 tensor (nats per token).
+    ``normalizer``: None divides by this micro-batch's own trained tokens (its mean); training passes
+    the global batch's trained tokens / (micro-batches x data-parallel ranks), so that DeepSpeed's
+    gradient-accumulation division and data-parallel mean give the mean over every trained token of
+    the global batch (see ``Trainer.next_global_batch``); 1.0 gives the sum."""
     if compile_enabled() and parallel_state.get_tensor_model_parallel_world_size() == 1:
         losses = _cross_entropy(logits, labels.t().contiguous())  # one fused kernel, no all-reduces to trace
     else:
         losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
     mask = loss_mask.t().to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
+    if normalizer is None:
+        normalizer = mask.sum().clamp(min=1)
+    return (losses * mask).sum() / normalizer
 
 
 @compiled

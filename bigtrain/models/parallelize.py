@@ -49,8 +49,9 @@ def _tied_logits(module: TiedEmbedding, x: torch.Tensor) -> torch.Tensor:
     return module.logits(x)
 
 
-def _pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return lm_loss(logits, labels[0], labels[1])
+def _pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The pipeline engine's loss: ``labels`` is (labels, loss_mask[, normalizer]) (see ``lm_loss``)."""
+    return lm_loss(logits, *labels)
 
 
 def layer_specs(cfg: Config, mp: ModelParallelConfig) -> list[LayerSpec]:
@@ -96,8 +97,15 @@ class LanguageModel(nn.Module):
         head = getattr(self, "0") if self.tied else getattr(self, str(self.num_list_layers - 1))
         return head.logits(x) if self.tied else head(x)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        return lm_loss(self.logits(tokens), labels, loss_mask)
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor,
+        normalizer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens, labels, loss_mask [b, s] -> the loss (``lm_loss``: mean unless ``normalizer`` is given)."""
+        return lm_loss(self.logits(tokens), labels, loss_mask, normalizer)
 
 
 def build_model(cfg: Config, topology=None) -> nn.Module:

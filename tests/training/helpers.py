@@ -14,19 +14,26 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 VOCAB = 512
 
 
-def write_corpus(prefix: Path, documents: int = 400, seed: int = 0) -> Path:
-    """Documents of short arithmetic token patterns (learnable, so losses move a lot in 10 steps)."""
+def write_corpus(prefix: Path, documents: int = 400, seed: int = 0, pad_runs: bool = False) -> Path:
+    """Documents of short arithmetic token patterns (learnable, so losses move a lot in 10 steps).
+    ``pad_runs``: every other document ends in 10-80 pad tokens (id 3, recorded in PREFIX.meta.json),
+    which megatron-core's GPTDataset leaves out of the loss: samples train very different numbers of
+    tokens (some none at all)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    for _ in range(documents):
+    for index in range(documents):
         start, stride = rng.integers(4, VOCAB), rng.integers(1, 7)
         length = rng.integers(20, 120)
         doc = (start + stride * np.arange(length)) % (VOCAB - 4) + 4
-        builder.add_document(np.append(doc, 2).astype(np.uint16), [length + 1])
+        if pad_runs and index % 2:
+            doc = np.append(doc, np.full(rng.integers(10, 80), 3))
+        builder.add_document(np.append(doc, 2).astype(np.uint16), [len(doc) + 1])
     builder.finalize(f"{prefix}.idx")
+    if pad_runs:
+        Path(f"{prefix}.meta.json").write_text(json.dumps({"eod_id": 2, "pad_id": 3, "vocab_size": VOCAB}))
     return prefix
 
 
