@@ -89,7 +89,15 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metrics(run_dir)]
 
 
-def assert_close_rel(a: list[float], b: list[float], rel: float) -> None:
+def curve(run_dir: Path) -> list[float]:
+    """Per-step training losses, then the one validation loss (a run validating after its last step)."""
+    (value,) = [r["val_loss"] for r in rows(run_dir) if "val_loss" in r]
+    return [*losses(run_dir), value]
+
+
+def assert_close_rel(a: list[float], b: list[float], rel: float) -> float:
+    """Asserts the largest relative difference of ``a`` from ``b`` is at most ``rel``; returns it."""
     assert len(a) == len(b), (a, b)
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
     assert worst <= rel, f"max relative difference {worst:.3e} > {rel:.0e}\n{a}\n{b}"
+    return worst
