@@ -185,7 +185,7 @@ class Trainer:
 
         micro = [next(batches) for _ in range(self.cfg.derived.grad_accum_steps)]
         tokens = torch.stack([b["loss_mask"].sum(dtype=torch.float64) for b in micro]).sum()
-        tokens = tokens.to(self.dist.device)
+        tokens = tokens.to(self.dist.device, non_blocking=True)  # a blocking copy would wait for the GPU
         dp = parallel_state.get_data_parallel_world_size()
         if dp > 1:
             torch.distributed.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
