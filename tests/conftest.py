@@ -121,7 +121,7 @@ def host_supports(precision: str) -> bool:
 def needs_precision(precision: str) -> pytest.MarkDecorator:
     """Skip (reason shown under ``-ra``) a CPU test that trains in ``precision`` where this host cannot:
     DeepSpeed's CPU accelerator has fp16 only where oneDNN has it (AVX512-FP16/AMX; not on AMD EPYC).
-    What such hosts do instead is tested everywhere (tests/test_host.py)."""
+    What such hosts do instead, and the fp16 path itself, are tested everywhere (tests/test_host.py)."""
     return pytest.mark.skipif(
         not host_supports(precision),
         reason=f"this host's CPU cannot train in {precision} (DeepSpeed's CPU accelerator: oneDNN has no "

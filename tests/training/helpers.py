@@ -54,7 +54,22 @@ def train_args(corpus: Path, run_dir: Path, *overrides: str, steps: int = 10) ->
     ]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 420, module: str = "bigtrain.pretrain", **kw):
+def entry(module: str, args: list[str], no_start_up: bool = False) -> list[str]:
+    """``-m MODULE ARGS``; with ``no_start_up`` the run is stopped (exit 97, ``START_UP_REACHED`` on
+    stderr) if it gets as far as creating a process group (tests/entry_point.py)."""
+    return (
+        ["-m", "tests.entry_point", "--no-start-up", module, *args] if no_start_up else ["-m", module, *args]
+    )
+
+
+def torchrun(
+    nproc: int,
+    args: list[str],
+    timeout: float = 420,
+    module: str = "bigtrain.pretrain",
+    no_start_up: bool = False,
+    **kw,
+):
     def command(port: int) -> list[str]:
         launcher = [
             sys.executable,
@@ -63,16 +78,34 @@ def torchrun(nproc: int, args: list[str], timeout: float = 420, module: str = "b
             f"--nproc_per_node={nproc}",
             f"--master_port={port}",
         ]
-        return [*launcher, "-m", module, *args]
+        return [*launcher, *entry(module, args, no_start_up)]
 
     return run_with_port(command, timeout=timeout, **kw)
 
 
-def single(args: list[str], timeout: float = 300, module: str = "bigtrain.pretrain", **kw):
-    command = [sys.executable, "-m", module, *args]
+def single(
+    args: list[str], timeout: float = 300, module: str = "bigtrain.pretrain", no_start_up: bool = False, **kw
+):
+    command = [sys.executable, *entry(module, args, no_start_up)]
     return run_with_port(
         lambda port: command, timeout, env_for=lambda port: cpu_env(MASTER_PORT=str(port)), **kw
     )
+
+
+def assert_refused_before_start_up(proc, *needles: str, returncode: int | None = 2) -> None:
+    """A run launched with ``no_start_up=True`` stopped with a config error (exit 2 unless said) before
+    any process group existed, its stderr holding every needle."""
+    from tests.entry_point import START_UP_REACHED
+
+    detail = (proc.returncode, proc.stdout[-1500:], proc.stderr[-3000:])
+    assert START_UP_REACHED not in proc.stderr, detail
+    if returncode is None:  # a launcher's own status (torchrun: 1 when a rank failed)
+        assert proc.returncode != 0, detail
+    else:
+        assert proc.returncode == returncode, detail
+    assert "step 1/" not in proc.stdout, detail
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
 
 
 def rows(run_dir: Path) -> list[dict]:
