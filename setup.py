@@ -17,7 +17,8 @@ setup(
         "numpy>=1.26,<3",
         "mpi4py>=4.0,<5",
         "tensorboard>=2.15,<3",
-        "transformers>=4.46,<6",
+        # 5.x: chat templates render through transformers.utils.chat_template_utils (5.0-5.24 checked)
+        "transformers>=5.0,<6",
         "tokenizers>=0.20,<1",
         "safetensors>=0.4,<1",
         "pyyaml>=6,<7",

@@ -7,6 +7,7 @@ tensor-fastest, then data, then pipeline; :func:`init_distributed` checks they a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -121,7 +122,10 @@ def precision_supported(precision: str, device: torch.device) -> bool:
     accelerator = get_accelerator()
     if precision == "fp32" or accelerator.device_name() != device.type:
         return True
-    return bool(accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported())
+    ask = accelerator.is_fp16_supported if precision == "fp16" else accelerator.is_bf16_supported
+    # asked before set_device: about this rank's GPU, not GPU 0
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return bool(ask())
 
 
 def check_precision(cfg: Config) -> None:

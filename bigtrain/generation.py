@@ -149,10 +149,12 @@ class NativeModel:
         greedy: bool = True,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        eos_id: int | None = None,
+        eos_id: int | list[int] | None = None,
         seed: int = 0,
     ) -> list[int]:
-        """New token ids after ``prompt_ids`` (stops after ``eos_id`` when given)."""
+        """New token ids after ``prompt_ids``; stops after ``eos_id`` (one id or several, as
+        generation_config's ``eos_token_id``) when given."""
+        stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
         if not prompt_ids:
             raise ValueError("generate: the prompt is empty (no token ids)")
         gen = torch.Generator().manual_seed(seed)
@@ -163,7 +165,7 @@ class NativeModel:
             last = self.logits(next_input, cache)[0, -1]
             token = int(last.argmax()) if greedy else sample(last, temperature, top_p, gen)
             new.append(token)
-            if eos_id is not None and token == eos_id:
+            if token in stop:
                 break
             next_input = torch.tensor([[token]], dtype=torch.long)
         return new

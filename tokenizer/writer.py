@@ -39,7 +39,7 @@ import numpy as np
 
 from tokenizer.builder_proc import HEADER
 
-UINT16_VOCAB_LIMIT = 65500  # same bound as megatron's DType.optimal_dtype and bigtrain.data.validate
+UINT16_VOCAB_LIMIT = 65500  # megatron's DType.optimal_dtype bound (readers accept any wide-enough dtype)
 
 
 def choose_dtype(vocab_size: int) -> type[np.integer]:

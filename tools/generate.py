@@ -9,8 +9,9 @@ transformers' ``generate``. Comparing the two on a checkpoint and its export is 
 
 ``--prompt-ids 1,17,42`` feeds token ids instead of text (checkpoints trained without a tokenizer);
 ``--chat`` sends the prompt as one user message through the tokenizer's chat template with the generation
-prompt (the ids ``apply_chat_template(..., add_generation_prompt=True)`` gives, what SFT trained on) and
-stops at the token the template ends replies with; ``--json`` prints ``{"prompt_ids", "new_ids", "text"}``
+prompt (the ids ``apply_chat_template(..., add_generation_prompt=True)`` gives, what SFT trained on).
+Both sources stop on the ids the export's generation_config lists: EOS and the token the chat template
+ends replies with; ``--json`` prints ``{"prompt_ids", "new_ids", "text"}``
 instead of the text.
 """
 
@@ -39,9 +40,10 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[list[int], list[int], str
         tok_dir = model.cfg.data.tokenizer
         if tok_dir and (Path(tok_dir) / "tokenizer.model").is_file():
             from tokenizer import Tokenizer
+            from tools.convert_to_hf import stop_ids
 
             tok = Tokenizer.load(tok_dir)
-            stop = tok.eos_id
+            stop = stop_ids(Path(tok_dir), tok.eos_id)  # what the export's generation_config stops on
         if args.prompt_ids is not None:
             prompt_ids = parse_ids(args.prompt_ids)
         elif tok is None:
@@ -56,7 +58,6 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[list[int], list[int], str
             except DataError as e:
                 raise SystemExit(f"generate: --chat: {e}") from None
             prompt_ids = chat_ids(chat.hf, args.prompt)
-            stop = (chat.end_of_turn_ids() or [stop])[0]  # where SFT taught replies to end
         else:
             prompt_ids = tok.encode(args.prompt, add_bos=True)
         eos = None if args.ignore_eos else stop

@@ -119,7 +119,11 @@ class ChatTemplate:
         **hf_kwargs: Any,
     ):
         from jinja2 import TemplateSyntaxError
-        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:  # transformers' own compile (its environment and extensions); private in transformers 5.0-5.24
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+        except ImportError:  # a syntax error then surfaces, named, at the first render
+            _compile_jinja_template = None
 
         tokenizer_dir = Path(tokenizer_dir)
         self.hf = hf_tokenizer(tokenizer_dir, **hf_kwargs)
@@ -134,7 +138,8 @@ class ChatTemplate:
                 f"python -m bigtrain.finetune.chat_template --tokenizer {tokenizer_dir} [--template FILE]"
             )
         try:
-            _compile_jinja_template(template)
+            if _compile_jinja_template is not None:
+                _compile_jinja_template(template)
         except TemplateSyntaxError as e:
             raise DataError(
                 f"{self.source}: chat template syntax error at template line {e.lineno}: {e.message}"

@@ -28,6 +28,15 @@ def test_cached_chunks_equal_full_forward(imported):
             model.logits(tokens[:, :1], cache)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
+    # stop ids: one id or several (generation_config's eos_token_id), stopping after the first met
+    with venv_on_path(), NativeModel.from_checkpoint(imported) as model:
+        free = model.generate([1, 5, 9], 8)
+        second = free[1]
+        first_at = free.index(second) + 1  # where that id first comes (it may also be the first token)
+        assert model.generate([1, 5, 9], 8, eos_id=second) == free[:first_at]
+        assert model.generate([1, 5, 9], 8, eos_id=[HF_ARCH["vocab_size"] + 7, second]) == free[:first_at]
+        assert model.generate([1, 5, 9], 8, eos_id=[HF_ARCH["vocab_size"] + 7]) == free
+
 
 def test_sampling_respects_temperature_and_top_p():
     from bigtrain.generation import sample
