@@ -259,13 +259,16 @@ def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
     return None
 
 
-def compare_with_saved(cfg: Config, tag: str) -> list[str]:
+def compare_with_saved(cfg: Config, tag: str, order_change=None) -> list[str]:
     """:func:`bigtrain.resume_rules.reconcile` against checkpoint ``tag`` of run_dir: raises ConfigError
-    for a refused change, returns the honoured ones as lines."""
-    from bigtrain.resume_rules import reconcile
+    for a refused change, returns the honoured ones as lines. ``order_change``: how the data orders of
+    two training sample counts are compared (default: built in this process)."""
+    from bigtrain.resume_rules import built_order_change, reconcile
 
     ckpt = checkpoints_dir(cfg) / tag
-    return reconcile(cfg, json.loads((ckpt / META).read_text()), str(ckpt))
+    return reconcile(
+        cfg, json.loads((ckpt / META).read_text()), str(ckpt), order_change or built_order_change
+    )
 
 
 # Optimizer hyper-parameters the config sets (engine.build_optimizer) and a checkpoint load overwrites with

@@ -192,8 +192,10 @@ class DataConfig:
     train_samples: int | None = opt(
         None,
         "Samples the training dataset is built for (default: train.steps*global_batch_size at a run's start; a "
-        "resume keeps the saved run's count). megatron's shuffle depends on it: pin it at the start to extend "
-        "train.steps on a later resume; a new value on resume rebuilds the shuffle (a new data order).",
+        "resume keeps the saved run's count, or grows it for more steps where megatron's order for the new "
+        "count starts with the saved run's, else refuses). megatron's shuffle depends on it (its number of "
+        "epochs): pin it at the start to extend train.steps freely later; a new value on resume rebuilds the "
+        "shuffle (said whether it keeps the saved order).",
     )
 
 

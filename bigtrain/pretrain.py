@@ -71,13 +71,9 @@ def seed_everything(seed: int) -> None:
 def default_data(cfg: Config, dist) -> tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]:
     """Train/valid micro-batch iterators on megatron-core datasets (bigtrain.data)."""
     from bigtrain.data import batch_iterator, build_datasets
+    from bigtrain.data.datasets import configured_tokenizer
 
-    tok = None
-    if cfg.data.tokenizer:
-        from tokenizer import Tokenizer
-
-        tok = Tokenizer.load(cfg.data.tokenizer)
-    train_ds, valid_ds = build_datasets(cfg, tok)
+    train_ds, valid_ds = build_datasets(cfg, configured_tokenizer(cfg))
     dp = cfg.derived.data_parallel_size
     t = cfg.train
 
@@ -90,15 +86,37 @@ def default_data(cfg: Config, dist) -> tuple[Callable[[int], Iterator], Callable
     return train_batches, (valid_batches if valid_ds is not None else None)
 
 
+def rank0_decides_order(cfg: Config, saved: int, new: int, n: int) -> None:
+    """Pre-flight's data-order comparison on ranks other than 0 (``resume_rules.reconcile``'s
+    ``order_change``): before any process group, only rank 0 builds megatron's index maps (two processes
+    must not write the same cache files), so the others take the order as kept. If rank 0 finds it
+    changed, it refuses and exits 2 before the rendezvous, as for bad data, and the launch fails on every
+    rank; if it agrees, all go on, and in :func:`run` every rank compares the orders again and takes rank
+    0's answer (:func:`agreed_order_change`)."""
+    return None
+
+
+def agreed_order_change(cfg: Config, saved: int, new: int, n: int) -> int | None:
+    """``resume_rules.reconcile``'s ``order_change`` in :func:`run`, where a process group exists: every
+    rank builds both orders (``build_datasets`` is collective: megatron's rank-0-first protocol; the maps
+    pre-flight cached on rank 0 are loaded) and rank 0's answer is broadcast, so every rank decides the
+    same."""
+    from bigtrain.checkpoint import _broadcast
+    from bigtrain.resume_rules import built_order_change
+
+    return _broadcast(built_order_change(cfg, saved, new, n))
+
+
 def preflight(cfg: Config, rank: int) -> None:
     """Mismatches that would otherwise surface after start-up (or never), as ConfigError, before any
-    process group exists: a checkpoint whose model shape or layout differs from the config, and (rank 0,
-    the others wait for it at rendezvous) data that is missing, corrupt, out of the vocab or tokenized
-    with another tokenizer."""
+    process group exists: a checkpoint whose model shape or layout differs from the config, a resume
+    whose config changes what the checkpoint cannot follow (``resume_rules``), and (rank 0, the others
+    wait for it at rendezvous) data that is missing, corrupt, out of the vocab or tokenized with another
+    tokenizer, or a longer run whose data order would not continue the saved run's."""
     from bigtrain import checkpoint_files as files
     from bigtrain.checkpoint import layout_change_message, model_shape_differences
     from bigtrain.config import config_from_dict
-    from bigtrain.resume_rules import reconcile
+    from bigtrain.resume_rules import built_order_change, reconcile
 
     def saved_meta(ckpt: Path) -> dict:
         try:
@@ -127,7 +145,9 @@ def preflight(cfg: Config, rank: int) -> None:
         if (saved["tensor"], saved["pipeline"]) != (cfg.parallel.tensor, cfg.parallel.pipeline):
             raise ConfigError(layout_change_message(newest, saved, cfg))
         # every other field: refused ones stop here; run() applies and says the honoured ones
-        reconcile(copy.deepcopy(cfg), meta, str(newest))
+        # (a data order megatron must build to compare: rank 0 decides, see rank0_decides_order)
+        order_change = built_order_change if rank == 0 else rank0_decides_order
+        reconcile(copy.deepcopy(cfg), meta, str(newest), order_change)
     elif cfg.checkpoint.load:
         from bigtrain.checkpoint import resolve_weights_dir
 
@@ -138,12 +158,9 @@ def preflight(cfg: Config, rank: int) -> None:
         check_shape(source, "checkpoint.load:")
     if rank == 0 and not cfg.data.mock:
         from bigtrain.data import DataError, validate_data
+        from bigtrain.data.datasets import configured_tokenizer
 
-        tok = None
-        if cfg.data.tokenizer:
-            from tokenizer import Tokenizer
-
-            tok = Tokenizer.load(cfg.data.tokenizer)
+        tok = configured_tokenizer(cfg)
         try:
             for name in ("train", "valid"):
                 if getattr(cfg.data, name) is not None:
@@ -174,7 +191,7 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     tag = checkpoint.choose_resume_tag(cfg, dist)
-    changes = checkpoint.compare_with_saved(cfg, tag) if tag is not None else []
+    changes = checkpoint.compare_with_saved(cfg, tag, agreed_order_change) if tag is not None else []
     if dist.is_main:  # after the comparison: what config.yaml records is what runs
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -19,6 +19,7 @@ class.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,14 +157,16 @@ RULES: dict[str, Rule] = {
     "train.steps": Rule(
         HONOURED,
         "the run's length, and the LR decay length unless optim.decay_steps is set; the data order stays the "
-        "saved run's (data.train_samples)",
+        "saved run's: more samples than its data.train_samples are built only where megatron's order for "
+        "them starts with the saved one (compared in pre-flight), else refused",
     ),
     "train.micro_batch_size": Rule(
         HONOURED, "gradient accumulation is recomputed; global batches are unchanged"
     ),
     "train.global_batch_size": Rule(
         HONOURED,
-        "the data position is a sample count: the next global batch starts where the saved run stopped",
+        "the data position is a sample count: the next global batch starts where the saved run stopped; "
+        "more samples than the saved data.train_samples: as for train.steps",
     ),
     "train.seed": Rule(REFUSED, "megatron's shuffle of the data and the RNG streams restored on every rank"),
     "train.run_dir": Rule(FREE, "a copied run directory resumes like the original"),
@@ -195,8 +198,10 @@ RULES: dict[str, Rule] = {
     "data.cache_dir": Rule(FREE, "megatron's index maps are rebuilt identically wherever they are cached"),
     "data.train_samples": Rule(
         HONOURED,
-        "megatron's shuffle is built for this many samples: unset, a resume keeps the saved run's count (the "
-        "order of the samples not yet seen is unchanged); a new value rebuilds the shuffle",
+        "megatron's shuffle is built for this many samples: unset, a resume keeps the saved run's count, or "
+        "grows it to train.steps*global_batch_size where megatron's order for that starts with the saved "
+        "run's whole order; a new value rebuilds the shuffle, and the relaunch says whether that order "
+        "keeps the saved one",
     ),
     "checkpoint.load": Rule(
         REFUSED, "it is read only when train.run_dir has no checkpoint; a resume restores run_dir's newest"
@@ -272,13 +277,31 @@ def train_samples_needed(cfg: Config, step: int, consumed: int) -> int:
     return consumed + max(0, cfg.train.steps - step) * cfg.train.global_batch_size
 
 
-def reconcile(cfg: Config, meta: dict[str, Any], ckpt: str) -> list[str]:
+OrderChange = Callable[[Config, int, int, int], "int | None"]
+"""``(cfg, saved_count, new_count, n)``: the first of samples ``0..n-1`` that megatron's training order
+built for ``new_count`` samples has differently from the one built for ``saved_count``, or None."""
+
+
+def built_order_change(cfg: Config, saved: int, new: int, n: int) -> int | None:
+    """:func:`bigtrain.data.datasets.train_order_change` on this process (both orders built here)."""
+    from bigtrain.data.datasets import train_order_change
+
+    return train_order_change(cfg, saved, new, n)
+
+
+def reconcile(
+    cfg: Config, meta: dict[str, Any], ckpt: str, order_change: OrderChange = built_order_change
+) -> list[str]:
     """Compare ``cfg`` with the config saved in a checkpoint's metadata ``meta`` field by field.
 
     Raises ConfigError (one line) naming every refused field with the saved and new values and the
     remedy. Otherwise returns the honoured changes as lines for rank 0 (``optim.lr: 0.001 → 0.0001 from
     step 3``). Pretraining with ``data.train_samples`` unset gets the saved run's sample count, so
-    megatron's shuffle (and ``config.yaml``) stay those of the saved run."""
+    megatron's shuffle (and ``config.yaml``) stay those of the saved run; when the relaunch needs more
+    samples than that, ``order_change`` compares megatron's order for the new count with the saved one
+    (every sample the saved run consumed or would have): the new count is honoured when they agree,
+    refused when they do not."""
+    from bigtrain.data import DataError
     from bigtrain.data.datasets import num_samples
 
     try:
@@ -290,7 +313,7 @@ def reconcile(cfg: Config, meta: dict[str, Any], ckpt: str) -> list[str]:
     kept_order = None
     if pretraining and cfg.data.train_samples is None:
         kept_order = cfg.data.train_samples = num_samples(saved)[0]
-    refused, honoured = [], []
+    refused, honoured, said = [], [], {}
     for name, rule in RULES.items():
         before, after = _get(saved, name), _get(cfg, name)
         if name == "data.train_samples":
@@ -301,15 +324,54 @@ def reconcile(cfg: Config, meta: dict[str, Any], ckpt: str) -> list[str]:
         if kind == REFUSED:
             refused.append(_refusal(name, rule, saved, before, after, ckpt))
         elif kind == HONOURED:
-            note = (
-                " (megatron's shuffle is rebuilt: a new data order)" if name == "data.train_samples" else ""
-            )
-            honoured.append(f"{name}: {_show(before)} → {_show(after)} from step {step + 1}{note}")
+            said[name] = len(honoured)
+            honoured.append(f"{name}: {_show(before)} → {_show(after)} from step {step + 1}")
     if pretraining and not refused:
         needed = train_samples_needed(cfg, step, consumed)
-        if needed > cfg.data.train_samples:
-            refused.append(_coverage_refusal(saved, cfg, needed, kept_order, step, consumed, ckpt))
-        elif kept_order is not None and (saved.train.steps, saved.train.global_batch_size) != (
+        saved_count = num_samples(saved)[0]
+        # the saved run's whole order: what it consumed or skipped, and what it would have read to its end
+        whole = max(saved_count, consumed, *(int(end) for _, end in meta.get("skipped_batches") or []))
+
+        def changed_at(new_count: int) -> int | None:
+            try:
+                return order_change(cfg, saved_count, new_count, min(whole, new_count))
+            except DataError as e:
+                raise ConfigError(str(e)) from None
+
+        if kept_order is None:  # data.train_samples set
+            if needed > cfg.data.train_samples:
+                refused.append(_too_few_samples(cfg, needed))
+            elif "data.train_samples" in said:
+                first = changed_at(cfg.data.train_samples)
+                honoured[said["data.train_samples"]] += (
+                    f" (megatron's shuffle is rebuilt: a new data order from sample {first})"
+                    if first is not None
+                    else f" (data order of the saved run kept: its first {min(whole, cfg.data.train_samples)} "
+                    "samples are unchanged)"
+                )
+        elif needed > kept_order:
+            # what the relaunch would build with data.train_samples unset, and at least what it reads
+            unset = copy.copy(cfg)
+            unset.data = copy.copy(cfg.data)
+            unset.data.train_samples = None
+            grown = max(needed, num_samples(unset)[0])
+            first = changed_at(grown)
+            if first is not None:
+                refused.append(
+                    _order_refusal(saved, cfg, needed, grown, kept_order, first, step, consumed, ckpt)
+                )
+            else:  # honoured: config.yaml and the next checkpoints record the new count
+                cfg.data.train_samples = grown
+                note = (
+                    f" (data order of the saved run kept: its first {whole} samples are unchanged; "
+                    f"data.train_samples {kept_order} → {grown})"
+                )
+                field = next((f for f in ("train.steps", "train.global_batch_size") if f in said), None)
+                if field is None:
+                    honoured.append(f"data.train_samples: {kept_order} → {grown} from step {step + 1}{note}")
+                else:
+                    honoured[said[field]] += note
+        elif (saved.train.steps, saved.train.global_batch_size) != (
             cfg.train.steps,
             cfg.train.global_batch_size,
         ):
@@ -335,22 +397,34 @@ def _refusal(name: str, rule: Rule, saved: Config, before: Any, after: Any, ckpt
     )
 
 
-def _coverage_refusal(
-    saved: Config, cfg: Config, needed: int, kept: int | None, step: int, consumed: int, ckpt: str
+def _too_few_samples(cfg: Config, needed: int) -> str:
+    return (
+        f"train.steps={cfg.train.steps} needs {needed} training samples but data.train_samples is "
+        f"{cfg.data.train_samples}; raise data.train_samples to at least {needed} (megatron's shuffle is "
+        "rebuilt for it: the relaunch says whether its order keeps the saved run's)"
+    )
+
+
+def _order_refusal(
+    saved: Config,
+    cfg: Config,
+    needed: int,
+    grown: int,
+    kept: int,
+    first: int,
+    step: int,
+    consumed: int,
+    ckpt: str,
 ) -> str:
     t = cfg.train
-    if kept is None:
-        return (
-            f"train.steps={t.steps} needs {needed} training samples but data.train_samples is "
-            f"{cfg.data.train_samples}; raise data.train_samples (a new value rebuilds megatron's shuffle)"
-        )
     most = step + max(0, kept - consumed) // t.global_batch_size
     return (
         f"train.steps: checkpoint {saved.train.steps} vs config {t.steps} needs {needed} training samples, but "
         f"the saved run's data order (megatron's shuffle) was built for {kept} (data.train_samples unset: "
-        f"train.steps*global_batch_size at its start), and a shuffle built for more samples orders them "
-        f"differently (batches after step {step} would repeat seen samples and skip others); keep "
-        f"train.steps <= {most}, or accept a new data order from step {step + 1} with "
-        f"data.train_samples={needed}, or start a new train.run_dir with checkpoint.load={ckpt}. To extend "
+        f"train.steps*global_batch_size at its start), and megatron's order for {grown} samples differs "
+        f"from it at sample {first} (it reshuffles when the number of epochs over the corpus changes), so "
+        f"the batches after step {step} would not continue the saved run's order (repeating seen samples and "
+        f"skipping others); keep train.steps <= {most}, or accept a new data order from step {step + 1} with "
+        f"data.train_samples={grown}, or start a new train.run_dir with checkpoint.load={ckpt}. To extend "
         f"later without either, pin data.train_samples at a run's start"
     )

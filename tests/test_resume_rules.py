@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bigtrain.config import Config, ConfigError, load_config
 from bigtrain.resume_rules import FREE, HONOURED, REFUSED, RULES, leaves, reconcile
@@ -106,35 +107,94 @@ def test_data_parallel_size():
         reconcile(config(world=2), meta(config("parallel.tensor=2", world=2)), CKPT)
 
 
+class Orders:
+    """A stand-in for megatron's order comparison (``reconcile``'s ``order_change``): answers ``first``
+    and records what it was asked."""
+
+    def __init__(self, first: int | None):
+        self.first, self.asked = first, []
+
+    def __call__(self, cfg: Config, saved: int, new: int, n: int) -> int | None:
+        self.asked.append((saved, new, n))
+        return self.first
+
+
 def test_data_order_of_the_saved_run():
     """Unset data.train_samples: megatron's shuffle stays the one the saved run was built for. Raising
-    train.steps past it (the issue's 4 -> 8) is refused naming the fields; fewer steps keep the order."""
+    train.steps past it (the issue's 4 -> 8) is honoured where megatron's order for the new count keeps
+    the saved run's whole order, refused naming the fields where it does not; fewer steps keep the order."""
     four = config("train.steps=4")
+    changed = Orders(first=3)
     with pytest.raises(ConfigError) as err:
-        reconcile(config("train.steps=8"), meta(four), CKPT)
+        reconcile(config("train.steps=8"), meta(four), CKPT, changed)
+    assert changed.asked == [(32, 64, 32)]  # the saved run's 32 samples, in the orders for 32 and 64
     message = str(err.value)
     assert "train.steps: checkpoint 4 vs config 8 needs 64 training samples" in message
-    assert "built for 32" in message and "keep train.steps <= 4" in message
+    assert "built for 32" in message and "differs from it at sample 3" in message
+    assert "keep train.steps <= 4" in message
     assert "data.train_samples=64" in message and f"checkpoint.load={CKPT}" in message
-    # another of the kind: a larger global batch needs more samples too
-    with pytest.raises(ConfigError, match="needs 48 training samples"):
-        reconcile(config("train.steps=5", "train.global_batch_size=16"), meta(config("train.steps=5")), CKPT)
+    # another of the kind: a larger global batch needs more samples too (a fresh run would build 5 x 16)
+    with pytest.raises(ConfigError, match="needs 48 training samples.*data.train_samples=80"):
+        reconcile(
+            config("train.steps=5", "train.global_batch_size=16"),
+            meta(config("train.steps=5")),
+            CKPT,
+            changed,
+        )
 
+    kept = Orders(first=None)
     eight = config("train.steps=8")
+    assert reconcile(eight, meta(four), CKPT, kept) == [
+        "train.steps: 4 → 8 from step 5 (data order of the saved run kept: its first 32 samples are "
+        "unchanged; data.train_samples 32 → 64)"
+    ]
+    assert eight.data.train_samples == 64  # what config.yaml and the next checkpoints record
+    wider = config("train.steps=5", "train.global_batch_size=16")
+    assert reconcile(wider, meta(config("train.steps=5")), CKPT, kept) == [
+        "train.global_batch_size: 8 → 16 from step 5 (data order of the saved run kept: its first 40 samples "
+        "are unchanged; data.train_samples 40 → 80)"
+    ]
+    # a loss-spike rollback skipped samples past the saved count: they belong to the compared order
+    skipped = {**meta(four), "consumed_samples": 40, "skipped_batches": [[24, 32], [40, 48]]}
+    kept.asked.clear()
+    reconcile(config("train.steps=8"), skipped, CKPT, kept)
+    assert kept.asked == [(32, 72, 48)]
+
     six = config("train.steps=6")
-    assert reconcile(six, meta(eight), CKPT) == [
+    assert reconcile(six, meta(config("train.steps=8")), CKPT, changed) == [
         "train.steps: 8 → 6 from step 5",
         "data.train_samples: kept at 64, the saved run's data order",
     ]
     assert six.data.train_samples == 64  # what config.yaml and the next checkpoints record
-    # an explicit new count is honoured and said to rebuild the order
+    # an explicit new count is honoured, saying whether megatron's order for it keeps the saved one
     pinned = config("train.steps=8", "data.train_samples=64")
-    assert reconcile(pinned, meta(four), CKPT) == [
+    assert reconcile(pinned, meta(four), CKPT, changed) == [
         "train.steps: 4 → 8 from step 5",
-        "data.train_samples: 32 → 64 from step 5 (megatron's shuffle is rebuilt: a new data order)",
+        "data.train_samples: 32 → 64 from step 5 (megatron's shuffle is rebuilt: a new data order from sample 3)",
     ]
+    assert reconcile(config("train.steps=8", "data.train_samples=64"), meta(four), CKPT, kept)[1] == (
+        "data.train_samples: 32 → 64 from step 5 (data order of the saved run kept: its first 32 samples are "
+        "unchanged)"
+    )
+    with pytest.raises(ConfigError, match="raise data.train_samples to at least 64"):
+        reconcile(config("train.steps=8", "data.train_samples=48"), meta(four), CKPT, kept)
     # a pinned count that covers the extension is no change at all for the data
-    assert reconcile(config("train.steps=8", "data.train_samples=64"), meta(pinned), CKPT) == []
+    assert reconcile(config("train.steps=8", "data.train_samples=64"), meta(pinned), CKPT, changed) == []
+
+
+def test_mock_data_keeps_its_order_for_more_steps():
+    """data.mock: megatron's mock corpus holds millions of windows per epoch, so 4 -> 8 steps keeps its
+    order; the real comparison (both orders built in memory, nothing cached) honours it."""
+    from bigtrain.data import build_datasets
+
+    eight = config("train.steps=8")
+    assert eight.data.mock
+    assert reconcile(eight, meta(config("train.steps=4")), CKPT) == [
+        "train.steps: 4 → 8 from step 5 (data order of the saved run kept: its first 32 samples are "
+        "unchanged; data.train_samples 32 → 64)"
+    ]
+    saved, extended = (build_datasets(config(f"train.steps={n}"))[0] for n in (4, 8))
+    assert all(torch.equal(saved[i]["tokens"], extended[i]["tokens"]) for i in range(32))
 
 
 def test_finetune_fields():
@@ -225,3 +285,35 @@ def test_restored_state_gets_the_configured_values():
     assert (
         e.lr_scheduler.optimizer.param_groups[0]["lr"] == saved.lr_scheduler.optimizer.param_groups[0]["lr"]
     )
+
+
+def test_blend_extension_is_decided_by_megatron_orders(tmp_path):
+    """A blend of two corpora with validation split off (data.split): 4 -> 8 steps is honoured while both
+    members hold the longer run within the epochs they had, and refused when a 12-document member needs
+    another epoch (megatron reshuffles it). Either way the decision, and the first changed sample named,
+    is what comparing the samples' tokens of the two builds gives."""
+    import functools
+    import re
+
+    from bigtrain.data import build_datasets
+    from tests.data.util import make_cfg, random_docs, write_dataset
+
+    big = write_dataset(tmp_path / "big" / "big", random_docs(300, seed=1))
+    other = write_dataset(tmp_path / "other" / "other", random_docs(200, seed=2))
+    small = write_dataset(tmp_path / "small" / "small", random_docs(12, seed=3))
+    for blend, kept in (([[0.6, big], [0.4, other]], True), ([[0.6, big], [0.4, small]], False)):
+        cfg = functools.partial(make_cfg, blend, split="90,10,0")
+        saved, extended = (build_datasets(cfg(steps=steps))[0] for steps in (4, 8))
+        same = [torch.equal(saved[i]["tokens"], extended[i]["tokens"]) for i in range(32)]
+        first_differing = next((i for i, equal in enumerate(same) if not equal), None)
+        assert (first_differing is None) == kept, (blend, same)
+        new = cfg(steps=8)
+        if kept:
+            (line,) = reconcile(new, meta(cfg(steps=4)), CKPT)
+            assert line.startswith("train.steps: 4 → 8 from step 5 (data order of the saved run kept")
+            assert new.data.train_samples == 64
+        else:
+            with pytest.raises(ConfigError) as err:
+                reconcile(new, meta(cfg(steps=4)), CKPT)
+            named = re.search(r"differs from it at sample (\d+)", str(err.value))
+            assert named and int(named.group(1)) == first_differing, str(err.value)

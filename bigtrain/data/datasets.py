@@ -448,3 +448,108 @@ class SequentialWindows(torch.utils.data.Dataset):
             "sample_id": idx,
             "corpus_id": 0,
         }
+
+
+# ------------------------------------------------------------------------------------ resume
+_CHUNK = 1 << 20  # samples compared at a time (bounded memory for runs of billions of tokens)
+_TOKEN_PROBES = 16  # samples whose tokens are compared too (a check on reading megatron's index maps)
+
+
+def _same_gpt_samples(a: Any, pa: np.ndarray, b: Any, pb: np.ndarray) -> np.ndarray:
+    """Per position: whether sample ``pa[i]`` of megatron ``GPTDataset`` ``a`` is sample ``pb[i]`` of ``b``.
+
+    Read from megatron's own index maps as ``GPTDataset.__getitem__`` reads them: the shuffle index gives
+    a row of the sample index, whose rows ``[r, r+1]`` hold the first and last position in the document
+    index and the token offsets there. Two samples are the same when they span the same documents (ids
+    of the same underlying file) from the same offset to the same offset, hence the same tokens."""
+    if a.dataset_path != b.dataset_path:
+        return np.zeros(len(pa), dtype=bool)
+    ra = np.asarray(a.shuffle_index[pa], dtype=np.int64)
+    rb = np.asarray(b.shuffle_index[pb], dtype=np.int64)
+    beg_a, end_a = np.asarray(a.sample_index[ra]), np.asarray(a.sample_index[ra + 1])
+    beg_b, end_b = np.asarray(b.sample_index[rb]), np.asarray(b.sample_index[rb + 1])
+    spans = end_a[:, 0].astype(np.int64) - beg_a[:, 0] + 1  # documents per sample
+    same = (
+        (beg_a[:, 1] == beg_b[:, 1])
+        & (end_a[:, 1] == end_b[:, 1])
+        & (spans == end_b[:, 0].astype(np.int64) - beg_b[:, 0] + 1)
+    )
+    rows = np.flatnonzero(same)
+    if rows.size:  # the document ids along each span
+        n = spans[rows]
+        step = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        docs_a = np.asarray(a.document_index[np.repeat(beg_a[rows, 0].astype(np.int64), n) + step])
+        docs_b = np.asarray(b.document_index[np.repeat(beg_b[rows, 0].astype(np.int64), n) + step])
+        same[np.repeat(rows, n)[docs_a != docs_b]] = False
+    return same
+
+
+def first_changed_sample(saved: SampleDataset, new: SampleDataset, n: int) -> int | None:
+    """The first of samples ``0..n-1`` that ``new`` orders differently from ``saved``, or None.
+
+    Both are the training datasets of one config built for two sample counts. A blend's sample ``i`` is
+    sample ``dataset_sample_index[i]`` of member ``dataset_index[i]``; the members are compared with
+    :func:`_same_gpt_samples`. A few samples' tokens are compared as well: identities that agree while the
+    tokens do not count as a change."""
+    if n <= 0:
+        return None
+    if min(len(saved), len(new)) < n:
+        return min(len(saved), len(new))
+    a, b = saved.dataset, new.dataset
+    blended = hasattr(a, "dataset_index")
+    if blended != hasattr(b, "dataset_index") or len(saved.gpt_datasets) != len(new.gpt_datasets):
+        return 0
+    for start in range(0, n, _CHUNK):
+        pos = np.arange(start, min(n, start + _CHUNK))
+        if not blended:
+            same = _same_gpt_samples(a, pos, b, pos)
+        else:
+            member = np.asarray(a.dataset_index[pos])
+            same = member == np.asarray(b.dataset_index[pos])
+            for d in np.unique(member):
+                rows = np.flatnonzero(same & (member == d))
+                same[rows] = _same_gpt_samples(
+                    a.datasets[d],
+                    np.asarray(a.dataset_sample_index[pos[rows]]),
+                    b.datasets[d],
+                    np.asarray(b.dataset_sample_index[pos[rows]]),
+                )
+        changed = np.flatnonzero(~same)
+        if changed.size:
+            return start + int(changed[0])
+    for i in sorted({0, n - 1, *np.linspace(0, n - 1, _TOKEN_PROBES).astype(int).tolist()}):
+        if not torch.equal(saved[i]["tokens"], new[i]["tokens"]) or not torch.equal(
+            saved[i]["labels"], new[i]["labels"]
+        ):
+            return i
+    return None
+
+
+def configured_tokenizer(cfg: Config) -> Any:
+    """``data.tokenizer`` loaded (``tokenizer.Tokenizer``), or None when it is not set."""
+    if not cfg.data.tokenizer:
+        return None
+    from tokenizer import Tokenizer
+
+    return Tokenizer.load(cfg.data.tokenizer)
+
+
+def train_order_change(cfg: Config, saved: int, new: int, n: int | None = None) -> int | None:
+    """The first of samples ``0..n-1`` (default ``min(saved, new)``) that megatron's training order built
+    for ``new`` samples has differently from the one built for ``saved``, or None when they agree.
+
+    Both are built by :func:`build_datasets` with ``cfg`` (``data.tokenizer`` loaded), so call it on every
+    rank of a process group, or in one process before any: megatron caches their index maps, keyed by
+    content, and the ``new`` build is the one the run makes anyway. The order changes when megatron's
+    number of epochs over the corpus, or whether it shuffles the final epoch apart, changes with the count
+    (a corpus of few samples per epoch), and for a blend when a member's does."""
+    import copy
+
+    tokenizer = configured_tokenizer(cfg)
+
+    def train(count: int) -> SampleDataset:
+        c = copy.deepcopy(cfg)
+        c.data.train_samples = count
+        return build_datasets(c, tokenizer)[0]
+
+    return first_changed_sample(train(saved), train(new), min(saved, new) if n is None else n)

@@ -122,9 +122,35 @@ def test_more_steps_than_the_saved_data_order_is_refused(four_steps, tmp_path):
     assert latest_tag(copy / "checkpoints") == "step_00000004"  # nothing was touched
 
     # wrong on purpose: what the relaunch used to read. A shuffle built for 64 samples differs from the
-    # saved run's (built for 32) already in its first 32, so batches 5-8 would not continue the epoch.
+    # saved run's (built for 32) already in its first 32, so batches 5-8 would not continue the epoch;
+    # the refusal names the first sample that differs.
     saved, rebuilt = (train_dataset(corpus, steps) for steps in (4, 8))
-    assert [window(saved, i) for i in range(32)] != [window(rebuilt, i) for i in range(32)]
+    first = next(i for i in range(32) if window(saved, i) != window(rebuilt, i))
+    assert f"differs from it at sample {first} " in line
+
+
+def test_more_steps_in_the_same_data_order_are_honoured(tmp_path):
+    """400 documents (886 windows an epoch): 4 -> 8 steps needs 64 samples, and megatron's order built for
+    64 starts with the saved run's 32 (pre-flight builds and compares both). Honoured from step 5 in one
+    line, recorded in config.yaml and the new checkpoint, and steps 5-8 equal an uninterrupted 8-step run."""
+    corpus = write_corpus(tmp_path / "corpus" / "patterns")
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    single(train_args(corpus, run, *CONSTANT_LR, steps=4))
+    out = single(train_args(corpus, run, *CONSTANT_LR, steps=8))
+    assert "resumed from step 4" in out.stdout
+    assert (
+        "train.steps: 4 → 8 from step 5 (data order of the saved run kept: its first 32 samples are "
+        "unchanged; data.train_samples 32 → 64)" in out.stdout
+    )
+    single(train_args(corpus, reference, *CONSTANT_LR, steps=8))
+    resumed, uninterrupted = metrics(run)[4:], metrics(reference)[4:]
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [5, 6, 7, 8]
+    assert [r["consumed_samples"] for r in resumed] == [r["consumed_samples"] for r in uninterrupted]
+    worst = assert_close_rel([r["loss"] for r in resumed], [r["loss"] for r in uninterrupted], 1e-6)
+    print(f"steps 5-8 relaunched 4 -> 8 vs uninterrupted: max relative loss difference {worst:.1e}")
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["train_samples"] == 64
+    assert meta(run, 8)["config"]["data"]["train_samples"] == 64
+    assert meta(run, 8)["config"]["train"]["steps"] == 8
 
 
 def train_dataset(corpus: Path, steps: int):
