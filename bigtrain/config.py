@@ -347,6 +347,23 @@ def validate(cfg: Config, world_size: int) -> None:
         cfg.optim.name in ("adamw", "adam", "sgd", "rmsprop"),
         f"optim.name must be adamw|adam|sgd|rmsprop, got {cfg.optim.name!r}",
     )
+    o = cfg.optim
+    for name, ok, rule in (  # what torch's optimizers refuse only after start-up, and what trains nothing
+        ("lr", o.lr > 0, "> 0"),
+        (
+            "min_lr",
+            0 <= o.min_lr and (o.min_lr <= o.lr or o.decay == "constant"),
+            f">= 0 and <= optim.lr ({o.lr:g})",
+        ),
+        ("weight_decay", o.weight_decay >= 0, ">= 0"),
+        ("beta1", 0 <= o.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= o.beta2 < 1, "in [0, 1)"),
+        ("eps", o.eps > 0, "> 0"),
+        ("momentum", 0 <= o.momentum < 1, "in [0, 1)"),
+        ("grad_clip", o.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+        ("warmup_steps", o.warmup_steps >= 0, ">= 0"),
+    ):
+        _check(ok, f"optim.{name} must be {rule}, got {getattr(o, name)!r}")
     _check(
         0 < cfg.optim.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}"
     )
@@ -488,12 +505,16 @@ def _number(value: Any, tp: type, key: str) -> int | float:
         value = int(text) if text.lstrip("+-").isdigit() else float(text)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise wrong
+    if not math.isfinite(value):  # .inf/.nan: no field means them (an inf LR trained NaN weights silently)
+        raise ConfigError(f"{key}: expected a finite {tp.__name__} ({_EXAMPLES[tp]}), got {value!r}")
     if tp is float:
         return float(value)
     if isinstance(value, float):
-        if not (math.isfinite(value) and value.is_integer()):
+        if not value.is_integer():
             raise wrong
-        return int(value)
+        value = int(value)
+    if abs(value) >= 2**63:  # 1e100 steps: megatron would try to index that many samples
+        raise ConfigError(f"{key}: {value:.3g} does not fit a 64-bit integer")
     return value
 
 

@@ -157,20 +157,24 @@ def preflight(cfg: Config, rank: int) -> None:
             raise ConfigError(f"checkpoint.load: {e}") from None
         check_shape(source, "checkpoint.load:")
     if rank == 0 and not cfg.data.mock:
-        from bigtrain.data import DataError, validate_data
+        from bigtrain.data import DataError, check_same_tokenizer, validate_data
         from bigtrain.data.datasets import configured_tokenizer
 
         tok = configured_tokenizer(cfg)
         try:
-            for name in ("train", "valid"):
-                if getattr(cfg.data, name) is not None:
-                    validate_data(
-                        getattr(cfg.data, name),
-                        cfg.model.vocab_size,
-                        tok,
-                        cache_dir=cfg.data.cache_dir,
-                        field=f"data.{name}",
-                    )
+            corpora = [
+                corpus
+                for name in ("train", "valid")
+                if getattr(cfg.data, name) is not None
+                for corpus in validate_data(
+                    getattr(cfg.data, name),
+                    cfg.model.vocab_size,
+                    tok,
+                    cache_dir=cfg.data.cache_dir,
+                    field=f"data.{name}",
+                )
+            ]
+            check_same_tokenizer(corpora)  # train and valid too
         except DataError as e:
             raise ConfigError(str(e)) from None
 

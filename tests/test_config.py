@@ -153,3 +153,28 @@ def test_numbers_as_people_write_them(tmp_path: Path):
     bad.write_text("optim:\n  lr: 3e_4\n")
     with pytest.raises(ConfigError, match=r"^optim\.lr: expected float \(a number like 3e-4"):
         load_config(bad)
+
+
+def test_values_no_run_can_use_are_refused_before_start_up():
+    """A non-finite number in any numeric field (an infinite LR trained NaN weights and exited 0), an
+    integer beyond 64 bits (1e100 steps spun in megatron's index build), and optimizer settings that
+    torch refuses only after start-up or that train nothing: one line naming the field."""
+    cases = {
+        "optim.lr=.inf": "optim.lr: expected a finite float (a number like 3e-4, 0.0003 or 1e5), got inf",
+        "optim.lr=.nan": "optim.lr: expected a finite float (a number like 3e-4, 0.0003 or 1e5), got nan",
+        "train.max_minutes=-.inf": "train.max_minutes: expected a finite float",
+        "train.steps=1e100": "train.steps: 1e+100 does not fit a 64-bit integer",
+        "optim.lr=-1e-3": "optim.lr must be > 0, got -0.001",
+        "optim.lr=0": "optim.lr must be > 0, got 0.0",
+        "optim.min_lr=1e-2": "optim.min_lr must be >= 0 and <= optim.lr (0.001), got 0.01",
+        "optim.beta2=1": "optim.beta2 must be in [0, 1), got 1.0",
+        "optim.eps=0": "optim.eps must be > 0, got 0.0",
+        "optim.weight_decay=-0.1": "optim.weight_decay must be >= 0, got -0.1",
+        "optim.grad_clip=-1": "optim.grad_clip must be >= 0 (0 disables clipping), got -1.0",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(TINY, [override]).resolve(1)
+        assert str(err.value).startswith(message), (override, str(err.value))
+    # a constant schedule never reaches min_lr: a larger one is harmless there
+    load_config(TINY, ["optim.min_lr=1e-2", "optim.decay=constant"]).resolve(1)

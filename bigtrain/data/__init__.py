@@ -18,7 +18,7 @@ from bigtrain.data.datasets import (
     num_samples,
 )
 from bigtrain.data.sampler import BatchIterator, MicroBatchSampler, batch_iterator, collate
-from bigtrain.data.validate import Corpus, ShardInfo, validate_data
+from bigtrain.data.validate import Corpus, ShardInfo, check_same_tokenizer, validate_data
 
 __all__ = [
     "BatchIterator",
@@ -31,6 +31,7 @@ __all__ = [
     "TokenizerInfo",
     "batch_iterator",
     "build_datasets",
+    "check_same_tokenizer",
     "collate",
     "num_evaluations",
     "num_samples",

@@ -299,6 +299,26 @@ def check_shard_set(name: str, shards: Sequence[ShardInfo]) -> None:
             )
 
 
+def check_same_tokenizer(corpora: Iterable[Corpus]) -> None:
+    """Every shard whose metadata records a tokenizer fingerprint records the same one: a blend (or a
+    train/valid pair) mixing data of two tokenizers trains on ids that mean different things, which no
+    vocabulary bound catches when ``data.tokenizer`` is unset. Raises :class:`DataError` naming both."""
+    first: tuple[str, str] | None = None
+    for corpus in corpora:
+        for shard in corpus.shards:
+            fingerprint = fingerprint_of(shard.meta) if shard.meta else None
+            if fingerprint is None:
+                continue
+            if first is None:
+                first = (fingerprint, shard.meta_file or shard.prefix)
+            elif fingerprint != first[0]:
+                raise DataError(
+                    f"{shard.meta_file or shard.prefix}: tokenized with another tokenizer (fingerprint "
+                    f"{fingerprint[:12]}) than {first[1]} ({first[0][:12]}); re-preprocess one of them with "
+                    "the other's tokenizer, and set data.tokenizer to have it checked"
+                )
+
+
 def validate_data(
     data: DataSpec | Iterable[str],
     vocab_size: int | None = None,
@@ -328,4 +348,5 @@ def validate_data(
             files = ", ".join(s.prefix + ".bin" for s in shards)
             raise DataError(f"{field}: corpus {spec.label} is empty (0 tokens in {files})")
         corpora.append(corpus)
+    check_same_tokenizer(corpora)
     return corpora

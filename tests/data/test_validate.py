@@ -271,3 +271,25 @@ def test_token_stats_are_keyed_by_the_preprocessing_run(tmp_path, monkeypatch):
     assert len(scans) == 2
     assert validate_data(prefix, vocab_size=100)[0].shards[0].max_id == 99
     assert len(scans) == 2  # unchanged since: cached
+
+
+def test_a_blend_of_two_tokenizers_is_refused_without_data_tokenizer(tmp_path):
+    """Nothing else catches it when data.tokenizer is unset: both vocabularies fit, the ids just mean
+    different things. A blend, and train/valid data (pre-flight), must come from one tokenizer."""
+    from bigtrain.data import check_same_tokenizer
+
+    a = write_dataset(tmp_path / "a", random_docs(30, seed=1), meta=META)
+    b = write_dataset(
+        tmp_path / "b", random_docs(30, seed=2), meta={**META, "tokenizer_fingerprint": "e" * 64}
+    )
+    c = write_dataset(tmp_path / "c", random_docs(30, seed=3), meta=META)
+    with pytest.raises(DataError) as err:
+        validate_data([[0.7, a], [0.3, b]], vocab_size=100)
+    assert str(err.value).startswith(
+        f"{b}.meta.json: tokenized with another tokenizer (fingerprint eeeeeeeeeeee)"
+    )
+    assert f"than {a}.meta.json (ffffffffffff)" in str(err.value)
+    validate_data([[0.7, a], [0.3, c]], vocab_size=100)  # one tokenizer: fine
+    train, valid = validate_data(a, vocab_size=100), validate_data(b, vocab_size=100)
+    with pytest.raises(DataError, match=r"b\.meta\.json: tokenized with another tokenizer"):
+        check_same_tokenizer(train + valid)
