@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 SKIP_REASONS = (
     "blank_line",  # a JSONL line with nothing (or only whitespace) on it
@@ -42,7 +43,7 @@ SUFFIXES = (".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".jsonl", ".txt")
 _OPENERS = {"jsonl.gz": gzip.open, "jsonl.bz2": bz2.open, "jsonl.xz": lzma.open, "jsonl": open}
 # What reading a damaged or unreadable input raises: OSError covers gzip.BadGzipFile, bz2's "Invalid
 # data stream", IsADirectoryError and PermissionError; EOFError is a compressed stream cut short.
-_READ_FAILURES = (OSError, EOFError, zlib.error, lzma.LZMAError)
+READ_FAILURES = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ class ReadError:
     def where(self) -> str:
         return f"{self.path}:{self.line}" if self.line is not None else str(self.path)
 
-    def describe(self) -> str:
+    def describe(self, unit: str = "document") -> str:
         """One line: ``file:line: unreadable (why); kept the N documents before it, skipped the rest``."""
         return (
-            f"{self.where}: unreadable ({self.detail}); kept the {self.kept} document(s) before it, "
+            f"{self.where}: unreadable ({self.detail}); kept the {self.kept} {unit}(s) before it, "
             "skipped the rest of the file"
         )
 
@@ -105,6 +106,19 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return paths
 
 
+def check_output_dir(directory: Path, option: str) -> None:
+    """InputError naming ``option`` and the path when ``directory`` cannot be (or be created as) a directory:
+    it, or a folder above it, is an existing file. Checked before any work starts."""
+    for p in (directory, *directory.parents):
+        if p.exists():
+            if not p.is_dir():
+                blocker = "it" if p == directory else str(p)
+                raise InputError(
+                    f"{option} {directory}: {blocker} is an existing file, not a directory (choose another path)"
+                )
+            return
+
+
 def input_kind(path: Path) -> str:
     """``"jsonl.gz"``, ``"jsonl"`` or ``"txt"`` from the file name; InputError otherwise."""
     name = path.name.lower()
@@ -133,7 +147,7 @@ def iter_documents(
                     kept += 1
                     yield doc
                 continue
-            with _OPENERS[kind](path, "rb") as f:
+            with open_jsonl(path) as f:
                 for lineno, raw in enumerate(f, start=1):
                     doc, reason = parse_jsonl_line(raw, json_key)
                     if reason is None:
@@ -141,14 +155,24 @@ def iter_documents(
                         yield doc
                     else:
                         on_skip(path, lineno, reason)
-        except _READ_FAILURES as e:
-            error = ReadError(path, None if kind == "txt" else lineno + 1, _failure(e), kept)
+        except READ_FAILURES as e:
+            error = ReadError(path, None if kind == "txt" else lineno + 1, read_failure(e), kept)
             if on_read_error is None:
                 raise InputError(error.describe()) from None
             on_read_error(error)
 
 
-def _failure(e: BaseException) -> str:
+def open_jsonl(path: Path) -> BinaryIO:
+    """A JSONL file opened for reading binary lines: ``.jsonl.gz``/``.jsonl.bz2``/``.jsonl.xz`` decompressed
+    (by name), any other name read as is. Reading it may raise one of :data:`READ_FAILURES`."""
+    name = path.name.lower()
+    for kind in ("jsonl.gz", "jsonl.bz2", "jsonl.xz"):
+        if name.endswith("." + kind):
+            return _OPENERS[kind](path, "rb")
+    return open(path, "rb")
+
+
+def read_failure(e: BaseException) -> str:
     """Why a read failed, in a few words (the path is named by the caller, not repeated)."""
     if isinstance(e, EOFError):
         return f"compressed data ends early, the file is truncated: {e}"
@@ -183,8 +207,8 @@ def _txt_document(path: Path, on_skip: SkipHandler) -> bytes | None:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        on_skip(path, 1, "invalid_utf8")
+    except UnicodeDecodeError as e:  # the file is one document: skipped whole, named at the bad bytes' line
+        on_skip(path, raw.count(b"\n", 0, e.start) + 1, "invalid_utf8")
         return None
     if not text or text.isspace():
         on_skip(path, 1, "empty_document")
@@ -212,12 +236,14 @@ class SkipCounter:
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
         self.counts = dict.fromkeys(SKIP_REASONS, 0)
+        self.first: dict[str, str] = {}  # reason -> ``file:line`` of its first bad document
         self.read_errors: list[ReadError] = []
 
     def __call__(self, path: Path, line: int, reason: str) -> None:
         if self.strict:
             raise BadLineError(f"{path}:{line}: {reason}")
         self.counts[reason] += 1
+        self.first.setdefault(reason, f"{path}:{line}")
 
     def read_error(self, error: ReadError) -> None:
         """The ``on_read_error`` handler: kept for the summary, or in strict mode raised as BadLineError."""
@@ -237,7 +263,8 @@ class SkipCounter:
         return sum(self.counts.values())
 
     def describe(self) -> str:
-        """``"3 (malformed_json=2, blank_line=1), 1 unreadable file(s)"``: the non-zero counts only."""
-        parts = [f"{reason}={n}" for reason, n in self.counts.items() if n]
+        """``"3 (malformed_json=2, first at a.jsonl:4; blank_line=1, first at b.txt:1), 1 unreadable file(s)"``:
+        the non-zero counts only, each with where its first bad document is."""
+        parts = [f"{reason}={n}, first at {self.first[reason]}" for reason, n in self.counts.items() if n]
         unreadable = f", {len(self.read_errors)} unreadable file(s)" if self.read_errors else ""
-        return f"{self.total}" + (f" ({', '.join(parts)})" if parts else "") + unreadable
+        return f"{self.total}" + (f" ({'; '.join(parts)})" if parts else "") + unreadable

@@ -44,7 +44,14 @@ from typing import Any, TypeVar
 
 from tokenizer import Tokenizer
 from tokenizer.builder_proc import cpu_seconds
-from tokenizer.io import BadLineError, InputError, SkipCounter, expand_inputs, iter_documents
+from tokenizer.io import (
+    BadLineError,
+    InputError,
+    SkipCounter,
+    check_output_dir,
+    expand_inputs,
+    iter_documents,
+)
 from tokenizer.writer import BuilderProcess, DatasetWriter, choose_dtype
 
 T = TypeVar("T")
@@ -316,6 +323,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def run(args: argparse.Namespace, started: float) -> int:
+    check_output_dir(Path(args.output_prefix).parent, "--output-prefix")
     tok = Tokenizer.load(args.tokenizer)
     paths = expand_inputs(args.input)
     stats = Stats(started)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizer import BOS_ID, EOS_ID, META_FILE, MODEL_FILE, PAD_ID, UNK_ID, Tokenizer
-from tokenizer.io import InputError, SkipCounter, expand_inputs, iter_documents
+from tokenizer.io import InputError, SkipCounter, check_output_dir, expand_inputs, iter_documents
 
 CHECK_DOCS = 256  # training documents re-encoded for the HF parity check
 CHECK_BYTES = 4 << 20  # ... at most this many bytes of them
@@ -246,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.monotonic()
     try:
+        check_output_dir(args.output, "--output")
         paths = expand_inputs(args.input)
     except InputError as e:
         print(f"tokenizer.train: error: {e}", file=sys.stderr)

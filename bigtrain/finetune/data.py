@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from tokenizer.io import READ_FAILURES, ReadError, open_jsonl, read_failure
+
 ROLES = ("system", "user", "assistant")
 # bigtrain's own template: BOS, then ``<|role|>`` headers; every assistant reply ends with EOS, which is
 # what the model learns to stop on (the export's generation_config stops on it).
@@ -272,21 +274,28 @@ class ReadStats:
     skipped: Counter = field(default_factory=Counter)  # reason -> lines
     truncated: int = 0
     dropped: int = 0  # over-long examples dropped (finetune.overlong=drop, or nothing left to train)
+    read_errors: list[ReadError] = field(default_factory=list)  # files that failed part way (not strict)
 
     def summary(self, name: str) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        unreadable = "".join(f"; {e.describe('record')}" for e in self.read_errors)
         return (
             f"{name}: {self.lines} lines, {self.used} examples used; over-long: {self.truncated} truncated, "
-            f"{self.dropped} dropped; skipped: {skipped}"
+            f"{self.dropped} dropped; skipped: {skipped}{unreadable}"
         )
 
 
 def expand_paths(spec: Any, key: str) -> list[Path]:
-    """A path, a glob, or a list of them -> existing files (sorted per pattern)."""
+    """A path, a glob, or a list of them -> existing files (sorted per pattern; a glob's directories left
+    out, a directory given by name is an error)."""
     items = spec if isinstance(spec, list) else [spec]
     files: list[Path] = []
     for item in items:
-        matches = sorted(glob.glob(str(item)))
+        if not glob.has_magic(str(item)) and Path(item).is_dir():
+            raise DataError(
+                f"{key}: {item} is a directory, not a file (give its files, e.g. '{item}/*.jsonl')"
+            )
+        matches = sorted(m for m in glob.glob(str(item)) if not Path(m).is_dir())
         if not matches:
             raise DataError(f"{key}: {item} matches no file")
         files += [Path(m) for m in matches]
@@ -294,21 +303,40 @@ def expand_paths(spec: Any, key: str) -> list[Path]:
 
 
 def _records(files: list[Path], strict: bool, stats: ReadStats) -> Iterator[tuple[str, dict]]:
+    """``(file:line, object)`` of every JSON-object line, read as tokenizer.io reads pretraining JSONL
+    (``.jsonl.gz``/``.bz2``/``.xz`` decompressed by name). A bad line (not UTF-8, malformed JSON) is counted
+    or, ``strict``, raised; a file that fails part way keeps the records before the failure and goes to
+    ``stats.read_errors`` (``strict``: DataError naming file:line)."""
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                stats.lines += 1
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError as e:
-                    _reject(where, f"malformed JSON ({e})", "malformed", strict, stats)
-                    continue
-                yield where, record
+        number, kept = 0, 0
+        try:
+            with open_jsonl(path) as f:
+                for number, raw in enumerate(f, 1):
+                    where = f"{path}:{number}"
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        stats.lines += 1
+                        message = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                        _reject(where, message, "invalid UTF-8", strict, stats)
+                        continue
+                    if not line.strip():
+                        continue
+                    stats.lines += 1
+                    try:
+                        record = json.loads(line)
+                        if not isinstance(record, dict):
+                            raise ValueError("not a JSON object")
+                    except ValueError as e:
+                        _reject(where, f"malformed JSON ({e})", "malformed", strict, stats)
+                        continue
+                    kept += 1
+                    yield where, record
+        except READ_FAILURES as e:
+            error = ReadError(path, number + 1, read_failure(e), kept)
+            if strict:
+                raise DataError(f"{error.where}: unreadable ({error.detail})") from None
+            stats.read_errors.append(error)
 
 
 def _reject(where: str, message: str, reason: str, strict: bool, stats: ReadStats) -> None:

@@ -201,3 +201,44 @@ def test_train_names_the_unreadable_file(tmp_path: Path) -> None:
         (str(cut), complete + 1, complete),
         (str(plain), 1, 0),
     ]
+
+
+# ------------------------------------------------------------------------------------------ named skips, outputs
+def test_invalid_utf8_txt_is_skipped_whole_and_named_at_its_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jsonl_bytes(DOCS[:3]))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"line one\nline two\nline three\nline four\nbad \xff\xfe bytes\nline six\n")
+    docs, skips = read_all([good, bad])
+    assert docs == DOCS[:3]  # the .txt is one document: skipped whole, the JSONL kept
+    assert skips.counts["invalid_utf8"] == 1 and skips.first == {"invalid_utf8": f"{bad}:5"}
+    assert skips.describe() == f"1 (invalid_utf8=1, first at {bad}:5)"
+    with pytest.raises(BadLineError, match=f"^{bad}:5: invalid_utf8$"):
+        read_all([good, bad], strict=True)
+
+
+def test_skip_summary_names_the_first_bad_line_of_each_reason(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(jsonl_bytes(DOCS[:2]) + b"{bad\n\n{bad\n" + jsonl_bytes(DOCS[2:3]))
+    docs, skips = read_all([path])
+    assert docs == DOCS[:3]
+    assert skips.describe() == f"3 (blank_line=1, first at {path}:4; malformed_json=2, first at {path}:3)"
+
+
+@pytest.mark.parametrize("tool", ["train", "preprocess"])
+def test_output_path_through_a_regular_file_is_a_usage_error(tmp_path: Path, tool: str) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jsonl_bytes(DOCS[:3]))
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory\n")
+    if tool == "train":
+        cmd = ["--input", str(good), "--vocab-size", "300", "--output", str(blocker)]
+        expected = f"tokenizer.train: error: --output {blocker}: it is an existing file, not a directory"
+    else:
+        cmd = ["--input", str(good), "--tokenizer", str(tmp_path), "--output-prefix", str(blocker / "x")]
+        expected = f"preprocess: error: --output-prefix {blocker}: it is an existing file, not a directory"
+    proc = run_cmd([sys.executable, "-m", f"tokenizer.{tool}", *cmd], timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(expected)
+    assert blocker.read_text() == "not a directory\n"
