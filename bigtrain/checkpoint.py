@@ -6,7 +6,8 @@
   keyed by layout key (``"3.attention.qkv.weight"``), written by data-parallel rank 0; conversion and
   weights-only loads read only these, whatever the ZeRO stage was;
 - ``rng/rank{R}.pt``: every rank's RNG states;
-- ``bigtrain.json``: the resolved config, training state (step, consumed samples, skipped batches) and layout;
+- ``bigtrain.json``: the resolved config, training state (step, consumed samples, skipped batches), layout
+  and the identity of the data files (``data``: per prefix sizes and metadata digest, compared at resume);
 - ``manifest.json``: every file with its size and sha256 (:mod:`bigtrain.checkpoint_files`).
 
 A save writes into ``.tmp_step_X``; every rank fsyncs and checksums the files it wrote, rank 0 writes the
@@ -33,6 +34,7 @@ from safetensors.torch import save_file
 from bigtrain import checkpoint_files as files
 from bigtrain.checkpoint_files import LATEST, META, SAVE_FAULT_POINTS, tag_for
 from bigtrain.config import Config, ModelConfig, config_from_dict
+from bigtrain.data.validate import recorded_data
 from bigtrain.distributed import Dist, barrier
 from bigtrain.models import layout
 
@@ -175,6 +177,8 @@ def save_checkpoint(
                 "data_parallel": cfg.derived.data_parallel_size,
             },
             "config": cfg.to_dict(),
+            # the files behind the data position, compared at resume (resume_rules.data_changes)
+            "data": recorded_data(cfg.data),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
         written.append(tmp / META)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -314,10 +315,14 @@ def reconcile(
     if pretraining and cfg.data.train_samples is None:
         kept_order = cfg.data.train_samples = num_samples(saved)[0]
     refused, honoured, said = [], [], {}
+    data_refused, data_said = data_changes(cfg, meta, ckpt, step)
     for name, rule in RULES.items():
         before, after = _get(saved, name), _get(cfg, name)
         if name == "data.train_samples":
             before = num_samples(saved)[0] if pretraining else before
+        if name in ("data.train", "data.valid"):
+            if _resolved(before) == _resolved(after) or (name == "data.train" and _has_record(cfg, meta)):
+                continue  # the same files by another path; or what data_changes compared
         if before == after:
             continue
         kind = rule.kind_for(saved, cfg)
@@ -326,6 +331,8 @@ def reconcile(
         elif kind == HONOURED:
             said[name] = len(honoured)
             honoured.append(f"{name}: {_show(before)} → {_show(after)} from step {step + 1}")
+    refused += data_refused
+    honoured += data_said
     if pretraining and not refused:
         needed = train_samples_needed(cfg, step, consumed)
         saved_count = num_samples(saved)[0]
@@ -379,6 +386,107 @@ def reconcile(
     if refused:
         raise ConfigError(f"resuming from {ckpt}: " + "; ".join(refused))
     return honoured
+
+
+def _resolved(spec: Any) -> Any:
+    """``data.train``/``data.valid`` with every name as an absolute path (``data/w``, ``./data/w`` and
+    ``/abs/data/w`` are one corpus); as given when it does not parse."""
+    from bigtrain.data import DataError, parse_blend
+
+    if spec is None:
+        return None
+    try:
+        members = parse_blend(spec)
+    except DataError:
+        return spec
+    return [(m.weight, [os.path.abspath(os.path.expanduser(n)) for n in m.names]) for m in members]
+
+
+def _has_record(cfg: Config, meta: dict[str, Any]) -> bool:
+    return not cfg.data.mock and (meta.get("data") or {}).get("data.train") is not None
+
+
+def data_changes(cfg: Config, meta: dict[str, Any], ckpt: str, step: int) -> tuple[list[str], list[str]]:
+    """(refusals, lines to say) from comparing the data files ``cfg`` names now with those the checkpoint
+    recorded (``bigtrain.json``'s ``data``, :func:`bigtrain.data.validate.recorded_data`), shard by shard
+    in blend order, on sizes and the ``PREFIX.meta.json`` digest (not mtimes: a copy changes them).
+    ``data.train`` holding other content is refused; other content in ``data.valid`` only changes
+    validation and is said. The same content under another path is accepted (said), except where no
+    metadata file can tell. Checkpoints from before the record: accepted, said; mock data: nothing."""
+    from bigtrain.data import DataError
+    from bigtrain.data.validate import data_record
+
+    if cfg.data.mock or cfg.data.train is None:
+        return [], []
+    recorded = meta.get("data")
+    if recorded is None:
+        return [], [
+            f"data.train: not compared with the data the checkpoint was trained on ({ckpt} predates "
+            "checkpoints recording their data's identity)"
+        ]
+    refused, said = [], []
+    for name in ("data.train", "data.valid"):
+        spec, before = getattr(cfg.data, name[5:]), recorded.get(name)
+        if spec is None or before is None:
+            continue
+        try:
+            now = data_record(spec, name)
+        except (DataError, OSError):
+            continue  # missing or unreadable: pre-flight's validation names the file
+        problem, moved = _data_difference(before, now)
+        if problem and name == "data.train":
+            refused.append(
+                f"data.train: {problem} ({DATA}); restore the files the checkpoint was trained on to resume, "
+                f"or start a new train.run_dir from its weights with checkpoint.load={ckpt} (fresh optimizer, "
+                "step 0)"
+            )
+        elif problem:
+            said.append(f"data.valid: {problem}; validation from step {step + 1} uses the new files")
+        elif moved:
+            said.append(f"{name}: {moved} (the same files: sizes and preprocessing run equal)")
+    return refused, said
+
+
+_IDENTITY_FIELDS = (
+    ("bin_size", ".bin bytes"),
+    ("idx_size", ".idx bytes"),
+    ("meta_sha256", "meta.json sha256"),
+)
+
+
+def _data_difference(before: list[dict], now: list[dict]) -> tuple[str | None, str | None]:
+    """(what differs, or None; the moved prefixes, or None) between two :func:`data_record` values."""
+
+    def names(record: list[dict]) -> str:
+        return ", ".join(
+            f"{m['weight']}:{p}" if m["weight"] is not None else p for m in record for p, _ in m["shards"]
+        )
+
+    if [(m["weight"], len(m["shards"])) for m in before] != [(m["weight"], len(m["shards"])) for m in now]:
+        return f"the checkpoint was trained on {names(before)}, the config names {names(now)}", None
+    moved = []
+    pairs = [(b, n) for mb, mn in zip(before, now) for b, n in zip(mb["shards"], mn["shards"])]
+    for (old_prefix, old), (prefix, new) in pairs:
+        diffs = [
+            f"{label} {_short(old.get(key))} → {_short(new.get(key))}"
+            for key, label in _IDENTITY_FIELDS
+            if old.get(key) != new.get(key)
+        ]
+        if diffs:
+            return f"{prefix} is not the data the checkpoint was trained on ({', '.join(diffs)})", None
+        if old_prefix != prefix:
+            if old.get("meta_sha256") is None:
+                return (
+                    f"the checkpoint was trained on {old_prefix}, the config names {prefix} (no "
+                    f"{prefix}.meta.json to tell whether they hold the same data)",
+                    None,
+                )
+            moved.append(f"{old_prefix} → {prefix}")
+    return None, ", ".join(moved) or None
+
+
+def _short(value: Any) -> str:
+    return "none" if value is None else value[:12] if isinstance(value, str) else str(value)
 
 
 def _refusal(name: str, rule: Rule, saved: Config, before: Any, after: Any, ckpt: str) -> str:

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
+
 import pytest
 import torch
 
 from bigtrain.config import Config, ConfigError, load_config
+from bigtrain.data.validate import recorded_data
 from bigtrain.resume_rules import FREE, HONOURED, REFUSED, RULES, leaves, reconcile
 from tests.conftest import REPO
 
@@ -20,7 +25,12 @@ def config(*overrides: str, world: int = 1) -> Config:
 
 def meta(cfg: Config, step: int = 4) -> dict:
     """bigtrain.json of a checkpoint of ``cfg`` after ``step`` steps (no skipped batches)."""
-    return {"step": step, "consumed_samples": step * cfg.train.global_batch_size, "config": cfg.to_dict()}
+    return {
+        "step": step,
+        "consumed_samples": step * cfg.train.global_batch_size,
+        "config": cfg.to_dict(),
+        "data": recorded_data(cfg.data),
+    }
 
 
 def test_every_config_field_is_classified():
@@ -195,6 +205,84 @@ def test_mock_data_keeps_its_order_for_more_steps():
     ]
     saved, extended = (build_datasets(config(f"train.steps={n}"))[0] for n in (4, 8))
     assert all(torch.equal(saved[i]["tokens"], extended[i]["tokens"]) for i in range(32))
+
+
+def corpus(prefix, documents: int, seed: int = 0):
+    """A corpus as tokenizer.preprocess leaves it: the files and a PREFIX.meta.json of this run."""
+    from tests.training.helpers import write_corpus
+
+    write_corpus(prefix, documents=documents, seed=seed)
+    prefix.with_name(prefix.name + ".meta.json").write_text(json.dumps({"preprocess_id": uuid.uuid4().hex}))
+    return prefix
+
+
+def on(data: str, *overrides: str) -> Config:
+    return config(
+        "data.mock=false", f"data.train={data}", 'data.split="100,0,0"', "model.vocab_size=512", *overrides
+    )
+
+
+def test_data_files_are_compared_with_the_checkpoints(tmp_path, monkeypatch):
+    """The issue's trial: a run on data/w (133 docs), then 60 other documents preprocessed to the same
+    prefix. The checkpoint records each prefix's sizes and metadata digest; the same files by another
+    path or with new mtimes (a copy) resume, other content under the same name is refused naming it."""
+    monkeypatch.chdir(tmp_path)
+    prefix = corpus(tmp_path / "data" / "w", documents=133)
+    saved = meta(on("data/w"), step=2)
+    assert saved["data"]["data.train"][0]["shards"][0][0] == str(prefix)
+    for same in ("data/w", "./data/w", str(prefix), "data/../data/w"):
+        assert reconcile(on(same), saved, CKPT) == [], same
+    for ext in (".bin", ".idx", ".meta.json"):  # a copy: new mtimes, same content
+        os.utime(f"{prefix}{ext}", ns=(1, 1))
+    assert reconcile(on("./data/w"), saved, CKPT) == []
+
+    corpus(prefix, documents=60, seed=1)  # re-preprocessed: other documents, same prefix
+    with pytest.raises(ConfigError) as err:
+        reconcile(on("data/w", "train.steps=3"), saved, CKPT)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"resuming from {CKPT}: data.train: {prefix} is not the"
+    )
+    assert ".bin bytes" in message and "meta.json sha256" in message
+    assert (
+        "restore the files the checkpoint was trained on" in message and f"checkpoint.load={CKPT}" in message
+    )
+    assert "data order of the saved run kept" not in message
+
+    # the same sizes, another preprocessing run (only its metadata digest tells): refused too
+    corpus(prefix, documents=133)
+    again = meta(on("data/w"), step=2)
+    prefix.with_name("w.meta.json").write_text(json.dumps({"preprocess_id": uuid.uuid4().hex}))
+    with pytest.raises(
+        ConfigError, match=r"data\.train: .*/data/w is not the .*\(meta\.json sha256 \w+ → \w+\)"
+    ):
+        reconcile(on("data/w"), again, CKPT)
+
+
+def test_data_identity_edges(tmp_path, monkeypatch):
+    """Moved data with the same content resumes (said); validation files with other content are said,
+    not refused; a checkpoint from before the record is accepted with a line; mock data has no files."""
+    monkeypatch.chdir(tmp_path)
+    corpus(tmp_path / "a" / "w", documents=20)
+    valid = corpus(tmp_path / "v" / "w", documents=20)
+    saved = meta(on("a/w", "data.valid=v/w"), step=2)
+    os.rename(tmp_path / "a", tmp_path / "b")
+    assert reconcile(on("b/w", "data.valid=v/w"), saved, CKPT) == [
+        f"data.train: {tmp_path}/a/w → {tmp_path}/b/w (the same files: sizes and preprocessing run equal)"
+    ]
+    corpus(valid, documents=30, seed=2)
+    moved, line = reconcile(on("b/w", "data.valid=v/w"), saved, CKPT)
+    assert moved.startswith("data.train: ") and line.startswith(f"data.valid: {valid} is not the data")
+    assert "idx bytes" in line and line.endswith("validation from step 3 uses the new files")
+    old = {k: v for k, v in saved.items() if k != "data"}  # nothing proves b/w holds a/w's data: refused
+    with pytest.raises(ConfigError, match="data.train: checkpoint a/w vs config b/w"):
+        reconcile(on("b/w", "data.valid=v/w"), old, CKPT)
+    os.rename(tmp_path / "b", tmp_path / "a")  # the same path, written another way: accepted, said
+    assert reconcile(on("./a/w", "data.valid=v/w"), old, CKPT) == [
+        f"data.train: not compared with the data the checkpoint was trained on ({CKPT} predates checkpoints "
+        "recording their data's identity)"
+    ]
+    assert meta(config())["data"] == {} and reconcile(config(), meta(config()), CKPT) == []
 
 
 def test_finetune_fields():

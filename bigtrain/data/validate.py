@@ -159,6 +159,42 @@ def data_identity(prefix: str, meta_sha256: str | None = None) -> dict[str, Any]
     }
 
 
+def content_identity(prefix: str) -> dict[str, Any]:
+    """What a checkpoint records of one dataset it was trained on: what changes with the content and not
+    with a copy to another machine (mtimes do): both files' sizes and the sha256 of ``PREFIX.meta.json``
+    (None without one), whose ``preprocess_id`` is unique per ``tokenizer.preprocess`` run."""
+    b, i = os.stat(prefix + ".bin"), os.stat(prefix + ".idx")
+    return {"bin_size": b.st_size, "idx_size": i.st_size, "meta_sha256": _read_meta(prefix)[2]}
+
+
+def data_record(data: DataSpec, field: str) -> list[dict[str, Any]]:
+    """``data.train``/``data.valid`` as the files it names now: per blend member its weight and its shards
+    as ``[absolute prefix, content_identity]`` in blend order. Raises DataError or OSError when a file is
+    missing or unreadable."""
+    members = []
+    for spec in parse_blend(data, field):
+        prefixes = dict.fromkeys(p for name in spec.names for p in resolve_corpus(name))
+        members.append({"weight": spec.weight, "shards": [[p, content_identity(p)] for p in prefixes]})
+    return members
+
+
+def recorded_data(data: Any) -> dict[str, Any]:
+    """What a checkpoint's ``bigtrain.json`` records of the data it was trained on (``data``: the config's
+    ``data`` section): ``{"data.train": data_record, "data.valid": ...}`` for the fields that are set, a
+    record None where the files cannot be read; empty for mock data."""
+    if data.mock:
+        return {}
+    out: dict[str, Any] = {}
+    for name in ("train", "valid"):
+        spec = getattr(data, name)
+        if spec is not None:
+            try:
+                out[f"data.{name}"] = data_record(spec, f"data.{name}")
+            except (DataError, OSError):
+                out[f"data.{name}"] = None
+    return out
+
+
 def _as_dtype(name: str) -> np.dtype | None:
     try:
         return np.dtype(name)

@@ -185,6 +185,28 @@ def test_fewer_steps_keep_the_saved_data_order(four_steps, tmp_path):
     assert [window(saved, i) for i in range(16, 24)] != [window(rebuilt, i) for i in range(16, 24)]
 
 
+def test_other_data_under_the_saved_prefix_is_refused(tmp_path):
+    """The user's trial: 2 steps on data/w (133 documents), then 60 other documents written to the same
+    prefix and a relaunch with train.steps=3. It exited 0 saying the saved data order was kept (it was
+    rebuilt from the new files); now pre-flight compares the files with those bigtrain.json records and
+    refuses, naming the prefix and the remedies."""
+    prefix = write_corpus(tmp_path / "data" / "w", documents=133)
+    run = tmp_path / "run"
+    single(train_args(prefix, run, steps=2))
+    recorded = meta(run, 2)["data"]["data.train"][0]["shards"]
+    assert [p for p, _ in recorded] == [str(prefix)] and recorded[0][1]["bin_size"] > 0
+    write_corpus(prefix, documents=60, seed=1)
+    out = single(train_args(prefix, run, steps=3), check=False, no_start_up=True)
+    assert_refused_before_start_up(
+        out,
+        f"data.train: {prefix} is not the data the checkpoint was trained on (.bin bytes ",
+        "restore the files the checkpoint was trained on",
+        "checkpoint.load=",
+    )
+    assert "data order of the saved run kept" not in out.stdout + out.stderr
+    assert latest_tag(run / "checkpoints") == "step_00000002"
+
+
 def test_data_parallel_size_and_honoured_changes_at_zero1(tmp_path):
     """ZeRO-1 on 2 ranks. Relaunched on 1 process: refused in pre-flight (DeepSpeed's own error came after
     start-up) with the remedy; at another ZeRO stage too. Relaunched on 2 ranks with a new LR schedule,
