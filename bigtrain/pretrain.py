@@ -116,7 +116,7 @@ def preflight(cfg: Config, rank: int) -> None:
     from bigtrain import checkpoint_files as files
     from bigtrain.checkpoint import layout_change_message, model_shape_differences
     from bigtrain.config import config_from_dict
-    from bigtrain.resume_rules import built_order_change, reconcile
+    from bigtrain.resume_rules import built_order_change, check_chat_template, reconcile
 
     def saved_meta(ckpt: Path) -> dict:
         try:
@@ -148,6 +148,7 @@ def preflight(cfg: Config, rank: int) -> None:
         # (a data order megatron must build to compare: rank 0 decides, see rank0_decides_order)
         order_change = built_order_change if rank == 0 else rank0_decides_order
         reconcile(copy.deepcopy(cfg), meta, str(newest), order_change)
+        check_chat_template(cfg, meta, str(newest))  # SFT: the template it was trained with
     elif cfg.checkpoint.load:
         from bigtrain.checkpoint import resolve_weights_dir
 

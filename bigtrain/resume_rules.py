@@ -489,6 +489,35 @@ def _short(value: Any) -> str:
     return "none" if value is None else value[:12] if isinstance(value, str) else str(value)
 
 
+def check_chat_template(cfg: Config, meta: dict[str, Any], ckpt: str) -> None:
+    """An SFT checkpoint records the chat template it was trained with (``chat_template`` in its
+    metadata); resuming after the tokenizer directory's template changed would continue on a format the
+    run did not start with (and mix two in one model): ConfigError naming the file and the remedy.
+    Checkpoints without the record (pretraining, classification, older runs) are not compared."""
+    from bigtrain.finetune.data import DataError, current_template, template_file
+
+    recorded = meta.get("chat_template")
+    if cfg.finetune.task != "sft" or not isinstance(recorded, dict) or not cfg.data.tokenizer:
+        return
+    try:
+        now = current_template(cfg.data.tokenizer)
+    except DataError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if now == recorded.get("text"):
+        return
+    import hashlib
+
+    where = template_file(cfg.data.tokenizer)
+    current = f"sha256 {hashlib.sha256(now.encode('utf-8')).hexdigest()[:12]}" if now else "none"
+    raise ConfigError(
+        f"resuming from {ckpt}: the chat template in {where} ({current}) differs from the one the checkpoint "
+        f"was trained with (sha256 {str(recorded.get('sha256'))[:12]}, from {recorded.get('source')}); "
+        f"restore that template (python -m bigtrain.finetune.chat_template --tokenizer {cfg.data.tokenizer} "
+        f"--template FILE with the text recorded under chat_template in {ckpt}/bigtrain.json), or start a "
+        f"new train.run_dir with checkpoint.load={ckpt} to fine-tune on the new template"
+    )
+
+
 def _refusal(name: str, rule: Rule, saved: Config, before: Any, after: Any, ckpt: str) -> str:
     what = f"{name}: checkpoint {_show(before)} vs config {_show(after)} ({rule.why})"
     if name == DP_SIZE:

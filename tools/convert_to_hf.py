@@ -124,20 +124,63 @@ def special_ids(meta: dict, tokenizer_dir: Path | None) -> dict[str, int | None]
     return {k: getattr(hf, k) for k in SPECIAL}
 
 
-def stop_ids(tokenizer_dir: Path | None, eos: int | None) -> int | list[int] | None:
+def stop_ids(
+    tokenizer_dir: Path | None, eos: int | None, template: str | None = None
+) -> int | list[int] | None:
     """generation_config's eos_token_id: EOS plus the token the chat template ends assistant replies with
-    (``<|im_end|>``, ``<|eot_id|>``, ...) when it is another one, so generation stops where SFT taught it."""
+    (``<|im_end|>``, ``<|eot_id|>``, ...) when it is another one, so generation stops where SFT taught it.
+    ``template``: the one the checkpoint was trained with (default: the directory's)."""
     ids = [] if eos is None else [eos]
     if has_hf_tokenizer(tokenizer_dir):
         from bigtrain.finetune.data import ChatTemplate, DataError
 
         try:
-            chat = ChatTemplate(tokenizer_dir)
+            chat = ChatTemplate(tokenizer_dir, template)
             ids += [i for i in chat.end_of_turn_ids() if i not in ids]
         except DataError as e:
             if "no chat template" not in str(e):
                 print(f"convert_to_hf: warning: {e}; generation stops on EOS only", file=sys.stderr)
     return ids[0] if len(ids) == 1 else ids or None
+
+
+def trained_template(reader: WeightReader, tokenizer_dir: Path | None) -> str | None:
+    """The chat template an SFT checkpoint was trained with (``chat_template`` in its bigtrain.json), which
+    the export writes; when the tokenizer directory now holds another one, a one-line warning names both.
+    None for checkpoints that record none (pretraining, classification, imports, older runs)."""
+    recorded = reader.meta.get("chat_template")
+    if not isinstance(recorded, dict) or not recorded.get("text") or tokenizer_dir is None:
+        return None
+    from bigtrain.finetune.data import DataError, current_template, template_file
+
+    try:
+        now = current_template(tokenizer_dir)
+    except DataError:
+        now = None
+    if now != recorded["text"]:
+        import hashlib
+
+        current = f"sha256 {hashlib.sha256(now.encode('utf-8')).hexdigest()[:12]}" if now else "none"
+        print(
+            f"convert_to_hf: warning: the chat template in {template_file(tokenizer_dir)} ({current}) differs "
+            f"from the one {reader.dir} was trained with (sha256 {str(recorded.get('sha256'))[:12]}, from "
+            f"{recorded.get('source')}); the export uses the trained one",
+            file=sys.stderr,
+        )
+    return recorded["text"]
+
+
+def write_template(export_dir: Path, template: str) -> None:
+    """Put ``template`` where transformers reads it in the export: chat_template.jinja when the copied
+    files have one, else tokenizer_config.json's ``chat_template`` (nothing else of it changes)."""
+    from bigtrain.finetune.data import CHAT_TEMPLATE_FILE
+
+    jinja, config_file = export_dir / CHAT_TEMPLATE_FILE, export_dir / "tokenizer_config.json"
+    if jinja.is_file():
+        jinja.write_text(template, encoding="utf-8")
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: Path | None = None) -> dict:
@@ -249,13 +292,16 @@ def export(
         config = hf_config(cfg, dtype, reader.meta, tokenizer_dir)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         generation = {k: config[k] for k in SPECIAL if config[k] is not None}
-        if (eos := stop_ids(tokenizer_dir, config["eos_token_id"])) is not None:
+        trained = trained_template(reader, tokenizer_dir)
+        if (eos := stop_ids(tokenizer_dir, config["eos_token_id"], trained)) is not None:
             generation["eos_token_id"] = eos
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer_dir is not None:
             for f in sorted(tokenizer_dir.iterdir()):
                 if f.is_file() and f.name not in WRITTEN and not f.name.endswith(".safetensors"):
                     shutil.copy2(f, tmp / f.name)
+            if trained is not None:
+                write_template(tmp, trained)
         _replace(tmp, out)
         if peft_adapter is not None:
             write_peft_adapter(reader, cfg, peft_adapter, out)

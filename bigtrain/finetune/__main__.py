@@ -5,6 +5,7 @@ tools/convert_from_hf.py output). ``deepspeed launch/finetune.sh`` runs the same
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -19,6 +20,7 @@ from bigtrain.finetune.data import DataError
 class Prepared:
     train: list  # items (packed sequences or examples) as dicts of tensors
     valid: list
+    chat_template: dict | None = None  # sft: data.template_record, saved with every checkpoint
 
 
 def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
@@ -27,12 +29,14 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
     from bigtrain.finetune import data as d
 
     f, seq = cfg.finetune, cfg.model.seq_length
+    record = None
     if not cfg.data.tokenizer:
         raise DataError("data.tokenizer: fine-tuning needs a tokenizer directory")
     if f.task == "sft":
         # the exported tokenizer files render and tokenize: what is trained is what the export serves
         chat = d.ChatTemplate(cfg.data.tokenizer)
         log(chat.describe())
+        record = d.template_record(chat)
 
         def read(spec, key):
             examples, stats = d.read_sft(spec, key, chat, seq, f.overlong, f.strict)
@@ -66,7 +70,7 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
     if f.epochs:
         cfg.train.steps = math.ceil(f.epochs * len(train) / cfg.train.global_batch_size)
         log(f"finetune.epochs {f.epochs}: train.steps = {cfg.train.steps}")
-    return Prepared(train, valid)
+    return Prepared(train, valid, record)
 
 
 def data_factory(prepared: Prepared):
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     run_or_exit(
         cfg,
         data=data_factory(prepared),
-        trainer_cls=FinetuneTrainer,
+        trainer_cls=functools.partial(FinetuneTrainer, chat_template=prepared.chat_template),
         build=lambda c, topology=None: build_finetune_model(c, topology),
     )
 

@@ -81,6 +81,30 @@ def save_chat_template(tokenizer_dir: str | Path, template: str = DEFAULT_CHAT_T
     return path
 
 
+def template_record(chat: ChatTemplate) -> dict[str, Any]:
+    """What an SFT checkpoint's metadata records of the template it was trained with (``chat_template``
+    in bigtrain.json): the text, its sha256, the file it came from and the sha256 of the directory's
+    tokenizer.model (when there is one). The export writes this text; a resume compares it."""
+    import hashlib
+
+    model = Path(chat.tokenizer_dir) / "tokenizer.model"
+    return {
+        "sha256": hashlib.sha256(chat.template.encode("utf-8")).hexdigest(),
+        "source": chat.source,
+        "tokenizer_fingerprint": hashlib.sha256(model.read_bytes()).hexdigest() if model.is_file() else None,
+        "text": chat.template,
+    }
+
+
+def current_template(tokenizer_dir: str | Path) -> str | None:
+    """The chat template ``AutoTokenizer.from_pretrained(tokenizer_dir)`` holds now (its ``default`` one
+    when it has several), None when it has none; DataError when the directory does not load."""
+    template = hf_tokenizer(tokenizer_dir).chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template or None
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
@@ -127,7 +151,7 @@ class ChatTemplate:
         except ImportError:  # a syntax error then surfaces, named, at the first render
             _compile_jinja_template = None
 
-        tokenizer_dir = Path(tokenizer_dir)
+        tokenizer_dir = self.tokenizer_dir = Path(tokenizer_dir)
         self.hf = hf_tokenizer(tokenizer_dir, **hf_kwargs)
         self.source = source or str(template_file(tokenizer_dir))
         if template is None:

@@ -73,8 +73,9 @@ class EarlyStopping:
 class FinetuneTrainer(Trainer):
     """The Trainer on fine-tuning batches; validation covers every validation item each time."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, chat_template: dict[str, Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.chat_template = chat_template  # sft: the template trained with (data.template_record)
         self.valid_items = list(self.make_valid_batches()) if self.make_valid_batches else []
         f = self.cfg.finetune
         self.stopper = EarlyStopping(f.metric, f.patience, f.min_delta)
@@ -89,7 +90,10 @@ class FinetuneTrainer(Trainer):
 
     def extra_state(self) -> dict[str, Any]:
         s = self.stopper
-        return {"early_stopping": {"best": s.best, "best_step": s.best_step, "bad": s.bad}}
+        state: dict[str, Any] = {"early_stopping": {"best": s.best, "best_step": s.best_step, "bad": s.bad}}
+        if self.chat_template is not None:  # what the export writes and a resume compares (resume_rules)
+            state["chat_template"] = self.chat_template
+        return state
 
     def load_extra_state(self, saved: dict[str, Any]) -> None:
         """A resumed run keeps its patience count (validations without a gain) and best value."""
@@ -274,6 +278,8 @@ def save_best(trainer: FinetuneTrainer, step: int, result: dict[str, Any]) -> No
             "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline},
             "config": cfg.to_dict(),
         }
+        if trainer.chat_template is not None:
+            meta["chat_template"] = trainer.chat_template
         (tmp / "bigtrain.json").write_text(json.dumps(meta, indent=2))
         from bigtrain.checkpoint_files import write_manifest
 

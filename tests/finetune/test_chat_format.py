@@ -469,3 +469,58 @@ def test_classification_ids_equal_what_the_exported_classifier_is_given(name: st
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
     former = [sp.encode(r["text"], add_bos=True) for r in rows]
     assert (former == served) == (name == "default")
+
+
+def test_export_and_resume_use_the_template_the_checkpoint_was_trained_with(tok_dir: Path, tmp_path: Path):
+    """Train with template A, store template B in the same tokenizer directory: the export writes A (its
+    apply_chat_template gives the trained ids) with one warning naming both; the relaunch is refused
+    before start-up, naming the tokenizer's file and the remedy."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import REPO
+    from tests.finetune.helpers import reverse_rows, reverse_split
+    from tests.training.helpers import assert_refused_before_start_up, single
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tok_dir, tok)  # the session tokenizer keeps its template
+    a = d.current_template(tok)
+    train, _ = reverse_split(16, 0)
+    write_jsonl(tmp_path / "train.jsonl", reverse_rows(train))
+    run_dir = tmp_path / "run"
+    args = ["--config", SFT_TINY, "--set", f"data.tokenizer={tok}", f"finetune.train={tmp_path / 'train.jsonl'}",
+            "finetune.valid=null", f"train.run_dir={run_dir}", "optim.warmup_steps=0"]  # fmt: skip
+    single([*args, "train.steps=2"], module="bigtrain.finetune")
+    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "bigtrain.json").read_text())
+    assert meta["chat_template"]["text"] == a
+    assert meta["chat_template"]["sha256"] == hashlib.sha256(a.encode()).hexdigest()
+
+    b = a.replace("{{ eos_token }}", "{{ eos_token + eos_token }}")  # B: two EOS after each reply
+    store_template(tok, b, tmp_path)
+    assert d.current_template(tok) == b
+    conv = [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "c b a"}]
+    trained = d.ChatTemplate(tok, a).encode(conv).tokens
+    assert d.ChatTemplate(tok).encode(conv).tokens != trained  # the control: B renders other ids
+
+    out = tmp_path / "export"
+    proc = run_cmd([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--checkpoint",
+                    str(run_dir / "checkpoints"), "--output", str(out)], timeout=180)  # fmt: skip
+    warnings = [x for x in proc.stderr.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and str(tok / "tokenizer_config.json") in warnings[0], proc.stderr
+    assert (
+        "differs from the one" in warnings[0] and hashlib.sha256(b.encode()).hexdigest()[:12] in warnings[0]
+    )
+    assert (
+        meta["chat_template"]["sha256"][:12] in warnings[0]
+        and "the export uses the trained one" in warnings[0]
+    )
+    hf = AutoTokenizer.from_pretrained(out)
+    assert hf.chat_template == a
+    assert hf.apply_chat_template(conv, tokenize=True)["input_ids"] == trained
+
+    refused = single([*args, "train.steps=4"], module="bigtrain.finetune", no_start_up=True, check=False)
+    assert_refused_before_start_up(
+        refused, f"the chat template in {tok / 'tokenizer_config.json'}", "differs from the one the checkpoint",
+        "restore that template", "checkpoint.load=",
+    )  # fmt: skip

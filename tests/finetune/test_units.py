@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,27 @@ def test_lora_dropout_is_one_mask_over_the_full_input():
     assert torch.allclose(full[kept], x[kept] / (1 - p)) and 0.1 < 1 - kept.float().mean() < 0.4
     module, rng = LoRADropout(p).eval(), torch.get_rng_state()
     assert module(x) is x and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_resume_compares_the_recorded_chat_template(tok_dir: Path, tmp_path: Path):
+    """resume_rules.check_chat_template: the recorded template unchanged passes; another one in the
+    tokenizer directory is refused naming its file; no record (older runs) or classification: not compared."""
+    import shutil
+
+    from bigtrain.config import ConfigError
+    from bigtrain.resume_rules import check_chat_template
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tok_dir, tok)
+    cfg = load_config(str(Path(__file__).parents[2] / "configs" / "sft-tiny.yaml"), [f"data.tokenizer={tok}"])
+    meta = {"chat_template": d.template_record(d.ChatTemplate(tok))}
+    assert meta["chat_template"]["tokenizer_fingerprint"] is not None
+    check_chat_template(cfg, meta, "CKPT")
+    d.save_chat_template(tok, d.DEFAULT_CHAT_TEMPLATE.replace("<|", "<<|"))
+    with pytest.raises(
+        ConfigError, match=rf"chat template in {re.escape(str(tok / 'tokenizer_config.json'))} .* differs"
+    ):
+        check_chat_template(cfg, meta, "CKPT")
+    check_chat_template(cfg, {}, "CKPT")
+    cfg.finetune.task = "classify"
+    check_chat_template(cfg, meta, "CKPT")
