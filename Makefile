@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo lint format clean
+.PHONY: venv test test-fast demo lint format clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -21,6 +21,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
+
+# the fast tier for iteration: everything but the multi-process end-to-end tests (marked slow)
+test-fast: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
