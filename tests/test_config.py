@@ -119,6 +119,13 @@ def test_config_file_errors(tmp_path: Path):
         load_config(bad)
 
 
+def config_error(override: str) -> str:
+    """The one-line ConfigError of tiny.yaml with ``override``, loaded and validated for one process."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override]).resolve(1)
+    return str(err.value)
+
+
 def test_numbers_as_people_write_them(tmp_path: Path):
     """PyYAML (YAML 1.1) reads 3e-4, 1e5 and 1E-3 as strings; numeric fields take them, from a file and
     from --set, and a value that is no number names the field and shows an accepted form."""
@@ -146,9 +153,7 @@ def test_numbers_as_people_write_them(tmp_path: Path):
         "data.train_samples=lots": "data.train_samples: expected null or int (an integer like 1000 or 1e5), got 'lots'",
     }
     for override, message in cases.items():
-        with pytest.raises(ConfigError) as err:
-            load_config(TINY, [override])
-        assert str(err.value) == message
+        assert config_error(override) == message
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: 3e_4\n")
     with pytest.raises(ConfigError, match=r"^optim\.lr: expected float \(a number like 3e-4"):
@@ -173,8 +178,6 @@ def test_values_no_run_can_use_are_refused_before_start_up():
         "optim.grad_clip=-1": "optim.grad_clip must be >= 0 (0 disables clipping), got -1.0",
     }
     for override, message in cases.items():
-        with pytest.raises(ConfigError) as err:
-            load_config(TINY, [override]).resolve(1)
-        assert str(err.value).startswith(message), (override, str(err.value))
+        assert config_error(override).startswith(message), (override, config_error(override))
     # a constant schedule never reaches min_lr: a larger one is harmless there
     load_config(TINY, ["optim.min_lr=1e-2", "optim.decay=constant"]).resolve(1)
