@@ -94,7 +94,8 @@ def time_sentencepiece(tok: Tokenizer, docs: list[str], workers: int, numpy_out:
     else:
         out = tok.encode_batch(docs, num_threads=workers)
     elapsed, cpu1 = time.perf_counter() - start, os.times()
-    cpu = cpu1.user + cpu1.system - cpu0.user - cpu0.system
+    # os.times counts whole clock ticks (10 ms): a faster encode reads 0 CPU seconds; bound it by one tick
+    cpu = max(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1 / os.sysconf("SC_CLK_TCK"))
     tokens = sum(len(ids) for ids in out)
     return {
         "mb_per_s": nbytes / 1e6 / elapsed,
