@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bigtrain import checkpoint_files as files
+from bigtrain import compat
 from bigtrain.checkpoint_files import LATEST, META, SAVE_FAULT_POINTS, tag_for
 from bigtrain.config import Config, ModelConfig, config_from_dict
 from bigtrain.data.validate import recorded_data
@@ -112,27 +113,6 @@ class _SaveFaults:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _EngineFileRecorder:
-    """Records the files DeepSpeed's checkpoint engine writes on this rank (model, optimizer, layer
-    files go through ``checkpoint_engine.save``), so each rank fsyncs and checksums its own files."""
-
-    def __init__(self, engine, on_write):
-        self.engine, self.paths = engine, []
-        self.original = engine.checkpoint_engine.save
-
-        def save(state_dict, path, *args, **kwargs):
-            result = self.original(state_dict, path, *args, **kwargs)
-            self.paths.append(Path(path))
-            on_write(len(self.paths))
-            return result
-
-        engine.checkpoint_engine.save = save
-
-    def close(self) -> list[Path]:
-        self.engine.checkpoint_engine.save = self.original
-        return self.paths
-
-
 def save_checkpoint(
     engine, cfg: Config, dist: Dist, step: int, state: dict[str, Any], protect: tuple[str, ...] = ()
 ) -> Path:
@@ -149,7 +129,7 @@ def save_checkpoint(
     barrier()
     fault("tmp_created")
 
-    recorder = _EngineFileRecorder(engine, lambda n: fault("first_engine_file") if n == 1 else None)
+    recorder = compat.EngineFileRecorder(engine, lambda n: fault("first_engine_file") if n == 1 else None)
     try:
         client_state = {"bigtrain": {**state, "step": step}}
         engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
@@ -303,7 +283,7 @@ def _keep_configured(engine, cfg: Config, saved: Config):
         scheduler.base_lrs = [cfg.optim.lr * g.get("lr_scale", 1.0) for g in params]
         for g, configured, base in zip(params, groups, scheduler.base_lrs):
             g.update(configured, initial_lr=base, lr=base * schedule(scheduler.last_epoch))
-        scheduler._last_lr = [g["lr"] for g in params]
+        compat.set_scheduler_last_lr(scheduler)
         if clip is not None:
             opt.clip_grad = clip
         restored = getattr(opt, "loss_scaler", None)

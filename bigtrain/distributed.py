@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bigtrain import compat
 from bigtrain.config import Config, ConfigError
 
 _SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
@@ -159,7 +160,9 @@ def _processor_name(device: torch.device) -> str:
 
 
 def init_distributed(cfg: Config) -> Dist:
-    """Create the default process group (NCCL on GPU, gloo on CPU) and both views of the rank grid."""
+    """Create the default process group (NCCL on GPU, gloo on CPU) and both views of the rank grid.
+    Raises ``compat.VersionMismatch`` first when deepspeed/megatron-core are not the targeted minors."""
+    compat.check_versions()
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state
@@ -179,11 +182,7 @@ def init_distributed(cfg: Config) -> Dist:
     timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
     # Groups created later without an explicit timeout (DeepSpeed's pipeline and data-parallel groups)
     # get torch's 30-minute default, not the world's: make the configured timeout the default.
-    import torch.distributed.distributed_c10d as c10d
-
-    c10d.default_pg_timeout = timeout
-    if hasattr(c10d, "default_pg_nccl_timeout"):
-        c10d.default_pg_nccl_timeout = timeout
+    compat.default_group_timeout(timeout)
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=True,

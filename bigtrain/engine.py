@@ -3,13 +3,13 @@ and ``deepspeed.initialize``."""
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from bigtrain import compat
 from bigtrain.config import Config
 from bigtrain.distributed import Dist, MegatronMPU
 from bigtrain.planner import reduce_bucket_elements
@@ -168,104 +168,14 @@ def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
         mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
         dist_init_required=False,
     )
-    _record_fp32_grad_norm(engine)
-    _share_fp32_master_partitions(engine)
-    _skip_identity_allreduce(engine, cfg)
+    # framework patches (bigtrain/compat.py lists each one with its upstream cause and test)
+    compat.guard_torch_optimizer_step(engine.optimizer)
+    compat.record_fp32_grad_norm(engine)
+    compat.share_fp32_master_partitions(engine)
+    compat.skip_identity_allreduce(engine, cfg.derived.data_parallel_size, cfg.parallel.pipeline)
     if dist.device.type == "cuda" and dist.is_main:
         _log_attention_kernel(cfg, dist.device)
     return engine
-
-
-def _record_fp32_grad_norm(engine) -> None:
-    """DeepSpeed clips plain fp32 (no ZeRO) gradients with a norm it throws away, and under a pipeline
-    counts a replicated (norm) parameter only on the first stage. Replace that one step with the
-    tensor/pipeline-aware norm DeepSpeed's ZeRO and bf16 optimizers use, and keep the norm.
-
-    DeepSpeed's ZeRO and bf16 optimizers skip a step whose global gradient norm is not finite (setting
-    ``optimizer.overflow``, so the engine counts it and leaves the LR schedule alone); the plain torch
-    optimizer does not. Give it the same behaviour: a non-finite norm skips ``optimizer.step()``."""
-    from deepspeed.runtime.utils import (
-        clip_tensors_by_global_norm,
-        get_global_norm_of_tensors,
-        is_invalid_grad_norm,
-        is_model_parallel_parameter,
-    )
-    from megatron.core import parallel_state
-
-    optimizer = engine.optimizer
-    if isinstance(optimizer, torch.optim.Optimizer):
-        optimizer.overflow = False
-        torch_step = optimizer.step
-
-        @functools.wraps(torch_step)  # keeps the LR scheduler's wrapper marks (no spurious warning)
-        def guarded_step(*args, **kwargs):
-            if optimizer.overflow:
-                return None  # parameters and optimizer state stay bitwise unchanged
-            return torch_step(*args, **kwargs)
-
-        optimizer.step = guarded_step
-
-    def clip_and_record() -> None:
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        counted = [
-            p.grad
-            for p in params
-            if not getattr(p, "ds_pipe_replicated", False)
-            and (is_model_parallel_parameter(p) or tp_rank == 0)
-        ]
-        norm = get_global_norm_of_tensors(counted, mpu=engine.mpu)
-        if hasattr(engine.optimizer, "overflow"):
-            engine.optimizer.overflow = is_invalid_grad_norm(norm)
-        if not getattr(engine.optimizer, "overflow", False):
-            clip_tensors_by_global_norm([p.grad for p in params], engine.gradient_clipping(), norm)
-        engine._global_grad_norm = norm
-
-    engine.clip_fp32_gradients = clip_and_record
-
-
-def _share_fp32_master_partitions(engine) -> None:
-    """fp32 training under ZeRO 1-3: DeepSpeed's "master" partition is a clone of this rank's (already
-    fp32) parameter partition, 4/dp bytes per parameter for nothing. ZeRO-3 means to share them but
-    compares ``tensor.device == "cpu"/"cuda:0"`` (a torch.device against a str: always False). Point
-    each master at the parameter partition's storage; the copy master -> parameters after every step
-    becomes a copy onto itself. (If a checkpoint load later re-seats a master, it is a clone again.)"""
-    opt = engine.optimizer
-    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
-        return  # masters live on the CPU, parameters on the device
-    pairs = []
-    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        for i, master in enumerate(opt.single_partition_of_fp32_groups):
-            rank = torch.distributed.get_rank(group=opt.real_dp_process_group[i])
-            pairs.append((master, opt.parallel_partitioned_bit16_groups[i][rank]))
-    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat))
-    shared = False
-    for master, param in pairs:
-        same = master.dtype == param.dtype and master.shape == param.shape and master.device == param.device
-        if same and master.data_ptr() != param.data_ptr() and torch.equal(master, param):
-            master.data = param.data
-            shared = True
-    if shared and hasattr(opt, "_link_all_hp_params"):
-        opt._link_all_hp_params()  # parameters' views of their master fragment (read by checkpoints)
-    if shared:
-        # A shared master is a view into the rank's whole flat parameter buffer, and torch.save writes a
-        # view's entire storage: without compaction every optimizer shard would hold all parameters.
-        state_dict = opt.state_dict
-        opt.state_dict = functools.wraps(state_dict)(lambda *a, **k: _compact_views(state_dict(*a, **k)))
-
-
-def _compact_views(obj):
-    """``obj`` with every tensor that views a larger storage replaced by a compact copy (what is saved)."""
-    if torch.is_tensor(obj):
-        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
-            return obj.clone()
-        return obj
-    if isinstance(obj, dict):
-        return type(obj)((k, _compact_views(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_compact_views(v) for v in obj)
-    return obj
 
 
 def _log_attention_kernel(cfg: Config, device: torch.device) -> None:
@@ -277,18 +187,3 @@ def _log_attention_kernel(cfg: Config, device: torch.device) -> None:
     kernel = attention_kernel(cfg, device)
     note = "" if kernel in ("flash", "cudnn") else " (not flash: check precision, head size, torch build)"
     console(f"attention: SDPA {kernel} kernel on {torch.cuda.get_device_name(device)}{note}")
-
-
-def _skip_identity_allreduce(engine, cfg: Config) -> None:
-    """One data-parallel rank: DeepSpeed still "all-reduces" every gradient after backward (flatten into
-    buckets, all-reduce over a group of one, divide by 1, copy back): extra passes over all gradients
-    each step for an identity (5-10% of a small model's CPU step). Skip it where the optimizer does not
-    depend on that path: the torch optimizer and the bf16 optimizer (it accumulates its fp32
-    gradients before the reduction). ZeRO-1/2's optimizer moves gradients into its partitions there."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
-    opt = engine.optimizer
-    plain = isinstance(opt, BF16_Optimizer) or not isinstance(opt, ZeROOptimizer)
-    if cfg.derived.data_parallel_size == 1 and cfg.parallel.pipeline == 1 and plain:
-        engine.enable_backward_allreduce = False

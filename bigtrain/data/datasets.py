@@ -10,17 +10,17 @@ format are megatron's own. Every item is a fixed window of ``seq_length + 1`` to
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from bigtrain import compat
 from bigtrain.config import Config, TrainConfig
 from bigtrain.data.corpus import DataError, DataSpec
 from bigtrain.data.validate import Corpus, ShardInfo, validate_data
@@ -109,12 +109,7 @@ class SampleDataset(torch.utils.data.Dataset):
         self.corpus_of_dataset = list(corpus_of_dataset)
         self.corpora = list(corpora)
         self.split = split
-        # megatron-core 0.16 caches the first sample's loss mask and then zeroes that sample's pad
-        # positions in the cached tensor itself, so every later sample loses them too, and which
-        # sample a rank reads first decides its masks (NVIDIA/Megatron-LM#1711, open PR #6981).
-        # The masks are cheap (ones and an arange): build them per sample.
-        for gpt in self.gpt_datasets:
-            gpt.masks_and_position_ids_are_cacheable = False
+        compat.uncache_gpt_masks(self.gpt_datasets)  # megatron-core 0.16's mask cache (Megatron-LM#1711)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -193,21 +188,6 @@ def rank0_first(fn: Callable[[], T]) -> T:
             message if is_data_error else f"rank 0: {message}"
         )
     return fn() if rank != 0 else result
-
-
-@contextlib.contextmanager
-def _single_process_rank() -> Iterator[None]:
-    """megatron-core 0.16's ``BlendedDataset`` calls ``torch.distributed.get_rank()`` on an index-cache
-    miss without checking ``is_initialized()``; in a single process without a group, answer 0."""
-    if _dist_rank() is not None:
-        yield
-        return
-    original = torch.distributed.get_rank
-    torch.distributed.get_rank = lambda group=None: 0
-    try:
-        yield
-    finally:
-        torch.distributed.get_rank = original
 
 
 # ------------------------------------------------------------------------------------ building
@@ -376,7 +356,7 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, S
         valid_corpora, valid_corpus_of = train_corpora, train_corpus_of
         config = GPTDatasetConfig(blend=(train_prefixes, train_weights), split=d.split, **common)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
-    with _single_process_rank():
+    with compat.single_process_rank():
         train_ds, valid_ds, _ = builder.build()
     train = SampleDataset(train_ds, train_corpus_of, train_corpora, "train")
     valid = SampleDataset(valid_ds, valid_corpus_of, valid_corpora, "valid") if valid_ds is not None else None

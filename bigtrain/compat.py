@@ -1,0 +1,323 @@
+"""Every run-time patch of DeepSpeed, torch and megatron-core behaviour, in one place.
+
+bigtrain changes a few framework objects after they are built (a method replaced, a private attribute
+set, a module global moved). Each patch is one function here; its docstring names the upstream issue or
+code it works around, the versions it was checked against and the test that fails without it. The
+patches target one DeepSpeed minor and one megatron-core minor: ``check_versions`` (called first by
+``bigtrain.distributed.init_distributed``) refuses any other, and ``setup.py`` pins the same ranges.
+Re-check every row below (disable the patch, run its test) before moving a pin.
+
+All rows checked against deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+
+Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
+
+    patch                         | works around                                          | fails without it
+    guard_torch_optimizer_step    | torch optimizers have no non-finite step skip          | tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
+    record_fp32_grad_norm         | DeepSpeedEngine.clip_fp32_gradients drops the norm     | tests/test_compat.py::test_fp32_grad_norm_is_recorded_and_counts_each_parameter_once
+    share_fp32_master_partitions  | ZeRO clones fp32 masters of fp32 parameters            | tests/test_planner.py::test_zero_state_prediction_matches_accounting_dp2
+    compact_optimizer_state_dict  | torch.save writes a view's whole storage (torch#40157) | tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
+    skip_identity_allreduce       | DeepSpeed all-reduces over a data-parallel group of 1  | tests/test_compat.py::test_identity_allreduce_is_skipped_at_one_data_parallel_rank
+    single_process_rank           | megatron BlendedDataset calls get_rank() without a PG  | tests/data/test_blend.py::test_mock_data
+    uncache_gpt_masks             | megatron GPTDataset mask cache (Megatron-LM#1711)      | tests/training/test_loss_normalization.py::test_pad_masks_do_not_depend_on_which_sample_is_read_first
+    default_group_timeout         | torch new_group() takes the 30-minute module default   | tests/test_compat.py::test_default_group_timeout_reaches_groups_created_later
+    EngineFileRecorder            | DeepSpeed names no files written by save_checkpoint    | tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
+    set_scheduler_last_lr         | LambdaLR keeps _last_lr from the checkpoint            | tests/test_compat.py::test_scheduler_last_lr_follows_the_restored_groups
+
+Not here (being rewritten with the model code, issue 13): ``bigtrain/finetune/model.py``'s LoRA
+``__class__`` swap and its ``register_external_parameter`` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# (distribution, major.minor the patches target); setup.py pins the same minors.
+TARGET_VERSIONS = {"deepspeed": "0.19", "megatron-core": "0.16"}
+
+
+class VersionMismatch(RuntimeError):
+    """An installed framework's minor version is not the one bigtrain's patches were checked against."""
+
+
+def check_versions() -> None:
+    """Raise ``VersionMismatch`` naming installed and required versions when deepspeed or megatron-core
+    is not the minor version this module's patches target (a patch of private behaviour can break
+    silently, e.g. an attribute it sets that nothing reads any more)."""
+    wrong = []
+    for name, target in TARGET_VERSIONS.items():
+        installed = metadata.version(name)
+        if ".".join(installed.split(".")[:2]) != target:
+            wrong.append(f"{name} {installed} (needs {target}.x)")
+    if wrong:
+        raise VersionMismatch(
+            f"installed {', '.join(wrong)}: bigtrain/compat.py patches framework internals checked against "
+            f"deepspeed {TARGET_VERSIONS['deepspeed']}.x and megatron-core {TARGET_VERSIONS['megatron-core']}.x; "
+            "install those (pip install -e .) or re-check every patch in bigtrain/compat.py first"
+        )
+
+
+# ------------------------------------------------------------------------------------ DeepSpeed engine
+def guard_torch_optimizer_step(optimizer: Any) -> None:
+    """A plain torch optimizer (fp32, no ZeRO) skips ``step()`` while ``optimizer.overflow`` is set.
+
+    DeepSpeed's ZeRO and bf16 optimizers skip a step whose global gradient norm is not finite (setting
+    ``optimizer.overflow``, so the engine counts it in ``skipped_steps`` and leaves the LR schedule
+    alone); under fp32 without ZeRO the engine steps the client torch optimizer directly
+    (deepspeed/runtime/engine.py ``DeepSpeedEngine._take_model_step``), which has no such check. No
+    upstream issue found. ``record_fp32_grad_norm`` sets the flag. Other optimizers: unchanged.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
+    (``fp32-guard``: the skipped step moves the parameters)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return
+    optimizer.overflow = False
+    torch_step = optimizer.step
+
+    @functools.wraps(torch_step)  # keeps the LR scheduler's wrapper marks (no spurious warning)
+    def guarded_step(*args, **kwargs):
+        if optimizer.overflow:
+            return None  # parameters and optimizer state stay bitwise unchanged
+        return torch_step(*args, **kwargs)
+
+    optimizer.step = guarded_step
+
+
+def record_fp32_grad_norm(engine: Any) -> None:
+    """Replace ``engine.clip_fp32_gradients`` (fp32 without ZeRO) by a tensor/pipeline-aware clip that
+    keeps the norm (``engine.get_global_grad_norm()``) and flags a non-finite one as an overflow.
+
+    deepspeed/runtime/engine.py ``DeepSpeedEngine.clip_fp32_gradients`` calls
+    deepspeed/runtime/utils.py ``clip_grad_norm_`` and throws the norm away (``_global_grad_norm``
+    stays None); that function counts a parameter that is not tensor-parallel (norm weights) only on
+    model-parallel rank 0, so under a pipeline only the first stage's. This uses what DeepSpeed's ZeRO
+    and bf16 optimizers use: ``get_global_norm_of_tensors`` over the gradients of tensor-parallel
+    parameters on every TP rank plus the others on TP rank 0 of every stage, tied pipeline copies
+    (``ds_pipe_replicated``) left out. No upstream issue found for the dropped norm
+    (deepspeedai/DeepSpeed#6767: maintainers confirm clipping lives in the optimizers).
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/test_compat.py::test_fp32_grad_norm_is_recorded_and_counts_each_parameter_once
+    (``get_global_grad_norm()`` is None)."""
+    from deepspeed.runtime.utils import (
+        clip_tensors_by_global_norm,
+        get_global_norm_of_tensors,
+        is_invalid_grad_norm,
+        is_model_parallel_parameter,
+    )
+    from megatron.core import parallel_state
+
+    def clip_and_record() -> None:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        counted = [
+            p.grad
+            for p in params
+            if not getattr(p, "ds_pipe_replicated", False)
+            and (is_model_parallel_parameter(p) or tp_rank == 0)
+        ]
+        norm = get_global_norm_of_tensors(counted, mpu=engine.mpu)
+        if hasattr(engine.optimizer, "overflow"):
+            engine.optimizer.overflow = is_invalid_grad_norm(norm)
+        if not getattr(engine.optimizer, "overflow", False):
+            clip_tensors_by_global_norm([p.grad for p in params], engine.gradient_clipping(), norm)
+        engine._global_grad_norm = norm
+
+    engine.clip_fp32_gradients = clip_and_record
+
+
+def share_fp32_master_partitions(engine: Any) -> None:
+    """fp32 training under ZeRO 1-3: point each fp32 master partition at the (already fp32) parameter
+    partition's storage instead of a clone, saving 4/dp bytes per parameter.
+
+    ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``) always
+    clones ``single_partition_of_fp32_groups``; ZeRO-3 (deepspeed/runtime/zero/stage3.py
+    ``_create_fp32_partitions``) means to share them but compares a ``torch.device`` with the str
+    ``self.device`` ("cpu"/"cuda:0": always unequal). No upstream issue found. The copy master ->
+    parameters after every step becomes a copy onto itself; ``_link_all_hp_params`` (private) re-points
+    the parameters' views of their master fragment, which checkpoints read. Optimizer offload: skipped
+    (masters on the CPU). A checkpoint load that re-seats a master makes it a clone again. A shared
+    master views the whole flat parameter buffer, so ``compact_optimizer_state_dict`` follows.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/test_planner.py::test_zero_state_prediction_matches_accounting_dp2
+    (ZeRO-1 at DP=2 holds 12 bytes per parameter, not 10)."""
+    opt = engine.optimizer
+    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
+        return  # masters live on the CPU, parameters on the device
+    pairs = []
+    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        for i, master in enumerate(opt.single_partition_of_fp32_groups):
+            rank = torch.distributed.get_rank(group=opt.real_dp_process_group[i])
+            pairs.append((master, opt.parallel_partitioned_bit16_groups[i][rank]))
+    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat))
+    shared = False
+    for master, param in pairs:
+        same = master.dtype == param.dtype and master.shape == param.shape and master.device == param.device
+        if same and master.data_ptr() != param.data_ptr() and torch.equal(master, param):
+            master.data = param.data
+            shared = True
+    if shared and hasattr(opt, "_link_all_hp_params"):
+        opt._link_all_hp_params()  # parameters' views of their master fragment (read by checkpoints)
+    if shared:
+        compact_optimizer_state_dict(opt)
+
+
+def compact_optimizer_state_dict(optimizer: Any) -> None:
+    """Wrap ``optimizer.state_dict`` so that every tensor viewing a larger storage is saved as a compact
+    copy (``compact_views``).
+
+    torch.save writes a view's entire storage (documented: pytorch/pytorch#40157, "saving and loading
+    tensors preserves views"); a shared fp32 master (``share_fp32_master_partitions``) views the rank's
+    whole flat parameter buffer, so without this every ZeRO optimizer shard would hold all parameters.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
+    (each ZeRO-1 optimizer shard over 1.75x the weights file)."""
+    state_dict = optimizer.state_dict
+    optimizer.state_dict = functools.wraps(state_dict)(lambda *a, **k: compact_views(state_dict(*a, **k)))
+
+
+def compact_views(obj: Any) -> Any:
+    """``obj`` (tensors in nested dicts, lists, tuples) with every tensor that views a larger storage
+    replaced by a compact clone; other tensors and values are returned as they are (same objects)."""
+    if torch.is_tensor(obj):
+        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+            return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        return type(obj)((k, compact_views(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(compact_views(v) for v in obj)
+    return obj
+
+
+def skip_identity_allreduce(engine: Any, data_parallel_size: int, pipeline: int) -> None:
+    """One data-parallel rank, no pipeline: turn off the engine's gradient all-reduce after backward
+    (``engine.enable_backward_allreduce``) where the optimizer does not depend on that path.
+
+    deepspeed/runtime/engine.py ``DeepSpeedEngine.allreduce_gradients`` flattens every gradient into
+    buckets, all-reduces over a group of one, divides by 1 and copies back: an identity costing 5-10%
+    of a small model's CPU step. No upstream issue found. Applied for the torch optimizer and the bf16
+    optimizer (it accumulates its fp32 gradients before the reduction); ZeRO-1/2 move gradients into
+    their partitions on that path, so they keep it. fp32/fp16 steps are bitwise unchanged; bf16 loses
+    a bf16 round trip of its fp32 gradients.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/test_compat.py::test_identity_allreduce_is_skipped_at_one_data_parallel_rank
+    (a speed patch: no end-to-end result depends on it)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    opt = engine.optimizer
+    plain = isinstance(opt, BF16_Optimizer) or not isinstance(opt, ZeROOptimizer)
+    if data_parallel_size == 1 and pipeline == 1 and plain:
+        engine.enable_backward_allreduce = False
+
+
+class EngineFileRecorder:
+    """Records the files DeepSpeed's checkpoint engine writes on this rank (model, optimizer and layer
+    files all go through ``engine.checkpoint_engine.save``, wrapped until ``close``), so that each rank
+    can fsync and checksum its own files.
+
+    ``DeepSpeedEngine.save_checkpoint`` returns no file names and its naming differs by ZeRO stage and
+    pipeline (deepspeed/runtime/engine.py ``_get_ckpt_name``, ``_get_zero_ckpt_name``, pipe
+    ``ckpt_layer_path``). No upstream issue found. ``on_write(n)`` is called after the n-th file.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
+    (a truncated optimizer shard is not in the manifest, so resume does not fall back)."""
+
+    def __init__(self, engine: Any, on_write: Callable[[int], None]):
+        self.engine, self.paths = engine, []
+        self.original = engine.checkpoint_engine.save
+
+        def save(state_dict, path, *args, **kwargs):
+            result = self.original(state_dict, path, *args, **kwargs)
+            self.paths.append(Path(path))
+            on_write(len(self.paths))
+            return result
+
+        engine.checkpoint_engine.save = save
+
+    def close(self) -> list[Path]:
+        """Put the checkpoint engine's ``save`` back; returns the files written, in order."""
+        self.engine.checkpoint_engine.save = self.original
+        return self.paths
+
+
+def set_scheduler_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Set the LR scheduler's private ``_last_lr`` (``get_last_lr()``, saved in its state) to its
+    optimizer's current per-group ``lr``, after bigtrain rewrote those groups on resume.
+
+    torch/optim/lr_scheduler.py ``LRScheduler.load_state_dict`` restores ``_last_lr`` from the
+    checkpoint and only ``step()`` recomputes it; there is no public setter. No upstream issue found.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/test_compat.py::test_scheduler_last_lr_follows_the_restored_groups."""
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+# ------------------------------------------------------------------------------------ torch.distributed
+def default_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` torch's default for process groups created later without one (DeepSpeed's
+    pipeline and data-parallel groups), by setting torch.distributed.distributed_c10d's module globals
+    ``default_pg_timeout`` and ``default_pg_nccl_timeout`` (read by ``_get_default_timeout``).
+
+    ``new_group()`` without ``timeout`` takes those module defaults (30 minutes; NCCL: 10), not the
+    world group's timeout, and DeepSpeed passes none (deepspeed/comm/torch.py ``TorchBackend.new_group``
+    takes only ``ranks``). No upstream issue found (the same gap in megatron: NVIDIA/Megatron-LM PR #723).
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/test_compat.py::test_default_group_timeout_reaches_groups_created_later."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+# ------------------------------------------------------------------------------------ megatron-core data
+@contextlib.contextmanager
+def single_process_rank() -> Iterator[None]:
+    """While no default process group exists, ``torch.distributed.get_rank()`` answers 0.
+
+    megatron/core/datasets/blended_dataset.py ``BlendedDataset._build_indices`` calls
+    ``torch.distributed.get_rank()`` on an index-cache miss without checking ``is_initialized()``
+    (the GPT datasets do check), so a single process without a group raises "Default process group
+    has not been initialized". No upstream issue found. With a group: a no-op.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/data/test_blend.py::test_mock_data (and every single-process blend build)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+def uncache_gpt_masks(gpt_datasets: list[Any]) -> None:
+    """Make megatron-core ``GPTDataset``s build loss masks and position ids per sample.
+
+    megatron-core 0.16 caches the first sample's loss mask and then zeroes that sample's pad positions
+    in the cached tensor itself, so every later sample loses them too and which sample a rank reads
+    first decides its masks (NVIDIA/Megatron-LM#1711, open PR #6981). The masks are cheap (ones and an
+    arange). Sets the public-but-undocumented ``masks_and_position_ids_are_cacheable`` attribute.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_loss_normalization.py::test_pad_masks_do_not_depend_on_which_sample_is_read_first."""
+    for gpt in gpt_datasets:
+        gpt.masks_and_position_ids_are_cacheable = False
