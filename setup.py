@@ -11,7 +11,8 @@ setup(
     install_requires=[
         # torch is pinned by the Makefile on CPU machines (an unpinned torch pulls CUDA wheels).
         "torch>=2.4,<3",
-        "deepspeed>=0.16,<0.20",
+        # bigtrain/compat.py patches DeepSpeed and megatron-core internals checked on these minors (check_versions)
+        "deepspeed>=0.19.8,<0.20",
         "megatron-core>=0.16,<0.17",
         "sentencepiece>=0.2,<0.3",
         "numpy>=1.26,<3",

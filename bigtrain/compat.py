@@ -13,11 +13,11 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
 
     patch                         | works around                                          | fails without it
     guard_torch_optimizer_step    | torch optimizers have no non-finite step skip          | tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
-    record_fp32_grad_norm         | DeepSpeedEngine.clip_fp32_gradients drops the norm     | tests/test_compat.py::test_fp32_grad_norm_is_recorded_and_counts_each_parameter_once
+    record_fp32_grad_norm         | DeepSpeedEngine.clip_fp32_gradients drops the norm     | tests/test_compat.py::test_fp32_grad_norm_is_recorded_and_a_nonfinite_one_skips_the_step
     share_fp32_master_partitions  | ZeRO clones fp32 masters of fp32 parameters            | tests/test_planner.py::test_zero_state_prediction_matches_accounting_dp2
     compact_optimizer_state_dict  | torch.save writes a view's whole storage (torch#40157) | tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
     skip_identity_allreduce       | DeepSpeed all-reduces over a data-parallel group of 1  | tests/test_compat.py::test_identity_allreduce_is_skipped_at_one_data_parallel_rank
-    single_process_rank           | megatron BlendedDataset calls get_rank() without a PG  | tests/data/test_blend.py::test_mock_data
+    single_process_rank           | megatron BlendedDataset calls get_rank() without a PG  | tests/data/test_blend.py::test_blend_mix_matches_weights_over_10000_samples
     uncache_gpt_masks             | megatron GPTDataset mask cache (Megatron-LM#1711)      | tests/training/test_loss_normalization.py::test_pad_masks_do_not_depend_on_which_sample_is_read_first
     default_group_timeout         | torch new_group() takes the 30-minute module default   | tests/test_compat.py::test_default_group_timeout_reaches_groups_created_later
     EngineFileRecorder            | DeepSpeed names no files written by save_checkpoint    | tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
@@ -76,7 +76,7 @@ def guard_torch_optimizer_step(optimizer: Any) -> None:
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
     Fails without it: tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
-    (``fp32-guard``: the skipped step moves the parameters)."""
+    (``fp32-guard``: "non-finite loss nan but the update was applied; stopping")."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         return
     optimizer.overflow = False
@@ -105,7 +105,7 @@ def record_fp32_grad_norm(engine: Any) -> None:
     (deepspeedai/DeepSpeed#6767: maintainers confirm clipping lives in the optimizers).
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
-    Fails without it: tests/test_compat.py::test_fp32_grad_norm_is_recorded_and_counts_each_parameter_once
+    Fails without it: tests/test_compat.py::test_fp32_grad_norm_is_recorded_and_a_nonfinite_one_skips_the_step
     (``get_global_grad_norm()`` is None)."""
     from deepspeed.runtime.utils import (
         clip_tensors_by_global_norm,
@@ -297,7 +297,8 @@ def single_process_rank() -> Iterator[None]:
     has not been initialized". No upstream issue found. With a group: a no-op.
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
-    Fails without it: tests/data/test_blend.py::test_mock_data (and every single-process blend build)."""
+    Fails without it: tests/data/test_blend.py::test_blend_mix_matches_weights_over_10000_samples
+    (and every single-process build of a blend: "Default process group has not been initialized")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         yield
         return
