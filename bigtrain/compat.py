@@ -149,7 +149,7 @@ def share_fp32_master_partitions(engine: Any) -> None:
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
     Fails without it: tests/test_planner.py::test_zero_state_prediction_matches_accounting_dp2
-    (ZeRO-1 at DP=2 holds 12 bytes per parameter, not 10)."""
+    (ZeRO-1 at DP=2 holds 12.0 bytes per parameter, not 10: the planner's prediction is 17% off)."""
     opt = engine.optimizer
     if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
         return  # masters live on the CPU, parameters on the device
@@ -319,6 +319,7 @@ def uncache_gpt_masks(gpt_datasets: list[Any]) -> None:
     arange). Sets the public-but-undocumented ``masks_and_position_ids_are_cacheable`` attribute.
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
-    Fails without it: tests/training/test_loss_normalization.py::test_pad_masks_do_not_depend_on_which_sample_is_read_first."""
+    Fails without it: tests/training/test_loss_normalization.py::test_pad_masks_do_not_depend_on_which_sample_is_read_first
+    ("read 4 first": masks differ with the first sample read)."""
     for gpt in gpt_datasets:
         gpt.masks_and_position_ids_are_cacheable = False
