@@ -223,8 +223,9 @@ def test_scheduler_last_lr_follows_the_restored_groups():
 def test_default_group_timeout_reaches_groups_created_later(monkeypatch):
     import torch.distributed.distributed_c10d as c10d
 
-    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # restored after the test
-        monkeypatch.setattr(c10d, name, getattr(c10d, name))
+    # torch's default (an earlier init_distributed in this process moved it); both restored after the test
+    monkeypatch.setattr(c10d, "default_pg_timeout", timedelta(minutes=30))
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
     assert c10d._get_default_timeout(c10d.Backend.GLOO) == timedelta(minutes=30)
     compat.default_group_timeout(timedelta(seconds=42))
     assert c10d._get_default_timeout(c10d.Backend.GLOO) == timedelta(seconds=42)
