@@ -20,7 +20,7 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
     single_process_rank           | megatron BlendedDataset calls get_rank() without a PG  | tests/data/test_blend.py::test_blend_mix_matches_weights_over_10000_samples
     uncache_gpt_masks             | megatron GPTDataset mask cache (Megatron-LM#1711)      | tests/training/test_loss_normalization.py::test_pad_masks_do_not_depend_on_which_sample_is_read_first
     default_group_timeout         | torch new_group() takes the 30-minute module default   | tests/test_compat.py::test_default_group_timeout_reaches_groups_created_later
-    EngineFileRecorder            | DeepSpeed names no files written by save_checkpoint    | tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
+    EngineFileRecorder            | DeepSpeed names no files written by save_checkpoint    | tests/training/test_reliability.py::test_kill_at_every_moment_of_a_save_then_relaunch
     set_scheduler_last_lr         | LambdaLR keeps _last_lr from the checkpoint            | tests/test_compat.py::test_scheduler_last_lr_follows_the_restored_groups
 
 Not here (being rewritten with the model code, issue 13): ``bigtrain/finetune/model.py``'s LoRA
@@ -231,11 +231,13 @@ class EngineFileRecorder:
 
     ``DeepSpeedEngine.save_checkpoint`` returns no file names and its naming differs by ZeRO stage and
     pipeline (deepspeed/runtime/engine.py ``_get_ckpt_name``, ``_get_zero_ckpt_name``, pipe
-    ``ckpt_layer_path``). No upstream issue found. ``on_write(n)`` is called after the n-th file.
+    ``ckpt_layer_path``). No upstream issue found. ``on_write(n)`` is called after the n-th file (the
+    ``first_engine_file`` fault point). Without it rank 0 still lists unclaimed files in the manifest
+    (``checkpoint_files.write_manifest``), but checksums them alone.
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
-    Fails without it: tests/training/test_reliability.py::test_corrupted_then_truncated_newest_checkpoint_falls_back
-    (a truncated optimizer shard is not in the manifest, so resume does not fall back)."""
+    Fails without it: tests/training/test_reliability.py::test_kill_at_every_moment_of_a_save_then_relaunch
+    (no SIGKILL at ``first_engine_file``)."""
 
     def __init__(self, engine: Any, on_write: Callable[[int], None]):
         self.engine, self.paths = engine, []
