@@ -241,7 +241,7 @@ def test_lora_dropout_is_one_mask_over_the_full_input():
     slice of one mask over the full input and draws as many random numbers as the unsharded model, so
     TP=2 ranks (the same RNG state) together apply TP=1's mask and stay in step with it. Inverted
     dropout in train mode; eval mode is the identity and draws nothing."""
-    from bigtrain.finetune.model import LoRADropout
+    from bigtrain.finetune.lora import LoRADropout
 
     p, x = 0.25, torch.rand(6, 3, 8) + 1  # [s, b, in], no zeros
 
