@@ -212,12 +212,6 @@ def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: 
     }
 
 
-def hf_tensors(reader: WeightReader, cfg: Config):
-    """(HF name, tensor) pairs, one merged bigtrain tensor at a time (LoRA merged in)."""
-    for _, tensors in hf_tensor_groups(reader, cfg):
-        yield from tensors.items()
-
-
 def _prepare_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise ExportError(f"{out} exists and is not a Hugging Face export; choose another --output")
