@@ -16,6 +16,7 @@ from torch import nn
 
 from bigtrain.config import Config, ModelConfig
 from bigtrain.models import layout
+from bigtrain.models.layers import TensorParallel
 from bigtrain.models.llama import (
     Embedding,
     FinalNorm,
@@ -103,8 +104,8 @@ def classify_loss(
 class ClassifyLoss:
     """``classify_loss`` as the pipeline engine calls a loss: ``(logits, (labels, weights[, normalizer]))``."""
 
-    def __init__(self, tp_size: int):
-        self.tp_size = tp_size
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
 
     def __call__(self, outputs: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return classify_loss(outputs, *labels)
@@ -128,13 +129,15 @@ def task_layers(cfg: Config) -> TaskLayers:
     return TaskLayers(**packed, final_norm=PackedFinalNorm, loss=LMLoss)
 
 
-def eval_stats(task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp_size: int):
+def eval_stats(
+    task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp: TensorParallel
+):
     """(summed loss, summed weight, class predictions [b] or None) of one micro-batch's outputs, for
     exact validation averages (token-weighted for SFT, example-weighted for classification).
-    ``tp_size``: the tensor-parallel size the logits are split over (sft)."""
+    ``tp``: the tensor-parallel group the logits are split over (sft)."""
     if task == "classify":
         return classify_loss(out, labels, loss_mask, 1.0), loss_mask.sum(), out.argmax(-1)
-    return lm_loss(out, labels, loss_mask, 1.0, tp_size=tp_size), loss_mask.float().sum(), None
+    return lm_loss(out, labels, loss_mask, 1.0, tp=tp), loss_mask.float().sum(), None
 
 
 def freeze(model: nn.Module, cfg: Config, params: dict) -> None:

@@ -121,7 +121,9 @@ class FinetuneTrainer(Trainer):
         from bigtrain.finetune.model import eval_stats
 
         task = self.cfg.finetune.task
-        tp = self.cfg.parallel.tensor
+        from bigtrain.models.parallelize import tensor_parallel
+
+        tp = tensor_parallel(self.cfg)
         if not self.pipeline:
             out = self.engine.module.outputs(b["tokens"], b["positions"], b["doc_ids"])
             return eval_stats(task, out, b["labels"], b["loss_mask"], tp)

@@ -25,7 +25,7 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
-from bigtrain.perf import compiled
+from bigtrain.perf import compile_enabled, compiled
 
 
 def _plain_config() -> ModelParallelConfig:
@@ -38,6 +38,7 @@ def _plain_config() -> ModelParallelConfig:
 class TensorParallel:
     """Where a layer sits in the tensor-parallel group (see :func:`bigtrain.models.parallelize.tensor_parallel`).
 
+    ``group``: the tensor-parallel process group (None only in a process without one, at size 1);
     ``config``: megatron-core's ``ModelParallelConfig`` for its layers (used when ``size > 1``)."""
 
     rank: int = 0
@@ -119,12 +120,15 @@ def vocab_embedding(padded_vocab: int, hidden: int, tp: TensorParallel) -> nn.Mo
     )
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_size: int) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """Per-token loss [s, b] (fp32) of this rank's vocab slice of the logits [s, b, v/tp].
 
-    megatron-core's vocab-parallel cross entropy works in place on ``logits.float()`` (the very
-    tensor in fp32): callers that need the logits afterwards pass a copy."""
-    if tp_size == 1:
+    megatron-core's vocab-parallel cross entropy whenever a tensor-parallel group exists, also at size
+    1 (training always has one: its numerics are what runs were trained with; torch's differs in the
+    last bits); torch's where there is no group (a unit test, a tool) and at size 1 under
+    ``train.compile`` (one fused kernel, no collectives to trace). megatron's works in place on
+    ``logits.float()`` (the very tensor in fp32): callers that need the logits afterwards pass a copy."""
+    if tp.size == 1 and (tp.group is None or compile_enabled()):
         return _cross_entropy(logits, labels)
     return vocab_parallel_cross_entropy(logits.float(), labels)
 

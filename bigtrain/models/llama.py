@@ -227,17 +227,17 @@ def lm_loss(
     loss_mask: torch.Tensor,
     normalizer: torch.Tensor | float | None = None,
     *,
-    tp_size: int,
+    tp: TensorParallel,
 ) -> torch.Tensor:
     """Next-token loss summed over the tokens ``loss_mask`` trains, divided by ``normalizer``.
 
-    logits [s, b, v/tp] (``tp_size`` ranks' vocab slices); labels, loss_mask [b, s]; returns a 0-dim
+    logits [s, b, v/tp] (``tp``: the tensor-parallel group the vocabulary is split over); labels, loss_mask [b, s]; returns a 0-dim
     fp32 tensor (nats per token). ``normalizer``: None divides by this micro-batch's own trained tokens
     (its mean); training passes the global batch's trained tokens / (micro-batches x data-parallel
     ranks), so that DeepSpeed's gradient-accumulation division and data-parallel mean give the mean
     over every trained token of the global batch (see ``Trainer.next_global_batch``); 1.0 gives the sum.
-    At ``tp_size > 1`` the logits are overwritten (megatron's cross entropy works in place)."""
-    losses = cross_entropy(logits, labels.t().contiguous(), tp_size)  # [s, b]
+    The logits may be overwritten (see ``layers.cross_entropy``)."""
+    losses = cross_entropy(logits, labels.t().contiguous(), tp)  # [s, b]
     mask = loss_mask.t().to(losses.dtype)
     if normalizer is None:
         normalizer = mask.sum().clamp(min=1)
@@ -249,13 +249,13 @@ class LMLoss:
     normalizer]))``. In evaluation (no grad) it reads a copy of the logits, so that logits the engine
     hands back (``eval_batch(return_logits=True)``) are intact."""
 
-    def __init__(self, tp_size: int):
-        self.tp_size = tp_size
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self.tp_size > 1:
-            logits = logits.clone()
-        return lm_loss(logits, *labels, tp_size=self.tp_size)
+        if not torch.is_grad_enabled() and self.tp.group is not None:
+            logits = logits.clone()  # megatron's cross entropy would overwrite them
+        return lm_loss(logits, *labels, tp=self.tp)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -274,7 +274,7 @@ class TaskLayers:
     head: type[nn.Module] | None = None
     head_args: tuple[Any, ...] = ()
     packed: bool = False
-    loss: Callable[[int], Callable[..., torch.Tensor]] = LMLoss  # (tp_size) -> loss(outputs, labels)
+    loss: Callable[[TensorParallel], Callable[..., torch.Tensor]] = LMLoss  # (tp) -> loss(outputs, labels)
 
 
 LM_LAYERS = TaskLayers()  # the language model as pretrained
@@ -300,7 +300,7 @@ class LlamaModel(nn.Module):
         self.final_norm = specs[-2].build()
         tied = isinstance(specs[-1], TiedLayerSpec)  # the output layer is the embedding module itself
         self.output = None if tied else specs[-1].build()
-        self.loss_fn = layers.loss(tp.size)
+        self.loss_fn = layers.loss(tp)
         self.num_inputs = 3 if layers.packed else 1
 
     @staticmethod

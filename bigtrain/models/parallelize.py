@@ -46,7 +46,7 @@ def tensor_parallel(cfg: Config) -> TensorParallel:
             raise ValueError(
                 f"parallel.tensor={cfg.parallel.tensor}, but the process group's tensor size is {size}"
             )
-        group = parallel_state.get_tensor_model_parallel_group() if size > 1 else None
+        group = parallel_state.get_tensor_model_parallel_group()
         rank = parallel_state.get_tensor_model_parallel_rank()
     elif cfg.parallel.tensor == 1:
         rank, size, group = 0, 1, None
@@ -71,7 +71,7 @@ def build(
     if cfg.parallel.pipeline > 1:
         model = PipelineModule(
             layers=LlamaModel.layer_specs(*args),
-            loss_fn=layers.loss(tp.size),
+            loss_fn=layers.loss(tp),
             topology=topology,
             partition_method=cfg.parallel.partition_method,
             activation_checkpoint_interval=0,  # blocks recompute themselves (see TransformerBlock)
