@@ -81,7 +81,7 @@ def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from bigtrain.models.parallelize import local_parameters
+    from bigtrain.registry import local_parameters
 
     out = {}
     for key, (_, param) in local_parameters(engine.module, cfg).items():
@@ -392,6 +392,7 @@ class WeightReader:
 def model_shape_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
     """Fields whose difference makes saved weights unusable, as 'field: checkpoint X vs config Y'."""
     fields = {
+        "family": lambda m: m.family,
         "num_layers": lambda m: m.num_layers,
         "hidden_size": lambda m: m.hidden_size,
         "num_attention_heads": lambda m: m.num_attention_heads,
@@ -413,15 +414,16 @@ def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> 
 
     Tensors that fine-tuning adds (LoRA adapters, a classification head) keep their initialization
     when the checkpoint (a pretrained base) does not have them."""
-    from bigtrain.models.parallelize import local_parameters, tp_rank_size
+    from bigtrain.models.parallelize import tensor_parallel
+    from bigtrain.registry import local_parameters
 
     reader = WeightReader(path)
     diffs = model_shape_differences(config_from_dict(reader.meta["config"]).model, cfg.model)
     if diffs:
         raise ValueError(f"{reader.dir}: model shape differs from the config: " + "; ".join(diffs))
-    rank, size = tp_rank_size()
+    tp = tensor_parallel(cfg)
     for key, (lp, param) in local_parameters(model, cfg).items():
-        if key not in reader.key_to_pp and layout.is_finetune_param(lp.spec):
+        if key not in reader.key_to_pp and layout.is_added(lp.spec):
             continue
         full = reader.full(lp)
         if lp.spec.split == "vocab" and full.shape[0] != cfg.derived.padded_vocab_size:
@@ -429,7 +431,7 @@ def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> 
             n = min(full.shape[0], cfg.model.vocab_size)
             resized[:n] = full[:n]
             full = resized
-        value = layout.shard(full, lp.spec.split, rank, size)
+        value = layout.shard(full, lp.spec.split, tp.rank, tp.size)
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"{reader.dir}: {key} has shape {tuple(full.shape)}, the model needs another")
         param.copy_(value.to(param.dtype))

@@ -32,8 +32,12 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+MODEL_FAMILIES = ("llama",)  # each has entries in bigtrain.registry
+
+
 @dataclass
 class ModelConfig:
+    family: str = opt("llama", "Model family (bigtrain.registry): llama (decoder).")
     num_layers: int = opt(2, "Number of transformer blocks.")
     hidden_size: int = opt(64, "Model width.")
     num_attention_heads: int = opt(4, "Query heads.")
@@ -332,9 +336,7 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: Config, world_size: int) -> None:
     """Every layout/shape inconsistency, each reported as one line."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _check(
-        cfg.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16|fp16|fp32, got {cfg.precision!r}"
-    )
+    _check(cfg.precision in PRECISIONS, f"precision must be bf16|fp16|fp32, got {cfg.precision!r}")
     _check(
         cfg.activation_checkpointing in ("none", "full", "selective"),
         f"activation_checkpointing must be none|full|selective, got {cfg.activation_checkpointing!r}",
@@ -378,6 +380,10 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(
         world_size % (p.tensor * p.pipeline) == 0,
         f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline = {p.tensor}*{p.pipeline}",
+    )
+    _check(
+        m.family in MODEL_FAMILIES,
+        f"model.family {m.family!r} is not one of {', '.join(MODEL_FAMILIES)}",
     )
     _check(
         m.hidden_size % m.num_attention_heads == 0,
@@ -624,3 +630,13 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"{prefix}{f.name} = {default!r}    # {f.metadata.get('help', '')}")
     return lines
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a ``precision`` value (fp32 | bf16 | fp16); KeyError for anything else."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -120,7 +120,7 @@ def param_groups(
 def layer_lr_scales(model: nn.Module, cfg: Config) -> dict[int, float]:
     """id(param) -> layer_decay**depth: the head and final norm 1, block i decay**(L+1-i), embedding
     decay**(L+1) (discriminative fine-tuning: layers near the input move least)."""
-    from bigtrain.models.parallelize import local_parameters
+    from bigtrain.registry import local_parameters
 
     L, decay = cfg.model.num_layers, cfg.optim.layer_decay
     scales = {}

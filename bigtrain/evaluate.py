@@ -40,7 +40,7 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
     from bigtrain.data import SequentialWindows
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.engine import initialize_engine
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     # One window per data-parallel rank per step: the layout never changes which windows count.
     cfg.train.micro_batch_size = 1

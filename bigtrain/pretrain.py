@@ -180,7 +180,7 @@ def preflight(cfg: Config, rank: int) -> None:
             raise ConfigError(str(e)) from None
 
 
-def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=None):
+def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None):
     """Train per ``cfg``; resumes from the newest valid checkpoint in ``run_dir``. Returns the final state.
 
     ``trainer_cls`` (a :class:`bigtrain.trainer.Trainer` subclass) and ``build(cfg, topology) -> model``
@@ -189,7 +189,7 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.engine import initialize_engine
     from bigtrain.metrics import console
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
     from bigtrain.trainer import Trainer, TrainState
 
     dist = init_distributed(cfg)
@@ -201,7 +201,7 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None, build=N
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         console("bigtrain resolved config:\n" + cfg.to_yaml())
-    model = (build or build_model)(cfg, topology=dist.topology)
+    model = build_model(cfg, topology=dist.topology)  # the family and task cfg names (bigtrain.registry)
     if cfg.checkpoint.load and tag is None:
         checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load)
         if dist.is_main:

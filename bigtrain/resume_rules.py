@@ -85,6 +85,7 @@ SCALER = "DeepSpeed restores the saved loss scaler; the new value is set on it a
 
 RULES: dict[str, Rule] = {
     # model: the shape is what the weights are; numerics outside the weights are honoured
+    "model.family": Rule(REFUSED, "the architecture the saved weights belong to"),
     "model.num_layers": Rule(REFUSED, SHAPE),
     "model.hidden_size": Rule(REFUSED, SHAPE),
     "model.num_attention_heads": Rule(REFUSED, SHAPE),

@@ -121,7 +121,7 @@ def test_compile_regions_same_loss_and_grads(world_of_one, monkeypatch):  # noqa
     """train.compile=true routes norm/rotary/SwiGLU/loss through torch.compile; results unchanged."""
     from bigtrain import perf
     from bigtrain.distributed import init_distributed
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     monkeypatch.setenv("BIGTRAIN_COMPILE_BACKEND", "aot_eager")  # graph capture without C++ codegen
     cfg = tiny_cfg()

@@ -15,7 +15,7 @@ def _count(cfg) -> tuple[int, int, int]:
     from torch.utils.checkpoint import set_checkpoint_early_stop
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     model = build_model(cfg)
     b, s = 2, cfg.model.seq_length

@@ -47,7 +47,7 @@ class HostReads(TorchFunctionMode):
 def _trainer(cfg):
     from bigtrain.distributed import init_distributed
     from bigtrain.engine import initialize_engine
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
     from bigtrain.trainer import Trainer
 
     dist = init_distributed(cfg)

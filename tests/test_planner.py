@@ -71,7 +71,7 @@ def test_zero_state_prediction_matches_accounting_dp2(tmp_path):
 
 def _saved_bytes(cfg, dtype: torch.dtype) -> int:
     from bigtrain.memory import saved_activation_bytes
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     model = build_model(cfg).to(dtype)
     b, s = cfg.train.micro_batch_size, cfg.model.seq_length
@@ -200,7 +200,7 @@ def test_zero3_bucket_prediction_matches_deepspeeds_allocation(world_of_one, red
     default), capped by bigtrain at the model's size; the planner predicts exactly that buffer."""
     from bigtrain.distributed import init_distributed
     from bigtrain.engine import initialize_engine
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     cfg = load_config(TINY, ["precision=bf16", "zero.stage=3", f"zero.grad_reduce_dtype={reduce_dtype}"])
     cfg = cfg.resolve(1)

@@ -96,7 +96,7 @@ class BigtrainSystem:
     def __init__(self, cfg: Config, batches: list[dict[str, torch.Tensor]]):
         from bigtrain.distributed import init_distributed
         from bigtrain.engine import initialize_engine
-        from bigtrain.models.parallelize import build_model
+        from bigtrain.registry import build_model
         from bigtrain.trainer import Trainer
 
         self.dist = init_distributed(cfg)  # not launched: a world of one on a free port

@@ -53,7 +53,7 @@ def state_worker(args: argparse.Namespace) -> None:
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.engine import initialize_engine
     from bigtrain.memory import held_tensor_bytes
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     cfg = load_config(args.config, args.set).resolve(int(os.environ["WORLD_SIZE"]))
     dist = init_distributed(cfg)
@@ -180,7 +180,7 @@ def run_activations(args: argparse.Namespace) -> dict[str, Any]:
     from bigtrain import planner
     from bigtrain.generation import _start_world_of_one
     from bigtrain.memory import saved_activation_bytes
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     modes = args.modes
     cfg = load_config(args.config, args.set).resolve(1)

@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigtrain.checkpoint import WeightReader  # noqa: E402
-from bigtrain.config import Config, ConfigError, config_from_dict  # noqa: E402
+from bigtrain.config import PRECISIONS, Config, ConfigError, config_from_dict, torch_dtype  # noqa: E402
 from bigtrain.finetune.export import hf_config_overrides, hf_tensor_groups, write_peft_adapter  # noqa: E402
+from bigtrain.finetune.params import task_params  # noqa: E402
 from bigtrain.models import layout  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -60,7 +60,7 @@ def check_complete(reader: WeightReader, cfg: Config) -> None:
     if missing:
         names = ", ".join(f"tp{t:02d}_pp{p:02d}.safetensors" for t, p in missing)
         raise ExportError(f"{reader.dir / 'weights'}: missing shard file(s) {names} (incomplete checkpoint)")
-    params = layout.iter_layer_params(cfg.model, finetune=cfg.finetune)
+    params = layout.iter_layer_params(cfg.model, task=task_params(cfg))
     absent = [lp.key for lp in params if lp.key not in reader.key_to_pp]
     if absent:
         raise ExportError(
@@ -212,12 +212,6 @@ def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: 
     }
 
 
-def hf_tensors(reader: WeightReader, cfg: Config):
-    """(HF name, tensor) pairs, one merged bigtrain tensor at a time (LoRA merged in)."""
-    for _, tensors in hf_tensor_groups(reader, cfg):
-        yield from tensors.items()
-
-
 def _prepare_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise ExportError(f"{out} exists and is not a Hugging Face export; choose another --output")
@@ -263,7 +257,7 @@ def export(
             current.clear()
 
         groups = hf_tensor_groups(reader, cfg, merge_lora=peft_adapter is None)
-        total = sum(1 for lp in layout.iter_layer_params(cfg.model, finetune=cfg.finetune) if lp.spec.hf)
+        total = sum(1 for lp in layout.iter_layer_params(cfg.model, task=task_params(cfg)) if lp.spec.hf)
         bar = tqdm(
             groups,
             total=total,
@@ -274,7 +268,9 @@ def export(
         for key, tensors in bar:
             bar.set_postfix_str(key)
             for name, tensor in tensors.items():
-                t = tensor.to(DTYPES[dtype]).contiguous().clone()  # own storage (no views shared in a file)
+                t = (
+                    tensor.to(torch_dtype(dtype)).contiguous().clone()
+                )  # own storage (no views shared in a file)
                 nbytes = t.numel() * t.element_size()
                 if current and current_bytes + nbytes > max_shard_bytes:
                     flush()
@@ -331,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--max-shard-size-mb", type=float, default=2048, help="per safetensors file")
     parser.add_argument(
         "--peft-adapter",

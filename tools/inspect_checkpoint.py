@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigtrain.checkpoint import WeightReader, list_tags  # noqa: E402
 from bigtrain.config import config_from_dict  # noqa: E402
+from bigtrain.finetune.params import task_params  # noqa: E402
 from bigtrain.models import layout  # noqa: E402
 
 OWN = ("weights", "rng", "tokenizer", "bigtrain.json")  # the rest is DeepSpeed's (exact resume)
@@ -35,7 +36,7 @@ def describe(path: str | Path) -> dict:
     derived = saved.get("derived", {})
     tensor, pipeline = meta["layout"]["tensor"], meta["layout"]["pipeline"]
     padded = derived.get("padded_vocab_size") or 0
-    table = {lp.key: lp for lp in layout.iter_layer_params(m, finetune=cfg.finetune)}
+    table = {lp.key: lp for lp in layout.iter_layer_params(m, task=task_params(cfg))}
 
     files, tensors = [], []
     for (tp, pp), f in sorted(reader.files.items()):

@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, FileNotFoundError) as e:
         print(f"bigtrain.finetune: data error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    from bigtrain.finetune.model import build_finetune_model
     from bigtrain.finetune.trainer import FinetuneTrainer
 
     # checkpoint.load (the base) goes through pretraining's weights-only load, which keeps the tensors
@@ -118,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
         cfg,
         data=data_factory(prepared),
         trainer_cls=functools.partial(FinetuneTrainer, chat_template=prepared.chat_template),
-        build=lambda c, topology=None: build_finetune_model(c, topology),
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import Config
+from bigtrain.finetune.params import LORA_TARGETS, SCORE, lora_specs, task_params
 from bigtrain.models import layout
 
 # bigtrain LoRA target -> HF module names (fused tensors split in HF's order)
@@ -24,7 +25,7 @@ HF_MODULES = {
 
 def _lora(reader, cfg: Config, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Full (A, B) of a block's projection, or None when it has no adapter."""
-    specs = {s.name: s for s in layout.lora_specs(cfg.model, cfg.finetune)}
+    specs = {s.name: s for s in lora_specs(cfg.model, cfg.finetune)}
     if f"{module}.lora_A" not in specs:
         return None
     a = reader.full(layout.LayerParam(index, specs[f"{module}.lora_A"]))
@@ -39,11 +40,11 @@ def hf_tensor_groups(
     (otherwise the base weights as they were, for a PEFT adapter on top)."""
     m, ft = cfg.model, cfg.finetune
     scale = ft.lora.alpha / ft.lora.rank if ft.lora.rank else 0.0
-    for lp in layout.iter_layer_params(m, finetune=ft):
+    for lp in layout.iter_layer_params(m, task=task_params(cfg)):
         if lp.spec.name.endswith(("lora_A", "lora_B")):
             continue
         full = reader.full(lp)
-        if lp.spec.name == layout.SCORE:
+        if lp.spec.name == SCORE:
             yield lp.key, {"score.weight": full}
             continue
         module = lp.spec.name.removesuffix(".weight")
@@ -60,7 +61,7 @@ def peft_tensors(reader, cfg: Config) -> dict[str, torch.Tensor]:
     out = {}
     for i in range(1, m.num_layers + 1):
         for target in ft.lora.targets:
-            module = layout.LORA_TARGETS[target][0]
+            module = LORA_TARGETS[target][0]
             a, b = _lora(reader, cfg, i, module)
             parts = layout.to_hf(layout.LayerParam(i, base[f"{module}.weight"]), b, m)  # HF name -> B rows
             for b_part, hf_module in zip(parts.values(), HF_MODULES[target]):

@@ -115,20 +115,24 @@ class FinetuneTrainer(Trainer):
         """eval_stats of one micro-batch on every rank. Under a pipeline only the last stage has the
         outputs: it computes the statistics itself (DeepSpeed's loss is averaged per micro-batch and
         over data-parallel ranks, not weighted) and shares them over the pipeline group. (The engine's
-        loss function leaves the logits it returns intact in evaluation: see PipelineLoss.)"""
+        loss function leaves the logits it returns intact in evaluation: see LMLoss.)"""
         from megatron.core import parallel_state
 
         from bigtrain.finetune.model import eval_stats
 
         task = self.cfg.finetune.task
+        from bigtrain.models.parallelize import tensor_parallel
+
+        tp = tensor_parallel(self.cfg)
         if not self.pipeline:
-            return self.engine.module.evaluate_batch(*self.model_args(b))
+            out = self.engine.module.outputs(b["tokens"], b["positions"], b["doc_ids"])
+            return eval_stats(task, out, b["labels"], b["loss_mask"], tp)
         _, out = self.engine.eval_batch(
             data_iter=iter([self.pipeline_item(b)]), return_logits=True, bcast_loss=False, num_micro_batches=1
         )
         stats = torch.zeros(2 + b["tokens"].shape[0], dtype=torch.float64, device=self.dist.device)
         if self.engine.is_last_stage():
-            s, w, p = eval_stats(task, out, b["labels"], b["loss_mask"])
+            s, w, p = eval_stats(task, out, b["labels"], b["loss_mask"], tp)
             stats[0], stats[1] = s, w
             if p is not None:
                 stats[2:] = p

@@ -74,37 +74,22 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
 }
 
 
-# ---------------------------------------------------------------------------- fine-tuning additions
-# LoRA target -> (projection module inside a block, its weight's split). Column-parallel bases (split on
-# the output dim) get A [r, in] replicated and B [out, r] split like the base's rows; row-parallel bases
-# (split on the input dim) get A [r, in] split on its input dim and B [out, r] replicated.
-LORA_TARGETS: dict[str, tuple[str, str]] = {
-    "qkv": ("attention.qkv", "qkv"),
-    "proj": ("attention.proj", "row"),
-    "gate_up": ("mlp.gate_up", "gate_up"),
-    "down": ("mlp.down", "row"),
-}
-SCORE = "score.weight"  # classification head (LlamaForSequenceClassification's ``score``)
+# ---------------------------------------------------------------------------- task additions
+@dataclass(frozen=True)
+class TaskParams:
+    """Parameters a task adds to the table (supplied by bigtrain.registry; fine-tuning's LoRA adapters
+    and classification head): ``block`` specs added to every block, ``head`` specs replacing the
+    language-model output layer. Added specs carry their full ``shape``."""
+
+    block: tuple[ParamSpec, ...] = ()
+    head: tuple[ParamSpec, ...] | None = None
 
 
-def lora_specs(m: ModelConfig, finetune) -> tuple[ParamSpec, ...]:
-    """ParamSpecs of one block's LoRA adapters (``finetune``: a FinetuneConfig; none when rank is 0)."""
-    if finetune is None or finetune.task == "none" or not finetune.lora.rank:
-        return ()
-    r = finetune.lora.rank
-    base = {s.name: s for s in LAYER_PARAMS[BLOCK]}
-    specs = []
-    for target in finetune.lora.targets:
-        module, split = LORA_TARGETS[target]
-        out, inp = full_shape(base[f"{module}.weight"], m, 0)
-        a_split, b_split = ("row", "replicated") if split == "row" else ("replicated", split)
-        specs.append(ParamSpec(f"{module}.lora_A", a_split, "lora_a", (), (r, inp)))
-        specs.append(ParamSpec(f"{module}.lora_B", b_split, "zeros", (), (out, r)))
-    return tuple(specs)
+LM = TaskParams()  # the language model as pretrained: nothing added
 
 
-def is_finetune_param(spec: ParamSpec) -> bool:
-    """Added by fine-tuning (absent from pretrained checkpoints; initialized fresh)."""
+def is_added(spec: ParamSpec) -> bool:
+    """Added by a task (absent from pretrained checkpoints; initialized fresh)."""
     return spec.shape is not None
 
 
@@ -205,30 +190,40 @@ class LayerParam:
 
 
 def iter_layer_params(
-    m: ModelConfig, indices: range | list[int] | None = None, finetune=None
+    m: ModelConfig, indices: range | list[int] | None = None, task: TaskParams = LM
 ) -> Iterator[LayerParam]:
-    """All parameters of the given list layers (default: the whole model), in order. ``finetune`` (a
-    FinetuneConfig) adds LoRA adapters and, for classification, replaces the output layer by ``score``."""
-    classify = finetune is not None and finetune.task == "classify"
-    lora = lora_specs(m, finetune)
+    """All parameters of the given list layers (default: the whole model), in order, with what ``task``
+    adds to every block and puts in place of the output layer."""
     for index in indices if indices is not None else range(num_list_layers(m)):
         kind = layer_kind(index, m.num_layers)
-        if kind == HEAD and classify:
-            yield LayerParam(
-                index, ParamSpec(SCORE, "replicated", "normal", ("score.weight",), score_shape(m, finetune))
-            )
+        if kind == HEAD and task.head is not None:
+            yield from (LayerParam(index, spec) for spec in task.head)
             continue
         if kind == HEAD and m.tie_embeddings:
             continue
         for spec in LAYER_PARAMS[kind]:
             yield LayerParam(index, spec)
         if kind == BLOCK:
-            for spec in lora:
+            for spec in task.block:
                 yield LayerParam(index, spec)
 
 
-def score_shape(m: ModelConfig, finetune) -> tuple[int, int]:
-    return (len(finetune.labels), m.hidden_size)
+# ---------------------------------------------------------------------------- roles in the model
+def local_layers(model: torch.nn.Module, m: ModelConfig) -> dict[int, torch.nn.Module]:
+    """Layer-list index -> module, for the layers this rank holds: the roles of a ``LlamaModel``
+    (embedding, blocks, final_norm, output) or a ``PipelineModule``'s numbered layers (a tied
+    embedding appears under index 0, and is also the tied output layer)."""
+    if hasattr(model, "blocks"):  # LlamaModel: the whole list, by role
+        layers = {0: model.embedding, m.num_layers + 1: model.final_norm}
+        layers.update({i + 1: block for i, block in enumerate(model.blocks)})
+        if model.output is not None:
+            layers[m.num_layers + 2] = model.output
+        return layers
+    layers = {int(name): child for name, child in model.named_children() if name.isdigit()}
+    tied = getattr(model, "tied_modules", None)
+    if tied is not None and "embed" in tied:
+        layers[0] = tied["embed"]
+    return layers
 
 
 # ---------------------------------------------------------------------------- HF mapping

@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from bigtrain.config import load_config
     from bigtrain.distributed import init_distributed, shutdown, world_size_from_env
-    from bigtrain.finetune.model import build_finetune_model
     from bigtrain.models import layout
-    from bigtrain.models.parallelize import local_parameters, tp_rank_size
+    from bigtrain.models.parallelize import tensor_parallel
+    from bigtrain.registry import build_model, local_parameters
 
     world = world_size_from_env()
     cfg = load_config(
@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     ).resolve(world)  # fmt: skip
     dist = init_distributed(cfg)
     try:
-        model = build_finetune_model(cfg, dist.topology)
-        rank, size = tp_rank_size()
+        model = build_model(cfg, dist.topology)
+        tp = tensor_parallel(cfg)
+        rank, size = tp.rank, tp.size
         params = local_parameters(model, cfg)
         with torch.no_grad():  # B = 0 at init: give the adapters an effect, the same full values at any TP
             for key, (lp, param) in params.items():

@@ -181,7 +181,7 @@ def test_lora_tp2_frozen_base_and_merged_and_peft_exports(tok_dir: Path, hf_base
     tokens = [1, 5, 17, 271, 268, 266, 17, 6, 17, 274]
     probe = tmp_path / "bigtrain_logits.pt"
     torchrun(2, ["--checkpoint", str(run_dir / "checkpoints"), "--tokens", ",".join(map(str, tokens)),
-                 "--output", str(probe)], module="bigtrain.finetune.logits")  # fmt: skip
+                 "--output", str(probe)], module="tests.finetune.logits_probe")  # fmt: skip
     ours = torch.load(probe)
     merged = AutoModelForCausalLM.from_pretrained(export(run_dir / "checkpoints", tmp_path / "merged")).eval()
     base = AutoModelForCausalLM.from_pretrained(

@@ -21,9 +21,8 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def sft_model():
-    """A tiny SFT model in a world of one process (megatron-core's layers need parallel_state)."""
-    from bigtrain.finetune.model import build_finetune_model
-    from bigtrain.generation import NativeModel, _start_world_of_one
+    """A tiny SFT model, built without any process group (tensor size 1)."""
+    from bigtrain.registry import build_model
 
     cfg = load_config(
         None,
@@ -33,19 +32,15 @@ def sft_model():
             "finetune.task=sft", "finetune.train=unused", "data.tokenizer=unused", "model.init_std=0.2",
         ],
     ).resolve(1)  # fmt: skip
-    owns = _start_world_of_one(cfg)
-    model = build_finetune_model(cfg).eval()
-    yield cfg, model
-    if owns:
-        NativeModel._shutdown()
+    return cfg, build_model(cfg).eval()
 
 
 def _reference_logits(model, tokens: list[int]) -> torch.Tensor:
     """One example alone through pretraining's code path (plain tensors: causal SDPA, positions 0..n-1)."""
-    x = torch.tensor([tokens])
-    for index in range(model.num_list_layers - 1):
-        x = getattr(model, str(index))(x)
-    return getattr(model, str(model.num_list_layers - 1))(x)[:, 0, :100]  # [n, vocab]
+    x = model.embedding(torch.tensor([tokens]))  # [n, 1, h]
+    for block in model.blocks:
+        x = block(x)
+    return model.output(model.final_norm(x))[:, 0, :100]  # [n, vocab]
 
 
 def test_packed_loss_is_response_only_cross_entropy_without_cross_attention(sft_model):
@@ -158,7 +153,7 @@ def test_bad_input_is_counted_or_strict_error(tok_dir: Path, tmp_path: Path):
 def test_optimizers_and_layer_wise_lr(sft_model):
     from bigtrain.engine import build_optimizer
     from bigtrain.finetune.model import freeze
-    from bigtrain.models.parallelize import local_parameters
+    from bigtrain.registry import local_parameters
 
     cfg, model = sft_model
     cfg.optim.layer_decay = 0.5
@@ -173,7 +168,7 @@ def test_optimizers_and_layer_wise_lr(sft_model):
         assert type(build_optimizer(cfg, model, torch.device("cpu"))) is cls
     cfg.optim.name = "adamw"
     cfg.finetune.freeze_embeddings, cfg.finetune.freeze_layers = True, 1
-    freeze(model, cfg)
+    freeze(model, cfg, local_parameters(model, cfg))
     trained = {
         id(p) for g in build_optimizer(cfg, model, torch.device("cpu")).param_groups for p in g["params"]
     }
@@ -246,7 +241,7 @@ def test_lora_dropout_is_one_mask_over_the_full_input():
     slice of one mask over the full input and draws as many random numbers as the unsharded model, so
     TP=2 ranks (the same RNG state) together apply TP=1's mask and stay in step with it. Inverted
     dropout in train mode; eval mode is the identity and draws nothing."""
-    from bigtrain.finetune.model import LoRADropout
+    from bigtrain.finetune.lora import LoRADropout
 
     p, x = 0.25, torch.rand(6, 3, 8) + 1  # [s, b, in], no zeros
 

@@ -77,15 +77,12 @@ def world_of_one(monkeypatch):
     shutdown()
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_logits_equal_transformers_llama(world_of_one, tie):
+def _logits_equal_transformers_llama(tie: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bigtrain.distributed import init_distributed
-    from bigtrain.models.parallelize import build_model, local_parameters
+    from bigtrain.registry import build_model, local_parameters
 
     cfg = tiny_cfg(f"model.tie_embeddings={str(tie).lower()}")
-    init_distributed(cfg)
     model = build_model(cfg).eval()
     m = cfg.model
     hf = LlamaForCausalLM(
@@ -109,7 +106,40 @@ def test_logits_equal_transformers_llama(world_of_one, tie):
     assert not unexpected and missing == (["lm_head.weight"] if tie else [])
     tokens = torch.randint(0, m.vocab_size, (3, m.seq_length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model.logits(tokens).permute(1, 0, 2)  # [b, s, padded vocab]
+        ours = model.outputs(tokens).permute(1, 0, 2)  # [b, s, padded vocab]
         theirs = hf(tokens).logits
     assert torch.all(ours[..., m.vocab_size :] == torch.finfo(ours.dtype).min)  # padding never predicted
     torch.testing.assert_close(ours[..., : m.vocab_size], theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_equal_transformers_llama(world_of_one, tie):
+    """In a world of one process, as training builds it."""
+    from bigtrain.distributed import init_distributed
+
+    init_distributed(tiny_cfg())
+    _logits_equal_transformers_llama(tie)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_without_process_group_equals_transformers_llama(tie):
+    """Built at tensor size 1 with no process group at all (the layers take their tensor-parallel place
+    as an argument), it still computes what LlamaForCausalLM computes."""
+    assert not torch.distributed.is_initialized()
+    _logits_equal_transformers_llama(tie)
+    assert not torch.distributed.is_initialized()
+
+
+def test_model_reads_top_to_bottom_by_role():
+    """Role-named children, and the layer list the pipeline engine gets is the same layers in order."""
+    from bigtrain.models.llama import LlamaModel
+    from bigtrain.models.parallelize import tensor_parallel
+    from bigtrain.registry import build_model
+
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    assert [name for name, _ in model.named_children()] == ["embedding", "blocks", "final_norm", "output"]
+    specs = LlamaModel.layer_specs(cfg.model, tensor_parallel(cfg), cfg.derived.padded_vocab_size)
+    built = [model.embedding, *model.blocks, model.final_norm, model.output]
+    assert [spec.typename for spec in specs] == [type(m) for m in built]
+    assert sorted(layout.local_layers(model, cfg.model)) == list(range(layout.num_list_layers(cfg.model)))

@@ -1,7 +1,7 @@
-"""``[torchrun --nproc_per_node N] python -m bigtrain.finetune.logits --checkpoint DIR --tokens 1,2,3
+"""``[torchrun --nproc_per_node N] python -m tests.finetune.logits_probe --checkpoint DIR --tokens 1,2,3
 --output logits.pt``: bigtrain's own outputs for token sequences at the layout the checkpoint was saved
 with (tensor-parallel LoRA adapters included): LM logits [b, s, vocab] (vocab shards gathered, padding
-stripped) or class logits [b, labels]. What exports are compared against; pipeline = 1 only."""
+stripped) or class logits [b, labels]. What exports are compared against (a test probe); pipeline = 1 only."""
 
 from __future__ import annotations
 
@@ -23,19 +23,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from megatron.core import parallel_state
 
-    from bigtrain.checkpoint import WeightReader
+    from bigtrain.checkpoint import WeightReader, load_weights_only
     from bigtrain.config import config_from_dict
     from bigtrain.distributed import init_distributed, shutdown, world_size_from_env
-    from bigtrain.finetune.model import build_finetune_model
+    from bigtrain.registry import build_model
 
     cfg = config_from_dict(WeightReader(args.checkpoint).meta["config"])
     cfg.checkpoint.load, cfg.train.device = None, "cpu"
     cfg.resolve(world_size_from_env())
     if cfg.parallel.pipeline != 1:
-        raise SystemExit("bigtrain.finetune.logits: pipeline = 1 checkpoints only")
+        raise SystemExit("tests.finetune.logits_probe: pipeline = 1 checkpoints only")
     dist = init_distributed(cfg)
     try:
-        model = build_finetune_model(cfg, dist.topology, base=args.checkpoint).eval()
+        model = build_model(cfg, dist.topology)
+        load_weights_only(model, cfg, args.checkpoint)
+        model.eval()
         seqs = [[int(t) for t in s.split(",")] for s in args.tokens]
         tokens = torch.tensor(seqs)  # [b, s] (sequences of one length)
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)

@@ -1,0 +1,231 @@
+"""Building blocks shared by bigtrain's model families: tensor-parallel linears, the vocabulary
+embedding and cross entropy, RMSNorm, rotary tables and the KV cache.
+
+A layer is told its tensor-parallel place by a :class:`TensorParallel` argument (rank, size, group,
+megatron-core's config) instead of reading global state. At size > 1 the linears, the embedding and
+the loss are megatron-core's tensor-parallel ones; at size 1 they are the plain torch operations those
+reduce to (megatron-core's layers need an initialized process group even at size 1), with the same
+parameter names and return convention, so a model can be built and run in a unit test without any
+process group, and a one-rank layout pays for no communication bookkeeping.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+
+from bigtrain.perf import compile_enabled, compiled
+
+
+def _plain_config() -> ModelParallelConfig:
+    return ModelParallelConfig(
+        params_dtype=torch.float32, use_cpu_initialization=True, perform_initialization=False
+    )
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """Where a layer sits in the tensor-parallel group (see :func:`bigtrain.models.parallelize.tensor_parallel`).
+
+    ``group``: the tensor-parallel process group (None only in a process without one, at size 1);
+    ``config``: megatron-core's ``ModelParallelConfig`` for its layers (used when ``size > 1``)."""
+
+    rank: int = 0
+    size: int = 1
+    group: torch.distributed.ProcessGroup | None = None
+    config: ModelParallelConfig = field(default_factory=_plain_config)
+
+    def __post_init__(self) -> None:
+        if self.size > 1 and self.group is None:
+            raise ValueError(f"tensor-parallel size {self.size} needs its process group")
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights are filled by bigtrain.models.layout (layout-independent init), not by megatron."""
+
+
+class Linear(nn.Module):
+    """A bias-free linear at tensor size 1, returning ``(output, None)`` like megatron-core's parallel
+    linears. ``weight`` [out, in]; with ``allocate=False`` the weight is passed at call time."""
+
+    def __init__(self, in_size: int, out_size: int, allocate: bool = True):
+        super().__init__()
+        if allocate:
+            self.weight = nn.Parameter(torch.empty(out_size, in_size))
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        return F.linear(x, self.weight if weight is None else weight), None
+
+
+def column_parallel(in_size: int, out_size: int, tp: TensorParallel, allocate: bool = True) -> nn.Module:
+    """Bias-free linear with its output features split over tensor ranks (output stays split)."""
+    if tp.size == 1:
+        return Linear(in_size, out_size, allocate)
+    return ColumnParallelLinear(
+        in_size,
+        out_size,
+        config=tp.config,
+        init_method=_no_init,
+        bias=False,
+        gather_output=False,
+        skip_weight_param_allocation=not allocate,
+        tp_group=tp.group,
+    )
+
+
+def row_parallel(in_size: int, out_size: int, tp: TensorParallel) -> nn.Module:
+    """Bias-free linear with its input features split over tensor ranks (output all-reduced)."""
+    if tp.size == 1:
+        return Linear(in_size, out_size)
+    return RowParallelLinear(
+        in_size,
+        out_size,
+        config=tp.config,
+        init_method=_no_init,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=tp.group,
+    )
+
+
+class _Embedding(nn.Module):
+    """Token ids -> rows of ``weight`` [vocab, h] at tensor size 1 (what VocabParallelEmbedding does there)."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def vocab_embedding(padded_vocab: int, hidden: int, tp: TensorParallel) -> nn.Module:
+    """Embedding whose rows (the vocabulary) are split over tensor ranks; output is the full hidden."""
+    if tp.size == 1:
+        return _Embedding(padded_vocab, hidden)
+    return VocabParallelEmbedding(
+        padded_vocab, hidden, init_method=_no_init, config=tp.config, tp_group=tp.group
+    )
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Per-token loss [s, b] (fp32) of this rank's vocab slice of the logits [s, b, v/tp].
+
+    megatron-core's vocab-parallel cross entropy whenever a tensor-parallel group exists, also at size
+    1 (training always has one: its numerics are what runs were trained with; torch's differs in the
+    last bits); torch's where there is no group (a unit test, a tool) and at size 1 under
+    ``train.compile`` (one fused kernel, no collectives to trace). megatron's works in place on
+    ``logits.float()`` (the very tensor in fp32): callers that need the logits afterwards pass a copy."""
+    if tp.size == 1 and (tp.group is None or compile_enabled()):
+        return _cross_entropy(logits, labels)
+    return vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+@compiled
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [s, b] from the full (tensor size 1) logits [s, b, v]."""
+    flat = logits.float().flatten(0, 1)
+    return F.cross_entropy(flat, labels.flatten(), reduction="none").view(labels.shape)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+@compiled
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """cos/sin [seq_len, head_dim] for rotate-half rotary embeddings (RoFormer, Su et al. 2021; the
+    HF Llama / megatron non-interleaved convention). Cached: every block of every step asks for the
+    same tables (8 small kernels each otherwise)."""
+    return _rotary_tables(seq_len, head_dim, theta, torch.device(device), torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=16)
+def _rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device, inference: bool
+) -> tuple[torch.Tensor, ...]:
+    # ``inference`` keys the cache: tensors made under inference_mode cannot be saved for backward
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    )
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # [s, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]
+    return emb.cos(), emb.sin()
+
+
+@compiled
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [s, b, heads, d]; cos/sin: [s, d]."""
+    return rotate_half(x, cos[:, None, None, :].to(x.dtype), sin[:, None, None, :].to(x.dtype))
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [s, b, heads, d]; cos/sin broadcastable to it (e.g. [s, b, 1, d]: per-sample positions)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """One block's keys and values for incremental decoding (inference only; see bigtrain.generation).
+
+    Buffers ``[b, groups, max_length, d]`` are allocated at the first append; ``length`` positions are
+    filled. Attention over the cache uses SDPA like training; the causal mask is offset by the cached
+    length (a single new position attends to everything, so it needs none)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values [b, groups, s, d]; returns all of them so far."""
+        if self.k is None or self.v is None:
+            shape = (*k.shape[:2], self.max_length, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [b, heads, s, d] are the last s positions of k/v [b, groups, t, d]."""
+        s, t = q.shape[2], k.shape[2]
+        mask = None
+        if s > 1:
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -1,0 +1,109 @@
+"""The composition root: which model family and task a config names, and how it is built.
+
+Every entry point (pretrain, finetune, evaluate, generation, the tools) builds its model through
+:func:`build_model`, and every piece that touches parameters by layout key asks
+:func:`local_parameters` / :func:`task_params`. One :class:`TrainSpec` per (family, task) says which
+layer variants the task puts in the layer list, which parameters it adds to the layout table, and
+which transforms run after the build (as torchtitan's ``TrainSpec`` registry).
+
+Adding a model family: its model file under ``bigtrain/models/`` (a model class with
+``layer_specs``), its rows in the layout table, and a :func:`register` call here. Adding a task: its
+layer variants and parameter specs (as ``bigtrain/finetune/``) and a :func:`register` call here.
+Dependencies point one way: this module imports the families and tasks; they never import it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from bigtrain.config import MODEL_FAMILIES, Config
+from bigtrain.finetune import lora
+from bigtrain.finetune import model as finetune_model
+from bigtrain.finetune import params as finetune_params
+from bigtrain.models import layout, parallelize
+from bigtrain.models.layers import TensorParallel
+from bigtrain.models.llama import LM_LAYERS, TaskLayers
+
+Transform = Callable[[nn.Module, Config, TensorParallel], None]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How one (model family, task) is built."""
+
+    family: str
+    task: str  # "none" (pretraining) | "sft" | "classify" (cfg.finetune.task)
+    layers: Callable[[Config], TaskLayers]  # layer variants put in the list
+    params: Callable[[Config], layout.TaskParams]  # parameters added to the layout table
+    transforms: tuple[Transform, ...] = ()  # after the build, before the init (e.g. LoRA)
+
+
+_SPECS: dict[tuple[str, str], TrainSpec] = {}
+
+
+def register(spec: TrainSpec) -> None:
+    """Add a (family, task) entry; ValueError if it exists or the family is unknown to the config."""
+    key = (spec.family, spec.task)
+    if key in _SPECS:
+        raise ValueError(f"{key} is already registered")
+    if spec.family not in MODEL_FAMILIES:
+        raise ValueError(f"model family {spec.family!r} is not in bigtrain.config.MODEL_FAMILIES")
+    _SPECS[key] = spec
+
+
+def train_spec(cfg: Config) -> TrainSpec:
+    """The entry for ``cfg.model.family`` x ``cfg.finetune.task``; ValueError naming what exists."""
+    key = (cfg.model.family, cfg.finetune.task)
+    if key not in _SPECS:
+        raise ValueError(
+            f"no model is registered for model.family={key[0]} finetune.task={key[1]}; have {sorted(_SPECS)}"
+        )
+    return _SPECS[key]
+
+
+def task_params(cfg: Config) -> layout.TaskParams:
+    """What ``cfg``'s task adds to the layout table (LoRA adapters, a classification head)."""
+    return train_spec(cfg).params(cfg)
+
+
+def local_parameters(model: nn.Module, cfg: Config) -> dict[str, tuple[layout.LayerParam, nn.Parameter]]:
+    """Layout key -> (table entry, live parameter) for everything this rank of ``model`` holds."""
+    return parallelize.local_parameters(model, cfg, task_params(cfg))
+
+
+def build_model(cfg: Config, topology=None) -> nn.Module:
+    """This rank's part of the model ``cfg`` names (weights initialized deterministically, fp32, CPU;
+    a ``PipelineModule`` when ``parallel.pipeline > 1``); trainable parameters as the task says.
+    Pretrained weights are loaded by the caller (``checkpoint.load_weights_only``)."""
+    spec = train_spec(cfg)
+    task = spec.params(cfg)
+    model = parallelize.build(cfg, spec.layers(cfg), task, topology)
+    tp = parallelize.tensor_parallel(cfg)
+    for transform in spec.transforms:
+        transform(model, cfg, tp)
+    parallelize.initialize_weights(model, cfg, task)
+    if cfg.finetune.task != "none":
+        finetune_model.freeze(model, cfg, parallelize.local_parameters(model, cfg, task))
+    return model
+
+
+# ---------------------------------------------------------------------------- the entries
+def _add_lora(model: nn.Module, cfg: Config, tp: TensorParallel) -> None:
+    if cfg.finetune.lora.rank:
+        lora.add_lora(layout.local_layers(model, cfg.model), cfg.model, cfg, tp)
+
+
+register(TrainSpec("llama", "none", layers=lambda cfg: LM_LAYERS, params=lambda cfg: layout.LM))
+for _task in ("sft", "classify"):
+    register(
+        TrainSpec(
+            "llama",
+            _task,
+            layers=finetune_model.task_layers,
+            params=finetune_params.task_params,
+            transforms=(_add_lora,),
+        )
+    )
