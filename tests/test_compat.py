@@ -254,7 +254,7 @@ def test_sample_dataset_uncaches_every_gpt_masks():
 def _engine(*overrides: str):
     from bigtrain.distributed import init_distributed
     from bigtrain.engine import initialize_engine
-    from bigtrain.models.parallelize import build_model
+    from bigtrain.registry import build_model
 
     cfg = tiny_cfg("train.global_batch_size=2", *overrides)
     dist = init_distributed(cfg)
