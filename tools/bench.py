@@ -24,8 +24,11 @@ the time between its record and the previous one: everything in the training loo
 bigtrain's hooks). ``--warmup`` steps are discarded, the next ``--steps`` are timed; a run's figure is
 the median tokens/s of its timed steps, a side's figure the median over its runs, and the ratio is
 bigtrain / transformers (also per pair). Each side's own in-step time (bigtrain's ``step_seconds``,
-which leaves out its hooks) is reported too. Both trained the same model when their first-step losses
-agree (``first_step_loss_rel_diff``; fp32 agrees to ~1e-7, the test holds 1e-5).
+which leaves out its hooks) is reported too, and tokens per CPU-second of each process (this process
+reads the child's CPU time from ``/proc`` when each record appears): on a shared machine, wall time
+includes waiting for cores other jobs hold, CPU time much less so. Both sides trained the same model when
+their losses agree step by step (``first_step_loss_rel_diff``, ``loss_rel_diff_max``: fp32 on CPU
+measured 0 at steps 1-2, ~1e-7 after; tests/test_bench.py holds 1e-5).
 
 Threads: ``--threads N`` sets ``OMP_NUM_THREADS`` for both processes (and ``torch.set_num_threads`` in
 the loop); default: torch's default here. On a shared machine, the 1-minute load average before and
@@ -204,9 +207,21 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------- one run of one side
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` and all its threads (``/proc``; 10 ms ticks), None when
+    it cannot be read (not Linux, or the process is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_side(side: str, args: argparse.Namespace, overrides: list[str], work: Path, repeat: int) -> dict:
-    """Start one fresh process of ``side`` for warmup + steps optimizer steps; its per-step records.
-    Raises SystemExit with the end of its output if it fails."""
+    """Start one fresh process of ``side`` for warmup + steps optimizer steps and follow its records as they
+    are written, adding to each the process's CPU seconds when it appeared (``cpu``: both sides measured
+    the same way, by this process polling every 5 ms). Raises SystemExit with the end of its output if
+    the run fails."""
     run_dir = work / f"{side}-{repeat}"
     log = work / f"{side}-{repeat}.log"
     env = dict(os.environ)
@@ -222,23 +237,41 @@ def run_side(side: str, args: argparse.Namespace, overrides: list[str], work: Pa
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--config", args.config]
         cmd += ["--out", str(records_file), "--threads", str(args.threads or 0), "--set", *sets]
         cmd += ["--compile"] if args.compile else []
+    records: list[dict] = []
+    pending, reader = b"", None
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        while True:
+            finished = proc.poll() is not None  # read once more after the exit: the last records
+            if reader is None and records_file.exists():
+                reader = open(records_file, "rb")
+            if reader is not None:
+                pending += reader.read()
+                *lines, pending = pending.split(b"\n")
+                cpu = cpu_seconds(proc.pid) if lines else None
+                for line in lines:
+                    record = json.loads(line)
+                    if "loss" in record and "time" in record:  # metrics.jsonl: train records only
+                        records.append({**record, "cpu": cpu})
+            if finished:
+                break
+            time.sleep(0.005)
+    if reader is not None:
+        reader.close()
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(
             f"bench: {side} run {repeat} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
         )
-    records = [json.loads(line) for line in records_file.read_text().splitlines()]
-    records = [r for r in records if "loss" in r and "time" in r]  # metrics.jsonl: train records only
     return {"records": records, "process_seconds": seconds}
 
 
 def run_figures(records: list[dict], warmup: int, steps: int, tokens_per_step: int) -> dict[str, Any]:
-    """Median tokens/s of steps warmup+1 .. warmup+steps, by wall clock between consecutive records and by
-    the side's own in-step time; ValueError when the run logged too few steps."""
+    """Median tokens/s of steps warmup+1 .. warmup+steps: by wall clock between consecutive records, by the
+    side's own in-step time, and per CPU-second of its process (None where CPU times are missing or a step
+    took under one 10 ms tick); ValueError when the run logged too few steps."""
     by_step = {r["step"]: r for r in records}
     timed = range(warmup + 1, warmup + steps + 1)
     if any(s not in by_step or s - 1 not in by_step for s in timed):
@@ -248,18 +281,28 @@ def run_figures(records: list[dict], warmup: int, steps: int, tokens_per_step: i
     wall = [by_step[s]["time"] - by_step[s - 1]["time"] for s in timed]
     if min(wall) <= 0:  # ``time`` is rounded to 1 ms; a step that fast cannot be timed this way
         raise ValueError(f"a step took under the 1 ms resolution of the records ({wall}); use a larger model")
+    cpu = [by_step[s].get("cpu") for s in timed]
+    cpu_prev = [by_step[s - 1].get("cpu") for s in timed]
+    per_cpu = [
+        tokens_per_step / (c - p) for c, p in zip(cpu, cpu_prev) if c is not None and p is not None and c > p
+    ]
     return {
         "tokens_per_sec": statistics.median(tokens_per_step / w for w in wall),
         "tokens_per_sec_in_step": statistics.median(
             tokens_per_step / by_step[s]["step_seconds"] for s in timed
         ),
-        "first_step_loss": by_step[1]["loss"],
-        "final_loss": by_step[max(by_step)]["loss"],
+        "tokens_per_cpu_sec": statistics.median(per_cpu) if per_cpu else None,
+        "losses": [by_step[s]["loss"] for s in sorted(by_step)],
         "peak_mem_gib": max(r.get("mem_gib", 0.0) for r in records),
     }
 
 
 # ---------------------------------------------------------------------------- the comparison
+def median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.warmup < 1:
         raise SystemExit("bench: --warmup must be >= 1 (a step's time is measured from the previous record)")
@@ -286,9 +329,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out = run_side(side, args, overrides, work, repeat)
             figures = run_figures(out["records"], args.warmup, args.steps, tokens_per_step)
             runs[side].append({**figures, "process_seconds": out["process_seconds"]})
+            per_cpu = figures["tokens_per_cpu_sec"]
             print(
                 f"repeat {repeat} {side:>12}: {figures['tokens_per_sec']:,.0f} tokens/s "
-                f"(in-step {figures['tokens_per_sec_in_step']:,.0f}), process {out['process_seconds']:.0f} s",
+                f"(in-step {figures['tokens_per_sec_in_step']:,.0f}, per CPU-second "
+                f"{'n/a' if per_cpu is None else f'{per_cpu:,.0f}'}), process {out['process_seconds']:.0f} s",
                 flush=True,
             )
     results: dict[str, Any] = {}
@@ -303,8 +348,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model_tflops": tps * model_flops / 1e12,
             "hardware_tflops": tps * hw_flops / 1e12,
             "peak_mem_gib": max(x["peak_mem_gib"] for x in runs[side]),
-            "first_step_loss": runs[side][0]["first_step_loss"],
-            "final_loss": runs[side][0]["final_loss"],
+            "tokens_per_cpu_sec": median_or_none(x["tokens_per_cpu_sec"] for x in runs[side]),
+            "losses": runs[side][0]["losses"],  # the first run's; every run trains the same steps
+            "first_step_loss": runs[side][0]["losses"][0],
+            "final_loss": runs[side][0]["losses"][-1],
             "process_seconds": [x["process_seconds"] for x in runs[side]],
         }
         if peak:
@@ -343,9 +390,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["ratio_per_repeat"] = [x / y for x, y in pairs]
         report["ratio_per_repeat_median"] = statistics.median(report["ratio_per_repeat"])
         report["ratio_tokens_per_sec_in_step"] = b["tokens_per_sec_in_step"] / hf["tokens_per_sec_in_step"]
-        report["first_step_loss_rel_diff"] = abs(b["first_step_loss"] - hf["first_step_loss"]) / abs(
-            hf["first_step_loss"]
-        )
+        if b["tokens_per_cpu_sec"] and hf["tokens_per_cpu_sec"]:
+            report["ratio_tokens_per_cpu_sec"] = b["tokens_per_cpu_sec"] / hf["tokens_per_cpu_sec"]
+        diffs = [abs(x - y) / abs(y) for x, y in zip(b["losses"], hf["losses"])]
+        report["first_step_loss_rel_diff"] = diffs[0]
+        report["loss_rel_diff_max"] = max(diffs)
     print_summary(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -361,12 +410,14 @@ def print_summary(report: dict[str, Any]) -> None:
         f" of each run, {report['repeats']} run(s) per side"
     )
     print(
-        f"{'side':>12} {'tokens/s':>10} {'in-step':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'loss 1':>10}"
+        f"{'side':>12} {'tokens/s':>10} {'in-step':>10} {'per CPU-s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'peak GiB':>8} {'loss 1':>10}"
     )
     for name, r in report["results"].items():
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
+        per_cpu = "n/a" if r["tokens_per_cpu_sec"] is None else f"{r['tokens_per_cpu_sec']:,.0f}"
         print(
-            f"{name:>12} {r['tokens_per_sec']:>10,.0f} {r['tokens_per_sec_in_step']:>10,.0f} "
+            f"{name:>12} {r['tokens_per_sec']:>10,.0f} {r['tokens_per_sec_in_step']:>10,.0f} {per_cpu:>10} "
             f"{r['model_tflops']:>8.3f} {mfu:>6} {r['peak_mem_gib']:>8.2f} {r['first_step_loss']:>10.6f}"
         )
     if "ratio_tokens_per_sec" in report:
@@ -376,7 +427,12 @@ def print_summary(report: dict[str, Any]) -> None:
             f"{report['ratio_per_repeat_median']:.3f}; per pair: {per}; in-step time: "
             f"{report['ratio_tokens_per_sec_in_step']:.3f})"
         )
-        print(f"first-step loss, relative difference: {report['first_step_loss_rel_diff']:.1e}")
+        if "ratio_tokens_per_cpu_sec" in report:
+            print(f"bigtrain / transformers tokens per CPU-second: {report['ratio_tokens_per_cpu_sec']:.3f}")
+        print(
+            f"loss, relative difference: first step {report['first_step_loss_rel_diff']:.1e}, "
+            f"largest over steps 1-{len(report['results']['bigtrain']['losses'])} {report['loss_rel_diff_max']:.1e}"
+        )
     before, after = report["load_average_1min"]
     print(f"1-minute load average: {before:.2f} before, {after:.2f} after")
 
