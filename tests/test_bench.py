@@ -123,6 +123,7 @@ def test_bench_interleaves_and_takes_medians(monkeypatch, tmp_path):
     assert b["tokens_per_sec"] == tokens / 1.0 and hf["tokens_per_sec"] == tokens / 1.0
     assert b["tokens_per_sec_in_step"] == 2 * tokens / 1.0
     assert b["tokens_per_cpu_sec"] == pytest.approx(tokens / 1.5)
+    assert b["tokens_per_cpu_sec_per_repeat"] == pytest.approx([tokens / 1.5, tokens / 3.0, tokens / 0.75])
     assert report["ratio_per_repeat"] == [1.0, 0.5, 2.0] and report["ratio_tokens_per_sec"] == 1.0
     assert report["ratio_tokens_per_cpu_sec"] == pytest.approx(1.0)
     assert b["losses"] == [5.0 + s for s in range(1, 6)] and report["loss_rel_diff_max"] == 0.0

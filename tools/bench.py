@@ -252,7 +252,7 @@ def run_side(side: str, args: argparse.Namespace, overrides: list[str], work: Pa
                 cpu = cpu_seconds(proc.pid) if lines else None
                 for line in lines:
                     record = json.loads(line)
-                    if "loss" in record and "time" in record:  # metrics.jsonl: train records only
+                    if "step_seconds" in record:  # metrics.jsonl: train records (not spike/valid ones)
                         records.append({**record, "cpu": cpu})
             if finished:
                 break
@@ -349,6 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "hardware_tflops": tps * hw_flops / 1e12,
             "peak_mem_gib": max(x["peak_mem_gib"] for x in runs[side]),
             "tokens_per_cpu_sec": median_or_none(x["tokens_per_cpu_sec"] for x in runs[side]),
+            "tokens_per_cpu_sec_per_repeat": [x["tokens_per_cpu_sec"] for x in runs[side]],
             "losses": runs[side][0]["losses"],  # the first run's; every run trains the same steps
             "first_step_loss": runs[side][0]["losses"][0],
             "final_loss": runs[side][0]["losses"][-1],
