@@ -26,9 +26,8 @@ BENCH = str(REPO / "tools" / "bench.py")
 
 def _bench(tmp_path, *extra: str, env: dict | None = None) -> dict:
     out = tmp_path / "bench.json"
-    proc = run_cmd(
-        [sys.executable, BENCH, "--config", TINY, "--json", str(out), *extra], env=env or cpu_env()
-    )
+    cmd = [sys.executable, BENCH, "--config", TINY, "--json", str(out), "--work-dir", str(tmp_path / "work")]
+    proc = run_cmd([*cmd, *extra], env=env or cpu_env())
     assert "bigtrain / transformers tokens/s" in proc.stdout, proc.stdout
     return json.loads(out.read_text())
 
@@ -67,6 +66,10 @@ def test_bench_cpu_tiny_both_sides_train_the_same_model(tmp_path):
     report = _bench(tmp_path, "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1")
     _check_report(report, device_cuda=False)
     assert report["peak_tflops"] is None and report["threads"] == 1
+    # bigtrain's side is a `python -m bigtrain.pretrain` run: its run directory, as users get it
+    assert {"config.yaml", "metrics.jsonl", "finished.json"} <= {
+        p.name for p in (tmp_path / "work" / "bigtrain-0").iterdir()
+    }
     assert report["sdpa"]["backend"] in ("flash (cpu)", "math")
     assert report["first_step_loss_rel_diff"] <= 1e-5
     b, hf = report["results"]["bigtrain"]["losses"], report["results"]["transformers"]["losses"]
@@ -112,7 +115,9 @@ def test_bench_interleaves_and_takes_medians(monkeypatch, tmp_path):
     calls: list = []
     seconds = {"bigtrain": [1.0, 2.0, 0.5], "transformers": [1.0, 1.0, 1.0]}
     monkeypatch.setattr(bench, "run_side", _fake_run_side(calls, seconds))
-    args = bench.parse_args(["--config", TINY, "--steps", "3", "--warmup", "2", "--repeats", "3"])
+    args = bench.parse_args(
+        ["--config", TINY, "--steps", "3", "--warmup", "2", "--repeats", "3", "--work-dir", str(tmp_path)]
+    )
     args.json = str(tmp_path / "r.json")
     report = bench.run(args)
     assert calls == [(0, "bigtrain"), (0, "transformers"), (1, "transformers"), (1, "bigtrain"),
@@ -128,6 +133,7 @@ def test_bench_interleaves_and_takes_medians(monkeypatch, tmp_path):
     assert report["ratio_tokens_per_cpu_sec"] == pytest.approx(1.0)
     assert b["losses"] == [5.0 + s for s in range(1, 6)] and report["loss_rel_diff_max"] == 0.0
     assert json.loads((tmp_path / "r.json").read_text())["results"] == report["results"]
+    assert report["work_dir"] == str(tmp_path)
 
 
 def test_run_figures_refuse_missing_or_untimeable_steps():

@@ -320,7 +320,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_flops = flops.train_flops_per_token(m, vocab)
     hw_flops = flops.hardware_flops_per_token(m, vocab, cfg.activation_checkpointing)
     peak = flops.peak_tflops(device, cfg.logging.peak_tflops)
-    work = Path(tempfile.mkdtemp(prefix="bigtrain-bench-"))
+    if args.work_dir:
+        work = Path(args.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="bigtrain-bench-"))
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for repeat in range(args.repeats):
@@ -447,6 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per side (interleaved pairs)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both sides (0: default)")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument(
+        "--work-dir", default=None, help="run directories, records and logs (default: a new temp dir)"
+    )
     p.add_argument("--compile", action="store_true", help="train.compile=true and torch.compile the HF model")
     p.add_argument("--no-reference", action="store_true", help="run bigtrain only")
     p.add_argument("--worker", choices=["transformers"], help=argparse.SUPPRESS)  # one side's process
