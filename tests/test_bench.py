@@ -115,9 +115,8 @@ def test_bench_interleaves_and_takes_medians(monkeypatch, tmp_path):
     calls: list = []
     seconds = {"bigtrain": [1.0, 2.0, 0.5], "transformers": [1.0, 1.0, 1.0]}
     monkeypatch.setattr(bench, "run_side", _fake_run_side(calls, seconds))
-    args = bench.parse_args(
-        ["--config", TINY, "--steps", "3", "--warmup", "2", "--repeats", "3", "--work-dir", str(tmp_path)]
-    )
+    argv = ["--config", TINY, "--steps", "3", "--warmup", "2", "--work-dir", str(tmp_path)]
+    args = bench.parse_args([*argv, "--repeats", "3"])
     args.json = str(tmp_path / "r.json")
     report = bench.run(args)
     assert calls == [(0, "bigtrain"), (0, "transformers"), (1, "transformers"), (1, "bigtrain"),
@@ -134,6 +133,10 @@ def test_bench_interleaves_and_takes_medians(monkeypatch, tmp_path):
     assert b["losses"] == [5.0 + s for s in range(1, 6)] and report["loss_rel_diff_max"] == 0.0
     assert json.loads((tmp_path / "r.json").read_text())["results"] == report["results"]
     assert report["work_dir"] == str(tmp_path)
+    calls.clear()  # --no-reference: bigtrain alone, no ratios
+    report = bench.run(bench.parse_args([*argv, "--repeats", "2", "--no-reference"]))
+    assert calls == [(0, "bigtrain"), (1, "bigtrain")] and list(report["results"]) == ["bigtrain"]
+    assert not any(k.startswith(("ratio", "loss_rel")) for k in report)
 
 
 def test_run_figures_refuse_missing_or_untimeable_steps():
