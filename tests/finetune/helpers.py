@@ -75,8 +75,9 @@ def reader_weights(path: Path) -> dict:
     """Full (tensor-parallel shards merged) fp32 weights of a checkpoint's weights/, by layout key."""
     from bigtrain.checkpoint import WeightReader
     from bigtrain.config import config_from_dict
+    from bigtrain.finetune.params import task_params
     from bigtrain.models import layout
 
     reader = WeightReader(path)
     ft = config_from_dict(reader.meta["config"])
-    return {lp.key: reader.full(lp) for lp in layout.iter_layer_params(ft.model, finetune=ft.finetune)}
+    return {lp.key: reader.full(lp) for lp in layout.iter_layer_params(ft.model, task=task_params(ft))}

@@ -107,11 +107,12 @@ def initial_weights(base: Path, run_ckpt: Path) -> dict[str, torch.Tensor]:
     """The weights a run started from: the base checkpoint's, and the fresh init of what fine-tuning adds."""
     from bigtrain.checkpoint import WeightReader
     from bigtrain.config import config_from_dict
+    from bigtrain.finetune.params import task_params
     from bigtrain.models import layout
 
     cfg = config_from_dict(WeightReader(run_ckpt).meta["config"])
     start = reader_weights(base)
-    for lp in layout.iter_layer_params(cfg.model, finetune=cfg.finetune):
+    for lp in layout.iter_layer_params(cfg.model, task=task_params(cfg)):
         if lp.key not in start:
             start[lp.key] = layout.init_full(
                 lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, cfg.train.seed
