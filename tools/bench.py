@@ -51,14 +51,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bigtrain import flops
+from bigtrain.config import Config, load_config
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from bigtrain import flops  # noqa: E402
-from bigtrain.config import Config, load_config  # noqa: E402
 
 SIDES = ("bigtrain", "transformers")
 # What the benchmark changes in the user's config, on both sides: a record every step, nothing written

@@ -25,13 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bigtrain.config import Config, load_config
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from bigtrain.config import Config, load_config  # noqa: E402
 
 MIB = 2**20
 

@@ -34,12 +34,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from tokenizer import Tokenizer
+from tokenizer.io import SkipCounter, iter_documents
 
-from tokenizer import Tokenizer  # noqa: E402
-from tokenizer.io import SkipCounter, iter_documents  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DOC_SUFFIXES = (".py", ".txt", ".rst")
 

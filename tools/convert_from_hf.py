@@ -38,10 +38,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bigtrain.config import Config, ConfigError, config_from_dict  # noqa: E402
-from bigtrain.models import layout  # noqa: E402
+from bigtrain.config import Config, ConfigError, config_from_dict
+from bigtrain.models import layout
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TOKENIZER_FILES = (

@@ -24,13 +24,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bigtrain.checkpoint import WeightReader  # noqa: E402
-from bigtrain.config import PRECISIONS, Config, ConfigError, config_from_dict, torch_dtype  # noqa: E402
-from bigtrain.finetune.export import hf_config_overrides, hf_tensor_groups, write_peft_adapter  # noqa: E402
-from bigtrain.finetune.params import task_params  # noqa: E402
-from bigtrain.models import layout  # noqa: E402
+from bigtrain.checkpoint import WeightReader
+from bigtrain.config import PRECISIONS, Config, ConfigError, config_from_dict, torch_dtype
+from bigtrain.finetune.export import hf_config_overrides, hf_tensor_groups, write_peft_adapter
+from bigtrain.finetune.params import task_params
+from bigtrain.models import layout
 
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")

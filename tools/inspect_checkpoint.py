@@ -14,12 +14,10 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bigtrain.checkpoint import WeightReader, list_tags  # noqa: E402
-from bigtrain.config import config_from_dict  # noqa: E402
-from bigtrain.finetune.params import task_params  # noqa: E402
-from bigtrain.models import layout  # noqa: E402
+from bigtrain.checkpoint import WeightReader, list_tags
+from bigtrain.config import config_from_dict
+from bigtrain.finetune.params import task_params
+from bigtrain.models import layout
 
 OWN = ("weights", "rng", "tokenizer", "bigtrain.json")  # the rest is DeepSpeed's (exact resume)
 

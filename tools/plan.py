@@ -17,12 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bigtrain import planner
+from bigtrain.config import ConfigError, load_config
 
-from bigtrain import planner  # noqa: E402
-from bigtrain.config import ConfigError, load_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def overrides_for(layout: planner.Layout) -> list[str]:
