@@ -3,6 +3,7 @@ bad-input handling, optimizer choice / layer-wise LR groups, metrics and early s
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -157,10 +158,13 @@ def test_bad_input_is_counted_or_strict_error(tok_dir: Path, tmp_path: Path):
 
 def test_optimizers_and_layer_wise_lr(sft_model):
     from bigtrain.engine import build_optimizer
-    from bigtrain.finetune.model import freeze
+    from bigtrain.finetune.model import build_finetune_model, freeze
     from bigtrain.models.parallelize import local_parameters
 
-    cfg, model = sft_model
+    # a config and model of its own (the fixture's world of one stays): this test sets optimizer and
+    # freezing fields, which the module fixture's other users must not see
+    cfg = copy.deepcopy(sft_model[0])
+    model = build_finetune_model(cfg)
     cfg.optim.layer_decay = 0.5
     opt = build_optimizer(cfg, model, torch.device("cpu"))
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
@@ -179,9 +183,6 @@ def test_optimizers_and_layer_wise_lr(sft_model):
     }
     for lp, p in local_parameters(model, cfg).values():
         assert (id(p) in trained) == (lp.index >= 2), lp.key
-    for p in model.parameters():
-        p.requires_grad = True
-    cfg.finetune.freeze_embeddings, cfg.finetune.freeze_layers = False, 0
 
 
 def test_early_stopping_on_crafted_curves():
