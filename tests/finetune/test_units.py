@@ -72,7 +72,7 @@ def test_packed_loss_is_response_only_cross_entropy_without_cross_attention(sft_
         ref = _reference_logits(model, ex.tokens)
         # attention and positions stay inside the example: identical logits packed or alone
         assert (packed_logits[start : start + n] - ref).abs().max() < 1e-5
-        logp = F.log_softmax(ref.double(), dim=-1)
+        logp = F.log_softmax(ref.detach().double(), dim=-1)
         for p in range(n - 1):
             if ex.target[p + 1]:  # predict a response token (or the EOS after it)
                 total -= float(logp[p, ex.tokens[p + 1]])
