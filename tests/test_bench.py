@@ -222,6 +222,9 @@ def test_compile_regions_same_loss_and_grads(world_of_one, monkeypatch):  # noqa
     tokens = torch.randint(
         0, cfg.model.vocab_size, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(1)
     )
+    # dynamo's counters and caches are process-global: start from zero so only this test's graphs count
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     results = []
     for on in (False, True):
         cfg.train.compile = on

@@ -55,12 +55,13 @@ def test_zero_state_prediction_matches_accounting_dp2(tmp_path):
     assert sorted(stages) == [0, 1, 2, 3]
     for stage, s in stages.items():
         assert len(s["accounted_mib_per_rank"]) == 2
-        assert abs(s["prediction_error"]) <= 0.15, (stage, s)
+        # measured: ZeRO 0-2 within 4e-5; ZeRO-3 under-predicts by 2.4% (0.5 MiB of 21.4 MiB)
+        assert abs(s["prediction_error"]) <= (0.03 if stage == 3 else 1e-3), (stage, s)
     # ZeRO-0 holds fp32 params + grads + two Adam moments: 16 bytes per parameter, on both ranks.
-    assert stages[0]["bytes_per_parameter"] == pytest.approx(16.0, rel=0.01)
+    assert stages[0]["bytes_per_parameter"] == pytest.approx(16.0, rel=1e-3)  # measured 16.0002
     # each stage shards more; fp32 masters share the parameter partition (engine.py), so at DP=2
     # ZeRO-1/2 hold 4 + 4/2 + 8/2 = 10 bytes per parameter, not DeepSpeed's 12
-    assert stages[1]["bytes_per_parameter"] == pytest.approx(10.0, rel=0.02)
+    assert stages[1]["bytes_per_parameter"] == pytest.approx(10.0, rel=1e-3)  # measured 10.0004
     assert (
         stages[3]["bytes_per_parameter"]
         < stages[2]["bytes_per_parameter"]
@@ -103,7 +104,9 @@ def test_activation_prediction_matches_saved_tensors(world_of_one, precision):  
         measured[mode] = _saved_bytes(cfg, dtype)
         layout = planner.Layout(micro_batch=3, checkpointing=mode)
         predicted, _ = planner.activation_memory(cfg, layout, device="cpu")
-        assert predicted == pytest.approx(measured[mode], rel=0.01), (mode, predicted, measured[mode])
+        # measured: fp32 within 6.4e-6, bf16 within 3.1e-3 (bf16 over-predicts by 0.31% without recompute)
+        rel = 1e-4 if precision == "fp32" else 5e-3
+        assert predicted == pytest.approx(measured[mode], rel=rel), (mode, predicted, measured[mode])
     assert measured["full"] < measured["selective"] < measured["none"]
 
 

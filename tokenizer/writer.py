@@ -196,6 +196,7 @@ class BuilderProcess:
                 self._error = e
         self._ready.wait()
         tail = self._proc.stdout.read()
+        self._proc.stdout.close()  # else a ResourceWarning (unclosed file) when the Popen is collected
         status = self._proc.wait()
         word, _, cpu = tail.partition(b" ")
         if self._error is not None or status != 0 or word != b"done":
@@ -206,6 +207,13 @@ class BuilderProcess:
         self._proc.kill()
         self._proc.wait()
         self._enqueue(None)
+        self._sender.join()  # its writes fail (broken pipe) and it drains the queue
+        self._ready.wait()  # the reader sees end of file once the child is gone
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            try:
+                pipe.close()
+            except OSError:  # stdin's buffered bytes cannot reach the dead child
+                pass
 
 
 @dataclass

@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import run_cmd
@@ -75,7 +76,13 @@ def test_resume_at_another_parallel_layout(trained, tmp_path):
 def test_token_ids_beyond_the_vocab(trained, tmp_path):
     corpus, _ = trained
     out = single(train_args(corpus, tmp_path, "model.vocab_size=300"), check=False, no_start_up=True)
-    assert_refused_before_start_up(out, f"{corpus}.bin", "300")
+    top = int(np.fromfile(f"{corpus}.bin", dtype=np.uint16).max())  # the id the check must name
+    assert top >= 300
+    assert_refused_before_start_up(
+        out,
+        f"{corpus}.bin: token id {top} is outside the vocabulary [0, 300); "
+        "the data was tokenized with another tokenizer",
+    )
 
 
 def test_missing_and_corrupt_index(trained, tmp_path):
