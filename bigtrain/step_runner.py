@@ -69,6 +69,8 @@ class MicroBatchRunner:
     """One forward per micro-batch; the module returns the micro-batch's loss (its token-loss sum over
     the global batch's normalizer, see ``lm_loss``)."""
 
+    needs_engine = False  # a plain module (evaluation) runs too
+
     def __init__(self, engine, adapter: BatchAdapter, device: torch.device):
         self.engine, self.adapter, self.device = engine, adapter, device
 
@@ -100,6 +102,8 @@ class MicroBatchRunner:
 class PipelineRunner:
     """DeepSpeed's pipeline engine; the normalizer rides with the labels to the last stage, whose loss
     function (``engine.module.loss_fn``) is wrapped once to apply debug multipliers."""
+
+    needs_engine = True  # the stages run only inside DeepSpeed's PipelineEngine
 
     def __init__(self, engine, adapter: BatchAdapter, device: torch.device):
         self.engine, self.adapter, self.device = engine, adapter, device
@@ -154,20 +158,25 @@ class PipelineRunner:
 StepRunner = MicroBatchRunner | PipelineRunner
 
 
+def _runner_class(cfg: Config) -> type[StepRunner]:
+    """The one test of the engine kind: DeepSpeed's ``PipelineEngine`` when ``parallel.pipeline > 1``."""
+    return PipelineRunner if cfg.parallel.pipeline > 1 else MicroBatchRunner
+
+
 def make_runner(cfg: Config, engine, adapter: BatchAdapter, device: torch.device) -> StepRunner:
-    """The runner for ``engine``: a DeepSpeed ``PipelineEngine`` when ``parallel.pipeline > 1``."""
-    cls = PipelineRunner if cfg.parallel.pipeline > 1 else MicroBatchRunner
-    return cls(engine, adapter, device)
+    """The runner for ``engine`` (what ``bigtrain.engine.initialize_engine`` returned for ``cfg``)."""
+    return _runner_class(cfg)(engine, adapter, device)
 
 
 def make_eval_runner(cfg: Config, model: torch.nn.Module, dist, adapter: BatchAdapter) -> StepRunner:
-    """A runner for evaluation only: a pipelined model needs DeepSpeed's engine to run at all, a
-    one-stage model runs as it is (no optimizer state allocated)."""
-    if cfg.parallel.pipeline > 1:
+    """A runner for evaluation only, in eval mode: a pipelined model needs DeepSpeed's engine to run at
+    all, a one-stage model runs as it is (no optimizer state allocated)."""
+    cls = _runner_class(cfg)
+    if cls.needs_engine:
         from bigtrain.engine import initialize_engine
 
         engine = initialize_engine(cfg, model, dist)
     else:
         engine = model.to(dist.device)
     engine.eval()
-    return make_runner(cfg, engine, adapter, dist.device)
+    return cls(engine, adapter, dist.device)
