@@ -207,3 +207,43 @@ def prune(ckpt_dir: Path, keep_last: int, protect: Iterable[str]) -> list[str]:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
             removed.append(tag)
     return removed
+
+
+# ---------------------------------------------------------------------------- replacing a directory
+OLD_SUFFIX = ".old"
+# Named moments inside replace_dir, in order, where a test can simulate a crash.
+REPLACE_FAULT_POINTS = ("moved_aside", "renamed", "removed")
+
+
+def recover_dir(final: Path) -> None:
+    """Finish or undo an interrupted :func:`replace_dir`: ``final`` missing but ``final.old`` present
+    (killed between the two renames): the old directory comes back; both present: the old one is stale."""
+    old = final.with_name(final.name + OLD_SUFFIX)
+    if not old.is_dir():
+        return
+    if final.is_dir():
+        shutil.rmtree(old)
+    else:
+        os.replace(old, final)
+        fsync_dir(final.parent)
+        warn(f"{final} was being replaced when the process stopped; restored the previous one from {old}")
+
+
+def replace_dir(tmp: Path, final: Path, fault: Callable[[str], None] | None = None) -> None:
+    """Put the complete directory ``tmp`` in place of ``final`` (which may not exist). One rename cannot
+    replace a non-empty directory, so ``final`` is first renamed to ``final.old``: at every moment
+    ``final`` or ``final.old`` is a complete directory, and :func:`recover_dir` (called here first, and
+    by readers at start-up) restores ``final`` after a crash between the renames. ``fault(point)``: test
+    hook called at each of ``REPLACE_FAULT_POINTS``."""
+    fault = fault or (lambda point: None)
+    recover_dir(final)
+    old = final.with_name(final.name + OLD_SUFFIX)
+    if final.is_dir():
+        os.replace(final, old)
+        fsync_dir(final.parent)
+    fault("moved_aside")
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    fault("renamed")
+    shutil.rmtree(old, ignore_errors=True)
+    fault("removed")

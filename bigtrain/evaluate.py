@@ -34,13 +34,11 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
 
     Raises DataError (naming the file) for data training would refuse, before any process group exists.
     """
-    from megatron.core import parallel_state
-
     from bigtrain import checkpoint
     from bigtrain.data import SequentialWindows
     from bigtrain.distributed import init_distributed, shutdown
-    from bigtrain.engine import initialize_engine
     from bigtrain.registry import build_model
+    from bigtrain.step_runner import LM_BATCH, GlobalBatch, make_eval_runner
 
     # One window per data-parallel rank per step: the layout never changes which windows count.
     cfg.train.micro_batch_size = 1
@@ -59,28 +57,18 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
         model = build_model(cfg, topology=dist.topology)
         source = cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg))
         checkpoint.load_weights_only(model, cfg, source)
+        runner = make_eval_runner(cfg, model, dist, LM_BATCH)
         dp, dp_rank = cfg.derived.data_parallel_size, dist.dp_rank
         n = len(windows)
         steps = math.ceil(n / dp)
         total = torch.zeros((), dtype=torch.float64)
-        if cfg.parallel.pipeline > 1:
-            engine = initialize_engine(cfg, model, dist)
-            engine.eval()
-        else:
-            model.to(dist.device).eval()
         for step in range(steps):
             index = step * dp + dp_rank
             real = index < n
             batch = _window_batch(windows[min(index, n - 1)], dist.device, real)
-            if cfg.parallel.pipeline > 1:
-                item = (batch["tokens"], (batch["labels"], batch["loss_mask"]))
-                dp_mean = engine.eval_batch(data_iter=iter([item]), num_micro_batches=1)  # averaged over DP
-                total += float(dp_mean) * dp
-            else:
-                loss = model(batch["tokens"], batch["labels"], batch["loss_mask"]).double()
-                if dp > 1:
-                    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-                total += float(loss)
+            tokens = batch["loss_mask"].sum()
+            # normalizer None: each window's own mean; a padding window (no trained token) counts 0
+            total += runner.run(GlobalBatch([batch], tokens, None), train=False) * dp  # DP mean -> sum
         mean = float(total) / n
         return {"loss": mean, "perplexity": math.exp(mean), "windows": n, "tokens": n * cfg.model.seq_length}
     finally:

@@ -183,8 +183,9 @@ def preflight(cfg: Config, rank: int) -> None:
 def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None):
     """Train per ``cfg``; resumes from the newest valid checkpoint in ``run_dir``. Returns the final state.
 
-    ``trainer_cls`` (a :class:`bigtrain.trainer.Trainer` subclass) and ``build(cfg, topology) -> model``
-    let other tasks (fine-tuning) reuse start-up, resume and fault handling unchanged."""
+    ``trainer_cls`` (a :class:`bigtrain.trainer.Trainer` subclass with its own batch adapter and hooks)
+    and ``build(cfg, topology) -> model`` let other tasks (fine-tuning) reuse start-up, resume and fault
+    handling unchanged."""
     from bigtrain import checkpoint
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.engine import initialize_engine
@@ -220,7 +221,7 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None):
     if saved is not None:
         trainer.adopt_checkpoint(tag, saved)
     state = trainer.train()
-    if dist.is_main and trainer.stop_reason is None and state.step >= cfg.train.steps:
+    if dist.is_main and trainer.finished:
         # for auto-resume loops: the run is complete, do not relaunch (launch/slurm.sbatch)
         (run_dir / FINISHED).write_text(json.dumps(state.as_dict()))
     shutdown()  # not on errors: tearing down groups with a dead peer can block (run_or_exit exits)

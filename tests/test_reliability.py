@@ -76,3 +76,70 @@ def test_reliability_keys_are_validated(override, message):
     cfg = load_config(None, ["model.vocab_size=512", "data.mock=true", override])
     with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
         cfg.resolve(1)
+
+
+def _trainer(tmp_path, *overrides):
+    """A Trainer around no engine (nothing here runs a step): enough for its rules and hook states."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bigtrain.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        ["data.mock=true", "model.vocab_size=64", "train.steps=10", f"train.run_dir={tmp_path}", "logging.tensorboard=false",
+         "train.exit_signal_save=false", *overrides],
+    ).resolve(1)  # fmt: skip
+    dist = SimpleNamespace(device=torch.device("cpu"), is_main=False, rank=0)
+    trainer = Trainer(cfg, dist, None, lambda consumed: iter(()))
+    trainer.metrics.close()
+    return trainer
+
+
+def test_one_due_rule_and_early_completion_without_rewriting_steps(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.state.step = 4
+    assert trainer.due(2) and not trainer.due(3) and not trainer.due(0)
+    trainer.state.step = 10  # the last step: everything is due
+    assert trainer.due(3) and trainer.due(0) and trainer.finished
+    trainer.state.step = 7
+    assert not trainer.due(3) and not trainer.finished
+    trainer.request_stop("early stopping", complete=True)  # this step becomes the last one
+    assert trainer.due(3) and trainer.due(0) and trainer.finished and trainer.stop_reason is None
+    assert trainer.cfg.train.steps == 10
+    trainer.request_stop("signal SIGTERM")  # an interrupted run is not finished: a relaunch resumes it
+    trainer.request_stop("train.max_minutes=1 nearly used")
+    assert trainer.stop_reason == "signal SIGTERM" and not trainer.finished
+
+
+def test_hook_states_round_trip_through_a_checkpoint_dict(tmp_path):
+    import json
+
+    from bigtrain.hooks import NonFinitePolicy, SpikeGuard
+
+    def parts(trainer):
+        hooks = list(trainer._stateful_hooks())
+        return next(h for h in hooks if isinstance(h, SpikeGuard)), next(
+            h for h in hooks if isinstance(h, NonFinitePolicy)
+        )
+
+    spike_rule = ("train.spike_sigma=3", "train.spike_min_history=3")
+    trainer = _trainer(tmp_path, *spike_rule)
+    spikes, nonfinite = parts(trainer)
+    for loss in (5.0, 4.8, 4.9):
+        spikes.spikes.is_spike(loss)
+    nonfinite.consecutive_skips = 2
+    saved = json.loads(json.dumps({"step": 3, **trainer.hook_states()}))  # as bigtrain.json stores it
+    assert saved["spike_history"] == [5.0, 4.8, 4.9] and saved["nonfinite"] == {"consecutive_skips": 2}
+
+    resumed = _trainer(tmp_path, *spike_rule)
+    resumed.adopt_checkpoint("step_00000003", saved)
+    spikes2, nonfinite2 = parts(resumed)
+    assert list(spikes2.spikes.history) == [5.0, 4.8, 4.9] and nonfinite2.consecutive_skips == 2
+    assert spikes2.spikes.is_spike(9.0)  # judged as the uninterrupted run would
+    assert resumed.protect == ("step_00000003",) and resumed.last_saved_step == 3
+    # a checkpoint of an older bigtrain (no hook keys) leaves the hooks as they are
+    older = _trainer(tmp_path, *spike_rule)
+    older.adopt_checkpoint("step_00000003", {"step": 3})
+    assert not parts(older)[0].spikes.history and parts(older)[1].consecutive_skips == 0

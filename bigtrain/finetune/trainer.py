@@ -1,21 +1,27 @@
-"""Fine-tuning on the pretraining loop: the Trainer fed packed/classification batches, validation over
-the whole validation set (loss, and for classification accuracy, macro P/R/F1 and a confusion matrix),
-early stopping with patience and the best checkpoint by a chosen metric."""
+"""Fine-tuning on the pretraining loop: the Trainer fed packed/classification batches
+(``PACKED_BATCH``), with hooks for validation over the whole validation set (loss, and for
+classification accuracy, macro P/R/F1 and a confusion matrix), early stopping with patience, the best
+checkpoint by a chosen metric, and the chat template recorded in every checkpoint."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bigtrain.finetune.model import eval_stats
+from bigtrain.hooks import Hook, Validation
 from bigtrain.metrics import console
-from bigtrain.trainer import StepResult, Trainer, _to_device, eval_hook
+from bigtrain.models.layers import TensorParallel
+from bigtrain.models.parallelize import tensor_parallel
+from bigtrain.step_runner import PACKED_BATCH, StepRunner, to_device
+from bigtrain.trainer import StepResult, Trainer
 
 Batch = dict[str, torch.Tensor]
+BEST = "best"  # RUN_DIR/best: the best validation's weights (see save_best)
 
 
 def classification_metrics(preds: list[int], labels: list[int], num_labels: int) -> dict[str, Any]:
@@ -69,114 +75,168 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad >= self.patience
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.bad = state["best"], state["best_step"], state["bad"]
+
+
+class FinetuneValidation(Hook):
+    """Validation over every validation item every ``train.eval_interval`` steps and at the last step,
+    the best checkpoint (``RUN_DIR/best``) and early stopping. Its state (``early_stopping``: best
+    value and step, validations without a gain) is saved with checkpoints, so a resumed run keeps its
+    patience count."""
+
+    state_key = "early_stopping"
+
+    def __init__(self, cfg, valid_items: list[Batch], chat_template: dict[str, Any] | None = None):
+        f = cfg.finetune
+        self.valid_items, self.chat_template = valid_items, chat_template
+        self.stopper = EarlyStopping(f.metric, f.patience, f.min_delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stopper.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stopper.load_state_dict(state)
+
+    def resume_best(self, run_dir: Path, step: int, metric: str) -> None:
+        """A resumed run's best so far from ``RUN_DIR/best`` (only replaced by a better one); a
+        checkpoint's ``early_stopping`` state, loaded after this, takes precedence."""
+        best = run_dir / BEST / "bigtrain.json"
+        if step and best.is_file():
+            saved = json.loads(best.read_text())
+            if saved["best"]["metric"] == metric and saved["step"] <= step:
+                self.stopper.best, self.stopper.best_step = saved["best"]["value"], saved["step"]
+
+    def __call__(self, trainer: Trainer, r: StepResult) -> None:
+        cfg, step, stopper = trainer.cfg, trainer.state.step, self.stopper
+        if not trainer.due(cfg.train.eval_interval):
+            return
+        result = evaluate_all(trainer, self.valid_items)
+        if result is None:
+            return
+        trainer.metrics.write({"step": step, **result}, "valid")
+        if trainer.metrics.tb is not None and "val_confusion" in result:
+            trainer.metrics.tb.add_text(
+                "valid/confusion", confusion_text(result["val_confusion"], cfg.finetune.labels), step
+            )
+        if trainer.dist.is_main:
+            scalars = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+            console(f"validation step {step}: {scalars}")
+            if "val_confusion" in result:
+                console(confusion_text(result["val_confusion"], cfg.finetune.labels))
+        if stopper.update(step, result[cfg.finetune.metric]) and cfg.checkpoint.save:
+            save_best(trainer, step, result, self.chat_template)
+        if stopper.should_stop and step < cfg.train.steps:
+            if trainer.dist.is_main:
+                console(
+                    f"early stopping at step {step}: {cfg.finetune.metric} has not improved for "
+                    f"{stopper.bad} validations (best {stopper.best:.4f} at step {stopper.best_step})"
+                )
+            trainer.metrics.write(
+                {"step": step, "early_stopped": True, "best_step": stopper.best_step}, "valid"
+            )
+            # the loop ends after this step's hooks; the checkpoint hook saves it as the final one
+            trainer.request_stop(f"early stopping ({cfg.finetune.metric})", complete=True)
+
+
+class ChatTemplateRecord(Hook):
+    """SFT: the chat template trained with (``data.template_record``) in every checkpoint, which the
+    export writes and a resume compares (``resume_rules.check_chat_template``)."""
+
+    state_key = "chat_template"
+
+    def __init__(self, template: dict[str, Any]):
+        self.template = template
+
+    def __call__(self, trainer: Trainer, r: StepResult) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.template
+
 
 class FinetuneTrainer(Trainer):
-    """The Trainer on fine-tuning batches; validation covers every validation item each time."""
+    """The Trainer on fine-tuning batches, pretraining's validation replaced by
+    :class:`FinetuneValidation`."""
 
     def __init__(self, *args, chat_template: dict[str, Any] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.chat_template = chat_template  # sft: the template trained with (data.template_record)
-        self.valid_items = list(self.make_valid_batches()) if self.make_valid_batches else []
-        f = self.cfg.finetune
-        self.stopper = EarlyStopping(f.metric, f.patience, f.min_delta)
-        best = Path(self.cfg.train.run_dir) / "best" / "bigtrain.json"
-        if self.state.step and best.is_file():  # resumed: RUN_DIR/best is only replaced by a better one
-            saved = json.loads(best.read_text())
-            if saved["best"]["metric"] == f.metric and saved["step"] <= self.state.step:
-                self.stopper.best, self.stopper.best_step = saved["best"]["value"], saved["step"]
-        # validation over the whole set with task metrics, in place of the pretraining loss-only one
-        self.hooks = [finetune_eval_hook if h is eval_hook else h for h in self.hooks]
+        """``chat_template``: SFT's ``data.template_record``, recorded in checkpoints and the best."""
+        super().__init__(*args, adapter=PACKED_BATCH, **kwargs)
+        valid_items = list(self.make_valid_batches()) if self.make_valid_batches else []
+        validation = FinetuneValidation(self.cfg, valid_items, chat_template)
+        run_dir = Path(self.cfg.train.run_dir)
+        if self.dist.is_main:  # a crash inside save_best may have left only RUN_DIR/best.old
+            from bigtrain.checkpoint_files import recover_dir
+
+            recover_dir(run_dir / BEST)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        validation.resume_best(run_dir, self.state.step, self.cfg.finetune.metric)
+        self.hooks = [validation if isinstance(h, Validation) else h for h in self.hooks]
+        if chat_template is not None:
+            self.hooks.append(ChatTemplateRecord(chat_template))
         report_parameters(self)
 
-    def extra_state(self) -> dict[str, Any]:
-        s = self.stopper
-        state: dict[str, Any] = {"early_stopping": {"best": s.best, "best_step": s.best_step, "bad": s.bad}}
-        if self.chat_template is not None:  # what the export writes and a resume compares (resume_rules)
-            state["chat_template"] = self.chat_template
-        return state
 
-    def load_extra_state(self, saved: dict[str, Any]) -> None:
-        """A resumed run keeps its patience count (validations without a gain) and best value."""
-        es = saved.get("early_stopping")
-        if es is not None:
-            self.stopper.best, self.stopper.best_step, self.stopper.bad = (
-                es["best"],
-                es["best_step"],
-                es["bad"],
-            )
+def eval_micro_batch(runner: StepRunner, task: str, b: Batch, tp: TensorParallel) -> tuple:
+    """(summed loss, summed weight, class predictions [b] or None) of one micro-batch on the device, the
+    same on every rank: the stage with the outputs (under a pipeline only the last) computes
+    ``eval_stats`` and the runner shares them (DeepSpeed's own eval loss is averaged per micro-batch
+    and over data-parallel ranks, not weighted)."""
+    out = runner.outputs(b)
+    stats = torch.zeros(2 + b["tokens"].shape[0], dtype=torch.float64, device=b["tokens"].device)
+    if out is not None:
+        s, w, p = eval_stats(task, out, b["labels"], b["loss_mask"], tp)
+        stats[0], stats[1] = s, w
+        if p is not None:
+            stats[2:] = p
+    stats = runner.from_last_stage(stats)
+    return stats[0], stats[1], stats[2:].long() if task == "classify" else None
 
-    def model_args(self, b: Batch) -> tuple:
-        return b["tokens"], b["positions"], b["doc_ids"], b["labels"], b["loss_mask"]
 
-    def pipeline_item(self, b: Batch) -> tuple:
-        return (b["tokens"], b["positions"], b["doc_ids"]), (b["labels"], b["loss_mask"])
+@torch.no_grad()
+def evaluate_all(trainer: Trainer, valid_items: list[Batch]) -> dict[str, Any] | None:
+    """Validation over every item: token- (sft) or example-weighted (classify) loss, and metrics."""
+    from megatron.core import parallel_state
 
-    def _eval_micro_batch(self, b: Batch) -> tuple:
-        """eval_stats of one micro-batch on every rank. Under a pipeline only the last stage has the
-        outputs: it computes the statistics itself (DeepSpeed's loss is averaged per micro-batch and
-        over data-parallel ranks, not weighted) and shares them over the pipeline group. (The engine's
-        loss function leaves the logits it returns intact in evaluation: see LMLoss.)"""
-        from megatron.core import parallel_state
-
-        from bigtrain.finetune.model import eval_stats
-
-        task = self.cfg.finetune.task
-        from bigtrain.models.parallelize import tensor_parallel
-
-        tp = tensor_parallel(self.cfg)
-        if not self.pipeline:
-            out = self.engine.module.outputs(b["tokens"], b["positions"], b["doc_ids"])
-            return eval_stats(task, out, b["labels"], b["loss_mask"], tp)
-        _, out = self.engine.eval_batch(
-            data_iter=iter([self.pipeline_item(b)]), return_logits=True, bcast_loss=False, num_micro_batches=1
-        )
-        stats = torch.zeros(2 + b["tokens"].shape[0], dtype=torch.float64, device=self.dist.device)
-        if self.engine.is_last_stage():
-            s, w, p = eval_stats(task, out, b["labels"], b["loss_mask"], tp)
-            stats[0], stats[1] = s, w
-            if p is not None:
-                stats[2:] = p
-        torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
-        return stats[0], stats[1], stats[2:].long() if task == "classify" else None
-
-    @torch.no_grad()
-    def evaluate_all(self) -> dict[str, Any] | None:
-        """Validation over every item: token- (sft) or example-weighted (classify) loss, and metrics."""
-        from megatron.core import parallel_state
-
-        if not self.valid_items:
-            return None
-        classify = self.cfg.finetune.task == "classify"
-        self.engine.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        weight = torch.zeros((), dtype=torch.float64)
-        preds, labels = [], []
-        try:
-            for b in self.valid_items:
-                b = _to_device(b, self.dist.device)
-                s, w, p = self._eval_micro_batch(b)
-                loss_sum += float(s)
-                weight += float(w)
-                if classify:
-                    keep = b["loss_mask"] > 0
-                    preds += p[keep].tolist()
-                    labels += b["labels"][keep].tolist()
-        finally:
-            self.engine.train()
-        totals = torch.stack([loss_sum, weight])
-        dp_group = parallel_state.get_data_parallel_group()
+    if not valid_items:
+        return None
+    task = trainer.cfg.finetune.task
+    classify = task == "classify"
+    tp = tensor_parallel(trainer.cfg)
+    trainer.engine.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    weight = torch.zeros((), dtype=torch.float64)
+    preds, labels = [], []
+    try:
+        for b in valid_items:
+            b = to_device(b, trainer.dist.device)
+            s, w, p = eval_micro_batch(trainer.runner, task, b, tp)
+            loss_sum += float(s)
+            weight += float(w)
+            if classify:
+                keep = b["loss_mask"] > 0
+                preds += p[keep].tolist()
+                labels += b["labels"][keep].tolist()
+    finally:
+        trainer.engine.train()
+    totals = torch.stack([loss_sum, weight])
+    dp_group = parallel_state.get_data_parallel_group()
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(totals, group=dp_group)
+    out: dict[str, Any] = {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
+    if classify:
         if parallel_state.get_data_parallel_world_size() > 1:
-            torch.distributed.all_reduce(totals, group=dp_group)
-        out: dict[str, Any] = {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
-        if classify:
-            if parallel_state.get_data_parallel_world_size() > 1:
-                gathered: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
-                torch.distributed.all_gather_object(gathered, (preds, labels), group=dp_group)
-                preds = [p for g in gathered for p in g[0]]
-                labels = [y for g in gathered for y in g[1]]
-            out.update(classification_metrics(preds, labels, len(self.cfg.finetune.labels)))
-            out["val_examples"] = len(labels)
-        return out
+            gathered: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
+            torch.distributed.all_gather_object(gathered, (preds, labels), group=dp_group)
+            preds = [p for g in gathered for p in g[0]]
+            labels = [y for g in gathered for y in g[1]]
+        out.update(classification_metrics(preds, labels, len(trainer.cfg.finetune.labels)))
+        out["val_examples"] = len(labels)
+    return out
 
 
 def report_parameters(trainer: FinetuneTrainer) -> None:
@@ -209,38 +269,6 @@ def _numel(param: torch.nn.Parameter) -> int:
     return getattr(param, "ds_numel", param.numel())  # ZeRO-3: the full parameter's size
 
 
-def finetune_eval_hook(trainer: FinetuneTrainer, r: StepResult) -> None:
-    cfg, step = trainer.cfg, trainer.state.step
-    due = (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or step == cfg.train.steps
-    if not due:
-        return
-    result = trainer.evaluate_all()
-    if result is None:
-        return
-    trainer.metrics.write({"step": step, **result}, "valid")
-    if trainer.metrics.tb is not None and "val_confusion" in result:
-        trainer.metrics.tb.add_text(
-            "valid/confusion", confusion_text(result["val_confusion"], cfg.finetune.labels), step
-        )
-    if trainer.dist.is_main:
-        scalars = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-        console(f"validation step {step}: {scalars}")
-        if "val_confusion" in result:
-            console(confusion_text(result["val_confusion"], cfg.finetune.labels))
-    if trainer.stopper.update(step, result[cfg.finetune.metric]) and cfg.checkpoint.save:
-        save_best(trainer, step, result)
-    if trainer.stopper.should_stop and step < cfg.train.steps:
-        if trainer.dist.is_main:
-            console(
-                f"early stopping at step {step}: {cfg.finetune.metric} has not improved for "
-                f"{trainer.stopper.bad} validations (best {trainer.stopper.best:.4f} at step {trainer.stopper.best_step})"
-            )
-        trainer.metrics.write(
-            {"step": step, "early_stopped": True, "best_step": trainer.stopper.best_step}, "valid"
-        )
-        cfg.train.steps = step  # the loop ends after this step's hooks; checkpoint_hook saves it as final
-
-
 def confusion_text(confusion: list[list[int]], labels: list[str]) -> str:
     width = max(6, *(len(x) for x in labels))
     head = (
@@ -255,16 +283,21 @@ def confusion_text(confusion: list[list[int]], labels: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
-def save_best(trainer: FinetuneTrainer, step: int, result: dict[str, Any]) -> None:
+def save_best(
+    trainer: Trainer, step: int, result: dict[str, Any], chat_template: dict[str, Any] | None = None
+) -> None:
     """``RUN_DIR/best``: weights (per tensor x pipeline rank, like a checkpoint's ``weights/``) and
-    bigtrain.json of the best validation so far, so export and ``checkpoint.load`` accept it."""
+    bigtrain.json of the best validation so far, so export and ``checkpoint.load`` accept it. Written to
+    ``RUN_DIR/.best.tmp`` with a manifest, then swapped in by ``checkpoint_files.replace_dir``: a crash
+    at any moment leaves the previous best or the new one (``best.old``, restored at start-up)."""
     from safetensors.torch import save_file
 
     from bigtrain.checkpoint import fp32_master_weights
+    from bigtrain.checkpoint_files import replace_dir, write_manifest
 
     cfg, dist = trainer.cfg, trainer.dist
     run_dir = Path(cfg.train.run_dir)
-    tmp, final = run_dir / ".best.tmp", run_dir / "best"
+    tmp, final = run_dir / f".{BEST}.tmp", run_dir / BEST
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
@@ -282,13 +315,10 @@ def save_best(trainer: FinetuneTrainer, step: int, result: dict[str, Any]) -> No
             "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline},
             "config": cfg.to_dict(),
         }
-        if trainer.chat_template is not None:
-            meta["chat_template"] = trainer.chat_template
+        if chat_template is not None:
+            meta["chat_template"] = chat_template
         (tmp / "bigtrain.json").write_text(json.dumps(meta, indent=2))
-        from bigtrain.checkpoint_files import write_manifest
-
-        write_manifest(tmp, {}, step)  # sizes and checksums of every file, as checkpoints carry
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_manifest(tmp, {}, step)  # sizes and checksums of every file (fsync'ed), as checkpoints carry
+        replace_dir(tmp, final)
         console(f"best {metric} {result[metric]:.4f} at step {step}: saved {final}")
     torch.distributed.barrier()

@@ -283,3 +283,58 @@ def test_resume_compares_the_recorded_chat_template(tok_dir: Path, tmp_path: Pat
     check_chat_template(cfg, {}, "CKPT")
     cfg.finetune.task = "classify"
     check_chat_template(cfg, meta, "CKPT")
+
+
+class _Crash(Exception):
+    """Stands for the process dying: nothing after the fault point runs."""
+
+
+@pytest.mark.parametrize("point", ["moved_aside", "renamed", "removed"])
+def test_save_best_crash_at_any_moment_never_loses_best(tmp_path: Path, monkeypatch, point):
+    """save_best's swap of RUN_DIR/best interrupted at each step of checkpoint_files.replace_dir: the
+    previous best (or, once renamed, the new one) survives complete, and start-up recovery restores it."""
+    from types import SimpleNamespace
+
+    from bigtrain import checkpoint, checkpoint_files
+    from bigtrain.checkpoint_files import REPLACE_FAULT_POINTS, recover_dir, verify
+    from bigtrain.finetune import trainer as ft
+
+    assert point in REPLACE_FAULT_POINTS
+    cfg = load_config(
+        None, ["finetune.task=classify", "finetune.train=unused", "data.tokenizer=unused", "model.vocab_size=100", f"train.run_dir={tmp_path}"]
+    ).resolve(1)  # fmt: skip
+    dist = SimpleNamespace(is_main=True, dp_rank=0, tp_rank=0, pp_rank=0)
+    trainer = SimpleNamespace(cfg=cfg, dist=dist, engine=None, state=SimpleNamespace(consumed_samples=0))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(
+        checkpoint, "fp32_master_weights", lambda engine, cfg: {"w": torch.full((4,), float(step))}
+    )
+    step = 10
+    ft.save_best(trainer, step, {cfg.finetune.metric: 0.5})
+    best, old = tmp_path / "best", tmp_path / "best.old"
+    assert not verify(best) and json.loads((best / "bigtrain.json").read_text())["step"] == 10
+
+    def crash(at: str) -> None:
+        if at == point:
+            raise _Crash(at)
+
+    real = checkpoint_files.replace_dir
+    monkeypatch.setattr(checkpoint_files, "replace_dir", lambda tmp, final: real(tmp, final, fault=crash))
+    step = 20
+    with pytest.raises(_Crash):
+        ft.save_best(trainer, step, {cfg.finetune.metric: 0.7})
+    # at the crash, a complete best is on disk under one of the two names
+    survivors = [p for p in (best, old) if p.is_dir() and not verify(p)]
+    assert survivors, f"crash at {point}: neither {best} nor {old} holds a complete best"
+    recover_dir(best)  # what FinetuneTrainer does at start-up
+    assert not old.exists() and not verify(best)
+    saved = json.loads((best / "bigtrain.json").read_text())["step"]
+    assert saved == (10 if point == "moved_aside" else 20)
+    from safetensors.torch import load_file
+
+    assert load_file(best / "weights" / "tp00_pp00.safetensors")["w"][0].item() == saved
+    # the next save after recovery replaces it as usual
+    monkeypatch.setattr(checkpoint_files, "replace_dir", real)
+    step = 30
+    ft.save_best(trainer, step, {cfg.finetune.metric: 0.9})
+    assert json.loads((best / "bigtrain.json").read_text())["step"] == 30 and not old.exists()
