@@ -1,7 +1,8 @@
 """The shape of the package: dependencies point one way (issue 13 acceptance 2).
 
 Imports are read from the source (module level and inside functions alike: a function-local import is
-still a dependency), so a cycle hidden by a late import fails here too."""
+still a dependency), so a cycle hidden by a late import fails here too. Imports under
+``if TYPE_CHECKING:`` are annotations only, never executed, and are not counted."""
 
 from __future__ import annotations
 
@@ -25,7 +26,18 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        type_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If)
+            and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+            for stmt in node.body
+            for inner in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
