@@ -8,6 +8,7 @@ computed once in :meth:`Config.resolve` and stored under ``derived``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -16,19 +17,34 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line naming the field."""
 
 
+# ``precision`` -> the torch dtype's name (also what HF's config.json ``torch_dtype`` says)
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a ``precision`` (fp32|bf16|fp16); KeyError on any other name."""
+    import torch  # here, not at the top: loading and checking a config needs no torch
+
+    dtype: torch.dtype = getattr(torch, PRECISION_DTYPES[precision])
+    return dtype
+
+
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation attached (shown by ``--help-config``)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        return field(default_factory=lambda: copy.copy(default), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -305,12 +321,11 @@ class Config:
             m.vocab_size = vocab_size
         validate(self, world_size)
         dp = world_size // (p.tensor * p.pipeline)
-        multiple = m.make_vocab_size_divisible_by * p.tensor
         self.derived = Derived(
             world_size=world_size,
             data_parallel_size=dp,
             grad_accum_steps=self.train.global_batch_size // (self.train.micro_batch_size * dp),
-            padded_vocab_size=multiple * math.ceil(m.vocab_size / multiple),
+            padded_vocab_size=padded_vocab_size(m, p.tensor),
         )
         return self
 
@@ -324,6 +339,16 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+def padded_vocab_size(m: ModelConfig, tensor: int) -> int:
+    """Rows of the embedding and output layer: ``vocab_size`` rounded up to a multiple of
+    ``make_vocab_size_divisible_by * tensor`` (Megatron's ``_vocab_size_with_padding``), so every
+    tensor rank holds an equal slice. ConfigError when ``vocab_size`` is not set."""
+    if m.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set and no data.tokenizer gives it")
+    multiple = m.make_vocab_size_divisible_by * tensor
+    return multiple * math.ceil(m.vocab_size / multiple)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -332,9 +357,7 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: Config, world_size: int) -> None:
     """Every layout/shape inconsistency, each reported as one line."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _check(
-        cfg.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16|fp16|fp32, got {cfg.precision!r}"
-    )
+    _check(cfg.precision in PRECISION_DTYPES, f"precision must be bf16|fp16|fp32, got {cfg.precision!r}")
     _check(
         cfg.activation_checkpointing in ("none", "full", "selective"),
         f"activation_checkpointing must be none|full|selective, got {cfg.activation_checkpointing!r}",

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bigtrain.config import Config, torch_dtype
+
 # ATen ops SDPA dispatches to, by kernel family.
 SDPA_OPS = {
     "aten::_scaled_dot_product_flash_attention": "flash",
@@ -43,11 +45,11 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: An
     return found[0] if found else "unknown"
 
 
-def attention_kernel(cfg: Any, device: torch.device) -> str:
+def attention_kernel(cfg: Config, device: torch.device) -> str:
     """The SDPA kernel bigtrain's attention gets for ``cfg``'s shapes and precision on ``device``."""
     m = cfg.model
     tp = cfg.parallel.tensor
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    dtype = torch_dtype(cfg.precision)
     # constant inputs: the kernel choice does not depend on values, and drawing random ones would move
     # this rank's RNG alone (only rank 0 probes), putting e.g. dropout masks out of step across ranks
     q = torch.ones(1, m.num_attention_heads // tp, m.seq_length, m.head_dim, device=device, dtype=dtype)
