@@ -61,7 +61,12 @@ def peft_tensors(reader, cfg: Config) -> dict[str, torch.Tensor]:
     for i in range(1, m.num_layers + 1):
         for target in ft.lora.targets:
             module = layout.LORA_TARGETS[target][0]
-            a, b = _lora(reader, cfg, i, module)
+            pair = _lora(reader, cfg, i, module)
+            if pair is None:  # lora_specs gives every target an adapter: a layout bug, not a user error
+                raise RuntimeError(
+                    f"finetune.lora.targets lists {target} but block {i} has no {module} adapter"
+                )
+            a, b = pair
             parts = layout.to_hf(layout.LayerParam(i, base[f"{module}.weight"]), b, m)  # HF name -> B rows
             for b_part, hf_module in zip(parts.values(), HF_MODULES[target]):
                 prefix = f"base_model.model.model.layers.{i - 1}.{hf_module}"
