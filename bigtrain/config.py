@@ -402,26 +402,16 @@ def validate(cfg: Config, world_size: int) -> None:
         world_size % (p.tensor * p.pipeline) == 0,
         f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline = {p.tensor}*{p.pipeline}",
     )
-    _check(
-        m.hidden_size % m.num_attention_heads == 0,
-        f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads {m.num_attention_heads}",
-    )
-    _check(
-        m.num_attention_heads % m.kv_heads == 0,
-        f"model.num_attention_heads {m.num_attention_heads} is not divisible by model.num_kv_heads {m.kv_heads}",
-    )
-    _check(
-        m.num_attention_heads % p.tensor == 0,
-        f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor {p.tensor}",
-    )
-    _check(
-        m.kv_heads % p.tensor == 0,
-        f"model.num_kv_heads {m.kv_heads} is not divisible by parallel.tensor {p.tensor}",
-    )
-    _check(
-        m.ffn_size % p.tensor == 0,
-        f"model.ffn_hidden_size {m.ffn_size} is not divisible by parallel.tensor {p.tensor}",
-    )
+    heads, kv_heads = ("model.num_attention_heads", m.num_attention_heads), ("model.num_kv_heads", m.kv_heads)
+    tensor = ("parallel.tensor", p.tensor)
+    for (name, value), (divisor_name, divisor) in (
+        (("model.hidden_size", m.hidden_size), heads),
+        (heads, kv_heads),
+        (heads, tensor),
+        (kv_heads, tensor),
+        (("model.ffn_hidden_size", m.ffn_size), tensor),
+    ):
+        _check(value % divisor == 0, f"{name} {value} is not divisible by {divisor_name} {divisor}")
     _check(
         m.num_layers >= p.pipeline,
         f"model.num_layers {m.num_layers} is fewer than parallel.pipeline {p.pipeline} stages",

@@ -18,13 +18,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bigtrain.data.corpus import DataError  # one class for bad data; callers also import it from here
 from bigtrain.data.sampler import stack
 from tokenizer.io import READ_FAILURES, ReadError, open_jsonl, read_failure
+
+if TYPE_CHECKING:  # transformers is imported where used (seconds of import time)
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 # bigtrain's own template: BOS, then ``<|role|>`` headers; every assistant reply ends with EOS, which is
@@ -107,7 +110,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
-def hf_tokenizer(tokenizer_dir: str | Path, **kwargs: Any):
+def hf_tokenizer(tokenizer_dir: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(tokenizer_dir)``: the files the HF export copies, so fine-tuning data
     is tokenized exactly as the exported model is served; DataError naming the directory if it cannot load."""
     from transformers import AutoTokenizer
@@ -169,7 +172,8 @@ class ChatTemplate:
                 f"{self.source}: chat template syntax error at template line {e.lineno}: {e.message}"
             ) from None
         self.template = template
-        self.variables = self.hf.special_tokens_map  # what apply_chat_template passes (bos_token, ...)
+        # what apply_chat_template passes (bos_token, ...)
+        self.variables: dict[str, Any] = self.hf.special_tokens_map
         controls = sorted((t for t in self.hf.added_tokens_encoder if t.strip()), key=len, reverse=True)
         self._control = re.compile("|".join(map(re.escape, controls)) or "(?!)")
         self._generation = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
@@ -428,11 +432,13 @@ def _fit(example: Example, seq_length: int, overlong: str, stats: ReadStats) -> 
     return Example(example.tokens[:seq_length], example.target)
 
 
-def read_sft(spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong: str, strict: bool):
+def read_sft(
+    spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong: str, strict: bool
+) -> tuple[list[Example], ReadStats]:
     """SFT examples of JSONL files as ``chat`` renders and tokenizes them (see :meth:`ChatTemplate.encode`).
     Lines the template refuses (``raise_exception``) are skipped and counted like other bad lines; a template
     that fails (undefined variable, ...) raises DataError naming it and the line."""
-    stats, examples = ReadStats(), []
+    stats, examples = ReadStats(), list[Example]()
     for where, record in _records(expand_paths(spec, key), strict, stats):
         try:
             example = chat.encode(_messages(record))
@@ -449,7 +455,13 @@ def read_sft(spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong:
 
 
 def read_classify(
-    spec: Any, key: str, tok, seq_length: int, overlong: str, strict: bool, labels: list[str] | None
+    spec: Any,
+    key: str,
+    tok: PreTrainedTokenizerBase,
+    seq_length: int,
+    overlong: str,
+    strict: bool,
+    labels: list[str] | None,
 ) -> tuple[list[Example], ReadStats, list[str]]:
     """``tok``: the HF tokenizer (:func:`hf_tokenizer`); a text's ids are ``tok(text)["input_ids"]``, what the
     exported classifier is given (BOS as the tokenizer adds it). ``labels``: the class names (None: taken
