@@ -29,8 +29,9 @@ test-fast: venv
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
 
+# ruff and mypy are pinned in setup.py's dev extra; .pre-commit-config.yaml runs the same three checks
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy bigtrain tokenizer
 
 format: venv
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

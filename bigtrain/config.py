@@ -8,6 +8,7 @@ computed once in :meth:`Config.resolve` and stored under ``derived``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -16,19 +17,34 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line naming the field."""
 
 
+# ``precision`` -> the torch dtype's name (also what HF's config.json ``torch_dtype`` says)
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a ``precision`` (fp32|bf16|fp16); KeyError on any other name."""
+    import torch  # here, not at the top: loading and checking a config needs no torch
+
+    dtype: torch.dtype = getattr(torch, PRECISION_DTYPES[precision])
+    return dtype
+
+
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation attached (shown by ``--help-config``)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        return field(default_factory=lambda: copy.copy(default), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -309,12 +325,11 @@ class Config:
             m.vocab_size = vocab_size
         validate(self, world_size)
         dp = world_size // (p.tensor * p.pipeline)
-        multiple = m.make_vocab_size_divisible_by * p.tensor
         self.derived = Derived(
             world_size=world_size,
             data_parallel_size=dp,
             grad_accum_steps=self.train.global_batch_size // (self.train.micro_batch_size * dp),
-            padded_vocab_size=multiple * math.ceil(m.vocab_size / multiple),
+            padded_vocab_size=padded_vocab_size(m, p.tensor),
         )
         return self
 
@@ -328,6 +343,16 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+def padded_vocab_size(m: ModelConfig, tensor: int) -> int:
+    """Rows of the embedding and output layer: ``vocab_size`` rounded up to a multiple of
+    ``make_vocab_size_divisible_by * tensor`` (Megatron's ``_vocab_size_with_padding``), so every
+    tensor rank holds an equal slice. ConfigError when ``vocab_size`` is not set."""
+    if m.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set and no data.tokenizer gives it")
+    multiple = m.make_vocab_size_divisible_by * tensor
+    return multiple * math.ceil(m.vocab_size / multiple)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -336,7 +361,7 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: Config, world_size: int) -> None:
     """Every layout/shape inconsistency, each reported as one line."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _check(cfg.precision in PRECISIONS, f"precision must be bf16|fp16|fp32, got {cfg.precision!r}")
+    _check(cfg.precision in PRECISION_DTYPES, f"precision must be bf16|fp16|fp32, got {cfg.precision!r}")
     _check(
         cfg.activation_checkpointing in ("none", "full", "selective"),
         f"activation_checkpointing must be none|full|selective, got {cfg.activation_checkpointing!r}",
@@ -385,26 +410,16 @@ def validate(cfg: Config, world_size: int) -> None:
         m.family in MODEL_FAMILIES,
         f"model.family {m.family!r} is not one of {', '.join(MODEL_FAMILIES)}",
     )
-    _check(
-        m.hidden_size % m.num_attention_heads == 0,
-        f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads {m.num_attention_heads}",
-    )
-    _check(
-        m.num_attention_heads % m.kv_heads == 0,
-        f"model.num_attention_heads {m.num_attention_heads} is not divisible by model.num_kv_heads {m.kv_heads}",
-    )
-    _check(
-        m.num_attention_heads % p.tensor == 0,
-        f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor {p.tensor}",
-    )
-    _check(
-        m.kv_heads % p.tensor == 0,
-        f"model.num_kv_heads {m.kv_heads} is not divisible by parallel.tensor {p.tensor}",
-    )
-    _check(
-        m.ffn_size % p.tensor == 0,
-        f"model.ffn_hidden_size {m.ffn_size} is not divisible by parallel.tensor {p.tensor}",
-    )
+    heads, kv_heads = ("model.num_attention_heads", m.num_attention_heads), ("model.num_kv_heads", m.kv_heads)
+    tensor = ("parallel.tensor", p.tensor)
+    for (name, value), (divisor_name, divisor) in (
+        (("model.hidden_size", m.hidden_size), heads),
+        (heads, kv_heads),
+        (heads, tensor),
+        (kv_heads, tensor),
+        (("model.ffn_hidden_size", m.ffn_size), tensor),
+    ):
+        _check(value % divisor == 0, f"{name} {value} is not divisible by {divisor_name} {divisor}")
     _check(
         m.num_layers >= p.pipeline,
         f"model.num_layers {m.num_layers} is fewer than parallel.pipeline {p.pipeline} stages",
@@ -630,13 +645,3 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"{prefix}{f.name} = {default!r}    # {f.metadata.get('help', '')}")
     return lines
-
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-
-
-def torch_dtype(precision: str):
-    """The torch dtype of a ``precision`` value (fp32 | bf16 | fp16); KeyError for anything else."""
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

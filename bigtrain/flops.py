@@ -28,11 +28,25 @@ PEAK_TFLOPS = (
 )
 
 
+def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
+    """Elements of each weight of one transformer block on one of ``tp`` tensor ranks, in module order:
+    input norm, fused QKV, attention output, post-attention norm, fused ``[gate; up]``, down projection.
+    The norms are replicated over tensor ranks, the matmul weights split (exactly: ``validate``)."""
+    h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
+    return (h, h * (nq + 2 * m.kv_heads) * d // tp, nq * d * h // tp, h, 2 * h * f // tp, h * f // tp)
+
+
 def block_matmul_params(m: ModelConfig) -> int:
-    """Weights of one transformer block that take part in a matmul (fused QKV, output, SwiGLU)."""
-    h, d = m.hidden_size, m.head_dim
-    attn = h * (m.num_attention_heads + 2 * m.kv_heads) * d + m.num_attention_heads * d * h
-    return attn + 3 * h * m.ffn_size
+    """Weights of one transformer block that take part in a matmul (all but its two norms)."""
+    return sum(block_parameters(m)) - 2 * m.hidden_size
+
+
+def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
+    """Parameters of each entry of the layer list on one of ``tp`` tensor ranks: embedding, blocks,
+    final norm, output layer (0 when tied: it reuses the embedding on the last stage)."""
+    h = m.hidden_size
+    output = 0 if m.tie_embeddings else vocab_size * h // tp
+    return [vocab_size * h // tp, *[sum(block_parameters(m, tp))] * m.num_layers, h, output]
 
 
 def matmul_params(m: ModelConfig, vocab_size: int) -> int:
@@ -42,10 +56,7 @@ def matmul_params(m: ModelConfig, vocab_size: int) -> int:
 
 def num_parameters(m: ModelConfig, vocab_size: int) -> int:
     """Every parameter of the model: embedding, blocks (with their two norms), final norm, output layer."""
-    h = m.hidden_size
-    blocks = m.num_layers * (block_matmul_params(m) + 2 * h)
-    output = 0 if m.tie_embeddings else vocab_size * h
-    return vocab_size * h + blocks + h + output
+    return sum(layer_parameters(m, vocab_size))
 
 
 def attention_flops_per_token(m: ModelConfig) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bigtrain.config import torch_dtype
+from bigtrain.config import Config, torch_dtype
 
 # ATen ops SDPA dispatches to, by kernel family.
 SDPA_OPS = {
@@ -45,7 +45,7 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: An
     return found[0] if found else "unknown"
 
 
-def attention_kernel(cfg: Any, device: torch.device) -> str:
+def attention_kernel(cfg: Config, device: torch.device) -> str:
     """The SDPA kernel bigtrain's attention gets for ``cfg``'s shapes and precision on ``device``."""
     m = cfg.model
     tp = cfg.parallel.tensor

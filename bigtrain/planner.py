@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bigtrain import flops
-from bigtrain.config import Config, ConfigError, ModelConfig, validate
+from bigtrain.config import Config, ConfigError, ModelConfig, padded_vocab_size, torch_dtype, validate
 
 GIB = 2**30
-ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CHECKPOINTING = ("none", "selective", "full")
 # GPU planning: CUDA context + NCCL communicators + cuBLAS workspaces, and allocator fragmentation.
 GPU_OVERHEAD_BYTES = 1.5 * GIB
@@ -94,15 +93,6 @@ class MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------- parameters per rank
-def layer_parameters(m: ModelConfig, vocab: int, tp: int) -> list[int]:
-    """Parameters of each entry of the layer list on one tensor rank: embedding, blocks, final norm,
-    output layer (0 when tied: it reuses the embedding on the last stage)."""
-    h = m.hidden_size
-    block = flops.block_matmul_params(m) // tp + 2 * h  # norms are replicated over tensor ranks
-    output = 0 if m.tie_embeddings else vocab * h // tp
-    return [vocab * h // tp, *[block] * m.num_layers, h, output]
-
-
 def _balanced_max(weights: list[int], parts: int) -> int:
     """Smallest possible heaviest part when cutting ``weights`` into ``parts`` contiguous parts
     (what DeepSpeed's ``partition_method: parameters`` aims for)."""
@@ -123,7 +113,7 @@ def _balanced_max(weights: list[int], parts: int) -> int:
 
 def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int) -> int:
     """Parameters on the heaviest pipeline stage of one tensor rank."""
-    layers = layer_parameters(m, vocab, tp)
+    layers = flops.layer_parameters(m, vocab, tp)
     heaviest = _balanced_max(layers, pp)
     if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied embedding
         heaviest = max(heaviest, layers[0] + layers[-2] + layers[-3])
@@ -132,18 +122,10 @@ def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int) -> int:
 
 def _small_parameters(m: ModelConfig, vocab: int, tp: int, pp: int, threshold: int) -> int:
     """ZeRO-3 keeps tensors under ``stage3_param_persistence_threshold`` elements whole on every rank."""
-    h, d = m.hidden_size, m.head_dim
-    per_block = [
-        h,
-        h,
-        h * (m.num_attention_heads + 2 * m.kv_heads) * d // tp,
-        m.num_attention_heads * d * h // tp,
-        2 * h * m.ffn_size // tp,
-        h * m.ffn_size // tp,
-    ]
     blocks = math.ceil(m.num_layers / pp)
-    small = blocks * sum(n for n in per_block if n < threshold)
-    ends = [vocab * h // tp, h, 0 if m.tie_embeddings else vocab * h // tp]
+    small = blocks * sum(n for n in flops.block_parameters(m, tp) if n < threshold)
+    layers = flops.layer_parameters(m, vocab, tp)
+    ends = [layers[0], layers[-2], layers[-1]]  # embedding, final norm, output layer
     return small + sum(n for n in ends if 0 < n < threshold)
 
 
@@ -152,7 +134,7 @@ def reduce_bucket_elements(cfg: Config, tp: int, pp: int) -> int:
     """The gradient bucket handed to DeepSpeed: ``zero.reduce_bucket_size`` capped at the parameters of
     one pipeline stage's tensor-parallel shard, since no bucket ever holds more (ZeRO-3 allocates the
     bucket whole: 500M elements would be 1-2 GB even for a tiny model)."""
-    vocab = _padded_vocab(cfg, tp)
+    vocab = padded_vocab_size(cfg.model, tp)
     return min(cfg.zero.reduce_bucket_size, stage_parameters(cfg.model, vocab, tp, pp))
 
 
@@ -164,14 +146,14 @@ def reduce_bytes(cfg: Config) -> int:
 def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     """Parameters, gradients, optimizer states and ZeRO buffers per GPU (heaviest rank)."""
     m, z = cfg.model, cfg.zero
-    vocab = _padded_vocab(cfg, layout.tensor)
+    vocab = padded_vocab_size(cfg.model, layout.tensor)
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
     n = layout.data
     stage = layout.zero
     mixed = cfg.precision != "fp32"
     if mixed and stage == 0:
         stage = 1  # bigtrain runs bf16/fp16 ZeRO-0 as ZeRO-1 (engine.deepspeed_config)
-    w = 2 if mixed else 4  # parameter / gradient element bytes
+    w = torch_dtype(cfg.precision).itemsize  # parameter / gradient element bytes
     est = MemoryEstimate()
     adam = 8.0 * p  # exp_avg + exp_avg_sq, fp32
     master = 4.0 * p if mixed else 0.0  # fp32 training: the master *is* the parameter (engine.py)
@@ -198,11 +180,6 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
         est.cpu_offloaded = est.optimizer + (4.0 * p / n if mixed else 0.0)
         est.optimizer = 0.0
     return est
-
-
-def _padded_vocab(cfg: Config, tp: int) -> int:
-    multiple = cfg.model.make_vocab_size_divisible_by * tp
-    return multiple * math.ceil(cfg.model.vocab_size / multiple)
 
 
 # ---------------------------------------------------------------------------- activations
@@ -237,8 +214,8 @@ def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp:
 def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tuple[float, float]:
     """(saved activations, transient peak on top) in bytes on the heaviest pipeline stage."""
     m = cfg.model
-    a = ACT_BYTES[cfg.precision]
-    vocab = _padded_vocab(cfg, layout.tensor)
+    a = torch_dtype(cfg.precision).itemsize
+    vocab = padded_vocab_size(cfg.model, layout.tensor)
     tokens = layout.micro_batch * m.seq_length
     pp = layout.pipeline
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
@@ -263,8 +240,8 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
     est = state_memory(cfg, layout)
     est.activations, est.transient = activation_memory(cfg, layout)
     m = cfg.model
-    vocab = _padded_vocab(cfg, layout.tensor)
-    w = 2 if cfg.precision != "fp32" else 4
+    vocab = padded_vocab_size(cfg.model, layout.tensor)
+    w = torch_dtype(cfg.precision).itemsize  # parameter bytes
     if layout.zero == 3:  # gathered parameters in flight: one block + the prefetch bucket
         block = flops.block_matmul_params(m) // layout.tensor
         est.transient += w * (2 * block + min(cfg.zero.stage3_prefetch_bucket_size, vocab * m.hidden_size))
@@ -300,13 +277,13 @@ def matmul_efficiency(tokens_per_microbatch: int, hidden: int) -> float:
 def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     """Predicted seconds per optimizer step, by component."""
     m = cfg.model
-    vocab = _padded_vocab(cfg, layout.tensor)
+    vocab = padded_vocab_size(cfg.model, layout.tensor)
     gpus = layout.tensor * layout.pipeline * layout.data
     tokens = cfg.train.global_batch_size * m.seq_length
     hw_flops = flops.hardware_flops_per_token(m, vocab, layout.checkpointing) * tokens
     eff = matmul_efficiency(layout.micro_batch * m.seq_length, m.hidden_size // layout.tensor)
     compute = hw_flops / gpus / (hw.peak_tflops * 1e12 * eff)
-    a = ACT_BYTES[cfg.precision]
+    a = torch_dtype(cfg.precision).itemsize
     accum = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
     tp_bw = (hw.intra_node_gbps if layout.tensor <= hw.gpus_per_node else hw.inter_node_gbps) * 1e9
     tp_comm = 0.0
@@ -317,7 +294,7 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
     dp_nodes = gpus > hw.gpus_per_node
     dp_bw = (hw.inter_node_gbps if dp_nodes else hw.intra_node_gbps) * 1e9
-    w = 2 if cfg.precision != "fp32" else 4  # parameter bytes
+    w = torch_dtype(cfg.precision).itemsize  # parameter bytes
     g = reduce_bytes(cfg)  # gradient bytes on the wire
     n = layout.data
     dp_comm = 0.0
@@ -352,7 +329,6 @@ class Candidate:
     tokens_per_sec_per_gpu: float
     mfu: float
     why: str = ""
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {

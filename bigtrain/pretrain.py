@@ -13,14 +13,18 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from bigtrain.config import Config, ConfigError, describe, load_config
 
+if TYPE_CHECKING:  # annotations only: this module imports the rest of bigtrain where it is used
+    from bigtrain.distributed import Dist
+
 FINISHED = "finished.json"  # written into run_dir when train.steps are done
-DataFactory = Callable[[Config, "Dist"], tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]]  # noqa: F821
+DataFactory = Callable[[Config, "Dist"], tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]]
 
 
 def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
@@ -218,7 +222,7 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None):
                 console(line)
     train_batches, valid_batches = data(cfg, dist)
     trainer = (trainer_cls or Trainer)(cfg, dist, engine, train_batches, valid_batches, state)
-    if saved is not None:
+    if tag is not None and saved is not None:
         trainer.adopt_checkpoint(tag, saved)
     state = trainer.train()
     if dist.is_main and trainer.finished:

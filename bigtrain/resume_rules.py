@@ -24,9 +24,12 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bigtrain.config import Config, ConfigError, Derived, config_from_dict
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 FREE, HONOURED, REFUSED = "free", "honoured", "refused"
 DP_SIZE = "derived.data_parallel_size"
@@ -238,12 +241,12 @@ RULES: dict[str, Rule] = {
 }
 
 
-def leaves(cfg: Config, prefix: str = "") -> dict[str, Any]:
-    """Every leaf of the config tree by dotted name (``derived`` included), with its value."""
+def leaves(cfg: DataclassInstance, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a config (sub)tree by dotted name (``derived`` included), with its value."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             out.update(leaves(value, f"{prefix}{f.name}."))
         else:
             out[prefix + f.name] = value
@@ -312,10 +315,12 @@ def reconcile(
         raise ConfigError(f"{ckpt}: its saved config does not load ({e})") from None
     step, consumed = int(meta["step"]), int(meta.get("consumed_samples", 0))
     pretraining = cfg.finetune.task == "none"
-    kept_order = None
-    if pretraining and cfg.data.train_samples is None:
-        kept_order = cfg.data.train_samples = num_samples(saved)[0]
-    refused, honoured, said = [], [], {}
+    user_samples = cfg.data.train_samples  # None: pretraining keeps the saved run's count (set here)
+    if pretraining and user_samples is None:
+        cfg.data.train_samples = num_samples(saved)[0]
+    refused: list[str] = []
+    honoured: list[str] = []
+    said: dict[str, int] = {}  # config name -> its line in honoured
     data_refused, data_said = data_changes(cfg, meta, ckpt, step)
     for name, rule in RULES.items():
         before, after = _get(saved, name), _get(cfg, name)
@@ -346,18 +351,18 @@ def reconcile(
             except DataError as e:
                 raise ConfigError(str(e)) from None
 
-        if kept_order is None:  # data.train_samples set
-            if needed > cfg.data.train_samples:
+        if user_samples is not None:
+            if needed > user_samples:
                 refused.append(_too_few_samples(cfg, needed))
             elif "data.train_samples" in said:
-                first = changed_at(cfg.data.train_samples)
+                first = changed_at(user_samples)
                 honoured[said["data.train_samples"]] += (
                     f" (megatron's shuffle is rebuilt: a new data order from sample {first})"
                     if first is not None
-                    else f" (data order of the saved run kept: its first {min(whole, cfg.data.train_samples)} "
+                    else f" (data order of the saved run kept: its first {min(whole, user_samples)} "
                     "samples are unchanged)"
                 )
-        elif needed > kept_order:
+        elif needed > saved_count:  # the saved run's count, kept so far
             # what the relaunch would build with data.train_samples unset, and at least what it reads
             unset = copy.copy(cfg)
             unset.data = copy.copy(cfg.data)
@@ -366,24 +371,24 @@ def reconcile(
             first = changed_at(grown)
             if first is not None:
                 refused.append(
-                    _order_refusal(saved, cfg, needed, grown, kept_order, first, step, consumed, ckpt)
+                    _order_refusal(saved, cfg, needed, grown, saved_count, first, step, consumed, ckpt)
                 )
             else:  # honoured: config.yaml and the next checkpoints record the new count
                 cfg.data.train_samples = grown
                 note = (
                     f" (data order of the saved run kept: its first {whole} samples are unchanged; "
-                    f"data.train_samples {kept_order} → {grown})"
+                    f"data.train_samples {saved_count} → {grown})"
                 )
                 field = next((f for f in ("train.steps", "train.global_batch_size") if f in said), None)
                 if field is None:
-                    honoured.append(f"data.train_samples: {kept_order} → {grown} from step {step + 1}{note}")
+                    honoured.append(f"data.train_samples: {saved_count} → {grown} from step {step + 1}{note}")
                 else:
                     honoured[said[field]] += note
         elif (saved.train.steps, saved.train.global_batch_size) != (
             cfg.train.steps,
             cfg.train.global_batch_size,
         ):
-            honoured.append(f"data.train_samples: kept at {kept_order}, the saved run's data order")
+            honoured.append(f"data.train_samples: kept at {saved_count}, the saved run's data order")
     if refused:
         raise ConfigError(f"resuming from {ckpt}: " + "; ".join(refused))
     return honoured

@@ -60,6 +60,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 dtype = np.dtype(_read_exact(inp, b).decode())
                 builder = IndexedDatasetBuilder(path, dtype=dtype.type)
             elif kind == b"D":
+                if builder is None:
+                    raise ValueError("D record before any O record")
                 lengths = np.frombuffer(_read_exact(inp, 8 * a), dtype=np.int64)
                 tokens = np.frombuffer(_read_exact(inp, b * dtype.itemsize), dtype=dtype)
                 start = 0
@@ -67,6 +69,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                     builder.add_document(tokens[start : start + n], [n])
                     start += n
             elif kind == b"F":
+                if builder is None:
+                    raise ValueError("F record before any O record")
                 builder.finalize(_read_exact(inp, a).decode())
                 builder = None
             elif kind == b"Q":

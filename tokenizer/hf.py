@@ -83,7 +83,8 @@ class SpecialTokens:
 def load_model_proto(model_bytes: bytes) -> Any:
     from sentencepiece import sentencepiece_model_pb2
 
-    return sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
+    # the generated protobuf module builds ModelProto at import time, so mypy cannot see it
+    return sentencepiece_model_pb2.ModelProto.FromString(model_bytes)  # type: ignore[attr-defined]
 
 
 def special_tokens(proto: Any) -> SpecialTokens:
@@ -104,6 +105,7 @@ def build_fast_tokenizer(model_bytes: bytes) -> Any:
     _check_supported(proto)
     special = special_tokens(proto)
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    model: models.Model
     if proto.trainer_spec.model_type == _BPE:
         vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
         model = models.BPE(

@@ -21,13 +21,13 @@ from __future__ import annotations
 import bz2
 import glob
 import gzip
+import io
 import json
 import lzma
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 SKIP_REASONS = (
     "blank_line",  # a JSONL line with nothing (or only whitespace) on it
@@ -40,7 +40,12 @@ SKIP_REASONS = (
 )
 
 SUFFIXES = (".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".jsonl", ".txt")
-_OPENERS = {"jsonl.gz": gzip.open, "jsonl.bz2": bz2.open, "jsonl.xz": lzma.open, "jsonl": open}
+# compressed kinds by file-name suffix; any other name is opened as plain bytes
+_OPENERS: dict[str, Callable[[Path], io.BufferedIOBase]] = {
+    "jsonl.gz": lambda path: gzip.open(path, "rb"),
+    "jsonl.bz2": lambda path: bz2.open(path, "rb"),
+    "jsonl.xz": lambda path: lzma.open(path, "rb"),
+}
 # What reading a damaged or unreadable input raises: OSError covers gzip.BadGzipFile, bz2's "Invalid
 # data stream", IsADirectoryError and PermissionError; EOFError is a compressed stream cut short.
 READ_FAILURES = (OSError, EOFError, zlib.error, lzma.LZMAError)
@@ -162,13 +167,13 @@ def iter_documents(
             on_read_error(error)
 
 
-def open_jsonl(path: Path) -> BinaryIO:
+def open_jsonl(path: Path) -> io.BufferedIOBase:
     """A JSONL file opened for reading binary lines: ``.jsonl.gz``/``.jsonl.bz2``/``.jsonl.xz`` decompressed
     (by name), any other name read as is. Reading it may raise one of :data:`READ_FAILURES`."""
     name = path.name.lower()
-    for kind in ("jsonl.gz", "jsonl.bz2", "jsonl.xz"):
+    for kind, opener in _OPENERS.items():
         if name.endswith("." + kind):
-            return _OPENERS[kind](path, "rb")
+            return opener(path)
     return open(path, "rb")
 
 

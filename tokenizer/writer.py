@@ -118,6 +118,8 @@ class BuilderProcess:
             stdout=subprocess.PIPE,
             env=env,
         )
+        assert self._proc.stdin is not None and self._proc.stdout is not None  # both piped above
+        self._stdin, self._stdout = self._proc.stdin, self._proc.stdout
         self.ready_at: float | None = None
         self.import_cpu_s: float | None = None  # child CPU time spent importing megatron
         self.total_cpu_s: float | None = None  # child CPU time in all
@@ -132,7 +134,7 @@ class BuilderProcess:
         self._sender.start()
 
     def _watch_ready(self) -> None:
-        word, _, cpu = self._proc.stdout.readline().partition(b" ")
+        word, _, cpu = self._stdout.readline().partition(b" ")
         if word == b"ready":
             self.ready_at = time.monotonic()
             self.import_cpu_s = float(cpu)
@@ -150,7 +152,7 @@ class BuilderProcess:
             if self._error is None:  # after an error keep draining, so senders never block forever
                 try:
                     for part in parts:
-                        self._proc.stdin.write(part)
+                        self._stdin.write(part)
                 except OSError as e:
                     self._error = e
             with self._cond:
@@ -191,12 +193,12 @@ class BuilderProcess:
         self._sender.join()
         if self._error is None:
             try:
-                self._proc.stdin.close()
+                self._stdin.close()
             except OSError as e:
                 self._error = e
         self._ready.wait()
-        tail = self._proc.stdout.read()
-        self._proc.stdout.close()  # else a ResourceWarning (unclosed file) when the Popen is collected
+        tail = self._stdout.read()
+        self._stdout.close()  # else a ResourceWarning (unclosed file) when the Popen is collected
         status = self._proc.wait()
         word, _, cpu = tail.partition(b" ")
         if self._error is not None or status != 0 or word != b"done":

@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 from bigtrain.checkpoint import WeightReader
-from bigtrain.config import PRECISIONS, Config, ConfigError, config_from_dict, torch_dtype
+from bigtrain.config import PRECISION_DTYPES, Config, ConfigError, config_from_dict, torch_dtype
 from bigtrain.finetune.export import hf_config_overrides, hf_tensor_groups, write_peft_adapter
 from bigtrain.finetune.params import task_params
 from bigtrain.models import layout
 
-HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -202,8 +201,8 @@ def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: 
         "rope_parameters": {"rope_type": "default", "rope_theta": values["rope_theta"]},
         "rope_scaling": None,
         "use_cache": True,
-        "torch_dtype": HF_DTYPE_NAMES[dtype],
-        "dtype": HF_DTYPE_NAMES[dtype],
+        "torch_dtype": PRECISION_DTYPES[dtype],
+        "dtype": PRECISION_DTYPES[dtype],
         "transformers_version": transformers.__version__,
         **special_ids(meta or {}, tokenizer_dir),
         **hf_config_overrides(cfg),  # LlamaForSequenceClassification and its labels for classifiers
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(PRECISION_DTYPES), default="fp32")
     parser.add_argument("--max-shard-size-mb", type=float, default=2048, help="per safetensors file")
     parser.add_argument(
         "--peft-adapter",

@@ -22,7 +22,9 @@ _SHARD_SUFFIX = re.compile(r"_\d+$")
 
 
 class DataError(ValueError):
-    """Unusable training data, phrased as one line naming the file (raised before training starts)."""
+    """Unusable training data (a pretraining corpus or fine-tuning JSONL), phrased as one line naming the
+    file (``file:line`` where there is one), raised before training starts. Also importable as
+    ``bigtrain.data.DataError`` and ``bigtrain.finetune.data.DataError``."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -79,12 +79,20 @@ class MicroBatchSampler:
             start += self.global_batch_size
 
 
-def collate(items: Sequence[dict[str, Any]]) -> Batch:
-    """Stack dataset items into the trainer's micro-batch: long tokens/labels, float loss mask."""
+def stack(items: Sequence[Mapping[str, Any]], keys: Iterable[str] | None = None) -> Batch:
+    """``{key: [len(items), *item shape]}`` for each of ``keys`` (default: every key of the first item);
+    the items' values are tensors or arrays of one shape per key."""
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in keys or items[0]}
+
+
+def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
+    """Stack dataset items into the trainer's micro-batch: long tokens/labels, float loss mask, the
+    samples' global ids (``sample_ids``)."""
+    batch = stack(items, ("tokens", "labels", "loss_mask"))
     return {
-        "tokens": torch.stack([torch.as_tensor(it["tokens"]) for it in items]).long(),
-        "labels": torch.stack([torch.as_tensor(it["labels"]) for it in items]).long(),
-        "loss_mask": torch.stack([torch.as_tensor(it["loss_mask"]) for it in items]).float(),
+        "tokens": batch["tokens"].long(),
+        "labels": batch["labels"].long(),
+        "loss_mask": batch["loss_mask"].float(),
         "sample_ids": torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.long),
     }
 
@@ -179,20 +187,21 @@ class BatchIterator:
     def __next__(self) -> Batch:
         if self._done:
             raise StopIteration
-        item = self._batches.__next__() if self._thread is None else self._take()
+        item = self._batches.__next__() if self._thread is None else self._take(self._thread)
         if isinstance(item, _End):
             self._done = True
             raise StopIteration
         self._delivered += 1
         return item
 
-    def _take(self) -> Batch | _End:
+    def _take(self, thread: threading.Thread) -> Batch | _End:
+        """The next item from the prefetch ``thread``'s queue."""
         while True:
             try:
                 item = self._queue.get(timeout=1.0)
                 break
             except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
+                if not thread.is_alive() and self._queue.empty():
                     self._done = True
                     raise RuntimeError("data prefetch thread ended without a result") from None
         if isinstance(item, _Failure):

@@ -215,16 +215,16 @@ def _file_key(prefix: str, dtype: np.dtype, identity: dict[str, Any] | None = No
 
 
 def scan_token_range(prefix: str, dtype: np.dtype, num_tokens: int) -> tuple[int, int]:
-    """(min id, max id) over ``prefix.bin``, read in fixed-size chunks through a memory map."""
+    """(min id, max id) over ``prefix.bin``, read in fixed-size chunks through a memory map;
+    ValueError when ``num_tokens`` is 0 (an empty file has no range)."""
     data = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(num_tokens,))
-    lo, hi = None, None
+    lows, highs = [], []
     for start in range(0, num_tokens, _SCAN_CHUNK):
         chunk = data[start : start + _SCAN_CHUNK]
-        c_lo, c_hi = int(chunk.min()), int(chunk.max())
-        lo = c_lo if lo is None else min(lo, c_lo)
-        hi = c_hi if hi is None else max(hi, c_hi)
+        lows.append(int(chunk.min()))
+        highs.append(int(chunk.max()))
     del data
-    return lo, hi
+    return min(lows), max(highs)
 
 
 def token_range(

@@ -18,11 +18,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bigtrain.data.corpus import DataError  # one class for bad data; callers also import it from here
+from bigtrain.data.sampler import stack
 from tokenizer.io import READ_FAILURES, ReadError, open_jsonl, read_failure
+
+if TYPE_CHECKING:  # transformers is imported where used (seconds of import time)
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 # bigtrain's own template: BOS, then ``<|role|>`` headers; every assistant reply ends with EOS, which is
@@ -44,10 +49,6 @@ SAMPLE_CONVERSATION = (
 # where transformers 5 saves a template; when present, it wins over tokenizer_config.json's
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 Batch = dict[str, torch.Tensor]
-
-
-class DataError(ValueError):
-    """Bad fine-tuning input; the message names file:line (or the file/directory)."""
 
 
 # ---------------------------------------------------------------------------- chat template
@@ -109,7 +110,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
-def hf_tokenizer(tokenizer_dir: str | Path, **kwargs: Any):
+def hf_tokenizer(tokenizer_dir: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(tokenizer_dir)``: the files the HF export copies, so fine-tuning data
     is tokenized exactly as the exported model is served; DataError naming the directory if it cannot load."""
     from transformers import AutoTokenizer
@@ -145,11 +146,11 @@ class ChatTemplate:
         **hf_kwargs: Any,
     ):
         from jinja2 import TemplateSyntaxError
+        from transformers.utils import chat_template_utils
 
-        try:  # transformers' own compile (its environment and extensions); private in transformers 5.0-5.24
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-        except ImportError:  # a syntax error then surfaces, named, at the first render
-            _compile_jinja_template = None
+        # transformers' own compile (its environment and extensions); private in transformers 5.0-5.24.
+        # Without it a syntax error surfaces, named, at the first render.
+        compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
 
         tokenizer_dir = self.tokenizer_dir = Path(tokenizer_dir)
         self.hf = hf_tokenizer(tokenizer_dir, **hf_kwargs)
@@ -164,14 +165,15 @@ class ChatTemplate:
                 f"python -m bigtrain.finetune.chat_template --tokenizer {tokenizer_dir} [--template FILE]"
             )
         try:
-            if _compile_jinja_template is not None:
-                _compile_jinja_template(template)
+            if compile_template is not None:
+                compile_template(template)
         except TemplateSyntaxError as e:
             raise DataError(
                 f"{self.source}: chat template syntax error at template line {e.lineno}: {e.message}"
             ) from None
         self.template = template
-        self.variables = self.hf.special_tokens_map  # what apply_chat_template passes (bos_token, ...)
+        # what apply_chat_template passes (bos_token, ...)
+        self.variables: dict[str, Any] = self.hf.special_tokens_map
         controls = sorted((t for t in self.hf.added_tokens_encoder if t.strip()), key=len, reverse=True)
         self._control = re.compile("|".join(map(re.escape, controls)) or "(?!)")
         self._generation = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
@@ -186,12 +188,16 @@ class ChatTemplate:
         """The template's text for ``messages`` (``apply_chat_template(..., tokenize=False)``)."""
         return self._render(messages, add_generation_prompt)[0]
 
-    def _render(self, messages, add_generation_prompt: bool, spans: bool = False) -> tuple[str, list]:
+    def _render(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, spans: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and, when ``spans``, the character spans of its {% generation %} blocks."""
         from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template
 
         try:
-            texts, indices = render_jinja_template(
+            # transformers annotates the result as str, but it is (rendered texts, generation spans)
+            rendered: tuple[list[str], list[list[tuple[int, int]]]] = render_jinja_template(  # type: ignore[assignment]
                 conversations=[messages],
                 chat_template=self.template,
                 add_generation_prompt=add_generation_prompt,
@@ -206,6 +212,7 @@ class ChatTemplate:
             raise DataError(f"chat template {self.source}: {_one_line(e)}") from None
         except Exception as e:
             raise DataError(f"chat template {self.source}: {_one_line(e)}") from None
+        texts, indices = rendered
         return texts[0], indices[0] if spans else []
 
     def encode(self, messages: list[dict[str, str]]) -> Example:
@@ -262,9 +269,10 @@ class ChatTemplate:
         """Ids of the special/added tokens that end the sample's assistant replies (what generation should
         stop on), in order of appearance; empty when the template ends replies with none."""
         example, ids = self.check(), []
+        trained = example.trained
         control = {self.hf.convert_tokens_to_ids(t) for t in self.hf.added_tokens_encoder}
         for p, token in enumerate(example.tokens):
-            ends_reply = example.target[p] and (p + 1 == len(example.tokens) or not example.target[p + 1])
+            ends_reply = trained[p] and (p + 1 == len(example.tokens) or not trained[p + 1])
             if ends_reply and token in control and token not in ids:
                 ids.append(token)
         return ids
@@ -289,6 +297,13 @@ class ChatTemplate:
 class Example:
     tokens: list[int]
     target: list[bool] | int  # sft: which tokens are trained; classify: the class id
+
+    @property
+    def trained(self) -> list[bool]:
+        """An SFT example's per-token target mask; TypeError on a classification example."""
+        if not isinstance(self.target, list):
+            raise TypeError(f"a classification example (class {self.target}) has no per-token targets")
+        return self.target
 
 
 @dataclass
@@ -417,11 +432,13 @@ def _fit(example: Example, seq_length: int, overlong: str, stats: ReadStats) -> 
     return Example(example.tokens[:seq_length], example.target)
 
 
-def read_sft(spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong: str, strict: bool):
+def read_sft(
+    spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong: str, strict: bool
+) -> tuple[list[Example], ReadStats]:
     """SFT examples of JSONL files as ``chat`` renders and tokenizes them (see :meth:`ChatTemplate.encode`).
     Lines the template refuses (``raise_exception``) are skipped and counted like other bad lines; a template
     that fails (undefined variable, ...) raises DataError naming it and the line."""
-    stats, examples = ReadStats(), []
+    stats, examples = ReadStats(), list[Example]()
     for where, record in _records(expand_paths(spec, key), strict, stats):
         try:
             example = chat.encode(_messages(record))
@@ -430,15 +447,21 @@ def read_sft(spec: Any, key: str, chat: ChatTemplate, seq_length: int, overlong:
             continue
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-        example = _fit(example, seq_length, overlong, stats)
-        if example is not None:
-            examples.append(example)
+        fitted = _fit(example, seq_length, overlong, stats)
+        if fitted is not None:
+            examples.append(fitted)
             stats.used += 1
     return examples, stats
 
 
 def read_classify(
-    spec: Any, key: str, tok, seq_length: int, overlong: str, strict: bool, labels: list[str] | None
+    spec: Any,
+    key: str,
+    tok: PreTrainedTokenizerBase,
+    seq_length: int,
+    overlong: str,
+    strict: bool,
+    labels: list[str] | None,
 ) -> tuple[list[Example], ReadStats, list[str]]:
     """``tok``: the HF tokenizer (:func:`hf_tokenizer`); a text's ids are ``tok(text)["input_ids"]``, what the
     exported classifier is given (BOS as the tokenizer adds it). ``labels``: the class names (None: taken
@@ -474,7 +497,9 @@ def read_classify(
 def pack(examples: list[Example], seq_length: int, pad_id: int, packing: bool) -> list[Batch]:
     """SFT examples -> sequences of ``seq_length`` (greedy, in order; one example each without packing).
     ``labels[p]`` is the next token of the same example, trained where that token is a target."""
-    sequences, current, used = [], [], 0
+    sequences: list[Batch] = []
+    current: list[Example] = []
+    used = 0
     for ex in examples:
         if current and (not packing or used + len(ex.tokens) > seq_length):
             sequences.append(_sequence(current, seq_length, pad_id))
@@ -498,7 +523,7 @@ def _sequence(examples: list[Example], seq_length: int, pad_id: int) -> Batch:
         ids = torch.tensor(ex.tokens)
         tokens[start : start + n] = ids
         labels[start : start + n - 1] = ids[1:]
-        loss_mask[start : start + n - 1] = torch.tensor(ex.target[1:], dtype=torch.float)
+        loss_mask[start : start + n - 1] = torch.tensor(ex.trained[1:], dtype=torch.float)
         positions[start : start + n] = torch.arange(n)
         doc_ids[start : start + n] = doc
         start += n
@@ -536,7 +561,8 @@ def empty_item(like: Batch) -> Batch:
 
 
 def collate(items: list[Batch]) -> Batch:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    """Items of one shape stacked key by key into a micro-batch ``{key: [len(items), ...]}``."""
+    return stack(items)
 
 
 def train_stream(

@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bigtrain.config import Config
 from bigtrain.finetune.params import LORA_TARGETS, SCORE, lora_specs, task_params
 from bigtrain.models import layout
+
+if TYPE_CHECKING:  # annotation only: the callers open the reader
+    from bigtrain.checkpoint import WeightReader
 
 # bigtrain LoRA target -> HF module names (fused tensors split in HF's order)
 HF_MODULES = {
@@ -23,7 +27,9 @@ HF_MODULES = {
 }
 
 
-def _lora(reader, cfg: Config, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _lora(
+    reader: WeightReader, cfg: Config, index: int, module: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Full (A, B) of a block's projection, or None when it has no adapter."""
     specs = {s.name: s for s in lora_specs(cfg.model, cfg.finetune)}
     if f"{module}.lora_A" not in specs:
@@ -34,7 +40,7 @@ def _lora(reader, cfg: Config, index: int, module: str) -> tuple[torch.Tensor, t
 
 
 def hf_tensor_groups(
-    reader, cfg: Config, merge_lora: bool = True
+    reader: WeightReader, cfg: Config, merge_lora: bool = True
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(layout key, HF tensors) per base parameter; LoRA deltas scale*B@A merged in when ``merge_lora``
     (otherwise the base weights as they were, for a PEFT adapter on top)."""
@@ -54,7 +60,7 @@ def hf_tensor_groups(
         yield lp.key, layout.to_hf(lp, full, m)
 
 
-def peft_tensors(reader, cfg: Config) -> dict[str, torch.Tensor]:
+def peft_tensors(reader: WeightReader, cfg: Config) -> dict[str, torch.Tensor]:
     """PEFT's adapter state: a fused projection's A is shared by its parts, B is split like the weight."""
     m, ft = cfg.model, cfg.finetune
     base = {s.name: s for s in layout.LAYER_PARAMS[layout.BLOCK]}
@@ -62,7 +68,12 @@ def peft_tensors(reader, cfg: Config) -> dict[str, torch.Tensor]:
     for i in range(1, m.num_layers + 1):
         for target in ft.lora.targets:
             module = LORA_TARGETS[target][0]
-            a, b = _lora(reader, cfg, i, module)
+            pair = _lora(reader, cfg, i, module)
+            if pair is None:  # lora_specs gives every target an adapter: a layout bug, not a user error
+                raise RuntimeError(
+                    f"finetune.lora.targets lists {target} but block {i} has no {module} adapter"
+                )
+            a, b = pair
             parts = layout.to_hf(layout.LayerParam(i, base[f"{module}.weight"]), b, m)  # HF name -> B rows
             for b_part, hf_module in zip(parts.values(), HF_MODULES[target]):
                 prefix = f"base_model.model.model.layers.{i - 1}.{hf_module}"
@@ -71,7 +82,7 @@ def peft_tensors(reader, cfg: Config) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_peft_adapter(reader, cfg: Config, out_dir: str | Path, base_dir: str | Path) -> Path:
+def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, base_dir: str | Path) -> Path:
     """adapter_config.json + adapter_model.safetensors, loadable with
     ``peft.PeftModel.from_pretrained(<the exported base model>, out_dir)``."""
     from safetensors.torch import save_file
