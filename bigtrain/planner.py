@@ -156,7 +156,7 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     w = torch_dtype(cfg.precision).itemsize  # parameter / gradient element bytes
     est = MemoryEstimate()
     adam = 8.0 * p  # exp_avg + exp_avg_sq, fp32
-    master = 4.0 * p if mixed else 0.0  # fp32 training: the master *is* the parameter (engine.py)
+    master = 4.0 * p if mixed else 0.0  # fp32 training: the master *is* the parameter (compat.share_fp32_master_partitions)
     if stage == 0:  # fp32 only
         est.parameters, est.gradients = w * p, w * p
         est.optimizer = adam + master
@@ -248,7 +248,7 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
     elif cfg.precision == "bf16" and layout.zero <= 1:
         # DeepSpeed's bf16 optimizer reduces its fp32 gradients through the engine's all-reduce, flattened
         # in buckets of 500M elements (not zero.reduce_bucket_size), cast to the reduction's dtype; one
-        # data-parallel rank skips it (engine.py)
+        # data-parallel rank skips it (compat.skip_identity_allreduce)
         if layout.data > 1:
             p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
             est.transient += (4 + reduce_bytes(cfg)) * min(500_000_000, p)

@@ -59,7 +59,7 @@ def test_zero_state_prediction_matches_accounting_dp2(tmp_path):
         assert abs(s["prediction_error"]) <= (0.03 if stage == 3 else 1e-3), (stage, s)
     # ZeRO-0 holds fp32 params + grads + two Adam moments: 16 bytes per parameter, on both ranks.
     assert stages[0]["bytes_per_parameter"] == pytest.approx(16.0, rel=1e-3)  # measured 16.0002
-    # each stage shards more; fp32 masters share the parameter partition (engine.py), so at DP=2
+    # each stage shards more; fp32 masters share the parameter partition (compat.share_fp32_master_partitions), so at DP=2
     # ZeRO-1/2 hold 4 + 4/2 + 8/2 = 10 bytes per parameter, not DeepSpeed's 12
     assert stages[1]["bytes_per_parameter"] == pytest.approx(10.0, rel=1e-3)  # measured 10.0004
     assert (
