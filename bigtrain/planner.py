@@ -156,7 +156,8 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     w = torch_dtype(cfg.precision).itemsize  # parameter / gradient element bytes
     est = MemoryEstimate()
     adam = 8.0 * p  # exp_avg + exp_avg_sq, fp32
-    master = 4.0 * p if mixed else 0.0  # fp32 training: the master *is* the parameter (compat.share_fp32_master_partitions)
+    # fp32 training: the master *is* the parameter (compat.share_fp32_master_partitions)
+    master = 4.0 * p if mixed else 0.0
     if stage == 0:  # fp32 only
         est.parameters, est.gradients = w * p, w * p
         est.optimizer = adam + master
