@@ -176,13 +176,17 @@ def run_state(args: argparse.Namespace) -> dict[str, Any]:
 def run_activations(args: argparse.Namespace) -> dict[str, Any]:
     """One process: saved-activation bytes and fwd+bwd time per checkpointing mode (interleaved)."""
     from bigtrain import planner
-    from bigtrain.generation import _start_world_of_one
+    from bigtrain.distributed import _free_port, init_distributed, shutdown
     from bigtrain.memory import saved_activation_bytes
     from bigtrain.registry import build_model
 
     modes = args.modes
     cfg = load_config(args.config, args.set).resolve(1)
-    owns = _start_world_of_one(cfg)
+    # a world of one process, as training runs (megatron-core's cross entropy, as in training)
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    )
+    init_distributed(cfg)
     models = {}
     for mode in modes:
         c = load_config(args.config, [*args.set, f"activation_checkpointing={mode}"]).resolve(1)
@@ -238,10 +242,7 @@ def run_activations(args: argparse.Namespace) -> dict[str, Any]:
             f"{r['fwd_bwd_seconds_median']:>10.3f} {r.get('time_vs_none', 1):>8.3f} "
             f"{r['fwd_bwd_cpu_seconds_median']:>7.3f} {r.get('cpu_time_vs_none', 1):>8.3f}"
         )
-    if owns:
-        from bigtrain.distributed import shutdown
-
-        shutdown()
+    shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
