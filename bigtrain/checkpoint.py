@@ -287,7 +287,7 @@ def _keep_configured(engine, cfg: Config, saved: Config):
         if clip is not None:
             opt.clip_grad = clip
         restored = getattr(opt, "loss_scaler", None)
-        if scaling and getattr(restored, "dynamic", False):
+        if scaling and restored is not None and getattr(restored, "dynamic", False):
             if restored.delayed_shift != scaling["delayed_shift"]:
                 restored.cur_hysteresis = scaling["delayed_shift"]
             for k, v in scaling.items():
@@ -361,8 +361,8 @@ class WeightReader:
         self.tensor = self.meta["layout"]["tensor"]
         self.files: dict[tuple[int, int], Path] = {}
         for f in sorted((self.dir / "weights").glob("tp*_pp*.safetensors")):
-            tp, pp = f.stem[2:].split("_pp")
-            self.files[(int(tp), int(pp))] = f
+            tp_name, pp_name = f.stem[2:].split("_pp")
+            self.files[(int(tp_name), int(pp_name))] = f
         self.key_to_pp: dict[str, int] = {}
         for (tp, pp), f in self.files.items():
             if tp == 0:
@@ -428,6 +428,8 @@ def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> 
         full = reader.full(lp)
         if lp.spec.split == "vocab" and full.shape[0] != cfg.derived.padded_vocab_size:
             resized = full.new_zeros(cfg.derived.padded_vocab_size, full.shape[1])
+            if cfg.model.vocab_size is None:
+                raise ValueError(f"{reader.dir}: model.vocab_size is not set (resolve the config first)")
             n = min(full.shape[0], cfg.model.vocab_size)
             resized[:n] = full[:n]
             full = resized
