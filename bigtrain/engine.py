@@ -156,7 +156,7 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     return (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, lr=lr, betas=betas, eps=eps)
 
 
-def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
+def initialize_engine(cfg: Config, model: nn.Module, dist: Dist) -> Any:  # deepspeed's (untyped) engine
     """Wrap the model in DeepSpeed's engine (pipeline engine when the model is a PipelineModule)."""
     import deepspeed
 

@@ -67,7 +67,7 @@ class NativeModel:
     def __enter__(self) -> NativeModel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------ forward

@@ -71,7 +71,7 @@ class Trainer:
         self,
         cfg: Config,
         dist: Dist,
-        engine,
+        engine: Any,  # deepspeed's engine (see engine.initialize_engine)
         make_train_batches: Callable[[int], Iterator[Batch]],
         make_valid_batches: Callable[[], Iterator[Batch]] | None = None,
         state: TrainState | None = None,

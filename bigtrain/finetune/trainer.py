@@ -95,7 +95,7 @@ class FinetuneValidation(Hook):
 
     state_key = "early_stopping"
 
-    def __init__(self, cfg, valid_items: list[Batch], chat_template: dict[str, Any] | None = None):
+    def __init__(self, cfg: Config, valid_items: list[Batch], chat_template: dict[str, Any] | None = None):
         f = cfg.finetune
         self.valid_items, self.chat_template = valid_items, chat_template
         self.stopper = EarlyStopping(f.metric, f.patience, f.min_delta)
