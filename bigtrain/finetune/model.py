@@ -140,7 +140,7 @@ def task_layers(cfg: Config) -> TaskLayers:
 
 def eval_stats(
     task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp: TensorParallel
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed loss, summed weight, class predictions [b] or None) of one micro-batch's outputs, for
     exact validation averages (token-weighted for SFT, example-weighted for classification).
     ``tp``: the tensor-parallel group the logits are split over (sft)."""
