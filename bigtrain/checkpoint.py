@@ -23,8 +23,9 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from bigtrain.config import Config, ModelConfig, config_from_dict
 from bigtrain.data.validate import recorded_data
 from bigtrain.distributed import Dist, barrier
 from bigtrain.models import layout
+
+if TYPE_CHECKING:
+    from bigtrain.resume_rules import OrderChange
 
 __all__ = ["LATEST", "META", "tag_for", "save_checkpoint", "resume", "WeightReader", "load_weights_only"]
 
@@ -73,7 +77,7 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def fp32_master_weights(engine, cfg: Config) -> dict[str, torch.Tensor]:
+def fp32_master_weights(engine: Any, cfg: Config) -> dict[str, torch.Tensor]:
     """This rank's (tensor x pipeline) shards as fp32 masters, keyed by layout key.
 
     A collective over the data-parallel group under ZeRO (every rank must call it)."""
@@ -114,7 +118,7 @@ class _SaveFaults:
 
 
 def save_checkpoint(
-    engine, cfg: Config, dist: Dist, step: int, state: dict[str, Any], protect: tuple[str, ...] = ()
+    engine: Any, cfg: Config, dist: Dist, step: int, state: dict[str, Any], protect: tuple[str, ...] = ()
 ) -> Path:
     """Save everything needed to resume at ``step``; returns the final directory.
 
@@ -243,7 +247,7 @@ def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
     return None
 
 
-def compare_with_saved(cfg: Config, tag: str, order_change=None) -> list[str]:
+def compare_with_saved(cfg: Config, tag: str, order_change: OrderChange | None = None) -> list[str]:
     """:func:`bigtrain.resume_rules.reconcile` against checkpoint ``tag`` of run_dir: raises ConfigError
     for a refused change, returns the honoured ones as lines. ``order_change``: how the data orders of
     two training sample counts are compared (default: built in this process)."""
@@ -260,7 +264,7 @@ def compare_with_saved(cfg: Config, tag: str, order_change=None) -> list[str]:
 _GROUP_HYPERPARAMETERS = ("betas", "eps", "weight_decay", "momentum", "alpha")
 
 
-def _keep_configured(engine, cfg: Config, saved: Config):
+def _keep_configured(engine: Any, cfg: Config, saved: Config) -> Callable[[], None]:
     """Snapshot what the engine was built with from ``cfg`` before DeepSpeed's load overwrites it with the
     checkpoint's values; the returned function puts it back. That covers the optimizer's param_groups
     hyper-parameters, the LR schedule (LambdaLR pickles its LRSchedule and base_lrs; the restored step
@@ -287,7 +291,7 @@ def _keep_configured(engine, cfg: Config, saved: Config):
         if clip is not None:
             opt.clip_grad = clip
         restored = getattr(opt, "loss_scaler", None)
-        if scaling and getattr(restored, "dynamic", False):
+        if scaling and restored is not None and getattr(restored, "dynamic", False):
             if restored.delayed_shift != scaling["delayed_shift"]:
                 restored.cur_hysteresis = scaling["delayed_shift"]
             for k, v in scaling.items():
@@ -298,7 +302,7 @@ def _keep_configured(engine, cfg: Config, saved: Config):
     return restore
 
 
-def resume(engine, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
+def resume(engine: Any, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
     """Load checkpoint ``tag`` of run_dir (model, optimizer, LR schedule, loss scale, RNG); returns the
     saved training state. Hyper-parameters that ``bigtrain.resume_rules`` honours (schedule, optimizer
     param_groups, clipping, fp16 scaling) are those of ``cfg`` afterwards, not the checkpoint's."""
@@ -361,8 +365,8 @@ class WeightReader:
         self.tensor = self.meta["layout"]["tensor"]
         self.files: dict[tuple[int, int], Path] = {}
         for f in sorted((self.dir / "weights").glob("tp*_pp*.safetensors")):
-            tp, pp = f.stem[2:].split("_pp")
-            self.files[(int(tp), int(pp))] = f
+            tp_name, pp_name = f.stem[2:].split("_pp")
+            self.files[(int(tp_name), int(pp_name))] = f
         self.key_to_pp: dict[str, int] = {}
         for (tp, pp), f in self.files.items():
             if tp == 0:
@@ -428,6 +432,8 @@ def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> 
         full = reader.full(lp)
         if lp.spec.split == "vocab" and full.shape[0] != cfg.derived.padded_vocab_size:
             resized = full.new_zeros(cfg.derived.padded_vocab_size, full.shape[1])
+            if cfg.model.vocab_size is None:
+                raise ValueError(f"{reader.dir}: model.vocab_size is not set (resolve the config first)")
             n = min(full.shape[0], cfg.model.vocab_size)
             resized[:n] = full[:n]
             full = resized

@@ -79,16 +79,19 @@ def guard_torch_optimizer_step(optimizer: Any) -> None:
     (``fp32-guard``: "non-finite loss nan but the update was applied; stopping")."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         return
-    optimizer.overflow = False
+    # the same optimizer, typed loosely: torch's Optimizer declares neither DeepSpeed's ``overflow``
+    # flag nor an assignable ``step``
+    patched: Any = optimizer
+    patched.overflow = False
     torch_step = optimizer.step
 
     @functools.wraps(torch_step)  # keeps the LR scheduler's wrapper marks (no spurious warning)
-    def guarded_step(*args, **kwargs):
-        if optimizer.overflow:
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        if patched.overflow:
             return None  # parameters and optimizer state stay bitwise unchanged
         return torch_step(*args, **kwargs)
 
-    optimizer.step = guarded_step
+    patched.step = guarded_step
 
 
 def record_fp32_grad_norm(engine: Any) -> None:
@@ -240,10 +243,11 @@ class EngineFileRecorder:
     (no SIGKILL at ``first_engine_file``)."""
 
     def __init__(self, engine: Any, on_write: Callable[[int], None]):
-        self.engine, self.paths = engine, []
+        self.engine = engine
+        self.paths: list[Path] = []
         self.original = engine.checkpoint_engine.save
 
-        def save(state_dict, path, *args, **kwargs):
+        def save(state_dict: Any, path: str | Path, *args: Any, **kwargs: Any) -> Any:
             result = self.original(state_dict, path, *args, **kwargs)
             self.paths.append(Path(path))
             on_write(len(self.paths))

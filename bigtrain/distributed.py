@@ -234,7 +234,7 @@ class MegatronMPU:
     def get_model_parallel_world_size(self) -> int:
         return self.ps.get_tensor_model_parallel_world_size()
 
-    def get_model_parallel_group(self):
+    def get_model_parallel_group(self) -> torch.distributed.ProcessGroup:
         return self.ps.get_tensor_model_parallel_group()
 
     get_tensor_model_parallel_rank = get_model_parallel_rank
@@ -250,7 +250,7 @@ class MegatronMPU:
     def get_data_parallel_world_size(self) -> int:
         return self.ps.get_data_parallel_world_size()
 
-    def get_data_parallel_group(self):
+    def get_data_parallel_group(self) -> torch.distributed.ProcessGroup:
         return self.ps.get_data_parallel_group()
 
     def get_pipeline_model_parallel_rank(self) -> int:

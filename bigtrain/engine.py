@@ -100,12 +100,15 @@ def param_groups(
     """No weight decay on norms (1-D tensors), decay on matrices; frozen parameters left out.
     ``lr_scales`` (id(param) -> factor, layer-wise decay) splits groups further, each with lr*factor."""
     if not lr_scales:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in model.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
+    if lr is None:
+        raise ValueError("param_groups: lr_scales need the base lr")
     by_key: dict[tuple[float, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
@@ -141,19 +144,19 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     if o.name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=o.lr, alpha=o.beta2, eps=o.eps, momentum=o.momentum)
     decoupled = o.name == "adamw"
-    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    lr, betas, eps = o.lr, (o.beta1, o.beta2), o.eps
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=decoupled, **kw)
+        return DeepSpeedCPUAdam(groups, adamw_mode=decoupled, lr=lr, betas=betas, eps=eps)
     if device.type == "cuda":
         from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=decoupled, **kw)
-    return (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, **kw)
+        return FusedAdam(groups, adam_w_mode=decoupled, lr=lr, betas=betas, eps=eps)
+    return (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, lr=lr, betas=betas, eps=eps)
 
 
-def initialize_engine(cfg: Config, model: nn.Module, dist: Dist):
+def initialize_engine(cfg: Config, model: nn.Module, dist: Dist) -> Any:  # deepspeed's (untyped) engine
     """Wrap the model in DeepSpeed's engine (pipeline engine when the model is a PipelineModule)."""
     import deepspeed
 

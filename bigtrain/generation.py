@@ -12,11 +12,15 @@ trained model computes, not a re-implementation of it; ``tools/generate.py --che
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bigtrain.config import Config, config_from_dict, torch_dtype
 from bigtrain.models.layers import KVCache
+
+if TYPE_CHECKING:
+    from bigtrain.models.llama import LlamaModel
 
 
 def single_process_config(saved: dict, device: str = "cpu") -> Config:
@@ -37,7 +41,7 @@ class NativeModel:
     """A bigtrain model in one process: full-sequence logits (the training code path) and KV-cached
     decoding (the same layers, fed one new position at a time)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, meta: dict | None = None):
+    def __init__(self, model: LlamaModel, cfg: Config, meta: dict | None = None):
         self.model, self.cfg, self.meta = model.eval(), cfg, meta or {}
         self.device = next(model.parameters()).device
 
@@ -45,11 +49,14 @@ class NativeModel:
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: str = "fp32") -> NativeModel:
         """Load a checkpoint of any layout (a tag directory, or a checkpoints dir with ``latest``)."""
         from bigtrain.checkpoint import WeightReader, load_weights_only
+        from bigtrain.models.llama import LlamaModel
         from bigtrain.registry import build_model
 
         meta = WeightReader(path).meta
         cfg = single_process_config(meta["config"], device)
         model = build_model(cfg)  # tensor size 1: no process group needed
+        if not isinstance(model, LlamaModel):  # pipeline size 1: never a PipelineModule
+            raise TypeError(f"expected a one-stage LlamaModel, built a {type(model).__name__}")
         load_weights_only(model, cfg, path)
         model.to(device=device, dtype=torch_dtype(dtype))
         return cls(model, cfg, meta)
@@ -60,12 +67,14 @@ class NativeModel:
     def __enter__(self) -> NativeModel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------ forward
     @property
     def vocab_size(self) -> int:
+        if self.cfg.model.vocab_size is None:
+            raise ValueError("NativeModel: model.vocab_size is not set (the config is not resolved)")
         return self.cfg.model.vocab_size
 
     def new_cache(self, max_length: int) -> list[KVCache]:

@@ -28,6 +28,7 @@ from bigtrain.reliability import (
 )
 
 if TYPE_CHECKING:
+    from bigtrain.config import Config
     from bigtrain.trainer import StepResult, Trainer
 
 
@@ -109,7 +110,7 @@ class NonFinitePolicy(Hook):
             )
 
 
-def fp16_loss_scale(engine) -> float | None:
+def fp16_loss_scale(engine: Any) -> float | None:
     """DeepSpeed's current dynamic loss scale (fp16 optimizers: ``cur_scale``, ZeRO: ``loss_scale``)."""
     scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
     return None if scale is None else float(scale)
@@ -302,7 +303,7 @@ class FaultInjection(Hook):
         inject_process_faults(trainer.cfg, trainer.dist.rank, trainer.state.step)
 
 
-def default_hooks(cfg) -> list[Hook]:
+def default_hooks(cfg: Config) -> list[Hook]:
     """Pretraining's hooks, in the order they run."""
     t = cfg.train
     return [

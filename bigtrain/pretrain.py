@@ -13,7 +13,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,9 +22,14 @@ from bigtrain.config import Config, ConfigError, describe, load_config
 
 if TYPE_CHECKING:  # annotations only: this module imports the rest of bigtrain where it is used
     from bigtrain.distributed import Dist
+    from bigtrain.trainer import Trainer, TrainState
 
 FINISHED = "finished.json"  # written into run_dir when train.steps are done
 DataFactory = Callable[[Config, "Dist"], tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]]
+# (cfg, dist, engine, train batches, valid batches, state) -> the Trainer (or a subclass) that runs
+TrainerFactory = Callable[
+    [Config, "Dist", Any, Callable[[int], Iterator], "Callable[[], Iterator] | None", "TrainState"], "Trainer"
+]
 
 
 def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
@@ -72,7 +77,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_data(cfg: Config, dist) -> tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]:
+def default_data(cfg: Config, dist: Dist) -> tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]:
     """Train/valid micro-batch iterators on megatron-core datasets (bigtrain.data)."""
     from bigtrain.data import batch_iterator, build_datasets
     from bigtrain.data.datasets import configured_tokenizer
@@ -184,7 +189,9 @@ def preflight(cfg: Config, rank: int) -> None:
             raise ConfigError(str(e)) from None
 
 
-def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None):
+def run(
+    cfg: Config, data: DataFactory = default_data, trainer_cls: TrainerFactory | None = None
+) -> TrainState:
     """Train per ``cfg``; resumes from the newest valid checkpoint in ``run_dir``. Returns the final state.
 
     ``trainer_cls`` (a :class:`bigtrain.trainer.Trainer` subclass with its own batch adapter and hooks)
@@ -232,7 +239,9 @@ def run(cfg: Config, data: DataFactory = default_data, trainer_cls=None):
     return state
 
 
-def run_or_exit(cfg: Config, **kw) -> None:
+def run_or_exit(
+    cfg: Config, data: DataFactory = default_data, trainer_cls: TrainerFactory | None = None
+) -> None:
     """``run`` for entry points: a failure on this rank (a fault policy, a collective that timed out
     because a peer died or hangs, any error) is reported in one place and the process exits non-zero
     at once, instead of hanging in process-group teardown or in a prefetch thread."""
@@ -250,7 +259,7 @@ def run_or_exit(cfg: Config, **kw) -> None:
         print(f"bigtrain: config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     try:
-        run(cfg, **kw)
+        run(cfg, data=data, trainer_cls=trainer_cls)
     except ConfigError as e:  # the checkpoint resumed after a fallback differs from the pre-flight's
         print(f"bigtrain: config error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

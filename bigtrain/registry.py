@@ -74,7 +74,7 @@ def local_parameters(model: nn.Module, cfg: Config) -> dict[str, tuple[layout.La
     return parallelize.local_parameters(model, cfg, task_params(cfg))
 
 
-def build_model(cfg: Config, topology=None) -> nn.Module:
+def build_model(cfg: Config, topology: object | None = None) -> nn.Module:
     """This rank's part of the model ``cfg`` names (weights initialized deterministically, fp32, CPU;
     a ``PipelineModule`` when ``parallel.pipeline > 1``); trainable parameters as the task says.
     Pretrained weights are loaded by the caller (``checkpoint.load_weights_only``)."""

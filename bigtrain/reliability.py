@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
+from types import FrameType
 
 import torch
 
@@ -36,7 +37,7 @@ class ExitSignals:
             for sig in EXIT_SIGNALS:
                 signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
             print(

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bigtrain.config import Config
+
+if TYPE_CHECKING:
+    from bigtrain.distributed import Dist
 
 Batch = dict[str, torch.Tensor]
 
@@ -71,7 +75,7 @@ class MicroBatchRunner:
 
     needs_engine = False  # a plain module (evaluation) runs too
 
-    def __init__(self, engine, adapter: BatchAdapter, device: torch.device):
+    def __init__(self, engine: Any, adapter: BatchAdapter, device: torch.device):
         self.engine, self.adapter, self.device = engine, adapter, device
 
     def run(self, gb: GlobalBatch, train: bool, multiplier: float = 1.0) -> float:
@@ -105,12 +109,12 @@ class PipelineRunner:
 
     needs_engine = True  # the stages run only inside DeepSpeed's PipelineEngine
 
-    def __init__(self, engine, adapter: BatchAdapter, device: torch.device):
+    def __init__(self, engine: Any, adapter: BatchAdapter, device: torch.device):
         self.engine, self.adapter, self.device = engine, adapter, device
         self.multiplier = 1.0
         loss_fn = engine.module.loss_fn
 
-        def scaled(outputs, labels):
+        def scaled(outputs: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
             loss = loss_fn(outputs, labels)
             return loss if self.multiplier == 1.0 else loss * self.multiplier
 
@@ -119,7 +123,7 @@ class PipelineRunner:
     def _item(self, b: Batch, normalizer: torch.Tensor | None = None) -> tuple:
         """(inputs, labels) as the pipeline engine wants one micro-batch: a lone input is not a tuple."""
         inputs = self.adapter.model_inputs(b)
-        labels = self.adapter.targets(b)
+        labels: tuple[torch.Tensor, ...] = self.adapter.targets(b)
         if normalizer is not None:  # the pipeline engine sends tensors only
             labels = (*labels, normalizer)
         return inputs[0] if len(inputs) == 1 else inputs, labels
@@ -163,12 +167,12 @@ def _runner_class(cfg: Config) -> type[StepRunner]:
     return PipelineRunner if cfg.parallel.pipeline > 1 else MicroBatchRunner
 
 
-def make_runner(cfg: Config, engine, adapter: BatchAdapter, device: torch.device) -> StepRunner:
+def make_runner(cfg: Config, engine: Any, adapter: BatchAdapter, device: torch.device) -> StepRunner:
     """The runner for ``engine`` (what ``bigtrain.engine.initialize_engine`` returned for ``cfg``)."""
     return _runner_class(cfg)(engine, adapter, device)
 
 
-def make_eval_runner(cfg: Config, model: torch.nn.Module, dist, adapter: BatchAdapter) -> StepRunner:
+def make_eval_runner(cfg: Config, model: torch.nn.Module, dist: Dist, adapter: BatchAdapter) -> StepRunner:
     """A runner for evaluation only, in eval mode: a pipelined model needs DeepSpeed's engine to run at
     all, a one-stage model runs as it is (no optimizer state allocated)."""
     cls = _runner_class(cfg)

@@ -56,8 +56,8 @@ class StepResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _close(batches: Iterator[Batch]) -> None:
-    """Stop a prefetching iterator's thread (plain iterators have nothing to stop)."""
+def _close(batches: Iterator[Batch] | None) -> None:
+    """Stop a prefetching iterator's thread (plain iterators, and None, have nothing to stop)."""
     close = getattr(batches, "close", None)
     if close is not None:
         close()
@@ -71,7 +71,7 @@ class Trainer:
         self,
         cfg: Config,
         dist: Dist,
-        engine,
+        engine: Any,  # deepspeed's engine (see engine.initialize_engine)
         make_train_batches: Callable[[int], Iterator[Batch]],
         make_valid_batches: Callable[[], Iterator[Batch]] | None = None,
         state: TrainState | None = None,
@@ -159,6 +159,8 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         state = self.state
         multiplier = loss_multiplier(self.cfg, self.dist.rank, state.step + 1, state.consumed_samples)
+        if self.batches is None:
+            raise RuntimeError("Trainer.train_step: the training batches are not open")
         loss = self.runner.run(self.next_global_batch(self.batches), train=True, multiplier=multiplier)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:

@@ -211,7 +211,7 @@ class BuilderProcess:
         self._enqueue(None)
         self._sender.join()  # its writes fail (broken pipe) and it drains the queue
         self._ready.wait()  # the reader sees end of file once the child is gone
-        for pipe in (self._proc.stdin, self._proc.stdout):
+        for pipe in (self._stdin, self._stdout):  # the Popen's pipes, narrowed in __init__
             try:
                 pipe.close()
             except OSError:  # stdin's buffered bytes cannot reach the dead child

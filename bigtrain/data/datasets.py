@@ -173,7 +173,6 @@ def rank0_first(fn: Callable[[], T]) -> T:
     if rank is None or torch.distributed.get_world_size() == 1:
         return fn()
     outcome: list[Any] = [None]
-    result = None
     if rank == 0:
         try:
             result = fn()

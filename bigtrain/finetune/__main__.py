@@ -11,9 +11,16 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from bigtrain.config import Config
 from bigtrain.finetune.data import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from bigtrain.distributed import Dist
+    from bigtrain.pretrain import DataFactory
 
 
 @dataclass
@@ -38,7 +45,7 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
         log(chat.describe())
         record = d.template_record(chat)
 
-        def read(spec, key):
+        def read(spec: Any, key: str) -> list[dict[str, torch.Tensor]]:
             examples, stats = d.read_sft(spec, key, chat, seq, f.overlong, f.strict)
             log(stats.summary(key))
             return d.pack(examples, seq, chat.pad_id, f.packing)
@@ -73,10 +80,10 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
     return Prepared(train, valid, record)
 
 
-def data_factory(prepared: Prepared):
+def data_factory(prepared: Prepared) -> DataFactory:
     from bigtrain.finetune import data as d
 
-    def factory(cfg: Config, dist) -> tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]:
+    def factory(cfg: Config, dist: Dist) -> tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]:
         t, dp = cfg.train, cfg.derived.data_parallel_size
         valid = (
             d.valid_batches(prepared.valid, t.micro_batch_size, dist.dp_rank, dp) if prepared.valid else []

@@ -10,6 +10,7 @@ export treat them like any other parameter). The adapter's output is added to th
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class LoRAMixin:
     lora_row: bool
     lora_group: torch.distributed.ProcessGroup | None
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         out, bias = super().forward(x, *args, **kwargs)  # type: ignore[misc]
         h = F.linear(self.lora_dropout(x), self.lora_A)  # [s, b, r]
         if self.lora_group is not None:
@@ -100,7 +101,10 @@ def add_lora(layers: dict[int, nn.Module], m: ModelConfig, cfg: Config, tp: Tens
         for target in lora.targets:
             name, split = LORA_TARGETS[target]
             module = layer.get_submodule(name)
-            module.__class__ = _lora_class(type(module))
+            base: type = type(module)
+            module.__class__ = _lora_class(base)
+            if not isinstance(module, LoRAMixin):  # just swapped: never
+                raise TypeError(f"{name}: the LoRA class swap did not take ({type(module).__name__})")
             for ab in ("lora_A", "lora_B"):
                 shape = layout.local_shape(specs[f"{name}.{ab}"], m, 0, tp.size)
                 module.register_parameter(ab, nn.Parameter(torch.zeros(shape)))

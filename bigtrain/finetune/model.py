@@ -10,13 +10,15 @@ layers, so ``bigtrain.generation`` runs a fine-tuned (LoRA) checkpoint unchanged
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import Config, ModelConfig
 from bigtrain.models import layout
-from bigtrain.models.layers import TensorParallel
+from bigtrain.models.layers import KVCache, TensorParallel
 from bigtrain.models.llama import (
     Embedding,
     FinalNorm,
@@ -49,7 +51,10 @@ class PackedTiedEmbedding(_PackedInput, TiedEmbedding):
 
 
 class PackedBlock(TransformerBlock):
-    def forward(self, inputs: torch.Tensor | Packed, cache=None):
+    # ignore: takes and returns (hidden, positions, doc_ids) tuples where TransformerBlock has tensors
+    def forward(  # type: ignore[override]
+        self, inputs: torch.Tensor | Packed, cache: KVCache | None = None
+    ) -> torch.Tensor | Packed:
         if torch.is_tensor(inputs):
             return super().forward(inputs, cache)
         x, positions, doc_ids = inputs
@@ -114,24 +119,28 @@ class ClassifyLoss:
 def task_layers(cfg: Config) -> TaskLayers:
     """The layer variants of ``cfg.finetune.task`` (sft: packed inputs; classify: packed inputs and
     the classification head in place of the output layer)."""
-    packed = dict(
-        embedding=PackedEmbedding, tied_embedding=PackedTiedEmbedding, block=PackedBlock, packed=True
+    packed = TaskLayers(
+        embedding=PackedEmbedding,
+        tied_embedding=PackedTiedEmbedding,
+        block=PackedBlock,
+        packed=True,
+        final_norm=PackedFinalNorm,
+        loss=LMLoss,
     )
     if cfg.finetune.task == "classify":
-        return TaskLayers(
-            **packed,
-            final_norm=PackedFinalNorm,
+        return dataclasses.replace(
+            packed,
             final_norm_args=(True,),
             head=ClassificationHead,
             head_args=(len(cfg.finetune.labels),),
             loss=ClassifyLoss,
         )
-    return TaskLayers(**packed, final_norm=PackedFinalNorm, loss=LMLoss)
+    return packed
 
 
 def eval_stats(
     task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp: TensorParallel
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed loss, summed weight, class predictions [b] or None) of one micro-batch's outputs, for
     exact validation averages (token-weighted for SFT, example-weighted for classification).
     ``tp``: the tensor-parallel group the logits are split over (sft)."""

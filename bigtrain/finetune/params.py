@@ -5,7 +5,7 @@ the export and inspection tools read fine-tuned checkpoints without the training
 
 from __future__ import annotations
 
-from bigtrain.config import Config, ModelConfig
+from bigtrain.config import Config, FinetuneConfig, ModelConfig
 from bigtrain.models import layout
 
 SCORE = "score.weight"  # classification head (LlamaForSequenceClassification's ``score``)
@@ -21,7 +21,7 @@ LORA_TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
-def lora_specs(m: ModelConfig, finetune) -> tuple[layout.ParamSpec, ...]:
+def lora_specs(m: ModelConfig, finetune: FinetuneConfig | None) -> tuple[layout.ParamSpec, ...]:
     """ParamSpecs of one block's LoRA adapters (``finetune``: a FinetuneConfig; none when rank is 0)."""
     if finetune is None or finetune.task == "none" or not finetune.lora.rank:
         return ()

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +19,11 @@ from bigtrain.metrics import console
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.parallelize import tensor_parallel
 from bigtrain.step_runner import PACKED_BATCH, StepRunner, to_device
-from bigtrain.trainer import StepResult, Trainer
+from bigtrain.trainer import StepResult, Trainer, TrainState
+
+if TYPE_CHECKING:
+    from bigtrain.config import Config
+    from bigtrain.distributed import Dist
 
 Batch = dict[str, torch.Tensor]
 BEST = "best"  # RUN_DIR/best: the best validation's weights (see save_best)
@@ -28,8 +33,8 @@ def classification_metrics(preds: list[int], labels: list[int], num_labels: int)
     """Accuracy, macro precision/recall/F1 (a class never predicted has precision 0, as sklearn's
     zero_division=0) and the confusion matrix (rows: true class, columns: predicted)."""
     confusion = [[0] * num_labels for _ in range(num_labels)]
-    for p, y in zip(preds, labels):
-        confusion[y][p] += 1
+    for pred, y in zip(preds, labels):
+        confusion[y][pred] += 1
     precision, recall, f1 = [], [], []
     for c in range(num_labels):
         tp = confusion[c][c]
@@ -90,7 +95,7 @@ class FinetuneValidation(Hook):
 
     state_key = "early_stopping"
 
-    def __init__(self, cfg, valid_items: list[Batch], chat_template: dict[str, Any] | None = None):
+    def __init__(self, cfg: Config, valid_items: list[Batch], chat_template: dict[str, Any] | None = None):
         f = cfg.finetune
         self.valid_items, self.chat_template = valid_items, chat_template
         self.stopper = EarlyStopping(f.metric, f.patience, f.min_delta)
@@ -162,9 +167,30 @@ class FinetuneTrainer(Trainer):
     """The Trainer on fine-tuning batches, pretraining's validation replaced by
     :class:`FinetuneValidation`."""
 
-    def __init__(self, *args, chat_template: dict[str, Any] | None = None, **kwargs):
-        """``chat_template``: SFT's ``data.template_record``, recorded in checkpoints and the best."""
-        super().__init__(*args, adapter=PACKED_BATCH, **kwargs)
+    def __init__(
+        self,
+        cfg: Config,
+        dist: Dist,
+        engine: Any,
+        make_train_batches: Callable[[int], Iterator[Batch]],
+        make_valid_batches: Callable[[], Iterator[Batch]] | None = None,
+        state: TrainState | None = None,
+        *,
+        hooks: list[Hook] | None = None,
+        chat_template: dict[str, Any] | None = None,
+    ):
+        """As :class:`Trainer`, on fine-tuning batches (``PACKED_BATCH``). ``chat_template``: SFT's
+        ``data.template_record``, recorded in checkpoints and the best."""
+        super().__init__(
+            cfg,
+            dist,
+            engine,
+            make_train_batches,
+            make_valid_batches,
+            state,
+            adapter=PACKED_BATCH,
+            hooks=hooks,
+        )
         valid_items = list(self.make_valid_batches()) if self.make_valid_batches else []
         validation = FinetuneValidation(self.cfg, valid_items, chat_template)
         run_dir = Path(self.cfg.train.run_dir)

@@ -18,10 +18,14 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from bigtrain.config import ModelConfig
+
+if TYPE_CHECKING:
+    from bigtrain.models.llama import LlamaModel
 
 # Layer kinds in the layer list: 0 = embedding, 1..L = blocks, L+1 = final norm, L+2 = output layer.
 EMBED, BLOCK, FINAL_NORM, HEAD = "embed", "block", "final_norm", "head"
@@ -214,10 +218,11 @@ def local_layers(model: torch.nn.Module, m: ModelConfig) -> dict[int, torch.nn.M
     (embedding, blocks, final_norm, output) or a ``PipelineModule``'s numbered layers (a tied
     embedding appears under index 0, and is also the tied output layer)."""
     if hasattr(model, "blocks"):  # LlamaModel: the whole list, by role
-        layers = {0: model.embedding, m.num_layers + 1: model.final_norm}
-        layers.update({i + 1: block for i, block in enumerate(model.blocks)})
-        if model.output is not None:
-            layers[m.num_layers + 2] = model.output
+        lm = cast("LlamaModel", model)
+        layers: dict[int, torch.nn.Module] = {0: lm.embedding, m.num_layers + 1: lm.final_norm}
+        layers.update({i + 1: block for i, block in enumerate(lm.blocks)})
+        if lm.output is not None:
+            layers[m.num_layers + 2] = lm.output
         return layers
     layers = {int(name): child for name, child in model.named_children() if name.isdigit()}
     tied = getattr(model, "tied_modules", None)

@@ -179,6 +179,8 @@ class OutputLayer(nn.Module):
     DeepSpeed's TiedLayerSpec (PP>1).
     """
 
+    vocab_padding: torch.Tensor  # a buffer: True at this rank's padding rows
+
     def __init__(self, m: ModelConfig, tp: TensorParallel, padded_vocab: int, tied: bool = False):
         super().__init__()
         # a column-parallel matmul fed an explicit weight: ours, or the embedding's when tied
@@ -187,6 +189,8 @@ class OutputLayer(nn.Module):
         if not tied:
             self.weight = nn.Parameter(torch.empty(local, m.hidden_size, dtype=tp.config.params_dtype))
         start = tp.rank * local
+        if m.vocab_size is None:
+            raise ValueError("OutputLayer: model.vocab_size is not set (resolve the config first)")
         self.register_buffer(
             "vocab_padding", torch.arange(start, start + local) >= m.vocab_size, persistent=False
         )
@@ -349,4 +353,10 @@ class LlamaModel(nn.Module):
         ``tokens, positions, doc_ids``), labels ``labels, loss_mask[, normalizer]`` -> the loss (see
         ``lm_loss``: the micro-batch's mean unless a normalizer is given)."""
         n = self.num_inputs
-        return self.loss_fn(self.outputs(*args[:n]), args[n:])
+        inputs = args[:n]
+        tokens = inputs[0]
+        if tokens is None:
+            raise ValueError("LlamaModel.forward: the tokens (first input) are None")
+        positions = inputs[1] if len(inputs) > 1 else None
+        doc_ids = inputs[2] if len(inputs) > 2 else None
+        return self.loss_fn(self.outputs(tokens, positions, doc_ids), args[n:])

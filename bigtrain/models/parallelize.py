@@ -59,7 +59,7 @@ def build(
     cfg: Config,
     layers: TaskLayers = LM_LAYERS,
     task: layout.TaskParams = layout.LM,
-    topology=None,
+    topology: object | None = None,  # deepspeed PipeModelDataParallelTopology (see Dist.topology)
 ) -> nn.Module:
     """This rank's part of the model (weights initialized deterministically, fp32, CPU): the
     ``LlamaModel`` at pipeline = 1, a ``PipelineModule`` over the same layer list otherwise.
