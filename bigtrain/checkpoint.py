@@ -274,11 +274,7 @@ def _keep_configured(engine: Any, cfg: Config, saved: Config) -> Callable[[], No
 
     scheduler, opt = engine.lr_scheduler, engine.optimizer
     groups = [{k: g[k] for k in _GROUP_HYPERPARAMETERS if k in g} for g in scheduler.optimizer.param_groups]
-    clip = getattr(opt, "clip_grad", None)
-    scaler = getattr(opt, "loss_scaler", None)
-    scaling = {
-        k: getattr(scaler, k) for k in ("scale_window", "min_scale", "delayed_shift") if hasattr(scaler, k)
-    }
+    settings = compat.optimizer_settings(opt)
 
     def restore() -> None:
         schedule = LRSchedule(cfg)
@@ -288,16 +284,10 @@ def _keep_configured(engine: Any, cfg: Config, saved: Config) -> Callable[[], No
         for g, configured, base in zip(params, groups, scheduler.base_lrs):
             g.update(configured, initial_lr=base, lr=base * schedule(scheduler.last_epoch))
         compat.set_scheduler_last_lr(scheduler)
-        if clip is not None:
-            opt.clip_grad = clip
-        restored = getattr(opt, "loss_scaler", None)
-        if scaling and restored is not None and getattr(restored, "dynamic", False):
-            if restored.delayed_shift != scaling["delayed_shift"]:
-                restored.cur_hysteresis = scaling["delayed_shift"]
-            for k, v in scaling.items():
-                setattr(restored, k, v)
-            if cfg.fp16.initial_scale_power != saved.fp16.initial_scale_power:
-                restored.cur_scale = float(2**cfg.fp16.initial_scale_power)
+        changed = cfg.fp16.initial_scale_power != saved.fp16.initial_scale_power
+        compat.restore_optimizer_settings(
+            opt, settings, float(2**cfg.fp16.initial_scale_power) if changed else None
+        )
 
     return restore
 

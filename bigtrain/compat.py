@@ -22,9 +22,12 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
     default_group_timeout         | torch new_group() takes the 30-minute module default   | tests/test_compat.py::test_default_group_timeout_reaches_groups_created_later
     EngineFileRecorder            | DeepSpeed names no files written by save_checkpoint    | tests/training/test_reliability.py::test_kill_at_every_moment_of_a_save_then_relaunch
     set_scheduler_last_lr         | LambdaLR keeps _last_lr from the checkpoint            | tests/test_compat.py::test_scheduler_last_lr_follows_the_restored_groups
+    optimizer_settings            | DeepSpeed's load restores the saved clip / fp16 scaler | tests/training/test_resume.py::test_data_parallel_size_and_honoured_changes_at_zero1
+    scale_pipeline_loss           | PipelineEngine reads module.loss_fn on every step      | tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
 
-Not here (being rewritten with the model code, issue 13): ``bigtrain/finetune/model.py``'s LoRA
-``__class__`` swap and its ``register_external_parameter`` call.
+Not patches, so not here: LoRA (``bigtrain/finetune/lora.py``) swaps the class of bigtrain's own
+projection modules for a subclass of the same class (public ``forward`` only), and the tied embedding
+calls DeepSpeed's public ``register_external_parameter``.
 """
 
 from __future__ import annotations
@@ -271,6 +274,66 @@ def set_scheduler_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> No
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
     Fails without it: tests/test_compat.py::test_scheduler_last_lr_follows_the_restored_groups."""
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+OptimizerSettings = dict[str, Any]
+
+
+def optimizer_settings(opt: Any) -> OptimizerSettings:
+    """The clip (ZeRO / bf16 optimizers' ``clip_grad``) and fp16 dynamic loss-scaler settings
+    (``scale_window``, ``min_scale``, ``delayed_shift``) the optimizer was built with, to put back with
+    :func:`restore_optimizer_settings` after DeepSpeed's ``load_checkpoint`` overwrote them.
+
+    deepspeed/runtime/zero/stage_1_and_2.py, bf16_optimizer.py and fp16/fused_optimizer.py
+    ``load_state_dict`` restore the saved ``clip_grad`` and the pickled loss scaler whole; these are
+    their private attributes. No upstream issue found (restoring them is what a resume usually wants).
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_resume.py::test_data_parallel_size_and_honoured_changes_at_zero1
+    (the optimizer holds the saved clip, not ``optim.grad_clip``)."""
+    scaler = getattr(opt, "loss_scaler", None)
+    return {
+        "clip_grad": getattr(opt, "clip_grad", None),
+        "scaling": {
+            k: getattr(scaler, k)
+            for k in ("scale_window", "min_scale", "delayed_shift")
+            if hasattr(scaler, k)
+        },
+    }
+
+
+def restore_optimizer_settings(opt: Any, settings: OptimizerSettings, scale: float | None) -> None:
+    """Put back what :func:`optimizer_settings` recorded; ``scale``: a new current loss scale (the
+    configured initial scale changed), or None to keep the restored one."""
+    if settings["clip_grad"] is not None:
+        opt.clip_grad = settings["clip_grad"]
+    scaling = settings["scaling"]
+    restored = getattr(opt, "loss_scaler", None)
+    if scaling and restored is not None and getattr(restored, "dynamic", False):
+        if restored.delayed_shift != scaling["delayed_shift"]:
+            restored.cur_hysteresis = scaling["delayed_shift"]
+        for k, v in scaling.items():
+            setattr(restored, k, v)
+        if scale is not None:
+            restored.cur_scale = scale
+
+
+def scale_pipeline_loss(module: Any, multiplier: Callable[[], float]) -> None:
+    """Multiply the pipeline's loss by ``multiplier()`` (debug injections: loss spikes, non-finite
+    losses) by wrapping ``PipelineModule.loss_fn``, which deepspeed/runtime/pipe/engine.py
+    ``PipelineEngine._exec_forward_pass`` reads on every step of the last stage; there is no hook.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
+    (the PP=2 case injects its spike through this)."""
+    loss_fn = module.loss_fn
+
+    def scaled(outputs: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        loss = loss_fn(outputs, labels)
+        factor = multiplier()
+        return loss if factor == 1.0 else loss * factor
+
+    module.loss_fn = scaled
 
 
 # ------------------------------------------------------------------------------------ torch.distributed

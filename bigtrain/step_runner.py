@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bigtrain import compat
 from bigtrain.config import Config
 
 if TYPE_CHECKING:
@@ -112,13 +113,7 @@ class PipelineRunner:
     def __init__(self, engine: Any, adapter: BatchAdapter, device: torch.device):
         self.engine, self.adapter, self.device = engine, adapter, device
         self.multiplier = 1.0
-        loss_fn = engine.module.loss_fn
-
-        def scaled(outputs: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            loss = loss_fn(outputs, labels)
-            return loss if self.multiplier == 1.0 else loss * self.multiplier
-
-        engine.module.loss_fn = scaled
+        compat.scale_pipeline_loss(engine.module, lambda: self.multiplier)
 
     def _item(self, b: Batch, normalizer: torch.Tensor | None = None) -> tuple:
         """(inputs, labels) as the pipeline engine wants one micro-batch: a lone input is not a tuple."""
