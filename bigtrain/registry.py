@@ -25,7 +25,7 @@ from bigtrain.finetune import model as finetune_model
 from bigtrain.finetune import params as finetune_params
 from bigtrain.models import layout, parallelize
 from bigtrain.models.layers import TensorParallel
-from bigtrain.models.llama import LM_LAYERS, TaskLayers
+from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers
 
 Transform = Callable[[nn.Module, Config, TensorParallel], None]
 
@@ -36,9 +36,11 @@ class TrainSpec:
 
     family: str
     task: str  # "none" (pretraining) | "sft" | "classify" (cfg.finetune.task)
+    model: type[LlamaModel]  # the family's model class (its layer_specs feed the pipeline engine)
     layers: Callable[[Config], TaskLayers]  # layer variants put in the list
     params: Callable[[Config], layout.TaskParams]  # parameters added to the layout table
     transforms: tuple[Transform, ...] = ()  # after the build, before the init (e.g. LoRA)
+    finalize: tuple[Transform, ...] = ()  # after the init (e.g. which parameters train)
 
 
 _SPECS: dict[tuple[str, str], TrainSpec] = {}
@@ -80,13 +82,13 @@ def build_model(cfg: Config, topology: object | None = None) -> nn.Module:
     Pretrained weights are loaded by the caller (``checkpoint.load_weights_only``)."""
     spec = train_spec(cfg)
     task = spec.params(cfg)
-    model = parallelize.build(cfg, spec.layers(cfg), task, topology)
+    model = parallelize.build(cfg, spec.model, spec.layers(cfg), task, topology)
     tp = parallelize.tensor_parallel(cfg)
     for transform in spec.transforms:
         transform(model, cfg, tp)
     parallelize.initialize_weights(model, cfg, task)
-    if cfg.finetune.task != "none":
-        finetune_model.freeze(model, cfg, parallelize.local_parameters(model, cfg, task))
+    for transform in spec.finalize:
+        transform(model, cfg, tp)
     return model
 
 
@@ -96,14 +98,22 @@ def _add_lora(model: nn.Module, cfg: Config, tp: TensorParallel) -> None:
         lora.add_lora(layout.local_layers(model, cfg.model), cfg.model, cfg, tp)
 
 
-register(TrainSpec("llama", "none", layers=lambda cfg: LM_LAYERS, params=lambda cfg: layout.LM))
+def _freeze(model: nn.Module, cfg: Config, tp: TensorParallel) -> None:
+    finetune_model.freeze(model, cfg, local_parameters(model, cfg))
+
+
+register(
+    TrainSpec("llama", "none", model=LlamaModel, layers=lambda cfg: LM_LAYERS, params=lambda cfg: layout.LM)
+)
 for _task in ("sft", "classify"):
     register(
         TrainSpec(
             "llama",
             _task,
+            model=LlamaModel,
             layers=finetune_model.task_layers,
             params=finetune_params.task_params,
             transforms=(_add_lora,),
+            finalize=(_freeze,),
         )
     )

@@ -57,27 +57,29 @@ def tensor_parallel(cfg: Config) -> TensorParallel:
 
 def build(
     cfg: Config,
+    model_cls: type[LlamaModel] = LlamaModel,
     layers: TaskLayers = LM_LAYERS,
     task: layout.TaskParams = layout.LM,
     topology: object | None = None,  # deepspeed PipeModelDataParallelTopology (see Dist.topology)
 ) -> nn.Module:
-    """This rank's part of the model (weights initialized deterministically, fp32, CPU): the
-    ``LlamaModel`` at pipeline = 1, a ``PipelineModule`` over the same layer list otherwise.
-    ``layers``/``task``: what a task swaps in and which parameters it adds (see bigtrain.registry)."""
+    """This rank's part of the model (weights initialized deterministically, fp32, CPU): ``model_cls``
+    (a family's model class) at pipeline = 1, a ``PipelineModule`` over the same layer list
+    (``model_cls.layer_specs``) otherwise. ``layers``/``task``: what a task swaps in and which
+    parameters it adds (see bigtrain.registry)."""
     set_compile(cfg.train.compile)  # the model's elementwise regions (bigtrain.perf)
     tp = tensor_parallel(cfg)
     args = (cfg.model, tp, cfg.derived.padded_vocab_size, cfg.activation_checkpointing, layers)
     model: nn.Module
     if cfg.parallel.pipeline > 1:
         model = PipelineModule(
-            layers=LlamaModel.layer_specs(*args),
+            layers=model_cls.layer_specs(*args),
             loss_fn=layers.loss(tp),
             topology=topology,
             partition_method=cfg.parallel.partition_method,
             activation_checkpoint_interval=0,  # blocks recompute themselves (see TransformerBlock)
         )
     else:
-        model = LlamaModel(*args)
+        model = model_cls(*args)
     return model
 
 
