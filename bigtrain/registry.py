@@ -9,7 +9,8 @@ which transforms run after the build (as torchtitan's ``TrainSpec`` registry).
 Adding a model family: its model file under ``bigtrain/models/`` (a model class with
 ``layer_specs``), its rows in the layout table, and a :func:`register` call here. Adding a task: its
 layer variants and parameter specs (as ``bigtrain/finetune/``) and a :func:`register` call here.
-Dependencies point one way: this module imports the families and tasks; they never import it back.
+Dependencies point one way: this module imports the families (``bigtrain/models/``) and the tasks'
+layers and parameters (``bigtrain/finetune/model.py``, ``lora.py``, ``params.py``); they never import it.
 """
 
 from __future__ import annotations

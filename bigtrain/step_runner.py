@@ -96,7 +96,7 @@ class MicroBatchRunner:
         return _dp_mean(total / len(gb.micro_batches))
 
     def outputs(self, b: Batch) -> torch.Tensor:
-        """The model's outputs for one micro-batch already on the device (see ``FinetuneModel.outputs``)."""
+        """The model's outputs for one micro-batch already on the device (see ``LlamaModel.outputs``)."""
         return self.engine.module.outputs(*self.adapter.model_inputs(b))
 
     def from_last_stage(self, t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ LoRA is a transform applied after the build (:mod:`bigtrain.finetune.lora`).
 
 Layers pass ``(hidden, positions, doc_ids)`` tuples (also between pipeline stages: DeepSpeed sends
 integer tensors along and gives them no gradient); given a plain tensor they behave like pretraining's
-layers, so ``bigtrain.generation`` runs a fine-tuned (LoRA) checkpoint unchanged.
+layers, so ``bigtrain.generation`` runs a fine-tuned SFT (LoRA) checkpoint unchanged (the
+classification head needs the document ids: it pools the last token of each).
 """
 
 from __future__ import annotations
