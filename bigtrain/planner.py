@@ -28,7 +28,8 @@ one forward of bigtrain's model (none/selective/full).
 GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allocator margin.
 Throughput is a model too: compute at a matmul efficiency that grows with tokens per micro-batch,
 tensor-parallel all-reduces, the 1F1B bubble ``(pp-1)/(m+pp-1)``, data-parallel gradient traffic
-(partly hidden by overlap), ZeRO-3's parameter all-gathers and offloaded Adam on the CPU. It ranks
+(partly hidden by overlap), ZeRO-3's parameter all-gathers, and for optimizer offload the gradient and parameter copies over the
+host link plus Adam on the host's cores (:func:`offload_time`). It ranks
 layouts; it does not replace a measurement (``tools/bench.py``).
 """
 
@@ -259,13 +260,65 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------- throughput model
+# DeepSpeedCPUAdam (AVX-512 build), measured by measure_cpu_adam() on the 2-core development VM
+# (Intel Xeon, 2 threads, 16M fp32 parameters, fastest of 5 steps): 7.0-7.4e8 parameters/s per thread
+# in three runs. The planner scales it by Hardware.host_cores_per_gpu, capped by the host memory
+# bandwidth of one GPU's share: Adam reads fp32 parameter, gradient and both moments and writes
+# three of them back (CPU_ADAM_BYTES per parameter).
+CPU_ADAM_PARAMS_PER_S_PER_CORE = 7.0e8
+CPU_ADAM_BYTES = 28
+
+
+def measure_cpu_adam(params: int = 16 * 2**20, steps: int = 5) -> tuple[float, str]:
+    """(fp32 parameters updated per second per thread, backend) for one Adam step on this machine.
+
+    Times DeepSpeed's ``DeepSpeedCPUAdam`` (the optimizer ZeRO offload runs) when its C++ op builds or
+    loads here; otherwise falls back to ``torch.optim.AdamW(foreach=True)`` and says so in the backend
+    name. Threads: ``torch.get_num_threads()``."""
+    import time
+
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(params))
+    p.grad = torch.randn(params)
+    backend = "deepspeed-cpu-adam"
+    opt: torch.optim.Optimizer
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam([p], lr=1e-3)
+    except Exception:  # no compiler / op not loadable: the plain PyTorch path
+        backend = "torch-adamw-foreach"
+        opt = torch.optim.AdamW([p], lr=1e-3, foreach=True)
+    opt.step()  # state allocation
+    seconds = math.inf
+    for _ in range(steps):  # the fastest step: the machine's rate, not its other load
+        start = time.perf_counter()
+        opt.step()
+        seconds = min(seconds, time.perf_counter() - start)
+    return params / seconds / torch.get_num_threads(), backend
+
+
 @dataclass
 class Hardware:
     peak_tflops: float = 989.0
     gpus_per_node: int = 8
     intra_node_gbps: float = 300.0  # effective all-reduce bus bandwidth, GB/s (NVLink)
     inter_node_gbps: float = 40.0  # per GPU (400 Gb/s InfiniBand)
-    cpu_adam_params_per_s: float = 1.0e9  # DeepSpeed CPU Adam, per GPU's share of host cores
+    # optimizer offload (ZeRO-1/2 ``offload_optimizer``): every step each data-parallel rank sends its
+    # gradient partition to the host and receives its updated parameter partition over its own link,
+    # and the host runs Adam on that partition with its share of the cores
+    host_link_gbps: float = 25.0  # effective GPU<->host copy bandwidth, GB/s (PCIe Gen4 x16; Gen5 ~50)
+    host_cores_per_gpu: int = 12  # e.g. 2 x 48-core CPUs for 8 GPUs
+    host_memory_gbps: float = 75.0  # host DRAM bandwidth per GPU's share (2 x ~300 GB/s for 8 GPUs)
+    # DeepSpeed CPU Adam, fp32 parameters updated per second per core (measure_cpu_adam)
+    cpu_adam_params_per_s_per_core: float = CPU_ADAM_PARAMS_PER_S_PER_CORE
+
+    @property
+    def cpu_adam_params_per_s(self) -> float:
+        """CPU Adam throughput of one GPU's share of the host: its cores, capped by its memory bandwidth."""
+        cores = self.cpu_adam_params_per_s_per_core * self.host_cores_per_gpu
+        return min(cores, self.host_memory_gbps * 1e9 / CPU_ADAM_BYTES)
 
 
 def matmul_efficiency(tokens_per_microbatch: int, hidden: int) -> float:
@@ -273,6 +326,37 @@ def matmul_efficiency(tokens_per_microbatch: int, hidden: int) -> float:
     (798/989 measured GEMM ceiling times non-matmul overheads), small ones fall off."""
     size = tokens_per_microbatch * hidden
     return 0.62 * size / (size + 2.0e6)
+
+
+def offload_time(cfg: Config, layout: Layout, hw: Hardware, p: int) -> tuple[float, float]:
+    """(host-link seconds, CPU Adam seconds) per optimizer step for optimizer offload, both exposed.
+
+    Bytes per parameter of this data-parallel rank's partition (``p/n``) over its GPU's own link at
+    ``hw.host_link_gbps``, as DeepSpeed 0.19 moves them with ``accum`` micro-batches per step and
+    ``w``-byte parameters:
+
+    - ZeRO-1 (bf16: fp32 gradient accumulation on the GPU): the gradient partition at the boundary,
+      cast on the GPU to the fp32 master dtype (4), and the updated parameters back (``w``).
+    - ZeRO-2 (no fp32 accumulation buffer): the same, plus, when ``accum > 1``, the gradients
+      accumulated through a pinned host buffer: out after the first micro-batch, in and out after each
+      later one (``async_accumulate_grad_in_cpu_via_gpu``): ``(2 accum - 1) w``.
+    - ZeRO-3: the gradient partition buffer itself lives on the host: ``(2 accum - 1) w``, and the
+      parameters back (``w``).
+
+    The host runs Adam on ``p/n`` parameters at ``hw.cpu_adam_params_per_s``. Adam and the copy back
+    run after backward; the gradient copies are issued during backward, but no DeepSpeed option
+    overlaps them with compute (``overlap_comm`` concerns the reduction), so all are counted exposed."""
+    part = p / layout.data
+    w = torch_dtype(cfg.precision).itemsize
+    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
+    host_accumulation = (2 * accum - 1) * w
+    if layout.zero == 3:
+        per_element = float(host_accumulation + w)
+    else:
+        per_element = 4.0 + w + (host_accumulation if layout.zero == 2 and accum > 1 else 0.0)
+    pcie = part * per_element / (hw.host_link_gbps * 1e9)
+    adam = part / hw.cpu_adam_params_per_s
+    return pcie, adam
 
 
 def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
@@ -305,16 +389,19 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
             dp_comm += accum * 2 * (n - 1) / n * p * w / dp_bw  # parameters gathered fwd and bwd
     exposed_dp = max(0.0, dp_comm - 0.5 * compute) if cfg.zero.overlap_comm else dp_comm
     zero3_overhead = 0.04 * compute if layout.zero == 3 else 0.0  # per-parameter hooks
-    offload = 12 * p / n / (hw.cpu_adam_params_per_s * 12) if layout.offload else 0.0
+    offload_pcie, offload_adam = offload_time(cfg, layout, hw, p) if layout.offload else (0.0, 0.0)
     busy = compute + tp_comm
-    total = busy / (1 - bubble) + exposed_dp + zero3_overhead + offload
+    bubble_seconds = busy / (1 - bubble) - busy
+    total = busy + bubble_seconds + exposed_dp + zero3_overhead + offload_pcie + offload_adam
     return {
         "compute": compute,
         "tensor_comm": tp_comm,
         "bubble_fraction": bubble,
+        "bubble": bubble_seconds,
         "data_comm_exposed": exposed_dp,
         "zero3_overhead": zero3_overhead,
-        "offload_adam": offload,
+        "offload_pcie": offload_pcie,
+        "offload_adam": offload_adam,
         "total": total,
         "matmul_efficiency": eff,
     }
@@ -419,6 +506,23 @@ def explain(best: Candidate, ranked: list[Candidate], budget: float) -> str:
             f"micro-batch {larger[0].layout.micro_batch} would need {larger[0].memory.total / GIB:.1f} GiB"
         )
     return "; ".join(parts)
+
+
+def breakdown(cand: Candidate) -> str:
+    """Seconds per optimizer step by term for one layout (``tools/plan.py --explain``)."""
+    s = cand.seconds
+    rows = [
+        ("compute", s["compute"]),
+        ("tensor-parallel comm", s["tensor_comm"]),
+        (f"pipeline bubble ({s['bubble_fraction']:.0%})", s["bubble"]),
+        ("data-parallel comm exposed", s["data_comm_exposed"]),
+        ("ZeRO-3 overhead", s["zero3_overhead"]),
+        ("offload host link (PCIe)", s["offload_pcie"]),
+        ("offload CPU Adam", s["offload_adam"]),
+        ("total", s["total"]),
+    ]
+    head = f"{cand.layout.describe()}: seconds per step (matmul efficiency {s['matmul_efficiency']:.2f})"
+    return "\n".join([head] + [f"  {name:<28} {value:>9.4f}" for name, value in rows])
 
 
 def plan(

@@ -3,11 +3,14 @@
     python tools/plan.py --config configs/llama-7b.yaml --gpus 8 --gpu-memory-gib 80
     python tools/plan.py --config configs/llama-13b.yaml --gpus 16 --nodes 2 --gpu-memory-gib 80 --top 5 --json plan.json
     python tools/plan.py --config configs/llama-1.3b.yaml --gpus 8 --gpu-memory-gib 80 --only tensor=1 zero=1
+    python tools/plan.py --config configs/llama-7b.yaml --gpus 8 --gpu-memory-gib 80 --only offload=true --explain
 
 Layouts: tensor × pipeline × data parallel sizes, ZeRO stage (and optimizer offload), micro-batch size
 and activation checkpointing, as bigtrain's config validation accepts them (the global batch size
 is kept). Memory and throughput come from bigtrain.planner; see its docstring for what is counted.
-Prints the ranking and the settings to use (``--set`` overrides for bigtrain.pretrain).
+Prints the ranking and the settings to use (``--set`` overrides for bigtrain.pretrain); ``--explain [RANK]``
+prints one layout's seconds per step by term (compute, TP comm, bubble, exposed DP comm, ZeRO-3
+overhead, offload host-link copies, offload CPU Adam).
 """
 
 from __future__ import annotations
@@ -42,7 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory per GPU")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU")
+    p.add_argument(
+        "--host-link-gbps", type=float, default=25.0, help="GPU<->host GB/s per GPU (optimizer offload)"
+    )
+    p.add_argument("--host-cores-per-gpu", type=int, default=12, help="host cores running CPU Adam per GPU")
     p.add_argument("--top", type=int, default=10, help="rows to print")
+    p.add_argument(
+        "--explain",
+        type=int,
+        nargs="?",
+        const=1,
+        default=None,
+        metavar="RANK",
+        help="print seconds per step by term for the layout at this rank of the printed list (default 1)",
+    )
     p.add_argument(
         "--only", nargs="+", default=[], metavar="FIELD=VALUE", help="keep layouts with these fields"
     )
@@ -50,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        hw = planner.Hardware(peak_tflops=args.peak_tflops)
+        hw = planner.Hardware(
+            peak_tflops=args.peak_tflops,
+            host_link_gbps=args.host_link_gbps,
+            host_cores_per_gpu=args.host_cores_per_gpu,
+        )
         ranked = planner.plan(cfg, args.gpus, args.gpu_memory_gib, args.nodes, hw)
     except ConfigError as e:
         print(f"plan: {e}", file=sys.stderr)
@@ -73,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{i:>3} {c.layout.describe():<46} {c.memory.total / planner.GIB:>8.1f} {'yes' if c.fits else 'no':>5} "
             f"{c.tokens_per_sec_per_gpu:>10,.0f} {c.mfu:>5.0%}"
         )
+    if args.explain is not None:
+        print("\n" + planner.breakdown(ranked[min(max(args.explain, 1), len(ranked)) - 1]))
     best = ranked[0]
     print(f"\nchoice: {best.why}")
     if best.fits:
