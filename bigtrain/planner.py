@@ -48,6 +48,13 @@ CHECKPOINTING = ("none", "selective", "full")
 # GPU planning: CUDA context + NCCL communicators + cuBLAS workspaces, and allocator fragmentation.
 GPU_OVERHEAD_BYTES = 1.5 * GIB
 ALLOCATOR_MARGIN = 0.08
+# Ranking policy for optimizer offload. Its terms above are optimistic: effective host-link bandwidth is
+# often far below PCIe peak (pageable copies, a link shared with NICs and data loading), DeepSpeedCPUAdam
+# slows when its threads are not pinned to the rank's cores (DeepSpeed PR #7474 measured 1.3x from
+# --bind_cores_to_rank), and data loading competes for the same host cores and memory bandwidth. So an
+# offload layout ranks after every fitting no-offload layout unless it is predicted faster than the best
+# of them by more than this fraction; the numbers shown stay the model's.
+OFFLOAD_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -359,8 +366,81 @@ def offload_time(cfg: Config, layout: Layout, hw: Hardware, p: int) -> tuple[flo
     return pcie, adam
 
 
+# DeepSpeed's stage3_max_reuse_distance default (bigtrain does not set it): a ZeRO-3 parameter stays
+# gathered from its forward to its backward use when fewer elements are fetched in between
+DS_MAX_REUSE_DISTANCE = 1_000_000_000
+
+
+def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
+    """Collective payload bytes per rank per optimizer step, by group and operation, as bigtrain (DeepSpeed
+    0.19, megatron-core 0.16) issues them. Payload: the full buffer a rank passes (all-reduce: the tensor;
+    reduce-scatter: its input; all-gather: its output); :func:`wire_factor` turns it into bytes each rank
+    sends. Scalars (token count, loss mean, gradient norm, overflow flag) are left out. ``accum``
+    micro-batches per step, ``p`` parameters of this rank's stage shard, ``w`` bytes per parameter, ``g``
+    per reduced gradient (:func:`reduce_bytes`), ``a`` per activation:
+
+    - ``data_all_reduce``: ZeRO-0 (fp32) all-reduces every gradient once, at the accumulation boundary
+      (``p g``); ZeRO-1 too, and ZeRO-2 after every micro-batch (``accum p g``): DeepSpeed's stage 1/2
+      reduction all-reduces its buckets (``use_multi_rank_bucket_allreduce``), it does not reduce-scatter.
+      Mixed precision at ZeRO-0 runs as ZeRO-1.
+    - ``data_all_gather``: ZeRO-1/2 gather the updated parameter partitions after the step (``p w``);
+      ZeRO-3 gathers the non-persistent parameters (``p - s``, ``s`` under
+      ``stage3_param_persistence_threshold``) for every forward, again in backward those whose
+      forward-to-backward distance exceeds DeepSpeed's reuse distance (``p - s - R/2`` when positive), and
+      the persistent ones once after the step (they are partitioned for it).
+    - ``data_reduce_scatter``: ZeRO-3 reduce-scatters every gradient after every micro-batch (``accum p g``).
+    - ``tensor_all_reduce`` (TP > 1, no sequence parallelism): per micro-batch of ``t`` tokens, each block's
+      attention and MLP all-reduce ``[t, h]`` forward (row-parallel outputs) and backward (column-parallel
+      input gradients): 4 per block; the vocab-parallel embedding's output and the output layer's input
+      gradient add one each (the one on the stage that holds it); the vocab-parallel cross entropy adds
+      three fp32 ``[t]`` (max logit, target logit, sum of exponentials) on the last stage.
+
+    Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2)."""
+    m = cfg.model
+    n, tp, pp = layout.data, layout.tensor, layout.pipeline
+    vocab = padded_vocab_size(m, tp)
+    p = stage_parameters(m, vocab, tp, pp)
+    w = a = torch_dtype(cfg.precision).itemsize  # parameters and activations share the dtype
+    g = reduce_bytes(cfg)
+    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * n))
+    out = {
+        "data_all_reduce": 0.0,
+        "data_reduce_scatter": 0.0,
+        "data_all_gather": 0.0,
+        "tensor_all_reduce": 0.0,
+    }
+    if n > 1:
+        stage = 1 if layout.zero == 0 and cfg.precision != "fp32" else layout.zero
+        if stage in (0, 1):
+            out["data_all_reduce"] = p * g
+        elif stage == 2:
+            out["data_all_reduce"] = accum * p * g
+        if stage in (1, 2):
+            out["data_all_gather"] = p * w
+        if stage == 3:
+            s = _small_parameters(m, vocab, tp, pp, cfg.zero.stage3_param_persistence_threshold)
+            regathered = max(0.0, p - s - DS_MAX_REUSE_DISTANCE / 2)
+            out["data_all_gather"] = (accum * (p - s + regathered) + s) * w
+            out["data_reduce_scatter"] = accum * p * g
+    if tp > 1:
+        tokens = layout.micro_batch * m.seq_length
+        ends = 2 if pp == 1 else 1  # embedding output, output-layer input gradient
+        activation = (4 * math.ceil(m.num_layers / pp) + ends) * tokens * m.hidden_size * a
+        out["tensor_all_reduce"] = accum * (activation + 3 * tokens * 4)
+    return out
+
+
+def wire_factor(op: str, n: int) -> float:
+    """Bytes each of ``n`` ranks sends per payload byte with ring algorithms: all-reduce ``2(n-1)/n``,
+    reduce-scatter and all-gather ``(n-1)/n`` (what NCCL's bus bandwidth is quoted against)."""
+    if n <= 1:
+        return 0.0
+    return (2.0 if op.endswith("all_reduce") else 1.0) * (n - 1) / n
+
+
 def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
-    """Predicted seconds per optimizer step, by component."""
+    """Predicted seconds per optimizer step, by component; communication is :func:`comm_bytes` over the
+    bus bandwidth of its group."""
     m = cfg.model
     vocab = padded_vocab_size(cfg.model, layout.tensor)
     gpus = layout.tensor * layout.pipeline * layout.data
@@ -368,25 +448,15 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     hw_flops = flops.hardware_flops_per_token(m, vocab, layout.checkpointing) * tokens
     eff = matmul_efficiency(layout.micro_batch * m.seq_length, m.hidden_size // layout.tensor)
     compute = hw_flops / gpus / (hw.peak_tflops * 1e12 * eff)
-    a = torch_dtype(cfg.precision).itemsize
     accum = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
+    volume = comm_bytes(cfg, layout)
     tp_bw = (hw.intra_node_gbps if layout.tensor <= hw.gpus_per_node else hw.inter_node_gbps) * 1e9
-    tp_comm = 0.0
-    if layout.tensor > 1:  # 2 all-reduces forward + 2 backward per block, of [tokens, h]
-        per = 2 * (layout.tensor - 1) / layout.tensor * layout.micro_batch * m.seq_length * m.hidden_size * a
-        tp_comm = accum * math.ceil(m.num_layers / layout.pipeline) * 4 * per / tp_bw
+    tp_comm = volume["tensor_all_reduce"] * wire_factor("all_reduce", layout.tensor) / tp_bw
     bubble = (layout.pipeline - 1) / (accum + layout.pipeline - 1) if layout.pipeline > 1 else 0.0
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
     dp_nodes = gpus > hw.gpus_per_node
     dp_bw = (hw.inter_node_gbps if dp_nodes else hw.intra_node_gbps) * 1e9
-    w = torch_dtype(cfg.precision).itemsize  # parameter bytes
-    g = reduce_bytes(cfg)  # gradient bytes on the wire
-    n = layout.data
-    dp_comm = 0.0
-    if n > 1:
-        dp_comm = 2 * (n - 1) / n * p * g / dp_bw  # reduce-scatter + all-gather = one all-reduce
-        if layout.zero == 3:
-            dp_comm += accum * 2 * (n - 1) / n * p * w / dp_bw  # parameters gathered fwd and bwd
+    dp_comm = sum(volume[k] * wire_factor(k, layout.data) for k in volume if k.startswith("data_")) / dp_bw
     exposed_dp = max(0.0, dp_comm - 0.5 * compute) if cfg.zero.overlap_comm else dp_comm
     zero3_overhead = 0.04 * compute if layout.zero == 3 else 0.0  # per-parameter hooks
     offload_pcie, offload_adam = offload_time(cfg, layout, hw, p) if layout.offload else (0.0, 0.0)
@@ -398,6 +468,7 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
         "tensor_comm": tp_comm,
         "bubble_fraction": bubble,
         "bubble": bubble_seconds,
+        "data_comm": dp_comm,
         "data_comm_exposed": exposed_dp,
         "zero3_overhead": zero3_overhead,
         "offload_pcie": offload_pcie,
@@ -417,6 +488,7 @@ class Candidate:
     tokens_per_sec_per_gpu: float
     mfu: float
     why: str = ""
+    demoted: bool = False  # an offload layout ranked after the fitting no-offload ones (rank())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -427,6 +499,7 @@ class Candidate:
             "tokens_per_sec_per_gpu": self.tokens_per_sec_per_gpu,
             "mfu": self.mfu,
             "why": self.why,
+            "demoted": self.demoted,
         }
 
 
@@ -484,7 +557,9 @@ def evaluate(cfg: Config, layout: Layout, gpu_memory_bytes: float, hw: Hardware)
     return Candidate(layout, mem, mem.total <= budget, secs, tps, mfu)
 
 
-def explain(best: Candidate, ranked: list[Candidate], budget: float) -> str:
+def explain(
+    best: Candidate, ranked: list[Candidate], budget: float, offload_margin: float = OFFLOAD_MARGIN
+) -> str:
     mem = best.memory
     parts = [
         f"{best.layout.describe()}: {mem.total / GIB:.1f} GiB of {budget / GIB:.1f} usable "
@@ -500,6 +575,20 @@ def explain(best: Candidate, ranked: list[Candidate], budget: float) -> str:
         parts.append(f"tensor-parallel all-reduces {s['tensor_comm'] / s['total']:.0%} of the step")
     if best.layout.checkpointing != "none":
         parts.append(f"{best.layout.checkpointing} recomputation because nothing cheaper fits")
+    demoted = sum(c.demoted for c in ranked)
+    if best.layout.offload:
+        plain = [c for c in ranked if c.fits and not c.layout.offload]
+        parts.append(
+            f"optimizer offload: predicted more than {offload_margin:.0%} faster than the best fitting "
+            "no-offload layout"
+            if plain
+            else "optimizer offload because nothing fits without it"
+        )
+    elif demoted:
+        parts.append(
+            f"{demoted} fitting offload layouts ranked after the no-offload ones (none predicted more than "
+            f"{offload_margin:.0%} faster; the offload terms are optimistic)"
+        )
     larger = [c for c in ranked if c.layout == replace(best.layout, micro_batch=2 * best.layout.micro_batch)]
     if larger and not larger[0].fits:
         parts.append(
@@ -508,8 +597,9 @@ def explain(best: Candidate, ranked: list[Candidate], budget: float) -> str:
     return "; ".join(parts)
 
 
-def breakdown(cand: Candidate) -> str:
-    """Seconds per optimizer step by term for one layout (``tools/plan.py --explain``)."""
+def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
+    """Seconds per optimizer step by term for one layout (``tools/plan.py --explain``); the exposed
+    terms add up to ``total``. With ``cfg``, also the collective payload per rank (:func:`comm_bytes`)."""
     s = cand.seconds
     rows = [
         ("compute", s["compute"]),
@@ -520,27 +610,67 @@ def breakdown(cand: Candidate) -> str:
         ("offload host link (PCIe)", s["offload_pcie"]),
         ("offload CPU Adam", s["offload_adam"]),
         ("total", s["total"]),
+        ("data-parallel comm, all", s["data_comm"]),  # before overlap with backward (not in the total)
     ]
     head = f"{cand.layout.describe()}: seconds per step (matmul efficiency {s['matmul_efficiency']:.2f})"
-    return "\n".join([head] + [f"  {name:<28} {value:>9.4f}" for name, value in rows])
+    lines = [head] + [f"  {name:<28} {value:>9.4f}" for name, value in rows]
+    if cfg is not None:
+        volume = comm_bytes(layout_config(cfg, cand.layout), cand.layout)
+        lines.append(
+            "  payload per rank per step (GB): "
+            + ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.3g}" for k, v in volume.items())
+        )
+    return "\n".join(lines + ([f"  {cand.why}"] if cand.demoted else []))
+
+
+def rank(candidates: list[Candidate], offload_margin: float = OFFLOAD_MARGIN) -> list[Candidate]:
+    """``candidates`` sorted best first: fitting before not fitting; among the fitting ones an offload
+    layout whose predicted tokens/s/GPU does not beat the best fitting no-offload layout's by more than
+    ``offload_margin`` (a fraction) is demoted after every fitting no-offload layout (``demoted`` set, its
+    ``why`` says so); otherwise by predicted throughput, then by memory. When nothing fits without offload,
+    offload layouts rank by throughput like any other. Raises ValueError for a negative margin."""
+    if offload_margin < 0:
+        raise ValueError(f"offload_margin must be >= 0, got {offload_margin}")
+    plain = [c.tokens_per_sec_per_gpu for c in candidates if c.fits and not c.layout.offload]
+    bar = max(plain) * (1 + offload_margin) if plain else math.inf
+    for c in candidates:
+        c.demoted = bool(plain) and c.fits and c.layout.offload and c.tokens_per_sec_per_gpu <= bar
+        if c.demoted:
+            c.why = (
+                f"offload demoted: predicted {c.tokens_per_sec_per_gpu:,.0f} tokens/s/GPU does not beat the "
+                f"best fitting no-offload layout ({max(plain):,.0f}) by more than {offload_margin:.0%} "
+                "(--offload-margin); the host-link and CPU-Adam terms are optimistic (effective host "
+                "bandwidth below PCIe peak, unpinned CPU-Adam threads, host contention with data loading)"
+            )
+    return sorted(
+        candidates, key=lambda c: (not c.fits, c.demoted, -c.tokens_per_sec_per_gpu, c.memory.total)
+    )
 
 
 def plan(
-    cfg: Config, gpus: int, gpu_memory_gib: float, nodes: int = 1, hw: Hardware | None = None
+    cfg: Config,
+    gpus: int,
+    gpu_memory_gib: float,
+    nodes: int = 1,
+    hw: Hardware | None = None,
+    offload_margin: float = OFFLOAD_MARGIN,
 ) -> list[Candidate]:
-    """Layouts ranked by predicted tokens/s/GPU, fitting ones first; the first has ``why`` filled."""
+    """Layouts ranked by :func:`rank` (fitting first, by predicted tokens/s/GPU, offload demoted within
+    ``offload_margin`` of a fitting no-offload layout); the first has ``why`` filled."""
     hw = hw or Hardware()
     if gpus % nodes:
         raise ConfigError(f"--gpus {gpus} is not divisible by --nodes {nodes}")
     hw.gpus_per_node = gpus // nodes
     budget = gpu_memory_gib * GIB * (1 - ALLOCATOR_MARGIN) - GPU_OVERHEAD_BYTES
-    ranked = [
-        evaluate(cfg, layout, gpu_memory_gib * GIB, hw)
-        for layout in candidate_layouts(cfg, gpus, hw.gpus_per_node)
-    ]
-    ranked.sort(key=lambda c: (not c.fits, -c.tokens_per_sec_per_gpu, c.memory.total))
+    ranked = rank(
+        [
+            evaluate(cfg, layout, gpu_memory_gib * GIB, hw)
+            for layout in candidate_layouts(cfg, gpus, hw.gpus_per_node)
+        ],
+        offload_margin,
+    )
     if ranked and ranked[0].fits:
-        ranked[0].why = explain(ranked[0], ranked, budget)
+        ranked[0].why = explain(ranked[0], ranked, budget, offload_margin)
     elif ranked:
         ranked[0].why = (
             f"nothing fits in {budget / GIB:.1f} usable GiB per GPU; smallest needs "

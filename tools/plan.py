@@ -10,7 +10,10 @@ and activation checkpointing, as bigtrain's config validation accepts them (the 
 is kept). Memory and throughput come from bigtrain.planner; see its docstring for what is counted.
 Prints the ranking and the settings to use (``--set`` overrides for bigtrain.pretrain); ``--explain [RANK]``
 prints one layout's seconds per step by term (compute, TP comm, bubble, exposed DP comm, ZeRO-3
-overhead, offload host-link copies, offload CPU Adam).
+overhead, offload host-link copies, offload CPU Adam) and its collective payload per rank.
+Optimizer offload: when a layout fits without it, an offload layout ranks after every fitting
+no-offload layout unless predicted faster than the best of them by more than ``--offload-margin``
+(default 10 %; its host-link and CPU-Adam terms are optimistic); such rows are marked ``*``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         "--host-link-gbps", type=float, default=25.0, help="GPU<->host GB/s per GPU (optimizer offload)"
     )
     p.add_argument("--host-cores-per-gpu", type=int, default=12, help="host cores running CPU Adam per GPU")
+    p.add_argument(
+        "--offload-margin",
+        type=float,
+        default=planner.OFFLOAD_MARGIN,
+        help="an offload layout ranks after every fitting no-offload one unless predicted faster than the "
+        "best of them by more than this fraction (default %(default)s; planner.rank)",
+    )
     p.add_argument("--top", type=int, default=10, help="rows to print")
     p.add_argument(
         "--explain",
@@ -71,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             host_link_gbps=args.host_link_gbps,
             host_cores_per_gpu=args.host_cores_per_gpu,
         )
-        ranked = planner.plan(cfg, args.gpus, args.gpu_memory_gib, args.nodes, hw)
-    except ConfigError as e:
+        ranked = planner.plan(cfg, args.gpus, args.gpu_memory_gib, args.nodes, hw, args.offload_margin)
+    except (ConfigError, ValueError) as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
     for item in args.only:
@@ -91,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, c in enumerate(ranked[: args.top], 1):
         print(
             f"{i:>3} {c.layout.describe():<46} {c.memory.total / planner.GIB:>8.1f} {'yes' if c.fits else 'no':>5} "
-            f"{c.tokens_per_sec_per_gpu:>10,.0f} {c.mfu:>5.0%}"
+            f"{c.tokens_per_sec_per_gpu:>10,.0f} {c.mfu:>5.0%}{' *' if c.demoted else ''}"
+        )
+    if any(c.demoted for c in ranked[: args.top]):
+        print(
+            f"  * offload demoted: not predicted more than {args.offload_margin:.0%} faster than the best "
+            "fitting no-offload layout (--offload-margin; the offload terms are optimistic)"
         )
     if args.explain is not None:
-        print("\n" + planner.breakdown(ranked[min(max(args.explain, 1), len(ranked)) - 1]))
+        print("\n" + planner.breakdown(ranked[min(max(args.explain, 1), len(ranked)) - 1], cfg))
     best = ranked[0]
     print(f"\nchoice: {best.why}")
     if best.fits:
