@@ -26,11 +26,22 @@ one forward of bigtrain's model (none/selective/full).
   gradient reduction buckets of ZeRO-1/2.
 
 GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allocator margin.
-Throughput is a model too: compute at a matmul efficiency that grows with tokens per micro-batch,
-tensor-parallel all-reduces, the 1F1B bubble ``(pp-1)/(m+pp-1)``, data-parallel gradient traffic
-(partly hidden by overlap), ZeRO-3's parameter all-gathers, and for optimizer offload the gradient and parameter copies over the
-host link plus Adam on the host's cores (:func:`offload_time`). It ranks
-layouts; it does not replace a measurement (``tools/bench.py``).
+
+Throughput is a model too, for ranking layouts; it does not replace a measurement (``tools/bench.py``).
+Seconds per optimizer step (:func:`step_time`): compute at a matmul efficiency that grows with tokens
+per micro-batch, the 1F1B bubble ``(pp-1)/(m+pp-1)``, the collectives' payload (:func:`comm_bytes`:
+DP gradient all-reduces, reduce-scatters and parameter all-gathers, ZeRO-3's gathers, TP all-reduces)
+times the ring factor over a bus bandwidth, DP traffic partly hidden by overlap, and for optimizer
+offload the gradient and parameter copies over the host link plus Adam on the host's cores
+(:func:`offload_time`). :func:`rank` orders the layouts and demotes offload where a layout fits without
+it (``OFFLOAD_MARGIN``).
+
+Validated on CPU: the collective volumes, byte for byte, against the ``torch.distributed`` calls of real
+2-rank gloo pretraining steps (DP2 ZeRO-0/1/2/3, TP2; tests/test_comm_volume.py), and the CPU-Adam rate
+against DeepSpeedCPUAdam timed here (tests/test_planner.py::test_cpu_adam_default_matches_a_measurement_here).
+Awaiting a GPU: the bandwidths (NVLink/InfiniBand bus bandwidth, host link), how much DP traffic overlap
+hides, the matmul efficiency curve, the ZeRO-3 hook overhead, pipeline p2p (not modelled), and the
+re-gather beyond DeepSpeed's reuse distance, which a model this small never reaches.
 """
 
 from __future__ import annotations

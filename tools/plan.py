@@ -49,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU")
     p.add_argument(
+        "--intra-node-gbps",
+        type=float,
+        default=planner.Hardware.intra_node_gbps,
+        help="all-reduce bus bandwidth per GPU within a node, GB/s (default: NVLink H100)",
+    )
+    p.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=planner.Hardware.inter_node_gbps,
+        help="bus bandwidth per GPU across nodes, GB/s (default: 400 Gb/s InfiniBand)",
+    )
+    p.add_argument(
         "--host-link-gbps", type=float, default=25.0, help="GPU<->host GB/s per GPU (optimizer offload)"
     )
     p.add_argument("--host-cores-per-gpu", type=int, default=12, help="host cores running CPU Adam per GPU")
@@ -78,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         hw = planner.Hardware(
             peak_tflops=args.peak_tflops,
+            intra_node_gbps=args.intra_node_gbps,
+            inter_node_gbps=args.inter_node_gbps,
             host_link_gbps=args.host_link_gbps,
             host_cores_per_gpu=args.host_cores_per_gpu,
         )
