@@ -15,9 +15,9 @@ does with the two files:
   token missing from the vocabulary with a new id; that is refused here instead (the file is named);
   the named and extra special tokens are registered as special added tokens, as transformers does;
 * BOS/EOS added to a text (``tokenizer(text)``): ``tokenizer.json``'s post-processor (Llama 3's
-  ``<|begin_of_text|> $A``), replaced by ``[bos] $A [eos]`` per ``add_bos_token`` /
-  ``add_eos_token`` when the config names either or there is no post-processor (Qwen:
-  ``add_bos_token: false``, nothing added);
+  ``<|begin_of_text|> $A``, Mistral's ``<s> $A``; Qwen's adds nothing), nothing without one. The
+  config's ``add_bos_token`` / ``add_eos_token`` are ignored, as transformers 5 ignores them beside a
+  ``tokenizer.json``;
 * ``split_special_tokens`` (default false: a special token's string in text is that token).
 
 A dataset document is ``tokenizer(text)["input_ids"]`` then EOD (the EOS, ``<|end_of_text|>`` for
@@ -79,6 +79,10 @@ class HFTokenizer(Tokenizer):
             self._tok = Backend.from_str(raw.decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise TokenizerError(f"{self._json}: not a Hugging Face tokenizers file ({e})") from None
+        # transformers truncates or pads only when a call asks for it; a tokenizer.json that ships with
+        # truncation on would otherwise cut every document silently
+        self._tok.no_truncation()
+        self._tok.no_padding()
         config_file = directory / CONFIG_FILE
         config = _read_json(config_file)
         special_map = _read_json(directory / SPECIAL_TOKENS_MAP_FILE)
@@ -109,16 +113,10 @@ class HFTokenizer(Tokenizer):
         specials = [t for t in [*self._tokens.values(), *extra_tokens] if t is not None]
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
 
-        if "add_bos_token" in config or "add_eos_token" in config or self._tok.post_processor is None:
-            bos, eos = self._tokens["bos"], self._tokens["eos"]
-            add_bos = bool(config.get("add_bos_token", False)) and bos is not None
-            add_eos = bool(config.get("add_eos_token", False)) and eos is not None
-            single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
-            pair = f"{single} " + " ".join([f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
-            used = [(bos, self._ids["bos"])] * add_bos + [(eos, self._ids["eos"])] * add_eos
-            self._tok.post_processor = processors.TemplateProcessing(
-                single=single, pair=pair, special_tokens=list(dict.fromkeys(used))
-            )
+        # transformers 5 drops add_bos_token/add_eos_token when there is a tokenizer.json: its post-processor
+        # decides, and none means nothing is added
+        if self._tok.post_processor is None:
+            self._tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
         self._split = bool(config.get("split_special_tokens", False))
         self._tok.encode_special_tokens = self._split
 

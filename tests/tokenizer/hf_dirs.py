@@ -148,3 +148,50 @@ def qwen2_dir(out: Path, extra_tokens: int = 0, split: str = QWEN2_SPLIT) -> Pat
             "unk_token": None,
         },
     )
+
+
+def mistral_dir(out: Path, src: Path) -> Path:
+    """Mistral/Llama-2-style: a SentencePiece BPE (byte fallback, dummy prefix, ``<unk>``/``<s>``/``</s>``,
+    no pad) converted by transformers' own ``LlamaTokenizer``, ``tokenizer.model`` beside its HF files (as
+    Hub directories hold them) and no ``bigtrain_tokenizer.json``. ``src``: a scratch directory."""
+    import shutil
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    src.mkdir(parents=True)
+    corpus = src / "corpus.txt"
+    corpus.write_text("\n".join(make_corpus(300, seed=6)) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(src / "tokenizer"), vocab_size=700, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        character_coverage=0.9995,
+    )  # fmt: skip
+    from tokenizers import Tokenizer, processors
+
+    LlamaTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
+    shutil.copy2(src / "tokenizer.model", out / "tokenizer.model")
+    # the Hub files' post-processor adds <s> (transformers 5 converts without it)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
+    )
+    tok.save(str(out / "tokenizer.json"))
+    config = {  # mistralai/Mistral-7B-v0.1's keys
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": True,
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": None,
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
