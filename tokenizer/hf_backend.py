@@ -69,7 +69,7 @@ class HFTokenizer(Tokenizer):
     kind = "huggingface"
 
     def __init__(self, directory: Path) -> None:
-        from tokenizers import AddedToken, processors
+        from tokenizers import AddedToken
         from tokenizers import Tokenizer as Backend
 
         self._dir = directory
@@ -113,14 +113,12 @@ class HFTokenizer(Tokenizer):
         specials = [t for t in [*self._tokens.values(), *extra_tokens] if t is not None]
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
 
-        # transformers 5 drops add_bos_token/add_eos_token when there is a tokenizer.json: its post-processor
-        # decides, and none means nothing is added
-        if self._tok.post_processor is None:
-            self._tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
         self._split = bool(config.get("split_special_tokens", False))
         self._tok.encode_special_tokens = self._split
 
-        # the ids the post-processor puts around a text, found on a probe (a template adds fixed ids)
+        # the ids the post-processor puts around a text, found on a probe (a template adds fixed ids).
+        # transformers 5 drops the config's add_bos_token/add_eos_token beside a tokenizer.json: its
+        # post-processor alone decides, and without one nothing is added
         probe = "a"
         inner = self._tok.encode(probe, add_special_tokens=False).ids
         outer = self._tok.encode(probe, add_special_tokens=True).ids
