@@ -51,12 +51,12 @@ def load_and_resolve(args: argparse.Namespace) -> Config:
     check_precision(cfg)  # the host cannot: DeepSpeed would refuse it only after start-up
     vocab = None
     if cfg.data.tokenizer and cfg.model.vocab_size is None:
-        from tokenizer import Tokenizer
+        from tokenizer import Tokenizer, TokenizerError
 
-        tok_dir = Path(cfg.data.tokenizer)
-        if not (tok_dir / "tokenizer.model").is_file():
-            raise ConfigError(f"data.tokenizer: {tok_dir} has no tokenizer.model")
-        vocab = Tokenizer.load(tok_dir).vocab_size
+        try:  # a tokenizer.train directory (tokenizer.model) or an imported model's tokenizer.json
+            vocab = Tokenizer.load(cfg.data.tokenizer).vocab_size
+        except (FileNotFoundError, TokenizerError) as e:
+            raise ConfigError(f"data.tokenizer: {e}") from None
     return cfg.resolve(world_size_from_env(), vocab)
 
 

@@ -7,8 +7,10 @@ Pipeline (measured to keep both cores on SentencePiece; see BENCHMARKS.md):
 
 * the main thread streams input lines, validates them and groups documents into chunks of about
   ``--chunk-bytes`` of text;
-* ``--workers`` threads each encode one chunk at a time with SentencePiece's batch encoder
-  (C++, GIL released) straight into int32 numpy arrays, EOD appended by SentencePiece. Several
+* ``--workers`` threads each encode one chunk at a time with the tokenizer's batch encoder
+  (SentencePiece's C++ or ``tokenizers``' Rust, GIL released) into int32 numpy arrays, EOD appended
+  (``Tokenizer.encode_documents``: no BOS for a SentencePiece tokenizer; a Hugging Face one's
+  ``tokenizer(text)`` ids, BOS by its own rules, then EOD). Several
   chunks in flight keep all workers busy even when one chunk holds a huge document; results are
   consumed in submission order, so documents keep their input order;
 * the main thread converts them (uint16 below 65500 ids, else int32) and queues them for an
@@ -16,12 +18,16 @@ Pipeline (measured to keep both cores on SentencePiece; see BENCHMARKS.md):
   (seconds) overlaps the encoding instead of delaying it (see :mod:`tokenizer.builder_proc`).
   Chunks in flight and the queue (128 MiB) are bounded, so memory stays flat for any input size.
 
+A Hugging Face tokenizer is first compared with ``transformers.AutoTokenizer`` on
+:data:`tokenizer.hf.PROBE_TEXTS` (:func:`tokenizer.hf_backend.verify_parity`; a few seconds, while the
+builder process starts); a difference stops the run before anything is written.
+
 Bad lines are skipped and counted by reason, or with ``--strict`` the first one stops the run
 with ``file:line: reason`` and exit status 1. A file that cannot be read to its end (truncated or
 corrupt compressed data, an I/O error) keeps the documents read before the failure, is named with
 the line in a warning and in the summary (``read_errors``), and the other files follow; with
 ``--strict`` it stops the run the same way. Usage errors (missing input, empty glob, no
-tokenizer) exit with status 2. Output is written under temporary names and renamed only when
+tokenizer, a Hugging Face tokenizer without EOS or failing its parity check) exit with status 2. Output is written under temporary names and renamed only when
 complete, with ``PREFIX.meta.json`` written last (fingerprint, vocab size, dtype, counts, inputs,
 shards); see :mod:`tokenizer.writer`.
 """
@@ -42,8 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, TokenizerError
 from tokenizer.builder_proc import cpu_seconds
+from tokenizer.hf import PROBE_TEXTS, ParityError
+from tokenizer.hf_backend import HFTokenizer, verify_parity
 from tokenizer.io import (
     BadLineError,
     InputError,
@@ -79,7 +87,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--input", nargs="+", required=True, help=".jsonl, .jsonl.gz, .txt files or globs (sorted)"
     )
-    p.add_argument("--tokenizer", required=True, help="directory with tokenizer.model (or the .model file)")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="directory with tokenizer.model (tokenizer.train) or tokenizer.json (Hugging Face), or the file",
+    )
     p.add_argument(
         "--output-prefix", required=True, help="writes PREFIX.bin/.idx (or PREFIX_00000...) + .meta.json"
     )
@@ -218,7 +230,7 @@ def tokenize_into(
     """Encode ``docs`` on ``workers`` threads and append them to ``writer`` in input order."""
 
     def encode(chunk: list[bytes]) -> list[Any]:
-        return tok._encode_arrays(chunk, add_eos=True, num_threads=1)
+        return tok.encode_documents(chunk)
 
     builder = writer.builder
     with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
@@ -332,6 +344,9 @@ def run(args: argparse.Namespace, started: float) -> int:
         args.output_prefix, choose_dtype(tok.vocab_size), BuilderProcess(), args.shard_size_tokens
     )
     with writer:
+        if isinstance(tok, HFTokenizer):  # transformers loads while the builder process starts
+            print(f"preprocess: {tok!r}; documents end with EOD id {tok.eod_id}", file=sys.stderr, flush=True)
+            verify_parity(tok, PROBE_TEXTS)
         Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
         docs = iter_documents(paths, args.json_key, skips, skips.read_error)
         tokenize_into(
@@ -362,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args, started)
-    except (InputError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError, TokenizerError, ParityError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, BadLineError) else 2
 

@@ -30,17 +30,18 @@ def parse_ids(text: str) -> list[int]:
 
 def from_checkpoint(args: argparse.Namespace) -> tuple[list[int], list[int], str | None]:
     from bigtrain.generation import NativeModel
+    from tokenizer import Tokenizer, tokenizer_kind
 
     path = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
     with NativeModel.from_checkpoint(path) as model:
         tok = stop = None
         tok_dir = model.cfg.data.tokenizer
-        if tok_dir and (Path(tok_dir) / "tokenizer.model").is_file():
-            from tokenizer import Tokenizer
+        if tok_dir and tokenizer_kind(tok_dir) is not None:  # tokenizer.model or an HF tokenizer.json
             from tools.convert_to_hf import stop_ids
 
             tok = Tokenizer.load(tok_dir)
-            stop = stop_ids(Path(tok_dir), tok.eos_id)  # what the export's generation_config stops on
+            eos_id = tok.eos_id if tok.eos_id >= 0 else None
+            stop = stop_ids(Path(tok_dir), eos_id)  # what the export's generation_config stops on
         if args.prompt_ids is not None:
             prompt_ids = parse_ids(args.prompt_ids)
         elif tok is None:
@@ -56,7 +57,7 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[list[int], list[int], str
                 raise SystemExit(f"generate: --chat: {e}") from None
             prompt_ids = chat_ids(chat.hf, args.prompt)
         else:
-            prompt_ids = tok.encode(args.prompt, add_bos=True)
+            prompt_ids = tok.encode_as_hf(args.prompt)  # BOS as the export's tokenizer adds it
         eos = None if args.ignore_eos else stop
         new = model.generate(
             prompt_ids, args.max_new_tokens, args.greedy, args.temperature, args.top_p, eos, args.seed

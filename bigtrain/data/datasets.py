@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bigtrain import compat
-from bigtrain.config import Config, TrainConfig
+from bigtrain.config import Config, ConfigError, TrainConfig
 from bigtrain.data.corpus import DataError, DataSpec
 from bigtrain.data.validate import Corpus, ShardInfo, validate_data
 from tokenizer.writer import INDEX_INPUTS_FILE, INDEX_MAPS_DIR, default_cache_dir
@@ -505,12 +505,16 @@ def first_changed_sample(saved: SampleDataset, new: SampleDataset, n: int) -> in
 
 
 def configured_tokenizer(cfg: Config) -> Any:
-    """``data.tokenizer`` loaded (``tokenizer.Tokenizer``), or None when it is not set."""
+    """``data.tokenizer`` loaded (``tokenizer.Tokenizer``: SentencePiece or Hugging Face, per the directory's
+    files), or None when it is not set; ConfigError naming the field when it cannot be loaded."""
     if not cfg.data.tokenizer:
         return None
-    from tokenizer import Tokenizer
+    from tokenizer import Tokenizer, TokenizerError
 
-    return Tokenizer.load(cfg.data.tokenizer)
+    try:
+        return Tokenizer.load(cfg.data.tokenizer)
+    except (FileNotFoundError, TokenizerError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
 
 
 def train_order_change(cfg: Config, saved: int, new: int, n: int | None = None) -> int | None:

@@ -84,15 +84,18 @@ def save_chat_template(tokenizer_dir: str | Path, template: str = DEFAULT_CHAT_T
 
 def template_record(chat: ChatTemplate) -> dict[str, Any]:
     """What an SFT checkpoint's metadata records of the template it was trained with (``chat_template``
-    in bigtrain.json): the text, its sha256, the file it came from and the sha256 of the directory's
-    tokenizer.model (when there is one). The export writes this text; a resume compares it."""
+    in bigtrain.json): the text, its sha256, the file it came from and the directory's tokenizer fingerprint
+    (``tokenizer.Tokenizer.fingerprint``: the tokenizer.model sha256, or a Hugging Face tokenizer's). The
+    export writes this text; a resume compares it."""
     import hashlib
 
-    model = Path(chat.tokenizer_dir) / "tokenizer.model"
+    from tokenizer import Tokenizer, tokenizer_kind
+
+    tokenizer = Tokenizer.load(chat.tokenizer_dir) if tokenizer_kind(chat.tokenizer_dir) else None
     return {
         "sha256": hashlib.sha256(chat.template.encode("utf-8")).hexdigest(),
         "source": chat.source,
-        "tokenizer_fingerprint": hashlib.sha256(model.read_bytes()).hexdigest() if model.is_file() else None,
+        "tokenizer_fingerprint": None if tokenizer is None else tokenizer.fingerprint,
         "text": chat.template,
     }
 
