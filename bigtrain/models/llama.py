@@ -265,7 +265,7 @@ class LMLoss:
         self.tp = tp
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self.tp.group is not None:
+        if not torch.is_grad_enabled() and self.tp.size > 1:
             logits = logits.clone()  # megatron's cross entropy would overwrite them
         return lm_loss(logits, *labels, tp=self.tp)
 
