@@ -6,7 +6,8 @@ Convention (PaLM, Megatron): every matmul counts 2 FLOPs per multiply-add, a tra
 model FLOPs (MFU); it is reported separately as hardware FLOPs. Embedding lookups, norms,
 activations and the softmax are not matmuls and are not counted.
 
-``vocab_size`` is the padded vocabulary: the output layer really multiplies the padding columns.
+``vocab_size`` is the vocabulary the output layer multiplies (:func:`output_vocab`): the padded one
+at tensor size > 1, the true one at size 1 (bigtrain.models.llama.OutputLayer leaves the padding out).
 The counts are exact against ``torch.utils.flop_counter`` on bigtrain's model (tests/test_flops.py).
 """
 
@@ -26,6 +27,13 @@ PEAK_TFLOPS = (
     ("L40S", 362.0),
     ("A10G", 125.0),
 )
+
+
+def output_vocab(m: ModelConfig, padded_vocab: int, tensor: int) -> int:
+    """Rows of the output layer's matmul: the true vocabulary at tensor size 1, else the padded one."""
+    if m.vocab_size is None:
+        raise ValueError("flops.output_vocab: model.vocab_size is not set (resolve the config first)")
+    return m.vocab_size if tensor == 1 else padded_vocab
 
 
 def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:

@@ -130,9 +130,8 @@ def log_step(trainer: Trainer, r: StepResult) -> None:
     cfg, state = trainer.cfg, trainer.state
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     tokens_per_sec = tokens / r.seconds
-    model_tflops = (
-        flops.train_flops_per_token(cfg.model, cfg.derived.padded_vocab_size) * tokens_per_sec / 1e12
-    )
+    vocab = flops.output_vocab(cfg.model, cfg.derived.padded_vocab_size, cfg.parallel.tensor)
+    model_tflops = flops.train_flops_per_token(cfg.model, vocab) * tokens_per_sec / 1e12
     per_gpu_tflops = model_tflops / cfg.derived.world_size
     peak = flops.peak_tflops(trainer.dist.device, cfg.logging.peak_tflops)
     record: dict[str, Any] = {
@@ -142,9 +141,7 @@ def log_step(trainer: Trainer, r: StepResult) -> None:
         "grad_norm": r.grad_norm,
         "tokens_per_sec": tokens_per_sec,
         "tflops_per_gpu": per_gpu_tflops,  # model FLOPs (MFU); hardware adds recomputation
-        "hw_tflops_per_gpu": flops.hardware_flops_per_token(
-            cfg.model, cfg.derived.padded_vocab_size, cfg.activation_checkpointing
-        )
+        "hw_tflops_per_gpu": flops.hardware_flops_per_token(cfg.model, vocab, cfg.activation_checkpointing)
         * tokens_per_sec
         / 1e12
         / cfg.derived.world_size,

@@ -243,7 +243,7 @@ def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tupl
     blocks_per_stage = math.ceil(m.num_layers / pp)
     block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing, device)
     first = in_flight * (blocks_per_stage * block + 8 * tokens)  # + token ids kept by the embedding
-    out = output_activation_bytes(m, tokens, a, vocab, layout.tensor)
+    out = output_activation_bytes(m, tokens, a, flops.output_vocab(m, vocab, layout.tensor), layout.tensor)
     last = blocks_per_stage * block + out
     saved = max(first, last) if pp > 1 else blocks_per_stage * block + out + 8 * tokens
     if layout.checkpointing != "full":  # the cached fp32 rotary tables (inside the recompute otherwise)
@@ -456,7 +456,8 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     vocab = padded_vocab_size(cfg.model, layout.tensor)
     gpus = layout.tensor * layout.pipeline * layout.data
     tokens = cfg.train.global_batch_size * m.seq_length
-    hw_flops = flops.hardware_flops_per_token(m, vocab, layout.checkpointing) * tokens
+    out_vocab = flops.output_vocab(m, vocab, layout.tensor)
+    hw_flops = flops.hardware_flops_per_token(m, out_vocab, layout.checkpointing) * tokens
     eff = matmul_efficiency(layout.micro_batch * m.seq_length, m.hidden_size // layout.tensor)
     compute = hw_flops / gpus / (hw.peak_tflops * 1e12 * eff)
     accum = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
@@ -563,7 +564,8 @@ def evaluate(cfg: Config, layout: Layout, gpu_memory_bytes: float, hw: Hardware)
     gpus = layout.tensor * layout.pipeline * layout.data
     tokens = c.train.global_batch_size * c.model.seq_length
     tps = tokens / secs["total"] / gpus
-    model_flops = flops.train_flops_per_token(c.model, c.derived.padded_vocab_size)
+    vocab = flops.output_vocab(c.model, c.derived.padded_vocab_size, layout.tensor)
+    model_flops = flops.train_flops_per_token(c.model, vocab)
     mfu = tps * model_flops / (hw.peak_tflops * 1e12)
     return Candidate(layout, mem, mem.total <= budget, secs, tps, mfu)
 

@@ -42,13 +42,15 @@ def test_flops_equal_torch_flop_counter(world_of_one, checkpointing, tie):  # no
         f"model.tie_embeddings={str(tie).lower()}",
     )
     init_distributed(cfg)
-    m, vocab = cfg.model, cfg.derived.padded_vocab_size
+    m, padded = cfg.model, cfg.derived.padded_vocab_size
+    vocab = flops.output_vocab(m, padded, cfg.parallel.tensor)
+    assert vocab == 300  # tensor size 1: the output layer multiplies the true vocabulary only
     tokens = 2 * m.seq_length
     fwd, bwd, params = _count(cfg)
     assert fwd == flops.forward_flops_per_token(m, vocab) * tokens
     assert fwd + bwd == flops.hardware_flops_per_token(m, vocab, checkpointing) * tokens
     assert flops.train_flops_per_token(m, vocab) == 3 * flops.forward_flops_per_token(m, vocab)
-    assert params == flops.num_parameters(m, vocab)
+    assert params == flops.num_parameters(m, padded)
     if checkpointing == "none":
         assert bwd == 2 * fwd  # the 3x convention holds exactly for the model FLOPs
 

@@ -316,8 +316,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sides = SIDES[:1] if args.no_reference else SIDES
     m, vocab = cfg.model, cfg.derived.padded_vocab_size
     tokens_per_step = cfg.train.global_batch_size * m.seq_length
-    model_flops = flops.train_flops_per_token(m, vocab)
-    hw_flops = flops.hardware_flops_per_token(m, vocab, cfg.activation_checkpointing)
+    out_vocab = flops.output_vocab(m, vocab, cfg.parallel.tensor)
+    model_flops = flops.train_flops_per_token(m, out_vocab)
+    hw_flops = flops.hardware_flops_per_token(m, out_vocab, cfg.activation_checkpointing)
     peak = flops.peak_tflops(device, cfg.logging.peak_tflops)
     if args.work_dir:
         work = Path(args.work_dir)
