@@ -181,9 +181,9 @@ def save_checkpoint(
         entries = {rel: e for part in gathered for rel, e in (part or {}).items()}
         files.write_manifest(tmp, entries, step)
         fault("manifest")
-        shutil.rmtree(final, ignore_errors=True)  # a stale save of the same step (after a rollback)
-        os.replace(tmp, final)
-        files.fsync_dir(ckpt_dir)
+        # a save of a step already on disk (after a rollback) replaces it so that a crash at any moment
+        # leaves the old or the new one complete (the old is restored at start-up, recover_dir)
+        files.replace_dir(tmp, final)
         fault("renamed")
         files.set_latest(ckpt_dir, tag)
         fault("latest")

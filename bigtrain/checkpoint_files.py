@@ -186,13 +186,16 @@ def invalidate(ckpt_dir: Path, tag: str) -> Path:
 
 
 def remove_stale_temporaries(ckpt_dir: Path) -> list[str]:
-    """Delete what interrupted saves left behind (never a renamed, complete checkpoint)."""
+    """Delete what interrupted saves left behind (never a renamed, complete checkpoint), and finish or
+    undo an interrupted replacement of a checkpoint by a new save of the same step (:func:`recover_dir`)."""
     removed = []
     if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
+        for p in sorted(ckpt_dir.iterdir()):
             if p.name.startswith(TMP_PREFIX) or (p.name.startswith(".latest") and p.name.endswith(".tmp")):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p.name)
+            elif p.name.endswith(OLD_SUFFIX) and p.is_dir():
+                recover_dir(p.with_name(p.name[: -len(OLD_SUFFIX)]))
     return removed
 
 

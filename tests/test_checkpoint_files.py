@@ -90,3 +90,32 @@ def test_latest_pointer_is_replaced_atomically(tmp_path):
     files.set_latest(tmp_path, "step_00000010")
     assert files.latest_pointer(tmp_path) == "step_00000010"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_resaving_a_step_survives_a_crash_at_every_moment_of_the_swap(tmp_path, capsys):
+    """A save of a step already on disk (after a rollback) goes through replace_dir: killed after the
+    old checkpoint is moved aside, start-up's cleanup restores it; killed after the new one is in
+    place, the leftover is removed; either way a complete checkpoint of that step verifies."""
+
+    class Crash(Exception):
+        pass
+
+    for point in files.REPLACE_FAULT_POINTS:
+        root = tmp_path / point
+        old = make_checkpoint(root, 10, payload=b"old" * 100)
+        new = make_checkpoint(root / "staging", 10, payload=b"new" * 100)
+
+        def crash(at: str, point: str = point) -> None:
+            if at == point:
+                raise Crash(at)
+
+        try:
+            files.replace_dir(new, old, fault=crash)
+        except Crash:
+            pass
+        files.remove_stale_temporaries(root)
+        assert sorted(p.name for p in root.iterdir() if p.name != "staging") == ["step_00000010"], point
+        assert files.newest_valid(root) == "step_00000010", point
+        expected = b"old" * 100 if point == "moved_aside" else b"new" * 100
+        assert (old / "weights" / "tp00_pp00.safetensors").read_bytes() == expected, point
+    assert "restored the previous one" in capsys.readouterr().err
