@@ -115,12 +115,14 @@ def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, b
 
 
 def hf_config_overrides(cfg: Config) -> dict:
-    """config.json fields that depend on the fine-tuning task."""
+    """config.json fields that depend on the fine-tuning task (a classifier: the family's
+    ``...ForSequenceClassification``; a language model keeps the family's causal-LM class)."""
     ft = cfg.finetune
     if ft.task != "classify":
-        return {"architectures": ["LlamaForCausalLM"]}
+        return {}
+    causal_lm = layout.HF_ARCHITECTURES[cfg.model.hf_model_type]
     return {
-        "architectures": ["LlamaForSequenceClassification"],
+        "architectures": [causal_lm.replace("ForCausalLM", "ForSequenceClassification")],
         "num_labels": len(ft.labels),
         "id2label": {str(i): name for i, name in enumerate(ft.labels)},
         "label2id": {name: i for i, name in enumerate(ft.labels)},

@@ -26,8 +26,10 @@ from bigtrain.config import ModelConfig
 from bigtrain.models.layers import (
     KVCache,
     RMSNorm,
+    Rotary,
     TensorParallel,
     apply_rotary,
+    causal_mask,
     column_parallel,
     cross_entropy,
     rotary_tables,
@@ -39,17 +41,26 @@ from bigtrain.perf import compiled
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention; the core runs in SDPA (flash kernels on GPU)."""
+    """Grouped-query causal self-attention; the core runs in SDPA (flash kernels on GPU).
 
-    def __init__(self, m: ModelConfig, tp: TensorParallel, recompute_core: bool):
+    Variants (``ModelConfig``): q/k/v biases (Qwen2; split with their output rows), an RMSNorm over
+    each query and key head before rotary (Qwen3; one [head_dim] weight, so per local head at any
+    tensor size), a head width of its own (``kv_channels``), rotary scaling (``rope_scaling``) and a
+    sliding ``window`` (Mistral v0.1; an SDPA mask, also over packed documents and the KV cache)."""
+
+    def __init__(self, m: ModelConfig, tp: TensorParallel, recompute_core: bool, window: int | None = None):
         super().__init__()
         self.head_dim = m.head_dim
         self.kv_groups = m.kv_heads // tp.size  # key/value groups on this rank
         self.q_per_group = m.num_attention_heads // m.kv_heads
-        self.rope_theta = m.rope_theta
+        self.rotary = Rotary.of(m)
+        self.window = window
         self.recompute_core = recompute_core
         qkv_out = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
-        self.qkv = column_parallel(m.hidden_size, qkv_out, tp)
+        self.qkv = column_parallel(m.hidden_size, qkv_out, tp, bias=m.qkv_bias)
+        if m.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(m.head_dim, m.norm_eps), RMSNorm(m.head_dim, m.norm_eps)
+        self.qk_norm = m.qk_norm
         self.proj = row_parallel(m.num_attention_heads * m.head_dim, m.hidden_size, tp)
 
     def forward(
@@ -68,8 +79,10 @@ class Attention(nn.Module):
         q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)  # [s, b, heads, d]
         k = qkv[:, :, :, self.q_per_group]  # [s, b, groups, d]
         v = qkv[:, :, :, self.q_per_group + 1]
+        if self.qk_norm:  # over each head's d features, before rotary (as HF's Qwen3Attention)
+            q, k = self.q_norm(q), self.k_norm(k)
         start = 0 if cache is None else cache.length
-        cos, sin = rotary_tables(start + s, self.head_dim, self.rope_theta, x.device)
+        cos, sin = rotary_tables(start + s, self.rotary, x.device)
         if positions is None:
             q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
         else:  # per-sample positions (they restart below s)
@@ -80,13 +93,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         if start:
-            out = KVCache.attend(q, k, v)
+            out = KVCache.attend(q, k, v, self.window)
         else:
             args: tuple[torch.Tensor, ...] = (q, k, v)
             if doc_ids is not None:
-                causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+                causal = causal_mask(s, s, self.window, x.device)
                 args = (*args, (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None])  # [b,1,s,s]
-            core = _causal_core if doc_ids is None else _masked_core
+            elif self.window is not None:
+                args = (*args, causal_mask(s, s, self.window, x.device))  # [s, s]
+            core = _causal_core if len(args) == 3 else _masked_core
             if self.recompute_core and torch.is_grad_enabled():
                 out = checkpoint(core, *args, use_reentrant=False)
             else:
@@ -123,13 +138,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block; ``checkpointing``: none | full (recompute the block) | selective (attention core)."""
+    """Pre-norm block; ``checkpointing``: none | full (recompute the block) | selective (attention core);
+    ``window``: this block's sliding window (``ModelConfig.window_of``), None for the full context."""
 
-    def __init__(self, m: ModelConfig, tp: TensorParallel, checkpointing: str = "none"):
+    def __init__(
+        self, m: ModelConfig, tp: TensorParallel, checkpointing: str = "none", window: int | None = None
+    ):
         super().__init__()
         self.full_recompute = checkpointing == "full"
         self.input_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.attention = Attention(m, tp, recompute_core=checkpointing == "selective")
+        self.attention = Attention(m, tp, recompute_core=checkpointing == "selective", window=window)
         self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.mlp = SwiGLU(m, tp)
 
@@ -328,7 +346,9 @@ class LlamaModel(nn.Module):
         else:
             first = LayerSpec(layers.embedding, m, tp, padded_vocab)
             last = LayerSpec(OutputLayer, m, tp, padded_vocab)
-        blocks = [LayerSpec(layers.block, m, tp, checkpointing) for _ in range(m.num_layers)]
+        blocks = [
+            LayerSpec(layers.block, m, tp, checkpointing, window=m.window_of(i)) for i in range(m.num_layers)
+        ]
         return [first, *blocks, LayerSpec(layers.final_norm, m, *layers.final_norm_args), last]
 
     def outputs(

@@ -75,15 +75,37 @@ def write_config(directory, **fields):
 
 UNSUPPORTED = {
     "gpt2": ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel"),
-    "mistral-sliding-window": (
-        {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 16},
-        "sliding_window=16",
+    "gemma2": (
+        {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]},
+        "architecture Gemma2ForCausalLM",
     ),
-    "qwen2-biases": ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "attention bias"),
+    "phi3": ({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "architecture Phi3ForCausalLM"),
     "llama-attention-bias": ({"attention_bias": True}, "attention_bias=true"),
-    "llama3-rope-scaling": (
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-        "rope scaling type 'llama3'",
+    "dynamic-rope-scaling": (
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+        "rope scaling type 'dynamic' (dynamic NTK rescales rotary only at inference",
+    ),
+    "longrope": (
+        {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "short_factor": [1.0],
+                "long_factor": [1.0],
+            }
+        },
+        "rope scaling type 'longrope'",
+    ),
+    "qwen2-layer-types": (
+        {
+            "model_type": "qwen2",
+            "architectures": ["Qwen2ForCausalLM"],
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "max_window_layers": 0,
+            "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+        },
+        "layer_types ['full_attention', 'sliding_attention', 'full_attention']",
     ),
     "gelu": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
 }
@@ -101,12 +123,10 @@ def test_import_names_unsupported_architecture(case, tmp_path):
 
 
 def test_import_cli_unsupported_architecture(tmp_path):
-    hf = write_config(
-        tmp_path / "hf", model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8
-    )
+    hf = write_config(tmp_path / "hf", model_type="phi3", architectures=["Phi3ForCausalLM"])
     out = tmp_path / "ckpt"
     proc = tool("convert_from_hf", "--hf", hf, "--output", out, check=False)
-    assert proc.returncode == 1 and "sliding_window=8" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "architecture Phi3ForCausalLM" in proc.stderr, proc.stderr
     assert_nothing_written(out)
 
 
