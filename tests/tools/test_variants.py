@@ -241,3 +241,28 @@ def test_tensor2_pipeline2_logits_equal_transformers(families, tmp_path):
         diff = float((torch.load(tmp_path / f"{name}.pt") - theirs).abs().max())
         print(f"{name}: TP2xPP2 max abs logits diff {diff:.2e}")
         assert diff <= 1e-4, name
+
+
+def test_qwen_sliding_window_from_max_window_layers(tmp_path):
+    """Qwen2's ``use_sliding_window``: blocks from ``max_window_layers`` on use the window, the ones
+    below attend to everything (HF's ``layer_types``); a model windowing every block misses."""
+    from bigtrain.generation import NativeModel
+    from tools.convert_from_hf import convert
+
+    published = {
+        **PUBLISHED["qwen2.5-0.5b"],
+        "use_sliding_window": True,
+        "sliding_window": 8,
+        "max_window_layers": 1,
+    }
+    hf = hf_model({**published, **SHRUNK})
+    assert hf.config.layer_types == ["full_attention", "sliding_attention"]
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt = convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    ids = tokens(hf.config.vocab_size)
+    with venv_on_path(), NativeModel.from_checkpoint(ckpt) as model, torch.no_grad():
+        assert [b.attention.window for b in model.model.blocks] == [None, 8]
+        theirs = hf(ids).logits
+        assert float((model.logits(ids) - theirs).abs().max()) <= 1e-5
+        model.model.blocks[0].attention.window = 8
+        assert float((model.logits(ids) - theirs).abs().max()) > 1e-3
