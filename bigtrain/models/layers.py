@@ -217,9 +217,8 @@ def rope_frequencies(rot: Rotary, device: torch.device | None = None) -> tuple[t
     if kind == "yarn":
         fast, slow = float(s["beta_fast"] or 32), float(s["beta_slow"] or 1)  # type: ignore[arg-type]
 
-        def dim_turning(
-            rotations: float,
-        ) -> float:  # the dimension that turns `rotations` times over original
+        def dim_turning(rotations: float) -> float:
+            """The (fractional) dimension whose frequency turns ``rotations`` times over the original context."""
             return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rot.theta))
 
         lo, hi = dim_turning(fast), dim_turning(slow)
