@@ -52,7 +52,13 @@ MODEL_FAMILIES = ("llama",)  # each has entries in bigtrain.registry
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the export writes (bigtrain.models.layout)
+HF_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+)  # what the export writes (bigtrain.models.layout)
 
 
 @dataclass
@@ -68,7 +74,9 @@ class RopeScalingConfig:
     )
     factor: float = opt(1.0, "Context extension factor of linear, llama3 and yarn (>= 1).")
     original_max_position_embeddings: int | None = opt(
-        None, "llama3/yarn: the context length the model was pretrained at (default: model.seq_length)."
+        None,
+        "llama3/yarn: the context length the model was pretrained at (default: model.seq_length); phi3 "
+        "records it with any type, for the export.",
     )
     low_freq_factor: float | None = opt(
         None, "llama3 (required): wavelengths above original/low_freq_factor are divided by factor."
@@ -128,7 +136,9 @@ class ModelConfig:
     )
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     hf_model_type: str = opt(
-        "llama", "HF model_type the export writes (import sets it): llama | mistral | qwen2 | qwen3."
+        "llama",
+        "HF model_type the export writes (import sets it): llama | mistral | qwen2 | qwen3 | phi3 (fused "
+        "qkv_proj/gate_up_proj tensors).",
     )
 
     @property

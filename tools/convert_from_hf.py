@@ -1,7 +1,8 @@
-"""Import a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
-``Qwen3ForCausalLM`` directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
+"""Import a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM`` or ``Phi3ForCausalLM`` directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
 (the families are bigtrain's decoder with config-driven variants: rotary scaling, q/k/v biases, q/k
-norm, head width, sliding window; ``model.hf_model_type`` keeps the family for the export).
+norm, head width, sliding window, Phi-3's fused tensors; ``model.hf_model_type`` keeps the family for
+the export).
 
     python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR --tensor-parallel 2 --pipeline-parallel 2
 
@@ -79,6 +80,9 @@ def unsupported_fields(hf: dict) -> list[str]:
         problems.append("attention_bias=true (a bias on the attention output projection; bigtrain has none)")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true (bigtrain's MLP has no bias)")
+    for dropout in ("resid_pdrop", "embd_pdrop"):
+        if hf.get(dropout):
+            problems.append(f"{dropout}={hf[dropout]} (bigtrain has no dropout)")
     rope = layout.hf_rope_scaling(hf)
     kind = rope.get("type", "default")
     if kind == "dynamic":

@@ -269,7 +269,9 @@ def local_layers(model: torch.nn.Module, m: ModelConfig) -> dict[int, torch.nn.M
 
 # ---------------------------------------------------------------------------- HF mapping
 def hf_names(lp: LayerParam, m: ModelConfig) -> tuple[str, ...]:
-    return tuple(t.format(i=lp.index - 1) for t in lp.spec.hf)
+    """The parameter's HF tensor names in ``m.hf_model_type``'s checkpoints (one when that family fuses it)."""
+    fused = HF_FUSED.get(m.hf_model_type, {}).get(lp.spec.name)
+    return tuple(t.format(i=lp.index - 1) for t in ((fused,) if fused else lp.spec.hf))
 
 
 def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]:
@@ -285,9 +287,9 @@ def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch
         q = grouped[:, :q_per_group].reshape(-1, *cols)
         k = grouped[:, q_per_group].reshape(-1, *cols)
         v = grouped[:, q_per_group + 1].reshape(-1, *cols)
-        return dict(zip(names, (q, k, v)))
+        return {names[0]: torch.cat([q, k, v])} if len(names) == 1 else dict(zip(names, (q, k, v)))
     if lp.spec.split == "gate_up":
-        return dict(zip(names, full.chunk(2, dim=0)))
+        return {names[0]: full} if len(names) == 1 else dict(zip(names, full.chunk(2, dim=0)))
     return {names[0]: full}
 
 
@@ -304,12 +306,15 @@ def from_hf(
     if lp.spec.split == "qkv":
         d, nkv = m.head_dim, m.kv_heads
         cols = tensors[names[0]].shape[1:]  # (hidden size,) for the weight, () for the bias
-        q = tensors[names[0]].view(nkv, -1, d, *cols)
-        k = tensors[names[1]].view(nkv, 1, d, *cols)
-        v = tensors[names[2]].view(nkv, 1, d, *cols)
+        parts = [tensors[n] for n in names]
+        if len(parts) == 1:  # fused [all q; all k; all v]
+            parts = list(parts[0].split([m.num_attention_heads * d, nkv * d, nkv * d]))
+        q = parts[0].reshape(nkv, -1, d, *cols)
+        k = parts[1].reshape(nkv, 1, d, *cols)
+        v = parts[2].reshape(nkv, 1, d, *cols)
         return torch.cat([q, k, v], dim=1).reshape(-1, *cols)
     if lp.spec.split == "gate_up":
-        return torch.cat([tensors[names[0]], tensors[names[1]]], dim=0)
+        return torch.cat([tensors[n] for n in names], dim=0)  # fused: already [gate; up]
     return tensors[names[0]]
 
 
@@ -341,6 +346,15 @@ HF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+# family -> {bigtrain parameter: its one fused HF tensor} where the family does not split the fused
+# projections: Phi-3's ``qkv_proj`` is ``[all q heads; all k; all v]``, ``gate_up_proj`` ``[gate; up]``
+HF_FUSED: dict[str, dict[str, str]] = {
+    "phi3": {
+        "attention.qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+        "mlp.gate_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",
+    },
 }
 ROPE_KEYS = (  # RopeScalingConfig fields under their HF rope_parameters names (written when set)
     "factor",
@@ -388,12 +402,16 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
         "rope_parameters": rope,
         "rope_scaling": scaling,
     }
-    if kind in ("llama", "qwen3"):
+    if kind in ("llama", "qwen3", "phi3"):
         out["attention_bias"] = False  # their flag puts a bias on the output projection too
     if kind == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
-    if kind == "mistral":
+    if kind in ("mistral", "phi3"):
         out["sliding_window"] = m.sliding_window
+    if kind == "phi3":
+        original = m.rope_scaling.original_max_position_embeddings or m.seq_length
+        out.update(original_max_position_embeddings=original, resid_pdrop=0.0, embd_pdrop=0.0)
+        out["rope_parameters"] = {**rope, "partial_rotary_factor": 1.0}  # Phi3Config writes it
     if kind in ("qwen2", "qwen3"):
         out.update(
             use_sliding_window=m.sliding_window is not None,
@@ -441,13 +459,17 @@ def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
         values["qkv_bias"] = True
     if kind == "qwen3":
         values["qk_norm"] = True
-    if kind == "mistral" and hf.get("sliding_window") is not None:
+    if kind in ("mistral", "phi3") and hf.get("sliding_window") is not None:
         values["sliding_window"] = hf["sliding_window"]
     if kind in ("qwen2", "qwen3"):
         if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
             values["sliding_window"] = hf["sliding_window"]
         values["full_attention_layers"] = hf.get("max_window_layers", 0)
-    if scaling := hf_rope_scaling(hf):
+    scaling = hf_rope_scaling(hf)
+    scaling.pop("partial_rotary_factor", None)  # 1 (the whole head) or refused by the importer
+    if kind == "phi3" and hf.get("original_max_position_embeddings") is not None:
+        scaling.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
+    if scaling:
         values["rope_scaling"] = scaling
     return values
 

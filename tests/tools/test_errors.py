@@ -79,20 +79,24 @@ UNSUPPORTED = {
         {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]},
         "architecture Gemma2ForCausalLM",
     ),
-    "phi3": ({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "architecture Phi3ForCausalLM"),
+    "gemma3": (
+        {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
+        "architecture Gemma3ForCausalLM",
+    ),
+    "phi3-dropout": (
+        {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "resid_pdrop": 0.1},
+        "resid_pdrop=0.1",
+    ),
     "llama-attention-bias": ({"attention_bias": True}, "attention_bias=true"),
     "dynamic-rope-scaling": (
         {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
         "rope scaling type 'dynamic' (dynamic NTK rescales rotary only at inference",
     ),
-    "longrope": (
+    "phi3-128k-longrope": (
         {
-            "rope_parameters": {
-                "rope_type": "longrope",
-                "rope_theta": 1e4,
-                "short_factor": [1.0],
-                "long_factor": [1.0],
-            }
+            "model_type": "phi3",
+            "architectures": ["Phi3ForCausalLM"],
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
         },
         "rope scaling type 'longrope'",
     ),
@@ -123,10 +127,10 @@ def test_import_names_unsupported_architecture(case, tmp_path):
 
 
 def test_import_cli_unsupported_architecture(tmp_path):
-    hf = write_config(tmp_path / "hf", model_type="phi3", architectures=["Phi3ForCausalLM"])
+    hf = write_config(tmp_path / "hf", model_type="gemma2", architectures=["Gemma2ForCausalLM"])
     out = tmp_path / "ckpt"
     proc = tool("convert_from_hf", "--hf", hf, "--output", out, check=False)
-    assert proc.returncode == 1 and "architecture Phi3ForCausalLM" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "architecture Gemma2ForCausalLM" in proc.stderr, proc.stderr
     assert_nothing_written(out)
 
 

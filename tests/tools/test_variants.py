@@ -1,13 +1,13 @@
 """The families people start from, as variants of bigtrain's decoder: Llama 3.2 (llama3 rotary
-scaling), Qwen2.5 (q/k/v bias, tied embeddings), Qwen3 (q/k norm, head_dim != hidden/heads) and Mistral
-v0.1 (sliding window shorter than the sequence). Each published config.json (only sizes shrunk; token
+scaling), Qwen2.5 (q/k/v bias, tied embeddings), Qwen3 (q/k norm, head_dim != hidden/heads), Mistral
+v0.1 (sliding window shorter than the sequence) and Phi-3-mini-4k (fused qkv_proj/gate_up_proj, window). Each published config.json (only sizes shrunk; token
 ids kept inside the shrunk vocabulary) gets random weights saved by transformers, and then:
 
 - ``tools/convert_from_hf.py`` at TP1 -> bigtrain's logits equal transformers' within 1e-5 (fp32);
 - a wrong-on-purpose bigtrain (scaling off, bias dropped, norm missing, window ignored) misses by more;
 - HF -> bigtrain -> HF (``tools/convert_to_hf.py``) is bitwise: every tensor, every config.json value;
 - greedy generation with bigtrain's KV cache equals transformers' ``generate`` for 32 tokens;
-- one 4-process run imports all four at TP2xPP2 and gives transformers' logits within 1e-4 (slow).
+- one 4-process run imports all five at TP2xPP2 and gives transformers' logits within 1e-4 (slow).
 """
 
 from __future__ import annotations
@@ -112,6 +112,30 @@ PUBLISHED: dict[str, dict] = {
         "use_cache": True,
         "vocab_size": 500,  # 32000
     },
+    "phi-3-mini-4k": {  # microsoft/Phi-3-mini-4k-instruct
+        "architectures": ["Phi3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "embd_pdrop": 0.0,
+        "eos_token_id": 2,  # 32000 (vocab shrunk)
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 512,  # 4096 (lengths / 8)
+        "model_type": "phi3",
+        "num_key_value_heads": 4,  # 32: as many as the query heads
+        "original_max_position_embeddings": 512,  # 4096
+        "pad_token_id": 3,  # 32000
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "sliding_window": 15,  # 2047 (2^11 - 1 -> 2^4 - 1: shorter than the sequences compared)
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 500,  # 32064
+    },
 }
 
 
@@ -127,7 +151,7 @@ def wrong_on_purpose(name: str, model) -> None:
             attention.qkv.bias = None
         elif name.startswith("qwen3"):  # q/k norm missing
             attention.qk_norm = False
-        else:  # window ignored
+        else:  # window ignored (Mistral, Phi-3)
             attention.window = None
 
 
@@ -159,7 +183,7 @@ def families(tmp_path_factory):
     work = tmp_path_factory.mktemp("variants")
     out = {}
     for name, published in PUBLISHED.items():
-        model = hf_model({**published, **SHRUNK})
+        model = hf_model({**SHRUNK, **published})
         model.save_pretrained(work / name)
         out[name] = (work / name, model, convert(work / name, work / f"{name}-tp1", progress=False))
     return out
@@ -224,7 +248,7 @@ def test_greedy_generation_with_kv_cache_equals_transformers(name, families):
 
 @pytest.mark.slow
 def test_tensor2_pipeline2_logits_equal_transformers(families, tmp_path):
-    """One 4-process run over all four imports at TP2xPP2 (biases split with their rows, q/k norms per
+    """One 4-process run over all five imports at TP2xPP2 (biases split with their rows, q/k norms per
     local head, the window on every rank, tied embeddings across the stages)."""
     from tools.convert_from_hf import convert
 
@@ -255,7 +279,7 @@ def test_qwen_sliding_window_from_max_window_layers(tmp_path):
         "sliding_window": 8,
         "max_window_layers": 1,
     }
-    hf = hf_model({**published, **SHRUNK})
+    hf = hf_model({**SHRUNK, **published})
     assert hf.config.layer_types == ["full_attention", "sliding_attention"]
     hf.save_pretrained(tmp_path / "hf")
     ckpt = convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
