@@ -212,11 +212,14 @@ def test_import_logits_equal_transformers_and_control_fails(name, families):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_round_trip_is_bitwise_and_keeps_the_family(name, families, tmp_path):
+    """Every tensor and every config.json value come back; transformers loads the export as the
+    family's own class, with nothing missing or left over."""
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from tools.convert_to_hf import export
 
-    hf_dir, _, ckpt = families[name]
+    hf_dir, hf, ckpt = families[name]
     back = export(ckpt, tmp_path / "hf", progress=False)
 
     def tensors(directory):
@@ -231,6 +234,8 @@ def test_round_trip_is_bitwise_and_keeps_the_family(name, families, tmp_path):
     assert {k: v for k, v in a.items() if k != "transformers_version"} == {
         k: b.get(k) for k in a if k != "transformers_version"
     }
+    loaded, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True, dtype=torch.float32)
+    assert type(loaded) is type(hf) and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
