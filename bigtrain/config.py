@@ -52,13 +52,9 @@ MODEL_FAMILIES = ("llama",)  # each has entries in bigtrain.registry
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
-HF_MODEL_TYPES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-)  # what the export writes (bigtrain.models.layout)
+# what the export writes (bigtrain.models.layout)
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclass
@@ -134,6 +130,25 @@ class ModelConfig:
         0,
         "With sliding_window: the first this many blocks attend to the full context (HF max_window_layers).",
     )
+    window_pattern: int = opt(
+        0,
+        "With sliding_window and > 0: block i (0-based) attends to the full context when (i+1) is a multiple "
+        "of this, the others use the window (Gemma 2: 2); 0: full_attention_layers decides.",
+    )
+    norm_offset: bool = opt(False, "RMSNorm scales by (1 + weight), all in fp32; weights start at 0 (Gemma).")
+    sandwich_norms: bool = opt(
+        False, "Also normalize the attention and MLP outputs before their residual adds (Gemma 2/3)."
+    )
+    activation: str = opt("silu", "Gated MLP activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma).")
+    scale_embeddings: bool = opt(False, "Multiply the embeddings by sqrt(hidden_size) (Gemma).")
+    query_pre_attn_scalar: int | None = opt(
+        None, "Attention scores scaled by 1/sqrt(this) instead of 1/sqrt(head width) (Gemma)."
+    )
+    attn_logit_softcapping: float | None = opt(
+        None,
+        "Attention scores become cap*tanh(score/cap) (Gemma 2; a math attention path, not SDPA's kernels).",
+    )
+    final_logit_softcapping: float | None = opt(None, "Output logits become cap*tanh(logit/cap) (Gemma 2).")
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     hf_model_type: str = opt(
         "llama",
@@ -157,6 +172,8 @@ class ModelConfig:
 
     def window_of(self, block: int) -> int | None:
         """The sliding window of block ``block`` (0-based), None where it attends to the full context."""
+        if self.window_pattern:
+            return None if (block + 1) % self.window_pattern == 0 else self.sliding_window
         return self.sliding_window if block >= self.full_attention_layers else None
 
 
@@ -459,6 +476,25 @@ def validate_model_variant(m: ModelConfig) -> None:
         m.full_attention_layers == 0 or m.hf_model_type in ("qwen2", "qwen3"),
         "model.full_attention_layers is HF Qwen's max_window_layers: needs model.hf_model_type qwen2|qwen3",
     )
+    _check(
+        m.activation in ACTIVATIONS, f"model.activation must be {'|'.join(ACTIVATIONS)}, got {m.activation!r}"
+    )
+    _check(m.window_pattern >= 0, f"model.window_pattern must be >= 0, got {m.window_pattern}")
+    gemma = m.hf_model_type == "gemma2"
+    for name, on in (
+        ("norm_offset", m.norm_offset),
+        ("sandwich_norms", m.sandwich_norms),
+        ("scale_embeddings", m.scale_embeddings),
+        ("activation gelu_tanh", m.activation == "gelu_tanh"),
+    ):  # what HF's Gemma2 always has and its other families never
+        _check(
+            on == gemma, f"model.{name} is Gemma 2's block: set it exactly when model.hf_model_type is gemma2"
+        )
+    _check(not m.window_pattern or gemma, "model.window_pattern needs model.hf_model_type gemma2")
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(m, name)
+        _check(value is None or gemma, f"model.{name} needs model.hf_model_type gemma2")
+        _check(value is None or value > 0, f"model.{name} must be > 0 or null, got {value}")
     r = m.rope_scaling
     _check(
         r.type in ROPE_SCALING_TYPES,

@@ -35,7 +35,8 @@ PEAK_TFLOPS = (
 def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
     """Elements of each parameter of one transformer block on one of ``tp`` tensor ranks, in module
     order: input norm, fused QKV, [its bias (qkv_bias)], [q norm, k norm (qk_norm)], attention output,
-    post-attention norm, fused ``[gate; up]``, down projection. Norms are replicated over tensor ranks,
+    post-attention norm, fused ``[gate; up]``, down projection, [attention and MLP output norms
+    (sandwich_norms)]. Norms are replicated over tensor ranks,
     the matmul weights and the QKV bias split (exactly: ``validate``)."""
     h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
     qkv_rows = (nq + 2 * m.kv_heads) * d
@@ -44,7 +45,8 @@ def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
         attention += (qkv_rows // tp,)
     if m.qk_norm:
         attention += (d, d)
-    return (h, *attention, nq * d * h // tp, h, 2 * h * f // tp, h * f // tp)
+    out_norms = (h, h) if m.sandwich_norms else ()
+    return (h, *attention, nq * d * h // tp, h, 2 * h * f // tp, h * f // tp, *out_norms)
 
 
 def block_matmul_params(m: ModelConfig) -> int:

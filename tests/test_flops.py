@@ -58,11 +58,17 @@ def test_flops_equal_torch_flop_counter(world_of_one, checkpointing, tie):  # no
     [
         ("model.hf_model_type=qwen2", "model.qkv_bias=true", "model.sliding_window=8"),
         ("model.hf_model_type=qwen3", "model.qk_norm=true", "model.kv_channels=32"),
+        (
+            *("model.hf_model_type=gemma2", "model.norm_offset=true", "model.sandwich_norms=true"),
+            *("model.scale_embeddings=true", "model.activation=gelu_tanh", "model.attn_logit_softcapping=50"),
+            *("model.final_logit_softcapping=30", "model.sliding_window=8", "model.window_pattern=2"),
+        ),
     ],
 )
 def test_variant_flops_and_parameters(world_of_one, variant):  # noqa: F811
     """Biases and q/k norms are parameters but no matmul; a head width of its own changes the QKV and
-    attention counts; a sliding window (an SDPA mask) leaves every score computed."""
+    attention counts; a sliding window (an SDPA mask) leaves every score computed, and so does Gemma's
+    soft-capped math attention (the same two matmuls)."""
     from bigtrain.distributed import init_distributed
 
     cfg = tiny_cfg("model.ffn_hidden_size=96", *variant)

@@ -1,8 +1,8 @@
 """Import a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM`` or ``Phi3ForCausalLM`` directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
+``Qwen3ForCausalLM``, ``Phi3ForCausalLM`` or ``Gemma2ForCausalLM`` directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
 (the families are bigtrain's decoder with config-driven variants: rotary scaling, q/k/v biases, q/k
-norm, head width, sliding window, Phi-3's fused tensors; ``model.hf_model_type`` keeps the family for
-the export).
+norm, head width, sliding window, Phi-3's fused tensors, Gemma 2's block; ``model.hf_model_type``
+keeps the family for the export).
 
     python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR --tensor-parallel 2 --pipeline-parallel 2
 
@@ -74,8 +74,13 @@ def unsupported_fields(hf: dict) -> list[str]:
             f"supported: {', '.join(SUPPORTED.values())}"
         ]
     problems = []
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (bigtrain's MLP is SwiGLU with silu)")
+    act, want = (
+        ("hidden_activation", "gelu_pytorch_tanh") if model_type == "gemma2" else ("hidden_act", "silu")
+    )
+    if hf.get(act, want) != want:
+        problems.append(f"{act}={hf[act]!r} ({model_type}'s MLP in bigtrain is gated with {want})")
+    if hf.get("use_bidirectional_attention"):
+        problems.append("use_bidirectional_attention=true (bigtrain's decoder is causal)")
     if hf.get("attention_bias"):
         problems.append("attention_bias=true (a bias on the attention output projection; bigtrain has none)")
     if hf.get("mlp_bias"):
@@ -99,16 +104,15 @@ def unsupported_fields(hf: dict) -> list[str]:
         problems.append(f"partial_rotary_factor={partial} (bigtrain rotates the whole head)")
     layer_types = hf.get("layer_types")
     if layer_types and not problems:
-        values = layout.model_values_from_hf(hf)
-        window, first = values.get("sliding_window"), values.get("full_attention_layers", 0)
-        expected = [
-            "sliding_attention" if window is not None and i >= first else "full_attention"  # type: ignore[operator]
-            for i in range(len(layer_types))
-        ]
+        try:
+            m = config_from_dict({"model": layout.model_values_from_hf(hf)}).model
+        except ConfigError as e:  # bigtrain_config names it
+            return [str(e)]
+        expected = layout.hf_layer_types(m)
         if list(layer_types) != expected:
             problems.append(
-                f"layer_types {layer_types} (bigtrain's window rule gives {expected}: sliding_window from "
-                "block max_window_layers on)"
+                f"layer_types {layer_types} (bigtrain's window rule gives {expected}: the window from block "
+                "max_window_layers on, or on every other block for gemma2)"
             )
     return problems
 

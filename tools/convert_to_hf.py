@@ -245,7 +245,11 @@ def export(
             current.clear()
 
         groups = hf_tensor_groups(reader, cfg, merge_lora=peft_adapter is None)
-        total = sum(1 for lp in layout.iter_layer_params(cfg.model, task=task_params(cfg)) if lp.spec.hf)
+        total = sum(
+            1
+            for lp in layout.iter_layer_params(cfg.model, task=task_params(cfg))
+            if layout.hf_names(lp, cfg.model)
+        )
         bar = tqdm(
             groups,
             total=total,

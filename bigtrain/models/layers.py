@@ -149,14 +149,17 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit)."""
+    """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit); with
+    ``offset`` Gemma's: scaled by ``1 + weight`` and cast back only at the end (HF's Gemma2RMSNorm)."""
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(size) if offset else torch.ones(size))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            return rms_norm_offset(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -166,6 +169,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+@compiled
+def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + weight.float())).type_as(x)
 
 
 @dataclass(frozen=True)
@@ -302,9 +312,22 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     @staticmethod
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        """q [b, heads, s, d] are the last s positions of k/v [b, groups, t, d]; ``window``: sliding."""
+    def attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """q [b, heads, s, d] are the last s positions of k/v [b, groups, t, d]; ``window``: sliding;
+        ``scale``/``softcap``: see :func:`softcapped_attention`."""
         s, t = q.shape[2], k.shape[2]
+        if softcap is not None:
+            return softcapped_attention(q, k, v, causal_mask(s, t, window, q.device), scale, softcap)
+        if scale is not None:
+            windowed = causal_mask(s, t, window, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=windowed, scale=scale, enable_gqa=True)
         mask = None
         if window is not None:
             mask = causal_mask(s, t, window, q.device)
@@ -321,3 +344,18 @@ def causal_mask(s: int, t: int, window: int | None, device: torch.device) -> tor
     k = torch.arange(t, device=device)[None, :]
     mask = k <= q
     return mask if window is None else mask & (q - k < window)
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None, cap: float
+) -> torch.Tensor:
+    """Attention with soft-capped scores (Gemma 2): ``cap * tanh(q.k * scale / cap)``, then the mask
+    (bool, True where attended, broadcastable to [b, heads, s, t]) and an fp32 softmax. q [b, heads, s,
+    d], k/v [b, groups, t, d] (query heads grouped per key/value group) -> [b, heads, s, d]. A math
+    path: SDPA's kernels have no soft-capping."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v

@@ -104,6 +104,14 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
             ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
         ),
         ParamSpec("mlp.down.weight", "row", "scaled_normal", ("model.layers.{i}.mlp.down_proj.weight",)),
+        ParamSpec("attention_out_norm.weight", "replicated", "ones", (), when="sandwich_norms"),  # HF_RENAMED
+        ParamSpec(
+            "mlp_out_norm.weight",
+            "replicated",
+            "ones",
+            ("model.layers.{i}.post_feedforward_layernorm.weight",),
+            when="sandwich_norms",
+        ),
     ),
     FINAL_NORM: (ParamSpec("weight", "replicated", "ones", ("model.norm.weight",)),),
     HEAD: (ParamSpec("weight", "vocab", "normal", ("lm_head.weight",)),),
@@ -202,8 +210,8 @@ def merge(shards: list[torch.Tensor], split: str, name: str = "") -> torch.Tenso
 def init_full(spec: ParamSpec, index: int, m: ModelConfig, padded_vocab: int, seed: int) -> torch.Tensor:
     """The full initial value of a parameter: depends on seed, layer index and name, never on layout."""
     shape = full_shape(spec, m, padded_vocab)
-    if spec.init == "ones":
-        return torch.ones(shape)
+    if spec.init == "ones":  # a norm: the identity, which is weight 0 where it scales by 1 + weight
+        return torch.zeros(shape) if m.norm_offset else torch.ones(shape)
     if spec.init == "zeros":
         return torch.zeros(shape)
     std = m.init_std / (2 * m.num_layers) ** 0.5 if spec.init == "scaled_normal" else m.init_std
@@ -270,8 +278,8 @@ def local_layers(model: torch.nn.Module, m: ModelConfig) -> dict[int, torch.nn.M
 # ---------------------------------------------------------------------------- HF mapping
 def hf_names(lp: LayerParam, m: ModelConfig) -> tuple[str, ...]:
     """The parameter's HF tensor names in ``m.hf_model_type``'s checkpoints (one when that family fuses it)."""
-    fused = HF_FUSED.get(m.hf_model_type, {}).get(lp.spec.name)
-    return tuple(t.format(i=lp.index - 1) for t in ((fused,) if fused else lp.spec.hf))
+    templates = HF_RENAMED.get(m.hf_model_type, {}).get(lp.spec.name, lp.spec.hf)
+    return tuple(t.format(i=lp.index - 1) for t in templates)
 
 
 def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]:
@@ -347,13 +355,20 @@ HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
-# family -> {bigtrain parameter: its one fused HF tensor} where the family does not split the fused
-# projections: Phi-3's ``qkv_proj`` is ``[all q heads; all k; all v]``, ``gate_up_proj`` ``[gate; up]``
-HF_FUSED: dict[str, dict[str, str]] = {
+# family -> {bigtrain parameter: its HF names there} where they differ from ``ParamSpec.hf`` (Llama's).
+# One name for a fused projection: Phi-3's ``qkv_proj`` is ``[all q heads; all k; all v]``,
+# ``gate_up_proj`` ``[gate; up]``. Gemma 2's ``post_attention_layernorm`` follows the attention (our
+# ``attention_out_norm``); the norm before its MLP is ``pre_feedforward_layernorm``.
+HF_RENAMED: dict[str, dict[str, tuple[str, ...]]] = {
     "phi3": {
-        "attention.qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
-        "mlp.gate_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",
+        "attention.qkv.weight": ("model.layers.{i}.self_attn.qkv_proj.weight",),
+        "mlp.gate_up.weight": ("model.layers.{i}.mlp.gate_up_proj.weight",),
+    },
+    "gemma2": {
+        "post_attention_norm.weight": ("model.layers.{i}.pre_feedforward_layernorm.weight",),
+        "attention_out_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
     },
 }
 ROPE_KEYS = (  # RopeScalingConfig fields under their HF rope_parameters names (written when set)
@@ -397,17 +412,28 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
         "architectures": [HF_ARCHITECTURES[kind]],
         "model_type": kind,
         "head_dim": m.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "gelu_pytorch_tanh" if m.activation == "gelu_tanh" else "silu",
         "attention_dropout": 0.0,
         "rope_parameters": rope,
         "rope_scaling": scaling,
     }
-    if kind in ("llama", "qwen3", "phi3"):
+    if kind in ("llama", "qwen3", "phi3", "gemma2"):
         out["attention_bias"] = False  # their flag puts a bias on the output projection too
     if kind == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
     if kind in ("mistral", "phi3"):
         out["sliding_window"] = m.sliding_window
+    if kind == "gemma2":
+        out.update(
+            hidden_activation=out["hidden_act"],
+            query_pre_attn_scalar=m.query_pre_attn_scalar,
+            attn_logit_softcapping=m.attn_logit_softcapping,
+            final_logit_softcapping=m.final_logit_softcapping,
+            sliding_window=m.sliding_window,
+            layer_types=hf_layer_types(m),
+            use_bidirectional_attention=None,
+            cache_implementation="hybrid",  # as published: windowed caches for the sliding blocks
+        )
     if kind == "phi3":
         original = m.rope_scaling.original_max_position_embeddings or m.seq_length
         out.update(original_max_position_embeddings=original, resid_pdrop=0.0, embd_pdrop=0.0)
@@ -417,12 +443,14 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
             use_sliding_window=m.sliding_window is not None,
             sliding_window=m.sliding_window,
             max_window_layers=m.full_attention_layers,
-            layer_types=[
-                "full_attention" if m.window_of(i) is None else "sliding_attention"
-                for i in range(m.num_layers)
-            ],
+            layer_types=hf_layer_types(m),
         )
     return out
+
+
+def hf_layer_types(m: ModelConfig) -> list[str]:
+    """HF's ``layer_types``: which blocks use the sliding window (``ModelConfig.window_of``)."""
+    return ["full_attention" if m.window_of(i) is None else "sliding_attention" for i in range(m.num_layers)]
 
 
 def hf_rope_scaling(hf: dict) -> dict[str, object]:
@@ -459,8 +487,13 @@ def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
         values["qkv_bias"] = True
     if kind == "qwen3":
         values["qk_norm"] = True
-    if kind in ("mistral", "phi3") and hf.get("sliding_window") is not None:
+    if kind in ("mistral", "phi3", "gemma2") and hf.get("sliding_window") is not None:
         values["sliding_window"] = hf["sliding_window"]
+    if kind == "gemma2":
+        values.update(norm_offset=True, sandwich_norms=True, scale_embeddings=True, activation="gelu_tanh")
+        values["window_pattern"] = 2  # HF's Gemma2Config: blocks 1, 3, ... attend to everything
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            values[name] = hf.get(name)
     if kind in ("qwen2", "qwen3"):
         if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
             values["sliding_window"] = hf["sliding_window"]

@@ -12,6 +12,7 @@ ones in :mod:`bigtrain.models.layout`'s table.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from bigtrain.models.layers import (
     rotary_tables,
     rotate_half,
     row_parallel,
+    softcapped_attention,
     vocab_embedding,
 )
 from bigtrain.perf import compiled
@@ -45,8 +47,9 @@ class Attention(nn.Module):
 
     Variants (``ModelConfig``): q/k/v biases (Qwen2; split with their output rows), an RMSNorm over
     each query and key head before rotary (Qwen3; one [head_dim] weight, so per local head at any
-    tensor size), a head width of its own (``kv_channels``), rotary scaling (``rope_scaling``) and a
-    sliding ``window`` (Mistral v0.1; an SDPA mask, also over packed documents and the KV cache)."""
+    tensor size), a head width of its own (``kv_channels``), rotary scaling (``rope_scaling``), a
+    sliding ``window`` (Mistral v0.1; an SDPA mask, also over packed documents and the KV cache), Gemma's
+    score scale and soft-capped scores (then a math path, :func:`softcapped_attention`)."""
 
     def __init__(self, m: ModelConfig, tp: TensorParallel, recompute_core: bool, window: int | None = None):
         super().__init__()
@@ -55,11 +58,14 @@ class Attention(nn.Module):
         self.q_per_group = m.num_attention_heads // m.kv_heads
         self.rotary = Rotary.of(m)
         self.window = window
+        self.scale = None if m.query_pre_attn_scalar is None else m.query_pre_attn_scalar**-0.5
+        self.softcap = m.attn_logit_softcapping
         self.recompute_core = recompute_core
         qkv_out = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
         self.qkv = column_parallel(m.hidden_size, qkv_out, tp, bias=m.qkv_bias)
         if m.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(m.head_dim, m.norm_eps), RMSNorm(m.head_dim, m.norm_eps)
+            self.q_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset)
+            self.k_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset)
         self.qk_norm = m.qk_norm
         self.proj = row_parallel(m.num_attention_heads * m.head_dim, m.hidden_size, tp)
 
@@ -93,15 +99,17 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         if start:
-            out = KVCache.attend(q, k, v, self.window)
+            out = KVCache.attend(q, k, v, self.window, self.scale, self.softcap)
         else:
             args: tuple[torch.Tensor, ...] = (q, k, v)
             if doc_ids is not None:
                 causal = causal_mask(s, s, self.window, x.device)
                 args = (*args, (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None])  # [b,1,s,s]
-            elif self.window is not None:
+            elif self.window is not None or self.scale is not None or self.softcap is not None:
                 args = (*args, causal_mask(s, s, self.window, x.device))  # [s, s]
-            core = _causal_core if len(args) == 3 else _masked_core
+            core: Callable[..., torch.Tensor] = _causal_core if len(args) == 3 else _masked_core
+            if self.scale is not None or self.softcap is not None:
+                core = functools.partial(_gemma_core, scale=self.scale, softcap=self.softcap)
             if self.recompute_core and torch.is_grad_enabled():
                 out = checkpoint(core, *args, use_reentrant=False)
             else:
@@ -119,22 +127,43 @@ def _masked_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _gemma_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Gemma's score scale (``query_pre_attn_scalar``) and, when set, soft-capped scores."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return softcapped_attention(q, k, v, mask, scale, softcap)
+
+
 class SwiGLU(nn.Module):
-    """x [s, b, h] -> down(silu(gate(x)) * up(x)) [s, b, h] (Shazeer 2020)."""
+    """x [s, b, h] -> down(silu(gate(x)) * up(x)) [s, b, h] (Shazeer 2020); ``model.activation``
+    gelu_tanh: GeGLU with the tanh-approximated GELU (Gemma's ``gelu_pytorch_tanh``)."""
 
     def __init__(self, m: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.gate_up = column_parallel(m.hidden_size, 2 * m.ffn_size, tp)
         self.down = row_parallel(m.ffn_size, m.hidden_size, tp)
+        self.gated = geglu if m.activation == "gelu_tanh" else swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)[0].chunk(2, dim=-1)  # this rank's [gate_r; up_r]
-        return self.down(swiglu(gate, up))[0]
+        return self.down(self.gated(gate, up))[0]
 
 
 @compiled
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+@compiled
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
 
 
 class TransformerBlock(nn.Module):
@@ -146,10 +175,14 @@ class TransformerBlock(nn.Module):
     ):
         super().__init__()
         self.full_recompute = checkpointing == "full"
-        self.input_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.input_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
         self.attention = Attention(m, tp, recompute_core=checkpointing == "selective", window=window)
-        self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)  # before the MLP
         self.mlp = SwiGLU(m, tp)
+        self.sandwich = m.sandwich_norms
+        if m.sandwich_norms:  # Gemma 2: the attention's and the MLP's outputs are normalized too
+            self.attention_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
+            self.mlp_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
 
     def _forward(
         self,
@@ -158,6 +191,9 @@ class TransformerBlock(nn.Module):
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.attention_out_norm(self.attention(self.input_norm(x), cache, positions, doc_ids))
+            return x + self.mlp_out_norm(self.mlp(self.post_attention_norm(x)))
         x = x + self.attention(self.input_norm(x), cache, positions, doc_ids)  # [s, b, h]
         return x + self.mlp(self.post_attention_norm(x))  # [s, b, h]
 
@@ -175,19 +211,22 @@ class TransformerBlock(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token ids [b, s] -> hidden [s, b, h]."""
+    """Token ids [b, s] -> hidden [s, b, h] (times sqrt(h) in the hidden's dtype with
+    ``model.scale_embeddings``, as HF's Gemma)."""
 
     def __init__(self, m: ModelConfig, tp: TensorParallel, padded_vocab: int):
         super().__init__()
         self.word_embeddings = vocab_embedding(padded_vocab, m.hidden_size, tp)
+        self.multiplier = m.hidden_size**0.5 if m.scale_embeddings else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(tokens.t().contiguous())
+        x = self.word_embeddings(tokens.t().contiguous())
+        return x if self.multiplier is None else x * torch.tensor(self.multiplier, dtype=x.dtype)
 
 
 class FinalNorm(RMSNorm):
     def __init__(self, m: ModelConfig):
-        super().__init__(m.hidden_size, m.norm_eps)
+        super().__init__(m.hidden_size, m.norm_eps, m.norm_offset)
 
 
 class OutputLayer(nn.Module):
@@ -213,9 +252,12 @@ class OutputLayer(nn.Module):
             "vocab_padding", torch.arange(start, start + local) >= m.vocab_size, persistent=False
         )
         self.has_padding = bool(self.vocab_padding.any())  # decided here: a device .any() syncs the host
+        self.softcap = m.final_logit_softcapping
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.linear(x, weight=self.weight if weight is None else weight)[0]
+        if self.softcap is not None:  # Gemma 2: cap * tanh(logits / cap), elementwise (any vocab slice)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.has_padding:
             # in place: the matmul's output is not saved for backward, and a copy would be [tokens, vocab]
             logits.masked_fill_(self.vocab_padding.to(logits.device), torch.finfo(logits.dtype).min)

@@ -100,8 +100,26 @@ def test_rotary_scaling_equals_transformers_rope_init(name, schema):
         (["model.qk_norm=true"], "model.qk_norm needs model.hf_model_type qwen3"),
         (["model.sliding_window=8"], "HF's llama has no sliding window"),
         (["model.hf_model_type=mistral", "model.sliding_window=0"], "model.sliding_window must be > 0"),
-        (["model.hf_model_type=gemma2"], "model.hf_model_type must be llama|mistral|qwen2|qwen3"),
+        (["model.hf_model_type=gemma3"], "model.hf_model_type must be llama|mistral|qwen2|qwen3|phi3|gemma2"),
         (["model.kv_channels=7"], "model head width 7 must be even"),
+        (["model.norm_offset=true"], "model.norm_offset is Gemma 2's block"),
+        (["model.hf_model_type=gemma2"], "model.norm_offset is Gemma 2's block"),
+        (
+            ["model.final_logit_softcapping=30"],
+            "model.final_logit_softcapping needs model.hf_model_type gemma2",
+        ),
+        (
+            [
+                *("model.hf_model_type=gemma2", "model.norm_offset=true", "model.sandwich_norms=true"),
+                *(
+                    "model.scale_embeddings=true",
+                    "model.activation=gelu_tanh",
+                    "model.attn_logit_softcapping=0",
+                ),
+            ],
+            "model.attn_logit_softcapping must be > 0",
+        ),  # fmt: skip
+        (["model.activation=relu"], "model.activation must be silu|gelu_tanh"),
     ],
 )
 def test_variant_config_checks_name_the_field(overrides, needle):
@@ -121,6 +139,12 @@ def test_head_width_of_its_own_needs_no_divisible_hidden():
 
 WINDOW = ("model.hf_model_type=mistral", "model.sliding_window=4")
 QWEN3 = ("model.hf_model_type=qwen3", "model.qk_norm=true", "model.kv_channels=32")
+GEMMA2 = (
+    *("model.hf_model_type=gemma2", "model.norm_offset=true", "model.sandwich_norms=true"),
+    *("model.scale_embeddings=true", "model.activation=gelu_tanh", "model.query_pre_attn_scalar=24"),
+    *("model.attn_logit_softcapping=5", "model.final_logit_softcapping=3", "model.sliding_window=4"),
+    "model.window_pattern=2",
+)
 
 
 def small_model(*overrides: str):
@@ -159,9 +183,10 @@ def _tp():
     return TensorParallel()
 
 
-@pytest.mark.parametrize("variant", [WINDOW, (*QWEN3, "model.sliding_window=4")])
+@pytest.mark.parametrize("variant", [WINDOW, (*QWEN3, "model.sliding_window=4"), GEMMA2])
 def test_kv_cache_chunks_equal_full_forward(variant):
-    """Cached decoding over 24 positions (window 4: the cache holds more than the window attends to)."""
+    """Cached decoding over 24 positions (window 4: the cache holds more than the window attends to;
+    Gemma 2: soft-capped scores through the math path, every other block windowed)."""
     from bigtrain.models.layers import KVCache
 
     model, cfg = small_model(*variant)

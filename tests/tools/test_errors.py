@@ -75,9 +75,9 @@ def write_config(directory, **fields):
 
 UNSUPPORTED = {
     "gpt2": ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel"),
-    "gemma2": (
-        {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]},
-        "architecture Gemma2ForCausalLM",
+    "gemma2-bidirectional": (
+        {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "use_bidirectional_attention": True},
+        "use_bidirectional_attention=true",
     ),
     "gemma3": (
         {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
@@ -127,10 +127,10 @@ def test_import_names_unsupported_architecture(case, tmp_path):
 
 
 def test_import_cli_unsupported_architecture(tmp_path):
-    hf = write_config(tmp_path / "hf", model_type="gemma2", architectures=["Gemma2ForCausalLM"])
+    hf = write_config(tmp_path / "hf", model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
     out = tmp_path / "ckpt"
     proc = tool("convert_from_hf", "--hf", hf, "--output", out, check=False)
-    assert proc.returncode == 1 and "architecture Gemma2ForCausalLM" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "architecture Gemma3ForCausalLM" in proc.stderr, proc.stderr
     assert_nothing_written(out)
 
 

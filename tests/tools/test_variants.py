@@ -1,13 +1,15 @@
 """The families people start from, as variants of bigtrain's decoder: Llama 3.2 (llama3 rotary
 scaling), Qwen2.5 (q/k/v bias, tied embeddings), Qwen3 (q/k norm, head_dim != hidden/heads), Mistral
-v0.1 (sliding window shorter than the sequence) and Phi-3-mini-4k (fused qkv_proj/gate_up_proj, window). Each published config.json (only sizes shrunk; token
+v0.1 (sliding window shorter than the sequence), Phi-3-mini-4k (fused qkv_proj/gate_up_proj, window)
+and Gemma 2 (offset norms around attention and MLP, GeGLU, scaled embeddings, soft-capping, alternating
+window). Each published config.json (only sizes shrunk; token
 ids kept inside the shrunk vocabulary) gets random weights saved by transformers, and then:
 
 - ``tools/convert_from_hf.py`` at TP1 -> bigtrain's logits equal transformers' within 1e-5 (fp32);
 - a wrong-on-purpose bigtrain (scaling off, bias dropped, norm missing, window ignored) misses by more;
 - HF -> bigtrain -> HF (``tools/convert_to_hf.py``) is bitwise: every tensor, every config.json value;
 - greedy generation with bigtrain's KV cache equals transformers' ``generate`` for 32 tokens;
-- one 4-process run imports all five at TP2xPP2 and gives transformers' logits within 1e-4 (slow).
+- one 4-process run imports all six at TP2xPP2 and gives transformers' logits within 1e-4 (slow).
 """
 
 from __future__ import annotations
@@ -136,6 +138,30 @@ PUBLISHED: dict[str, dict] = {
         "use_cache": True,
         "vocab_size": 500,  # 32064
     },
+    "gemma-2-2b": {  # google/gemma-2-2b
+        "architectures": ["Gemma2ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0,
+        "bos_token_id": 2,
+        "cache_implementation": "hybrid",
+        "eos_token_id": 1,
+        "final_logit_softcapping": 30.0,
+        "head_dim": 32,  # 256 (2x hidden/heads)
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 512,  # 8192 (lengths / 16)
+        "model_type": "gemma2",
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": 32,  # 256 (= head_dim)
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "sliding_window": 16,  # 4096 (lengths / 256: shorter than the sequences compared)
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": 500,  # 256000
+    },
 }
 
 
@@ -151,6 +177,14 @@ def wrong_on_purpose(name: str, model) -> None:
             attention.qkv.bias = None
         elif name.startswith("qwen3"):  # q/k norm missing
             attention.qk_norm = False
+        elif name.startswith("gemma"):  # norm offset missing: weight instead of 1 + weight
+            for norm in (
+                block.input_norm,
+                block.post_attention_norm,
+                block.attention_out_norm,
+                block.mlp_out_norm,
+            ):
+                norm.offset = False
         else:  # window ignored (Mistral, Phi-3)
             attention.window = None
 
@@ -253,7 +287,7 @@ def test_greedy_generation_with_kv_cache_equals_transformers(name, families):
 
 @pytest.mark.slow
 def test_tensor2_pipeline2_logits_equal_transformers(families, tmp_path):
-    """One 4-process run over all five imports at TP2xPP2 (biases split with their rows, q/k norms per
+    """One 4-process run over all six imports at TP2xPP2 (biases split with their rows, q/k norms per
     local head, the window on every rank, tied embeddings across the stages)."""
     from tools.convert_from_hf import convert
 
