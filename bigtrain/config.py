@@ -53,7 +53,8 @@ MODEL_FAMILIES = ("llama",)  # each has entries in bigtrain.registry
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 # what the export writes (bigtrain.models.layout)
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -149,6 +150,11 @@ class ModelConfig:
         "Attention scores become cap*tanh(score/cap) (Gemma 2; a math attention path, not SDPA's kernels).",
     )
     final_logit_softcapping: float | None = opt(None, "Output logits become cap*tanh(logit/cap) (Gemma 2).")
+    rope_local_theta: float | None = opt(
+        None,
+        "Rotary base of the sliding-window blocks, which rotate unscaled (Gemma 3's rope_local_base_freq); "
+        "null: every block uses rope_theta and rope_scaling.",
+    )
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     hf_model_type: str = opt(
         "llama",
@@ -459,7 +465,10 @@ def validate_model_variant(m: ModelConfig) -> None:
     )
     # HF's other families put a bias on the output projection too (attention_bias), which bigtrain has not
     _check(not m.qkv_bias or m.hf_model_type == "qwen2", "model.qkv_bias needs model.hf_model_type qwen2")
-    _check(not m.qk_norm or m.hf_model_type == "qwen3", "model.qk_norm needs model.hf_model_type qwen3")
+    _check(
+        not m.qk_norm or m.hf_model_type in ("qwen3", "gemma3_text"),
+        "model.qk_norm needs model.hf_model_type qwen3|gemma3_text",
+    )
     _check(
         m.sliding_window is None or m.sliding_window > 0,
         f"model.sliding_window must be > 0 or null, got {m.sliding_window}",
@@ -480,20 +489,28 @@ def validate_model_variant(m: ModelConfig) -> None:
         m.activation in ACTIVATIONS, f"model.activation must be {'|'.join(ACTIVATIONS)}, got {m.activation!r}"
     )
     _check(m.window_pattern >= 0, f"model.window_pattern must be >= 0, got {m.window_pattern}")
-    gemma = m.hf_model_type == "gemma2"
+    gemma = m.hf_model_type in GEMMA
     for name, on in (
         ("norm_offset", m.norm_offset),
         ("sandwich_norms", m.sandwich_norms),
         ("scale_embeddings", m.scale_embeddings),
         ("activation gelu_tanh", m.activation == "gelu_tanh"),
-    ):  # what HF's Gemma2 always has and its other families never
+    ):  # what HF's Gemma 2/3 always have and its other families never
         _check(
-            on == gemma, f"model.{name} is Gemma 2's block: set it exactly when model.hf_model_type is gemma2"
+            on == gemma,
+            f"model.{name} is Gemma's block: set it exactly when model.hf_model_type is gemma2|gemma3_text",
         )
-    _check(not m.window_pattern or gemma, "model.window_pattern needs model.hf_model_type gemma2")
+    _check(not m.window_pattern or gemma, "model.window_pattern needs model.hf_model_type gemma2|gemma3_text")
+    _check(
+        m.rope_local_theta is None or m.hf_model_type == "gemma3_text",
+        "model.rope_local_theta needs model.hf_model_type gemma3_text",
+    )
+    _check(
+        m.hf_model_type != "gemma3_text" or m.qk_norm, "model.hf_model_type gemma3_text needs model.qk_norm"
+    )
     for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
         value = getattr(m, name)
-        _check(value is None or gemma, f"model.{name} needs model.hf_model_type gemma2")
+        _check(value is None or gemma, f"model.{name} needs model.hf_model_type gemma2|gemma3_text")
         _check(value is None or value > 0, f"model.{name} must be > 0 or null, got {value}")
     r = m.rope_scaling
     _check(

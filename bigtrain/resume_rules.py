@@ -117,6 +117,7 @@ RULES: dict[str, Rule] = {
     "model.activation": Rule(REFUSED, "the saved MLP weights were trained with it"),
     "model.scale_embeddings": Rule(REFUSED, "the saved embeddings were trained with it"),
     "model.query_pre_attn_scalar": Rule(HONOURED, BUILT),
+    "model.rope_local_theta": Rule(HONOURED, BUILT),
     "model.attn_logit_softcapping": Rule(HONOURED, BUILT),
     "model.final_logit_softcapping": Rule(HONOURED, BUILT),
     **{f"model.rope_scaling.{f.name}": Rule(HONOURED, BUILT) for f in dataclasses.fields(RopeScalingConfig)},

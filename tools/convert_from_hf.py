@@ -1,7 +1,7 @@
 """Import a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``Phi3ForCausalLM`` or ``Gemma2ForCausalLM`` directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
+``Qwen3ForCausalLM``, ``Phi3ForCausalLM``, ``Gemma2ForCausalLM`` or ``Gemma3ForCausalLM`` (text) directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
 (the families are bigtrain's decoder with config-driven variants: rotary scaling, q/k/v biases, q/k
-norm, head width, sliding window, Phi-3's fused tensors, Gemma 2's block; ``model.hf_model_type``
+norm, head width, sliding window, Phi-3's fused tensors, Gemma 2/3's block; ``model.hf_model_type``
 keeps the family for the export).
 
     python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR --tensor-parallel 2 --pipeline-parallel 2
@@ -75,7 +75,9 @@ def unsupported_fields(hf: dict) -> list[str]:
         ]
     problems = []
     act, want = (
-        ("hidden_activation", "gelu_pytorch_tanh") if model_type == "gemma2" else ("hidden_act", "silu")
+        ("hidden_activation", "gelu_pytorch_tanh")
+        if model_type in ("gemma2", "gemma3_text")
+        else ("hidden_act", "silu")
     )
     if hf.get(act, want) != want:
         problems.append(f"{act}={hf[act]!r} ({model_type}'s MLP in bigtrain is gated with {want})")
@@ -112,7 +114,7 @@ def unsupported_fields(hf: dict) -> list[str]:
         if list(layer_types) != expected:
             problems.append(
                 f"layer_types {layer_types} (bigtrain's window rule gives {expected}: the window from block "
-                "max_window_layers on, or on every other block for gemma2)"
+                "max_window_layers on, or all but every sliding_window_pattern-th block for Gemma)"
             )
     return problems
 

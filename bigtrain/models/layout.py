@@ -356,6 +356,7 @@ HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 # family -> {bigtrain parameter: its HF names there} where they differ from ``ParamSpec.hf`` (Llama's).
 # One name for a fused projection: Phi-3's ``qkv_proj`` is ``[all q heads; all k; all v]``,
@@ -371,6 +372,7 @@ HF_RENAMED: dict[str, dict[str, tuple[str, ...]]] = {
         "attention_out_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
     },
 }
+HF_RENAMED["gemma3_text"] = HF_RENAMED["gemma2"]
 ROPE_KEYS = (  # RopeScalingConfig fields under their HF rope_parameters names (written when set)
     "factor",
     "original_max_position_embeddings",
@@ -417,13 +419,13 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
         "rope_parameters": rope,
         "rope_scaling": scaling,
     }
-    if kind in ("llama", "qwen3", "phi3", "gemma2"):
+    if kind in ("llama", "qwen3", "phi3", "gemma2", "gemma3_text"):
         out["attention_bias"] = False  # their flag puts a bias on the output projection too
     if kind == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
     if kind in ("mistral", "phi3"):
         out["sliding_window"] = m.sliding_window
-    if kind == "gemma2":
+    if kind in ("gemma2", "gemma3_text"):
         out.update(
             hidden_activation=out["hidden_act"],
             query_pre_attn_scalar=m.query_pre_attn_scalar,
@@ -431,9 +433,13 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
             final_logit_softcapping=m.final_logit_softcapping,
             sliding_window=m.sliding_window,
             layer_types=hf_layer_types(m),
-            use_bidirectional_attention=None,
+            use_bidirectional_attention=None if kind == "gemma2" else False,
             cache_implementation="hybrid",  # as published: windowed caches for the sliding blocks
         )
+    if kind == "gemma3_text":  # rotary per layer type; the pattern as Gemma3TextConfig records it
+        local = {"rope_type": "default", "rope_theta": m.rope_local_theta or m.rope_theta}
+        out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+        out.update(sliding_window_pattern=m.window_pattern, _sliding_window_pattern=m.window_pattern)
     if kind == "phi3":
         original = m.rope_scaling.original_max_position_embeddings or m.seq_length
         out.update(original_max_position_embeddings=original, resid_pdrop=0.0, embd_pdrop=0.0)
@@ -458,6 +464,7 @@ def hf_rope_scaling(hf: dict) -> dict[str, object]:
     ``rope_scaling`` (its ``type`` or ``rope_type``). Plain rotary: ``{}``. Unknown keys are kept, so
     that the config tree names them."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params = dict(params.get("full_attention") or params)  # per layer type (Gemma 3): the full blocks'
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     params.pop("rope_theta", None)
@@ -468,6 +475,7 @@ def hf_rope_scaling(hf: dict) -> dict[str, object]:
 
 def hf_rope_theta(hf: dict) -> float | None:
     params = hf.get("rope_parameters") or {}
+    params = params.get("full_attention") or params  # per layer type (Gemma 3): the full blocks'
     theta = params.get("rope_theta", hf.get("rope_theta"))
     return None if theta is None else float(theta)
 
@@ -487,13 +495,21 @@ def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
         values["qkv_bias"] = True
     if kind == "qwen3":
         values["qk_norm"] = True
-    if kind in ("mistral", "phi3", "gemma2") and hf.get("sliding_window") is not None:
+    if kind in ("mistral", "phi3", "gemma2", "gemma3_text") and hf.get("sliding_window") is not None:
         values["sliding_window"] = hf["sliding_window"]
-    if kind == "gemma2":
+    if kind in ("gemma2", "gemma3_text"):
         values.update(norm_offset=True, sandwich_norms=True, scale_embeddings=True, activation="gelu_tanh")
         values["window_pattern"] = 2  # HF's Gemma2Config: blocks 1, 3, ... attend to everything
         for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             values[name] = hf.get(name)
+    if kind == "gemma3_text":
+        values["qk_norm"] = True
+        values["window_pattern"] = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        params = hf.get("rope_parameters")
+        local: dict = (params.get("sliding_attention") if isinstance(params, dict) else None) or {}
+        local_theta = local.get("rope_theta", hf.get("rope_local_base_freq"))
+        if local_theta is not None:
+            values["rope_local_theta"] = float(local_theta)
     if kind in ("qwen2", "qwen3"):
         if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
             values["sliding_window"] = hf["sliding_window"]

@@ -100,10 +100,14 @@ def test_rotary_scaling_equals_transformers_rope_init(name, schema):
         (["model.qk_norm=true"], "model.qk_norm needs model.hf_model_type qwen3"),
         (["model.sliding_window=8"], "HF's llama has no sliding window"),
         (["model.hf_model_type=mistral", "model.sliding_window=0"], "model.sliding_window must be > 0"),
-        (["model.hf_model_type=gemma3"], "model.hf_model_type must be llama|mistral|qwen2|qwen3|phi3|gemma2"),
+        (
+            ["model.hf_model_type=gemma3"],
+            "model.hf_model_type must be llama|mistral|qwen2|qwen3|phi3|gemma2|gemma3_text",
+        ),
         (["model.kv_channels=7"], "model head width 7 must be even"),
-        (["model.norm_offset=true"], "model.norm_offset is Gemma 2's block"),
-        (["model.hf_model_type=gemma2"], "model.norm_offset is Gemma 2's block"),
+        (["model.norm_offset=true"], "model.norm_offset is Gemma's block"),
+        (["model.hf_model_type=gemma2"], "model.norm_offset is Gemma's block"),
+        (["model.rope_local_theta=10000"], "model.rope_local_theta needs model.hf_model_type gemma3_text"),
         (
             ["model.final_logit_softcapping=30"],
             "model.final_logit_softcapping needs model.hf_model_type gemma2",

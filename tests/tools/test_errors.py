@@ -79,9 +79,9 @@ UNSUPPORTED = {
         {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "use_bidirectional_attention": True},
         "use_bidirectional_attention=true",
     ),
-    "gemma3": (
-        {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
-        "architecture Gemma3ForCausalLM",
+    "gemma3-multimodal": (
+        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]},  # multimodal
+        "architecture Gemma3ForConditionalGeneration",
     ),
     "phi3-dropout": (
         {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "resid_pdrop": 0.1},
@@ -127,10 +127,10 @@ def test_import_names_unsupported_architecture(case, tmp_path):
 
 
 def test_import_cli_unsupported_architecture(tmp_path):
-    hf = write_config(tmp_path / "hf", model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+    hf = write_config(tmp_path / "hf", model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
     out = tmp_path / "ckpt"
     proc = tool("convert_from_hf", "--hf", hf, "--output", out, check=False)
-    assert proc.returncode == 1 and "architecture Gemma3ForCausalLM" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "architecture Gemma3ForConditionalGeneration" in proc.stderr, proc.stderr
     assert_nothing_written(out)
 
 

@@ -1,15 +1,16 @@
 """The families people start from, as variants of bigtrain's decoder: Llama 3.2 (llama3 rotary
 scaling), Qwen2.5 (q/k/v bias, tied embeddings), Qwen3 (q/k norm, head_dim != hidden/heads), Mistral
 v0.1 (sliding window shorter than the sequence), Phi-3-mini-4k (fused qkv_proj/gate_up_proj, window)
-and Gemma 2 (offset norms around attention and MLP, GeGLU, scaled embeddings, soft-capping, alternating
-window). Each published config.json (only sizes shrunk; token
+Gemma 2 (offset norms around attention and MLP, GeGLU, scaled embeddings, soft-capping, alternating
+window) and Gemma 3 1B (Gemma 2's block with q/k norm, 5 windowed blocks with their own rotary base per
+full one). Each published config.json (only sizes shrunk; token
 ids kept inside the shrunk vocabulary) gets random weights saved by transformers, and then:
 
 - ``tools/convert_from_hf.py`` at TP1 -> bigtrain's logits equal transformers' within 1e-5 (fp32);
 - a wrong-on-purpose bigtrain (scaling off, bias dropped, norm missing, window ignored) misses by more;
 - HF -> bigtrain -> HF (``tools/convert_to_hf.py``) is bitwise: every tensor, every config.json value;
 - greedy generation with bigtrain's KV cache equals transformers' ``generate`` for 32 tokens;
-- one 4-process run imports all six at TP2xPP2 and gives transformers' logits within 1e-4 (slow).
+- one 4-process run imports all seven at TP2xPP2 and gives transformers' logits within 1e-4 (slow).
 """
 
 from __future__ import annotations
@@ -162,6 +163,33 @@ PUBLISHED: dict[str, dict] = {
         "use_cache": True,
         "vocab_size": 500,  # 256000
     },
+    "gemma-3-1b": {  # google/gemma-3-1b-pt
+        "architectures": ["Gemma3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "bos_token_id": 2,
+        "cache_implementation": "hybrid",
+        "eos_token_id": 1,
+        "final_logit_softcapping": None,
+        "head_dim": 32,  # 256 (2x hidden/heads)
+        "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 512,  # 32768 (lengths / 64)
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 6,  # 26: one full pattern of 5 windowed blocks and a full one
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": 32,  # 256 (= head_dim)
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": 16,  # 512 (lengths / 32: shorter than the sequences compared)
+        "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 500,  # 262144 (and 2 kv heads, not 1: bigtrain's TP splits whole kv groups)
+    },
 }
 
 
@@ -177,6 +205,8 @@ def wrong_on_purpose(name: str, model) -> None:
             attention.qkv.bias = None
         elif name.startswith("qwen3"):  # q/k norm missing
             attention.qk_norm = False
+        elif name.startswith("gemma-3"):  # local rotary base ignored: the windowed blocks rotate as the full
+            attention.rotary = model.blocks[5].attention.rotary
         elif name.startswith("gemma"):  # norm offset missing: weight instead of 1 + weight
             for norm in (
                 block.input_norm,
@@ -287,7 +317,7 @@ def test_greedy_generation_with_kv_cache_equals_transformers(name, families):
 
 @pytest.mark.slow
 def test_tensor2_pipeline2_logits_equal_transformers(families, tmp_path):
-    """One 4-process run over all six imports at TP2xPP2 (biases split with their rows, q/k norms per
+    """One 4-process run over all seven imports at TP2xPP2 (biases split with their rows, q/k norms per
     local head, the window on every rank, tied embeddings across the stages)."""
     from tools.convert_from_hf import convert
 
