@@ -51,6 +51,46 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 MODEL_FAMILIES = ("llama",)  # each has entries in bigtrain.registry
 
 
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
+# what the export writes (bigtrain.models.layout)
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+@dataclass
+class RopeScalingConfig:
+    """Rotary scaling, under HF's ``rope_parameters`` names (``bigtrain.models.layers.rope_frequencies``)."""
+
+    type: str = opt(
+        "none",
+        "none (plain rotary) | linear (positions divided by factor) | llama3 (Llama 3.1+: long wavelengths "
+        "interpolated, short kept, a smooth band between) | yarn (Peng et al. 2023: NTK-by-parts and a cos/sin "
+        "attention factor). HF's dynamic NTK rescales only at inference past the context: not a training "
+        "setting, refused.",
+    )
+    factor: float = opt(1.0, "Context extension factor of linear, llama3 and yarn (>= 1).")
+    original_max_position_embeddings: int | None = opt(
+        None,
+        "llama3/yarn: the context length the model was pretrained at (default: model.seq_length); phi3 "
+        "records it with any type, for the export.",
+    )
+    low_freq_factor: float | None = opt(
+        None, "llama3 (required): wavelengths above original/low_freq_factor are divided by factor."
+    )
+    high_freq_factor: float | None = opt(
+        None, "llama3 (required): wavelengths below original/high_freq_factor are kept; > low_freq_factor."
+    )
+    beta_fast: float | None = opt(None, "yarn: rotations where the ramp ends extrapolating (default 32).")
+    beta_slow: float | None = opt(None, "yarn: rotations where the ramp starts interpolating (default 1).")
+    attention_factor: float | None = opt(
+        None, "yarn: scale of cos/sin (default 0.1*ln(factor)+1, or the mscale ratio when both are set)."
+    )
+    mscale: float | None = opt(None, "yarn (DeepSeek style): mscale of the default attention factor.")
+    mscale_all_dim: float | None = opt(None, "yarn (DeepSeek style): the attention factor's divisor mscale.")
+    truncate: bool | None = opt(None, "yarn: round the correction range to whole dimensions (default true).")
+
+
 @dataclass
 class ModelConfig:
     family: str = opt("llama", "Model family (bigtrain.registry): llama (decoder).")
@@ -72,6 +112,55 @@ class ModelConfig:
         0.02, "Std of the normal weight init (output projections scaled by 1/sqrt(2*layers))."
     )
     make_vocab_size_divisible_by: int = opt(128, "Vocab is padded to a multiple of this times tensor size.")
+    kv_channels: int | None = opt(
+        None,
+        "Width of one attention head (HF head_dim; Qwen3's differs), default hidden_size/num_attention_heads.",
+    )
+    qkv_bias: bool = opt(
+        False, "Biases on the query/key/value projections (Qwen2/2.5; model.hf_model_type qwen2)."
+    )
+    qk_norm: bool = opt(
+        False, "RMSNorm over each query and key head before rotary (Qwen3; model.hf_model_type qwen3)."
+    )
+    sliding_window: int | None = opt(
+        None,
+        "Sliding-window attention: a token attends to itself and the window-1 tokens before it (Mistral v0.1, "
+        "Qwen2 use_sliding_window); null: the whole causal context.",
+    )
+    full_attention_layers: int = opt(
+        0,
+        "With sliding_window: the first this many blocks attend to the full context (HF max_window_layers).",
+    )
+    window_pattern: int = opt(
+        0,
+        "With sliding_window and > 0: block i (0-based) attends to the full context when (i+1) is a multiple "
+        "of this, the others use the window (Gemma 2: 2); 0: full_attention_layers decides.",
+    )
+    norm_offset: bool = opt(False, "RMSNorm scales by (1 + weight), all in fp32; weights start at 0 (Gemma).")
+    sandwich_norms: bool = opt(
+        False, "Also normalize the attention and MLP outputs before their residual adds (Gemma 2/3)."
+    )
+    activation: str = opt("silu", "Gated MLP activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma).")
+    scale_embeddings: bool = opt(False, "Multiply the embeddings by sqrt(hidden_size) (Gemma).")
+    query_pre_attn_scalar: int | None = opt(
+        None, "Attention scores scaled by 1/sqrt(this) instead of 1/sqrt(head width) (Gemma)."
+    )
+    attn_logit_softcapping: float | None = opt(
+        None,
+        "Attention scores become cap*tanh(score/cap) (Gemma 2; a math attention path, not SDPA's kernels).",
+    )
+    final_logit_softcapping: float | None = opt(None, "Output logits become cap*tanh(logit/cap) (Gemma 2).")
+    rope_local_theta: float | None = opt(
+        None,
+        "Rotary base of the sliding-window blocks, which rotate unscaled (Gemma 3's rope_local_base_freq); "
+        "null: every block uses rope_theta and rope_scaling.",
+    )
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    hf_model_type: str = opt(
+        "llama",
+        "HF model_type the export writes (import sets it): llama | mistral | qwen2 | qwen3 | phi3 (fused "
+        "qkv_proj/gate_up_proj tensors).",
+    )
 
     @property
     def kv_heads(self) -> int:
@@ -85,7 +174,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def window_of(self, block: int) -> int | None:
+        """The sliding window of block ``block`` (0-based), None where it attends to the full context."""
+        if self.window_pattern:
+            return None if (block + 1) % self.window_pattern == 0 else self.sliding_window
+        return self.sliding_window if block >= self.full_attention_layers else None
 
 
 @dataclass
@@ -358,6 +453,89 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def validate_model_variant(m: ModelConfig) -> None:
+    """The architecture variants: head width, biases, q/k norm, sliding window, rotary scaling, HF type."""
+    _check(
+        m.hf_model_type in HF_MODEL_TYPES,
+        f"model.hf_model_type must be {'|'.join(HF_MODEL_TYPES)}, got {m.hf_model_type!r}",
+    )
+    _check(m.kv_channels is None or m.kv_channels > 0, f"model.kv_channels must be > 0, got {m.kv_channels}")
+    _check(
+        m.head_dim % 2 == 0, f"model head width {m.head_dim} must be even (rotary pairs; model.kv_channels)"
+    )
+    # HF's other families put a bias on the output projection too (attention_bias), which bigtrain has not
+    _check(not m.qkv_bias or m.hf_model_type == "qwen2", "model.qkv_bias needs model.hf_model_type qwen2")
+    _check(
+        not m.qk_norm or m.hf_model_type in ("qwen3", "gemma3_text"),
+        "model.qk_norm needs model.hf_model_type qwen3|gemma3_text",
+    )
+    _check(
+        m.sliding_window is None or m.sliding_window > 0,
+        f"model.sliding_window must be > 0 or null, got {m.sliding_window}",
+    )
+    _check(
+        m.sliding_window is None or m.hf_model_type != "llama",
+        "model.sliding_window: HF's llama has no sliding window (set model.hf_model_type mistral|qwen2|qwen3)",
+    )
+    _check(
+        m.full_attention_layers >= 0,
+        f"model.full_attention_layers must be >= 0, got {m.full_attention_layers}",
+    )
+    _check(
+        m.full_attention_layers == 0 or m.hf_model_type in ("qwen2", "qwen3"),
+        "model.full_attention_layers is HF Qwen's max_window_layers: needs model.hf_model_type qwen2|qwen3",
+    )
+    _check(
+        m.activation in ACTIVATIONS, f"model.activation must be {'|'.join(ACTIVATIONS)}, got {m.activation!r}"
+    )
+    _check(m.window_pattern >= 0, f"model.window_pattern must be >= 0, got {m.window_pattern}")
+    gemma = m.hf_model_type in GEMMA
+    for name, on in (
+        ("norm_offset", m.norm_offset),
+        ("sandwich_norms", m.sandwich_norms),
+        ("scale_embeddings", m.scale_embeddings),
+        ("activation gelu_tanh", m.activation == "gelu_tanh"),
+    ):  # what HF's Gemma 2/3 always have and its other families never
+        _check(
+            on == gemma,
+            f"model.{name} is Gemma's block: set it exactly when model.hf_model_type is gemma2|gemma3_text",
+        )
+    _check(not m.window_pattern or gemma, "model.window_pattern needs model.hf_model_type gemma2|gemma3_text")
+    _check(
+        m.rope_local_theta is None or m.hf_model_type == "gemma3_text",
+        "model.rope_local_theta needs model.hf_model_type gemma3_text",
+    )
+    _check(
+        m.hf_model_type != "gemma3_text" or m.qk_norm, "model.hf_model_type gemma3_text needs model.qk_norm"
+    )
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(m, name)
+        _check(value is None or gemma, f"model.{name} needs model.hf_model_type gemma2|gemma3_text")
+        _check(value is None or value > 0, f"model.{name} must be > 0 or null, got {value}")
+    r = m.rope_scaling
+    _check(
+        r.type in ROPE_SCALING_TYPES,
+        f"model.rope_scaling.type must be {'|'.join(ROPE_SCALING_TYPES)}, got {r.type!r}"
+        + (" (dynamic NTK only rescales at inference, past the context)" if r.type == "dynamic" else ""),
+    )
+    _check(r.factor >= 1, f"model.rope_scaling.factor must be >= 1, got {r.factor}")
+    _check(
+        r.original_max_position_embeddings is None or r.original_max_position_embeddings > 0,
+        "model.rope_scaling.original_max_position_embeddings must be > 0",
+    )
+    if r.type == "llama3":
+        low, high = r.low_freq_factor, r.high_freq_factor
+        _check(
+            low is not None and high is not None and 0 < low < high,
+            f"model.rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor, got {low} and {high}",
+        )
+    for name in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"):
+        _check(
+            r.type == "yarn" or getattr(r, name) is None,
+            f"model.rope_scaling.{name} is a yarn setting (type is {r.type!r})",
+        )
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Every layout/shape inconsistency, each reported as one line."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -410,15 +588,18 @@ def validate(cfg: Config, world_size: int) -> None:
         m.family in MODEL_FAMILIES,
         f"model.family {m.family!r} is not one of {', '.join(MODEL_FAMILIES)}",
     )
+    validate_model_variant(m)
     heads, kv_heads = ("model.num_attention_heads", m.num_attention_heads), ("model.num_kv_heads", m.kv_heads)
     tensor = ("parallel.tensor", p.tensor)
-    for (name, value), (divisor_name, divisor) in (
-        (("model.hidden_size", m.hidden_size), heads),
+    pairs = [
         (heads, kv_heads),
         (heads, tensor),
         (kv_heads, tensor),
         (("model.ffn_hidden_size", m.ffn_size), tensor),
-    ):
+    ]
+    if m.kv_channels is None:  # the head width is hidden/heads
+        pairs.insert(0, (("model.hidden_size", m.hidden_size), heads))
+    for (name, value), (divisor_name, divisor) in pairs:
         _check(value % divisor == 0, f"{name} {value} is not divisible by {divisor_name} {divisor}")
     _check(
         m.num_layers >= p.pipeline,

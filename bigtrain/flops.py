@@ -8,6 +8,10 @@ activations and the softmax are not matmuls and are not counted.
 
 ``vocab_size`` is the vocabulary the output layer multiplies (:func:`output_vocab`): the padded one
 at tensor size > 1, the true one at size 1 (bigtrain.models.llama.OutputLayer leaves the padding out).
+Variants: q/k/v biases and q/k norm weights are parameters but not matmul weights (adds and norms are
+not counted); the head width is ``model.head_dim`` (``kv_channels``). A sliding window does not reduce
+the count: bigtrain applies it as an SDPA mask, so the kernel still computes every ``seq x seq`` score
+(as with the causal mask), and MFU stays comparable with the full-attention model.
 The counts are exact against ``torch.utils.flop_counter`` on bigtrain's model (tests/test_flops.py).
 """
 
@@ -37,16 +41,26 @@ def output_vocab(m: ModelConfig, padded_vocab: int, tensor: int) -> int:
 
 
 def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
-    """Elements of each weight of one transformer block on one of ``tp`` tensor ranks, in module order:
-    input norm, fused QKV, attention output, post-attention norm, fused ``[gate; up]``, down projection.
-    The norms are replicated over tensor ranks, the matmul weights split (exactly: ``validate``)."""
+    """Elements of each parameter of one transformer block on one of ``tp`` tensor ranks, in module
+    order: input norm, fused QKV, [its bias (qkv_bias)], [q norm, k norm (qk_norm)], attention output,
+    post-attention norm, fused ``[gate; up]``, down projection, [attention and MLP output norms
+    (sandwich_norms)]. Norms are replicated over tensor ranks,
+    the matmul weights and the QKV bias split (exactly: ``validate``)."""
     h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
-    return (h, h * (nq + 2 * m.kv_heads) * d // tp, nq * d * h // tp, h, 2 * h * f // tp, h * f // tp)
+    qkv_rows = (nq + 2 * m.kv_heads) * d
+    attention: tuple[int, ...] = (h * qkv_rows // tp,)
+    if m.qkv_bias:
+        attention += (qkv_rows // tp,)
+    if m.qk_norm:
+        attention += (d, d)
+    out_norms = (h, h) if m.sandwich_norms else ()
+    return (h, *attention, nq * d * h // tp, h, 2 * h * f // tp, h * f // tp, *out_norms)
 
 
 def block_matmul_params(m: ModelConfig) -> int:
-    """Weights of one transformer block that take part in a matmul (all but its two norms)."""
-    return sum(block_parameters(m)) - 2 * m.hidden_size
+    """Weights of one transformer block that take part in a matmul (no norm, no bias)."""
+    h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
+    return h * (nq + 2 * m.kv_heads) * d + nq * d * h + 3 * h * f
 
 
 def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:

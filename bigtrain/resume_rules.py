@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bigtrain.config import Config, ConfigError, Derived, config_from_dict
+from bigtrain.config import Config, ConfigError, Derived, RopeScalingConfig, config_from_dict
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -105,6 +105,22 @@ RULES: dict[str, Rule] = {
         "only the initial weights depend on it, and the resumed weights were drawn with the saved value",
     ),
     "model.rope_theta": Rule(HONOURED, BUILT),
+    "model.kv_channels": Rule(REFUSED, SHAPE),
+    "model.qkv_bias": Rule(REFUSED, SHAPE),
+    "model.qk_norm": Rule(REFUSED, SHAPE),
+    "model.hf_model_type": Rule(REFUSED, "the architecture the saved weights belong to"),
+    "model.sliding_window": Rule(HONOURED, BUILT),
+    "model.full_attention_layers": Rule(HONOURED, BUILT),
+    "model.window_pattern": Rule(HONOURED, BUILT),
+    "model.norm_offset": Rule(REFUSED, "it changes what the saved norm weights mean"),
+    "model.sandwich_norms": Rule(REFUSED, SHAPE),
+    "model.activation": Rule(REFUSED, "the saved MLP weights were trained with it"),
+    "model.scale_embeddings": Rule(REFUSED, "the saved embeddings were trained with it"),
+    "model.query_pre_attn_scalar": Rule(HONOURED, BUILT),
+    "model.rope_local_theta": Rule(HONOURED, BUILT),
+    "model.attn_logit_softcapping": Rule(HONOURED, BUILT),
+    "model.final_logit_softcapping": Rule(HONOURED, BUILT),
+    **{f"model.rope_scaling.{f.name}": Rule(HONOURED, BUILT) for f in dataclasses.fields(RopeScalingConfig)},
     "model.norm_eps": Rule(HONOURED, BUILT),
     # layout
     "parallel.tensor": Rule(REFUSED, LAYOUT),

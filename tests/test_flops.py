@@ -55,6 +55,34 @@ def test_flops_equal_torch_flop_counter(world_of_one, checkpointing, tie):  # no
         assert bwd == 2 * fwd  # the 3x convention holds exactly for the model FLOPs
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("model.hf_model_type=qwen2", "model.qkv_bias=true", "model.sliding_window=8"),
+        ("model.hf_model_type=qwen3", "model.qk_norm=true", "model.kv_channels=32"),
+        (
+            *("model.hf_model_type=gemma2", "model.norm_offset=true", "model.sandwich_norms=true"),
+            *("model.scale_embeddings=true", "model.activation=gelu_tanh", "model.attn_logit_softcapping=50"),
+            *("model.final_logit_softcapping=30", "model.sliding_window=8", "model.window_pattern=2"),
+        ),
+    ],
+)
+def test_variant_flops_and_parameters(world_of_one, variant):  # noqa: F811
+    """Biases and q/k norms are parameters but no matmul; a head width of its own changes the QKV and
+    attention counts; a sliding window (an SDPA mask) leaves every score computed, and so does Gemma's
+    soft-capped math attention (the same two matmuls)."""
+    from bigtrain.distributed import init_distributed
+
+    cfg = tiny_cfg("model.ffn_hidden_size=96", *variant)
+    init_distributed(cfg)
+    m, vocab = cfg.model, cfg.derived.padded_vocab_size
+    fwd, bwd, params = _count(cfg)
+    assert fwd == flops.forward_flops_per_token(m, vocab) * 2 * m.seq_length
+    assert bwd == 2 * fwd
+    assert params == flops.num_parameters(m, vocab)
+    assert sum(flops.block_parameters(m)) > flops.block_matmul_params(m) + 2 * m.hidden_size  # bias/norms
+
+
 def test_flops_scale_like_6n_for_a_big_model():
     """1.3B preset: ~6N per token plus the attention term (sanity against the usual rule of thumb)."""
     from bigtrain.config import load_config

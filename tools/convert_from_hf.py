@@ -1,5 +1,8 @@
-"""Import a Hugging Face ``LlamaForCausalLM`` directory (or a Mistral/Qwen2-style one whose architecture
-is the same) as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout.
+"""Import a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, ``Phi3ForCausalLM``, ``Gemma2ForCausalLM`` or ``Gemma3ForCausalLM`` (text) directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
+(the families are bigtrain's decoder with config-driven variants: rotary scaling, q/k/v biases, q/k
+norm, head width, sliding window, Phi-3's fused tensors, Gemma 2/3's block; ``model.hf_model_type``
+keeps the family for the export).
 
     python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR --tensor-parallel 2 --pipeline-parallel 2
 
@@ -23,8 +26,9 @@ depend on it: ``WeightReader`` maps every key to its file.
 
 Memory: one pipeline stage's shards (1/P of the model, fp32) plus the HF tensors of one parameter.
 Nothing is written to CKPT_DIR until everything has succeeded (temporary directory, then rename).
-Unsupported architectures (sliding-window attention, attention/MLP biases, rope scaling, other
-activations, a head size other than hidden/heads, ...) stop the import with the field named.
+Unsupported architectures (other families, output/MLP biases, dynamic or other rotary scaling, partial
+rotary, other activations, per-layer attention types other than Qwen's window rule, ...) stop the
+import with the field named.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import torch
 from bigtrain.config import Config, ConfigError, config_from_dict
 from bigtrain.models import layout
 
-SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED = layout.HF_ARCHITECTURES
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -59,15 +64,6 @@ class ConversionError(ValueError):
 
 
 # ---------------------------------------------------------------------------- config
-def rope_settings(hf: dict) -> tuple[float, str]:
-    """(theta, rope type) from either config style (``rope_parameters`` or ``rope_theta``/``rope_scaling``)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), kind
-
-
 def unsupported_fields(hf: dict) -> list[str]:
     """Every reason this HF config is not bigtrain's architecture, each naming the field."""
     model_type = hf.get("model_type")
@@ -78,29 +74,48 @@ def unsupported_fields(hf: dict) -> list[str]:
             f"supported: {', '.join(SUPPORTED.values())}"
         ]
     problems = []
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (bigtrain's MLP is SwiGLU with silu)")
-    if model_type == "qwen2":
-        problems.append("attention bias: qwen2 q/k/v projections always have biases (bigtrain's have none)")
+    act, want = (
+        ("hidden_activation", "gelu_pytorch_tanh")
+        if model_type in ("gemma2", "gemma3_text")
+        else ("hidden_act", "silu")
+    )
+    if hf.get(act, want) != want:
+        problems.append(f"{act}={hf[act]!r} ({model_type}'s MLP in bigtrain is gated with {want})")
+    if hf.get("use_bidirectional_attention"):
+        problems.append("use_bidirectional_attention=true (bigtrain's decoder is causal)")
     if hf.get("attention_bias"):
-        problems.append("attention_bias=true (bigtrain's attention projections have no bias)")
+        problems.append("attention_bias=true (a bias on the attention output projection; bigtrain has none)")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true (bigtrain's MLP has no bias)")
-    _, rope_type = rope_settings(hf)
-    if rope_type != "default":
-        problems.append(f"rope scaling type {rope_type!r} (rope_scaling/rope_parameters; only plain rotary)")
-    window = hf.get("sliding_window")
-    uses_window = hf.get("use_sliding_window", model_type == "mistral")
-    max_pos = hf.get("max_position_embeddings")
-    if window is not None and uses_window and (max_pos is None or window < max_pos):
-        problems.append(f"sliding_window={window} (bigtrain attends to the full context)")
-    layer_types = hf.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-        problems.append(f"layer_types {sorted(set(layer_types))} (only full_attention)")
-    heads, hidden = hf.get("num_attention_heads"), hf.get("hidden_size")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and heads and hidden and head_dim * heads != hidden:
-        problems.append(f"head_dim={head_dim} differs from hidden_size/num_attention_heads={hidden // heads}")
+    for dropout in ("resid_pdrop", "embd_pdrop"):
+        if hf.get(dropout):
+            problems.append(f"{dropout}={hf[dropout]} (bigtrain has no dropout)")
+    rope = layout.hf_rope_scaling(hf)
+    kind = rope.get("type", "default")
+    if kind == "dynamic":
+        problems.append(
+            "rope scaling type 'dynamic' (dynamic NTK rescales rotary only at inference past "
+            "max_position_embeddings; not a training setting)"
+        )
+    elif kind not in ROPE_TYPES:
+        problems.append(
+            f"rope scaling type {kind!r} (rope_scaling/rope_parameters; supported: {', '.join(ROPE_TYPES)})"
+        )
+    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        problems.append(f"partial_rotary_factor={partial} (bigtrain rotates the whole head)")
+    layer_types = hf.get("layer_types")
+    if layer_types and not problems:
+        try:
+            m = config_from_dict({"model": layout.model_values_from_hf(hf)}).model
+        except ConfigError as e:  # bigtrain_config names it
+            return [str(e)]
+        expected = layout.hf_layer_types(m)
+        if list(layer_types) != expected:
+            problems.append(
+                f"layer_types {layer_types} (bigtrain's window rule gives {expected}: the window from block "
+                "max_window_layers on, or all but every sliding_window_pattern-th block for Gemma)"
+            )
     return problems
 
 
@@ -131,10 +146,8 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def bigtrain_config(hf: dict, tensor: int, pipeline: int, partition_method: str) -> Config:
     """A resolved bigtrain config whose model section is the HF architecture (raises ConfigError)."""
-    values = dict(hf)
-    values["rope_theta"], _ = rope_settings(hf)
     tree = {
-        "model": layout.model_values_from_hf(values),
+        "model": layout.model_values_from_hf(hf),
         "parallel": {"tensor": tensor, "pipeline": pipeline, "partition_method": partition_method},
         "data": {"mock": True},  # weights only: set data.train (and data.mock=false) to train on it
     }
@@ -175,7 +188,7 @@ class HFWeights:
         missing, unexpected = sorted(expected - present), sorted(present - expected)
         if unexpected:
             hint = (
-                " (biases are not part of bigtrain's architecture)"
+                " (bigtrain's architecture has biases only on qwen2's q/k/v projections)"
                 if any(".bias" in n for n in unexpected)
                 else ""
             )

@@ -1,5 +1,5 @@
 """Export a bigtrain checkpoint (any tensor x pipeline x data layout, any ZeRO stage) to a Hugging Face
-``LlamaForCausalLM`` directory: config.json, sharded safetensors + index, generation_config.json and
+``LlamaForCausalLM`` directory (or the Mistral/Qwen2/Qwen3 family it was imported from): config.json, sharded safetensors + index, generation_config.json and
 the tokenizer files.
 
     python tools/convert_to_hf.py --checkpoint RUN_DIR/checkpoints [--tag TAG] --output HF_DIR [--dtype bf16]
@@ -181,25 +181,16 @@ def write_template(export_dir: Path, template: str) -> None:
 
 
 def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: Path | None = None) -> dict:
-    """config.json of the export: LlamaConfig fields from the config table, true (unpadded) vocab.
-    Rotary settings are written in both the ``rope_parameters`` (transformers 5) and ``rope_theta``
-    (transformers 4) forms."""
+    """config.json of the export: the family the model came from (``model.hf_model_type``: llama, mistral,
+    qwen2, qwen3) with its own fields (``layout.hf_variant_values``), the shared ones from the config
+    table, true (unpadded) vocab. Rotary settings are written in both the ``rope_parameters``
+    (transformers 5) and ``rope_theta``/``rope_scaling`` (transformers 4) forms."""
     import transformers
 
     m = cfg.model
-    values = layout.hf_config_values(m)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **values,
-        "head_dim": m.head_dim,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "rope_parameters": {"rope_type": "default", "rope_theta": values["rope_theta"]},
-        "rope_scaling": None,
+        **layout.hf_variant_values(m),
+        **layout.hf_config_values(m),
         "use_cache": True,
         "torch_dtype": PRECISION_DTYPES[dtype],
         "dtype": PRECISION_DTYPES[dtype],
@@ -254,7 +245,11 @@ def export(
             current.clear()
 
         groups = hf_tensor_groups(reader, cfg, merge_lora=peft_adapter is None)
-        total = sum(1 for lp in layout.iter_layer_params(cfg.model, task=task_params(cfg)) if lp.spec.hf)
+        total = sum(
+            1
+            for lp in layout.iter_layer_params(cfg.model, task=task_params(cfg))
+            if layout.hf_names(lp, cfg.model)
+        )
         bar = tqdm(
             groups,
             total=total,

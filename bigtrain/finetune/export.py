@@ -18,14 +18,6 @@ from bigtrain.models import layout
 if TYPE_CHECKING:  # annotation only: the callers open the reader
     from bigtrain.checkpoint import WeightReader
 
-# bigtrain LoRA target -> HF module names (fused tensors split in HF's order)
-HF_MODULES = {
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "proj": ("self_attn.o_proj",),
-    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-    "down": ("mlp.down_proj",),
-}
-
 
 def _lora(
     reader: WeightReader, cfg: Config, index: int, module: str
@@ -74,9 +66,11 @@ def peft_tensors(reader: WeightReader, cfg: Config) -> dict[str, torch.Tensor]:
                     f"finetune.lora.targets lists {target} but block {i} has no {module} adapter"
                 )
             a, b = pair
-            parts = layout.to_hf(layout.LayerParam(i, base[f"{module}.weight"]), b, m)  # HF name -> B rows
-            for b_part, hf_module in zip(parts.values(), HF_MODULES[target]):
-                prefix = f"base_model.model.model.layers.{i - 1}.{hf_module}"
+            # HF weight name -> B rows: the HF modules the fused projection is split into (one when the
+            # family fuses it too, e.g. Phi-3's qkv_proj), named as the base model's weights
+            parts = layout.to_hf(layout.LayerParam(i, base[f"{module}.weight"]), b, m)
+            for hf_name, b_part in parts.items():
+                prefix = "base_model.model." + hf_name.removesuffix(".weight")
                 out[f"{prefix}.lora_A.weight"] = a.contiguous().clone()
                 out[f"{prefix}.lora_B.weight"] = b_part.contiguous().clone()
     return out
@@ -94,7 +88,8 @@ def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, b
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(peft_tensors(reader, cfg), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tensors = peft_tensors(reader, cfg)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if ft.task == "classify" else "CAUSAL_LM",
@@ -102,7 +97,7 @@ def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, b
         "r": ft.lora.rank,
         "lora_alpha": ft.lora.alpha,
         "lora_dropout": ft.lora.dropout,
-        "target_modules": sorted({name.split(".")[-1] for t in ft.lora.targets for name in HF_MODULES[t]}),
+        "target_modules": sorted({name.split(".")[-3] for name in tensors}),  # "<module>.lora_A.weight"
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -115,12 +110,14 @@ def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, b
 
 
 def hf_config_overrides(cfg: Config) -> dict:
-    """config.json fields that depend on the fine-tuning task."""
+    """config.json fields that depend on the fine-tuning task (a classifier: the family's
+    ``...ForSequenceClassification``; a language model keeps the family's causal-LM class)."""
     ft = cfg.finetune
     if ft.task != "classify":
-        return {"architectures": ["LlamaForCausalLM"]}
+        return {}
+    causal_lm = layout.HF_ARCHITECTURES[cfg.model.hf_model_type]
     return {
-        "architectures": ["LlamaForSequenceClassification"],
+        "architectures": [causal_lm.replace("ForCausalLM", "ForSequenceClassification")],
         "num_labels": len(ft.labels),
         "id2label": {str(i): name for i, name in enumerate(ft.labels)},
         "label2id": {name: i for i, name in enumerate(ft.labels)},

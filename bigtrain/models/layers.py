@@ -1,5 +1,5 @@
 """Building blocks shared by bigtrain's model families: tensor-parallel linears, the vocabulary
-embedding and cross entropy, RMSNorm, rotary tables and the KV cache.
+embedding and cross entropy, RMSNorm, rotary tables (plain and scaled), attention masks and the KV cache.
 
 A layer is told its tensor-parallel place by a :class:`TensorParallel` argument (rank, size, group,
 megatron-core's config) instead of reading global state. At size > 1 the linears, the embedding and
@@ -11,7 +11,9 @@ process group, and a one-rank layout pays for no communication bookkeeping.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,7 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from bigtrain.config import ModelConfig
 from bigtrain.perf import compiled
 
 
@@ -56,28 +59,33 @@ def _no_init(weight: torch.Tensor) -> None:
 
 
 class Linear(nn.Module):
-    """A bias-free linear at tensor size 1, returning ``(output, None)`` like megatron-core's parallel
-    linears. ``weight`` [out, in]; with ``allocate=False`` the weight is passed at call time."""
+    """A linear at tensor size 1, returning ``(output, None)`` like megatron-core's parallel linears (the
+    bias, if any, added). ``weight`` [out, in], ``bias`` [out]; with ``allocate=False`` the weight is
+    passed at call time."""
 
-    def __init__(self, in_size: int, out_size: int, allocate: bool = True):
+    def __init__(self, in_size: int, out_size: int, allocate: bool = True, bias: bool = False):
         super().__init__()
         if allocate:
             self.weight = nn.Parameter(torch.empty(out_size, in_size))
+        self.bias = nn.Parameter(torch.empty(out_size)) if bias else None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        return F.linear(x, self.weight if weight is None else weight), None
+        return F.linear(x, self.weight if weight is None else weight, self.bias), None
 
 
-def column_parallel(in_size: int, out_size: int, tp: TensorParallel, allocate: bool = True) -> nn.Module:
-    """Bias-free linear with its output features split over tensor ranks (output stays split)."""
+def column_parallel(
+    in_size: int, out_size: int, tp: TensorParallel, allocate: bool = True, bias: bool = False
+) -> nn.Module:
+    """Linear with its output features (and bias) split over tensor ranks (output stays split)."""
     if tp.size == 1:
-        return Linear(in_size, out_size, allocate)
+        return Linear(in_size, out_size, allocate, bias)
     return ColumnParallelLinear(
         in_size,
         out_size,
         config=tp.config,
         init_method=_no_init,
-        bias=False,
+        bias=bias,
+        skip_bias_add=False,
         gather_output=False,
         skip_weight_param_allocation=not allocate,
         tp_group=tp.group,
@@ -141,14 +149,17 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit)."""
+    """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit); with
+    ``offset`` Gemma's: scaled by ``1 + weight`` and cast back only at the end (HF's Gemma2RMSNorm)."""
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(size) if offset else torch.ones(size))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            return rms_norm_offset(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -160,27 +171,106 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-def rotary_tables(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, ...]:
+@compiled
+def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + weight.float())).type_as(x)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """What the rotary tables depend on (hashable: the tables are cached by it). ``scaling``: the
+    ``model.rope_scaling`` fields as (name, value) pairs, () for plain rotary; ``context``:
+    ``model.seq_length``, the default pretraining context of llama3/yarn."""
+
+    head_dim: int
+    theta: float
+    scaling: tuple[tuple[str, object], ...] = ()
+    context: int = 0
+
+    @classmethod
+    def of(cls, m: ModelConfig) -> Rotary:
+        r = m.rope_scaling
+        scaling = () if r.type == "none" else tuple(dataclasses.asdict(r).items())
+        return cls(m.head_dim, m.rope_theta, scaling, m.seq_length)
+
+
+def rope_frequencies(rot: Rotary, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] (fp32) and the factor cos/sin are multiplied by.
+
+    Plain: ``theta^(-2i/d)`` (Su et al. 2021). ``linear``: divided by ``factor`` (position
+    interpolation, Chen et al. 2023). ``llama3`` (Meta's Llama 3.1 release): wavelengths longer than
+    ``original/low_freq_factor`` divided by ``factor``, shorter than ``original/high_freq_factor`` kept,
+    a linear blend in between. ``yarn`` (Peng et al. 2023, "NTK-by-parts"): dimensions that turn fewer
+    than ``beta_slow`` times over the original context are interpolated, more than ``beta_fast`` times
+    extrapolated, a ramp between; cos/sin scaled by ``0.1 ln(factor) + 1`` (or the given factor, or
+    DeepSeek's mscale ratio). HF's ``rope_init_fn``s compute the same (tests/models/test_variants.py)."""
+    d = rot.head_dim
+    base = rot.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    inv_freq = 1.0 / base
+    s = dict(rot.scaling)
+    kind = s.get("type", "none")
+    if kind == "none":
+        return inv_freq, 1.0
+    factor = float(s["factor"])  # type: ignore[arg-type]
+    original = float(s["original_max_position_embeddings"] or rot.context)  # type: ignore[arg-type]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])  # type: ignore[arg-type]
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original / wavelength - low) / (high - low)  # 0 at the long end of the band, 1 at the short
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, blended)
+        return torch.where(wavelength < original / high, inv_freq, scaled), 1.0
+    if kind == "yarn":
+        fast, slow = float(s["beta_fast"] or 32), float(s["beta_slow"] or 1)  # type: ignore[arg-type]
+
+        def dim_turning(rotations: float) -> float:
+            """The (fractional) dimension whose frequency turns ``rotations`` times over the original context."""
+            return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rot.theta))
+
+        lo, hi = dim_turning(fast), dim_turning(slow)
+        if s["truncate"] is not False:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        ramp = (
+            (torch.arange(d // 2, dtype=torch.float32, device=device) - lo) / (hi - lo if hi != lo else 0.001)
+        ).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # ramp 0: extrapolate, 1: interpolate
+        attention = s["attention_factor"]
+        if attention is None:
+
+            def mscale(m: float) -> float:
+                return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+            ms, ms_all = s["mscale"], s["mscale_all_dim"]
+            attention = mscale(ms) / mscale(ms_all) if ms and ms_all else mscale(1.0)  # type: ignore[arg-type]
+        return inv_freq, float(attention)  # type: ignore[arg-type]
+    raise ValueError(f"model.rope_scaling.type {kind!r}: expected none|linear|llama3|yarn")
+
+
+def rotary_tables(seq_len: int, rot: Rotary, device: torch.device) -> tuple[torch.Tensor, ...]:
     """cos/sin [seq_len, head_dim] for rotate-half rotary embeddings (RoFormer, Su et al. 2021; the
-    HF Llama / megatron non-interleaved convention). Cached: every block of every step asks for the
-    same tables (8 small kernels each otherwise)."""
-    return _rotary_tables(seq_len, head_dim, theta, torch.device(device), torch.is_inference_mode_enabled())
+    HF Llama / megatron non-interleaved convention), scaled as ``rot`` says (:func:`rope_frequencies`).
+    The one set of tables of training, KV-cached generation and (through the config) the export.
+    Cached: every block of every step asks for the same tables (8 small kernels each otherwise)."""
+    return _rotary_tables(seq_len, rot, torch.device(device), torch.is_inference_mode_enabled())
 
 
 @functools.lru_cache(maxsize=16)
 def _rotary_tables(
-    seq_len: int, head_dim: int, theta: float, device: torch.device, inference: bool
+    seq_len: int, rot: Rotary, device: torch.device, inference: bool
 ) -> tuple[torch.Tensor, ...]:
     # ``inference`` keys the cache: tensors made under inference_mode cannot be saved for backward
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
-    )
+    inv_freq, attention_factor = rope_frequencies(rot, device)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # [s, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]
-    return emb.cos(), emb.sin()
+    if attention_factor == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 @compiled
@@ -222,10 +312,50 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     @staticmethod
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [b, heads, s, d] are the last s positions of k/v [b, groups, t, d]."""
+    def attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """q [b, heads, s, d] are the last s positions of k/v [b, groups, t, d]; ``window``: sliding;
+        ``scale``/``softcap``: see :func:`softcapped_attention`."""
         s, t = q.shape[2], k.shape[2]
+        if softcap is not None:
+            return softcapped_attention(q, k, v, causal_mask(s, t, window, q.device), scale, softcap)
+        if scale is not None:
+            windowed = causal_mask(s, t, window, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=windowed, scale=scale, enable_gqa=True)
         mask = None
-        if s > 1:
+        if window is not None:
+            mask = causal_mask(s, t, window, q.device)
+        elif s > 1:
             mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def causal_mask(s: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[s, t] bool, True where attended: the s queries are the last of t positions; query p sees key j
+    when ``j <= p`` and, with a sliding ``window``, ``p - j < window`` (itself and the window-1 keys
+    before it: HF's ``sliding_window_overlay``, Mistral's definition)."""
+    q = torch.arange(t - s, t, device=device)[:, None]
+    k = torch.arange(t, device=device)[None, :]
+    mask = k <= q
+    return mask if window is None else mask & (q - k < window)
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None, cap: float
+) -> torch.Tensor:
+    """Attention with soft-capped scores (Gemma 2): ``cap * tanh(q.k * scale / cap)``, then the mask
+    (bool, True where attended, broadcastable to [b, heads, s, t]) and an fp32 softmax. q [b, heads, s,
+    d], k/v [b, groups, t, d] (query heads grouped per key/value group) -> [b, heads, s, d]. A math
+    path: SDPA's kernels have no soft-capping."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v

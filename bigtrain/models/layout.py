@@ -8,7 +8,8 @@ gibberish at TP=2" impossible by construction.
 
 Layouts (full, unsharded, as bigtrain stores them):
 - ``qkv``: rows grouped per key/value group g: ``[q heads of g (nh/nkv * d rows); k_g (d); v_g (d)]``.
-  Tensor parallelism cuts whole groups, so a contiguous split of dim 0 is the right shard.
+  Tensor parallelism cuts whole groups, so a contiguous split of dim 0 is the right shard. The q/k/v
+  bias (Qwen2) is laid out and split the same way, as the weight's output rows.
 - ``gate_up``: ``[gate (ffn rows); up (ffn rows)]``; rank r holds ``[gate_r; up_r]``.
 - ``vocab``/``col``: split on dim 0; ``row``: split on dim 1; ``replicated``: identical on every rank.
 """
@@ -40,6 +41,12 @@ class ParamSpec:
     init: str  # normal | scaled_normal | ones | zeros | lora_a
     hf: tuple[str, ...]  # HF name templates ({i} = block index); several for fused tensors
     shape: tuple[int, ...] | None = None  # full shape of fine-tuning additions (LoRA, classifier)
+    when: str | None = None  # a boolean ModelConfig field: the parameter exists only where it is true
+
+
+def specs_of(kind: str, m: ModelConfig) -> tuple[ParamSpec, ...]:
+    """The table's parameters of one layer kind that this model variant has (``ParamSpec.when``)."""
+    return tuple(spec for spec in LAYER_PARAMS[kind] if spec.when is None or getattr(m, spec.when))
 
 
 LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
@@ -57,6 +64,31 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
             ),
         ),
         ParamSpec(
+            "attention.qkv.bias",
+            "qkv",
+            "zeros",
+            (
+                "model.layers.{i}.self_attn.q_proj.bias",
+                "model.layers.{i}.self_attn.k_proj.bias",
+                "model.layers.{i}.self_attn.v_proj.bias",
+            ),
+            when="qkv_bias",
+        ),
+        ParamSpec(
+            "attention.q_norm.weight",
+            "replicated",
+            "ones",
+            ("model.layers.{i}.self_attn.q_norm.weight",),
+            when="qk_norm",
+        ),
+        ParamSpec(
+            "attention.k_norm.weight",
+            "replicated",
+            "ones",
+            ("model.layers.{i}.self_attn.k_norm.weight",),
+            when="qk_norm",
+        ),
+        ParamSpec(
             "attention.proj.weight", "row", "scaled_normal", ("model.layers.{i}.self_attn.o_proj.weight",)
         ),
         ParamSpec(
@@ -72,6 +104,14 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
             ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
         ),
         ParamSpec("mlp.down.weight", "row", "scaled_normal", ("model.layers.{i}.mlp.down_proj.weight",)),
+        ParamSpec("attention_out_norm.weight", "replicated", "ones", (), when="sandwich_norms"),  # HF_RENAMED
+        ParamSpec(
+            "mlp_out_norm.weight",
+            "replicated",
+            "ones",
+            ("model.layers.{i}.post_feedforward_layernorm.weight",),
+            when="sandwich_norms",
+        ),
     ),
     FINAL_NORM: (ParamSpec("weight", "replicated", "ones", ("model.norm.weight",)),),
     HEAD: (ParamSpec("weight", "vocab", "normal", ("lm_head.weight",)),),
@@ -117,8 +157,12 @@ def full_shape(spec: ParamSpec, m: ModelConfig, padded_vocab: int) -> tuple[int,
         return spec.shape
     if spec.split == "vocab":
         return (padded_vocab, h)
+    if spec.name in ("attention.q_norm.weight", "attention.k_norm.weight"):
+        return (d,)
     if spec.split == "replicated":
         return (h,)
+    if spec.name == "attention.qkv.bias":
+        return ((m.num_attention_heads + 2 * m.kv_heads) * d,)
     if spec.split == "qkv":
         return ((m.num_attention_heads + 2 * m.kv_heads) * d, h)
     if spec.split == "gate_up":
@@ -166,8 +210,8 @@ def merge(shards: list[torch.Tensor], split: str, name: str = "") -> torch.Tenso
 def init_full(spec: ParamSpec, index: int, m: ModelConfig, padded_vocab: int, seed: int) -> torch.Tensor:
     """The full initial value of a parameter: depends on seed, layer index and name, never on layout."""
     shape = full_shape(spec, m, padded_vocab)
-    if spec.init == "ones":
-        return torch.ones(shape)
+    if spec.init == "ones":  # a norm: the identity, which is weight 0 where it scales by 1 + weight
+        return torch.zeros(shape) if m.norm_offset else torch.ones(shape)
     if spec.init == "zeros":
         return torch.zeros(shape)
     std = m.init_std / (2 * m.num_layers) ** 0.5 if spec.init == "scaled_normal" else m.init_std
@@ -205,7 +249,7 @@ def iter_layer_params(
             continue
         if kind == HEAD and m.tie_embeddings:
             continue
-        for spec in LAYER_PARAMS[kind]:
+        for spec in specs_of(kind, m):
             yield LayerParam(index, spec)
         if kind == BLOCK:
             for spec in task.block:
@@ -233,7 +277,9 @@ def local_layers(model: torch.nn.Module, m: ModelConfig) -> dict[int, torch.nn.M
 
 # ---------------------------------------------------------------------------- HF mapping
 def hf_names(lp: LayerParam, m: ModelConfig) -> tuple[str, ...]:
-    return tuple(t.format(i=lp.index - 1) for t in lp.spec.hf)
+    """The parameter's HF tensor names in ``m.hf_model_type``'s checkpoints (one when that family fuses it)."""
+    templates = HF_RENAMED.get(m.hf_model_type, {}).get(lp.spec.name, lp.spec.hf)
+    return tuple(t.format(i=lp.index - 1) for t in templates)
 
 
 def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]:
@@ -244,14 +290,14 @@ def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch
     if lp.spec.split == "qkv":
         d, nkv = m.head_dim, m.kv_heads
         q_per_group = m.num_attention_heads // nkv
-        cols = full.shape[1]  # hidden size (or the LoRA rank for a B matrix)
-        grouped = full.view(nkv, q_per_group + 2, d, cols)  # [groups, q.. k v, d, cols]
-        q = grouped[:, :q_per_group].reshape(-1, cols)
-        k = grouped[:, q_per_group].reshape(-1, cols)
-        v = grouped[:, q_per_group + 1].reshape(-1, cols)
-        return dict(zip(names, (q, k, v)))
+        cols = full.shape[1:]  # (hidden size,), (LoRA rank,) for a B matrix, () for the bias
+        grouped = full.view(nkv, q_per_group + 2, d, *cols)  # [groups, q.. k v, d, *cols]
+        q = grouped[:, :q_per_group].reshape(-1, *cols)
+        k = grouped[:, q_per_group].reshape(-1, *cols)
+        v = grouped[:, q_per_group + 1].reshape(-1, *cols)
+        return {names[0]: torch.cat([q, k, v])} if len(names) == 1 else dict(zip(names, (q, k, v)))
     if lp.spec.split == "gate_up":
-        return dict(zip(names, full.chunk(2, dim=0)))
+        return {names[0]: full} if len(names) == 1 else dict(zip(names, full.chunk(2, dim=0)))
     return {names[0]: full}
 
 
@@ -266,13 +312,17 @@ def from_hf(
         full[: src.shape[0]] = src
         return full
     if lp.spec.split == "qkv":
-        d, nkv, h = m.head_dim, m.kv_heads, m.hidden_size
-        q = tensors[names[0]].view(nkv, -1, d, h)
-        k = tensors[names[1]].view(nkv, 1, d, h)
-        v = tensors[names[2]].view(nkv, 1, d, h)
-        return torch.cat([q, k, v], dim=1).reshape(-1, h)
+        d, nkv = m.head_dim, m.kv_heads
+        cols = tensors[names[0]].shape[1:]  # (hidden size,) for the weight, () for the bias
+        parts = [tensors[n] for n in names]
+        if len(parts) == 1:  # fused [all q; all k; all v]
+            parts = list(parts[0].split([m.num_attention_heads * d, nkv * d, nkv * d]))
+        q = parts[0].reshape(nkv, -1, d, *cols)
+        k = parts[1].reshape(nkv, 1, d, *cols)
+        v = parts[2].reshape(nkv, 1, d, *cols)
+        return torch.cat([q, k, v], dim=1).reshape(-1, *cols)
     if lp.spec.split == "gate_up":
-        return torch.cat([tensors[names[0]], tensors[names[1]]], dim=0)
+        return torch.cat([tensors[n] for n in names], dim=0)  # fused: already [gate; up]
     return tensors[names[0]]
 
 
@@ -282,7 +332,9 @@ def hf_tensor_names(m: ModelConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- HF config mapping
-# bigtrain ``ModelConfig`` field <-> ``LlamaConfig`` field: the one config table, used by both directions.
+# bigtrain ``ModelConfig`` field <-> HF config field shared by every family: the one config table, used
+# by both directions. The variants' fields (head width, biases, q/k norm, window, rotary scaling) and the
+# architecture follow in :func:`hf_variant_values` / :func:`model_values_from_hf`.
 HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("num_layers", "num_hidden_layers"),
     ("hidden_size", "hidden_size"),
@@ -296,6 +348,43 @@ HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("tie_embeddings", "tie_word_embeddings"),
     ("init_std", "initializer_range"),
 )
+# model.hf_model_type -> the HF causal-LM class: the families that are bigtrain's decoder plus variants
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+# family -> {bigtrain parameter: its HF names there} where they differ from ``ParamSpec.hf`` (Llama's).
+# One name for a fused projection: Phi-3's ``qkv_proj`` is ``[all q heads; all k; all v]``,
+# ``gate_up_proj`` ``[gate; up]``. Gemma 2's ``post_attention_layernorm`` follows the attention (our
+# ``attention_out_norm``); the norm before its MLP is ``pre_feedforward_layernorm``.
+HF_RENAMED: dict[str, dict[str, tuple[str, ...]]] = {
+    "phi3": {
+        "attention.qkv.weight": ("model.layers.{i}.self_attn.qkv_proj.weight",),
+        "mlp.gate_up.weight": ("model.layers.{i}.mlp.gate_up_proj.weight",),
+    },
+    "gemma2": {
+        "post_attention_norm.weight": ("model.layers.{i}.pre_feedforward_layernorm.weight",),
+        "attention_out_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+    },
+}
+HF_RENAMED["gemma3_text"] = HF_RENAMED["gemma2"]
+ROPE_KEYS = (  # RopeScalingConfig fields under their HF rope_parameters names (written when set)
+    "factor",
+    "original_max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "beta_fast",
+    "beta_slow",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+)
 
 
 def hf_config_values(m: ModelConfig) -> dict[str, object]:
@@ -304,9 +393,134 @@ def hf_config_values(m: ModelConfig) -> dict[str, object]:
     return {hf: resolved.get(ours, getattr(m, ours)) for ours, hf in HF_CONFIG_FIELDS}
 
 
+def hf_rope_parameters(m: ModelConfig) -> dict[str, object]:
+    """HF's ``rope_parameters`` (transformers 5): type, theta and the scaling fields that are set."""
+    r = m.rope_scaling
+    if r.type == "none":
+        return {"rope_type": "default", "rope_theta": m.rope_theta}
+    values = {k: getattr(r, k) for k in ROPE_KEYS if getattr(r, k) is not None}
+    return {"rope_type": r.type, "rope_theta": m.rope_theta, **values}
+
+
+def hf_variant_values(m: ModelConfig) -> dict[str, object]:
+    """The family's own config.json fields: architecture, model_type, head_dim, rotary settings in both
+    schemas (``rope_parameters``, transformers 5; ``rope_scaling`` next to ``rope_theta``, 4), biases and
+    the sliding window as that family's config class writes them (Qwen: ``use_sliding_window``,
+    ``max_window_layers`` and the ``layer_types`` they imply)."""
+    kind = m.hf_model_type
+    rope = hf_rope_parameters(m)
+    scaling = None if m.rope_scaling.type == "none" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    out: dict[str, object] = {
+        "architectures": [HF_ARCHITECTURES[kind]],
+        "model_type": kind,
+        "head_dim": m.head_dim,
+        "hidden_act": "gelu_pytorch_tanh" if m.activation == "gelu_tanh" else "silu",
+        "attention_dropout": 0.0,
+        "rope_parameters": rope,
+        "rope_scaling": scaling,
+    }
+    if kind in ("llama", "qwen3", "phi3", "gemma2", "gemma3_text"):
+        out["attention_bias"] = False  # their flag puts a bias on the output projection too
+    if kind == "llama":
+        out.update(mlp_bias=False, pretraining_tp=1)
+    if kind in ("mistral", "phi3"):
+        out["sliding_window"] = m.sliding_window
+    if kind in ("gemma2", "gemma3_text"):
+        out.update(
+            hidden_activation=out["hidden_act"],
+            query_pre_attn_scalar=m.query_pre_attn_scalar,
+            attn_logit_softcapping=m.attn_logit_softcapping,
+            final_logit_softcapping=m.final_logit_softcapping,
+            sliding_window=m.sliding_window,
+            layer_types=hf_layer_types(m),
+            use_bidirectional_attention=None if kind == "gemma2" else False,
+            cache_implementation="hybrid",  # as published: windowed caches for the sliding blocks
+        )
+    if kind == "gemma3_text":  # rotary per layer type; the pattern as Gemma3TextConfig records it
+        local = {"rope_type": "default", "rope_theta": m.rope_local_theta or m.rope_theta}
+        out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+        out.update(sliding_window_pattern=m.window_pattern, _sliding_window_pattern=m.window_pattern)
+    if kind == "phi3":
+        original = m.rope_scaling.original_max_position_embeddings or m.seq_length
+        out.update(original_max_position_embeddings=original, resid_pdrop=0.0, embd_pdrop=0.0)
+        out["rope_parameters"] = {**rope, "partial_rotary_factor": 1.0}  # Phi3Config writes it
+    if kind in ("qwen2", "qwen3"):
+        out.update(
+            use_sliding_window=m.sliding_window is not None,
+            sliding_window=m.sliding_window,
+            max_window_layers=m.full_attention_layers,
+            layer_types=hf_layer_types(m),
+        )
+    return out
+
+
+def hf_layer_types(m: ModelConfig) -> list[str]:
+    """HF's ``layer_types``: which blocks use the sliding window (``ModelConfig.window_of``)."""
+    return ["full_attention" if m.window_of(i) is None else "sliding_attention" for i in range(m.num_layers)]
+
+
+def hf_rope_scaling(hf: dict) -> dict[str, object]:
+    """``model.rope_scaling`` values from either HF schema: ``rope_parameters`` (transformers 5), else
+    ``rope_scaling`` (its ``type`` or ``rope_type``). Plain rotary: ``{}``. Unknown keys are kept, so
+    that the config tree names them."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params = dict(params.get("full_attention") or params)  # per layer type (Gemma 3): the full blocks'
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    params.pop("rope_theta", None)
+    if kind == "default":
+        return {}
+    return {"type": kind, **params}
+
+
+def hf_rope_theta(hf: dict) -> float | None:
+    params = hf.get("rope_parameters") or {}
+    params = params.get("full_attention") or params  # per layer type (Gemma 3): the full blocks'
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    return None if theta is None else float(theta)
+
+
 def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
-    """ModelConfig values from HF config values (keys missing in ``hf`` are left to bigtrain's defaults)."""
-    return {ours: hf[name] for ours, name in HF_CONFIG_FIELDS if hf.get(name) is not None}
+    """ModelConfig values from HF config values (keys missing in ``hf`` are left to bigtrain's defaults):
+    the shared table, then the variant of the family ``model_type`` names."""
+    values = {ours: hf[name] for ours, name in HF_CONFIG_FIELDS if hf.get(name) is not None}
+    if (theta := hf_rope_theta(hf)) is not None:
+        values["rope_theta"] = theta
+    kind = str(hf.get("model_type", "llama"))
+    values["hf_model_type"] = kind
+    heads, hidden, head_dim = hf.get("num_attention_heads"), hf.get("hidden_size"), hf.get("head_dim")
+    if isinstance(head_dim, int) and isinstance(heads, int) and head_dim * heads != hidden:
+        values["kv_channels"] = head_dim  # only when it is not the default hidden/heads
+    if kind == "qwen2":
+        values["qkv_bias"] = True
+    if kind == "qwen3":
+        values["qk_norm"] = True
+    if kind in ("mistral", "phi3", "gemma2", "gemma3_text") and hf.get("sliding_window") is not None:
+        values["sliding_window"] = hf["sliding_window"]
+    if kind in ("gemma2", "gemma3_text"):
+        values.update(norm_offset=True, sandwich_norms=True, scale_embeddings=True, activation="gelu_tanh")
+        values["window_pattern"] = 2  # HF's Gemma2Config: blocks 1, 3, ... attend to everything
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            values[name] = hf.get(name)
+    if kind == "gemma3_text":
+        values["qk_norm"] = True
+        values["window_pattern"] = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        params = hf.get("rope_parameters")
+        local: dict = (params.get("sliding_attention") if isinstance(params, dict) else None) or {}
+        local_theta = local.get("rope_theta", hf.get("rope_local_base_freq"))
+        if local_theta is not None:
+            values["rope_local_theta"] = float(local_theta)
+    if kind in ("qwen2", "qwen3"):
+        if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+            values["sliding_window"] = hf["sliding_window"]
+        values["full_attention_layers"] = hf.get("max_window_layers", 0)
+    scaling = hf_rope_scaling(hf)
+    scaling.pop("partial_rotary_factor", None)  # 1 (the whole head) or refused by the importer
+    if kind == "phi3" and hf.get("original_max_position_embeddings") is not None:
+        scaling.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
+    if scaling:
+        values["rope_scaling"] = scaling
+    return values
 
 
 # ---------------------------------------------------------------------------- pipeline stages
@@ -326,7 +540,7 @@ def list_layer_param_counts(m: ModelConfig, padded_vocab: int, tp: int) -> list[
     counts = []
     for index in range(num_list_layers(m)):
         kind = layer_kind(index, m.num_layers)
-        specs = LAYER_PARAMS[EMBED if kind == HEAD and m.tie_embeddings else kind]
+        specs = specs_of(EMBED if kind == HEAD and m.tie_embeddings else kind, m)
         counts.append(sum(torch.Size(local_shape(s, m, padded_vocab, tp)).numel() for s in specs))
     return counts
 

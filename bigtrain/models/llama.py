@@ -12,6 +12,7 @@ ones in :mod:`bigtrain.models.layout`'s table.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,30 +27,48 @@ from bigtrain.config import ModelConfig
 from bigtrain.models.layers import (
     KVCache,
     RMSNorm,
+    Rotary,
     TensorParallel,
     apply_rotary,
+    causal_mask,
     column_parallel,
     cross_entropy,
     rotary_tables,
     rotate_half,
     row_parallel,
+    softcapped_attention,
     vocab_embedding,
 )
 from bigtrain.perf import compiled
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention; the core runs in SDPA (flash kernels on GPU)."""
+    """Grouped-query causal self-attention; the core runs in SDPA (flash kernels on GPU).
 
-    def __init__(self, m: ModelConfig, tp: TensorParallel, recompute_core: bool):
+    Variants (``ModelConfig``): q/k/v biases (Qwen2; split with their output rows), an RMSNorm over
+    each query and key head before rotary (Qwen3; one [head_dim] weight, so per local head at any
+    tensor size), a head width of its own (``kv_channels``), rotary scaling (``rope_scaling``), a
+    sliding ``window`` (Mistral v0.1; an SDPA mask, also over packed documents and the KV cache), Gemma's
+    score scale and soft-capped scores (then a math path, :func:`softcapped_attention`)."""
+
+    def __init__(self, m: ModelConfig, tp: TensorParallel, recompute_core: bool, window: int | None = None):
         super().__init__()
         self.head_dim = m.head_dim
         self.kv_groups = m.kv_heads // tp.size  # key/value groups on this rank
         self.q_per_group = m.num_attention_heads // m.kv_heads
-        self.rope_theta = m.rope_theta
+        # Gemma 3: the sliding-window blocks rotate with their own base, unscaled
+        local = window is not None and m.rope_local_theta is not None
+        self.rotary = Rotary(m.head_dim, m.rope_local_theta, (), m.seq_length) if local else Rotary.of(m)  # type: ignore[arg-type]
+        self.window = window
+        self.scale = None if m.query_pre_attn_scalar is None else m.query_pre_attn_scalar**-0.5
+        self.softcap = m.attn_logit_softcapping
         self.recompute_core = recompute_core
         qkv_out = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
-        self.qkv = column_parallel(m.hidden_size, qkv_out, tp)
+        self.qkv = column_parallel(m.hidden_size, qkv_out, tp, bias=m.qkv_bias)
+        if m.qk_norm:
+            self.q_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset)
+            self.k_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset)
+        self.qk_norm = m.qk_norm
         self.proj = row_parallel(m.num_attention_heads * m.head_dim, m.hidden_size, tp)
 
     def forward(
@@ -69,8 +88,10 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
         q = q.reshape(s, b, -1, self.head_dim)  # [s, b, heads, d]
         k, v = k.squeeze(3), v.squeeze(3)  # [s, b, groups, d]
+        if self.qk_norm:  # over each head's d features, before rotary (as HF's Qwen3Attention)
+            q, k = self.q_norm(q), self.k_norm(k)
         start = 0 if cache is None else cache.length
-        cos, sin = rotary_tables(start + s, self.head_dim, self.rope_theta, x.device)
+        cos, sin = rotary_tables(start + s, self.rotary, x.device)
         if positions is None:
             q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
         else:  # per-sample positions (they restart below s)
@@ -82,13 +103,17 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         if start:
-            out = KVCache.attend(q, k, v)
+            out = KVCache.attend(q, k, v, self.window, self.scale, self.softcap)
         else:
             args: tuple[torch.Tensor, ...] = (q, k, v)
             if doc_ids is not None:
-                causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+                causal = causal_mask(s, s, self.window, x.device)
                 args = (*args, (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None])  # [b,1,s,s]
-            core = _causal_core if doc_ids is None else _masked_core
+            elif self.window is not None or self.scale is not None or self.softcap is not None:
+                args = (*args, causal_mask(s, s, self.window, x.device))  # [s, s]
+            core: Callable[..., torch.Tensor] = _causal_core if len(args) == 3 else _masked_core
+            if self.scale is not None or self.softcap is not None:
+                core = functools.partial(_gemma_core, scale=self.scale, softcap=self.softcap)
             if self.recompute_core and torch.is_grad_enabled():
                 out = checkpoint(core, *args, use_reentrant=False)
             else:
@@ -106,17 +131,33 @@ def _masked_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _gemma_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Gemma's score scale (``query_pre_attn_scalar``) and, when set, soft-capped scores."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return softcapped_attention(q, k, v, mask, scale, softcap)
+
+
 class SwiGLU(nn.Module):
-    """x [s, b, h] -> down(silu(gate(x)) * up(x)) [s, b, h] (Shazeer 2020)."""
+    """x [s, b, h] -> down(silu(gate(x)) * up(x)) [s, b, h] (Shazeer 2020); ``model.activation``
+    gelu_tanh: GeGLU with the tanh-approximated GELU (Gemma's ``gelu_pytorch_tanh``)."""
 
     def __init__(self, m: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.gate_up = column_parallel(m.hidden_size, 2 * m.ffn_size, tp)
         self.down = row_parallel(m.ffn_size, m.hidden_size, tp)
+        self.gated = geglu if m.activation == "gelu_tanh" else swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)[0].chunk(2, dim=-1)  # this rank's [gate_r; up_r]
-        return self.down(swiglu(gate, up))[0]
+        return self.down(self.gated(gate, up))[0]
 
 
 @compiled
@@ -124,16 +165,28 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm block; ``checkpointing``: none | full (recompute the block) | selective (attention core)."""
+@compiled
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
 
-    def __init__(self, m: ModelConfig, tp: TensorParallel, checkpointing: str = "none"):
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block; ``checkpointing``: none | full (recompute the block) | selective (attention core);
+    ``window``: this block's sliding window (``ModelConfig.window_of``), None for the full context."""
+
+    def __init__(
+        self, m: ModelConfig, tp: TensorParallel, checkpointing: str = "none", window: int | None = None
+    ):
         super().__init__()
         self.full_recompute = checkpointing == "full"
-        self.input_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.attention = Attention(m, tp, recompute_core=checkpointing == "selective")
-        self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.input_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
+        self.attention = Attention(m, tp, recompute_core=checkpointing == "selective", window=window)
+        self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)  # before the MLP
         self.mlp = SwiGLU(m, tp)
+        self.sandwich = m.sandwich_norms
+        if m.sandwich_norms:  # Gemma 2: the attention's and the MLP's outputs are normalized too
+            self.attention_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
+            self.mlp_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
 
     def _forward(
         self,
@@ -142,6 +195,9 @@ class TransformerBlock(nn.Module):
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.attention_out_norm(self.attention(self.input_norm(x), cache, positions, doc_ids))
+            return x + self.mlp_out_norm(self.mlp(self.post_attention_norm(x)))
         x = x + self.attention(self.input_norm(x), cache, positions, doc_ids)  # [s, b, h]
         return x + self.mlp(self.post_attention_norm(x))  # [s, b, h]
 
@@ -159,19 +215,22 @@ class TransformerBlock(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token ids [b, s] -> hidden [s, b, h]."""
+    """Token ids [b, s] -> hidden [s, b, h] (times sqrt(h) in the hidden's dtype with
+    ``model.scale_embeddings``, as HF's Gemma)."""
 
     def __init__(self, m: ModelConfig, tp: TensorParallel, padded_vocab: int):
         super().__init__()
         self.word_embeddings = vocab_embedding(padded_vocab, m.hidden_size, tp)
+        self.multiplier = m.hidden_size**0.5 if m.scale_embeddings else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(tokens.t().contiguous())
+        x = self.word_embeddings(tokens.t().contiguous())
+        return x if self.multiplier is None else x * torch.tensor(self.multiplier, dtype=x.dtype)
 
 
 class FinalNorm(RMSNorm):
     def __init__(self, m: ModelConfig):
-        super().__init__(m.hidden_size, m.norm_eps)
+        super().__init__(m.hidden_size, m.norm_eps, m.norm_offset)
 
 
 class OutputLayer(nn.Module):
@@ -201,13 +260,14 @@ class OutputLayer(nn.Module):
         self.has_padding = bool(self.vocab_padding.any())  # decided here: a device .any() syncs the host
         # size 1: the padding is the weight's tail, left out of the matmul (a row slice is a view)
         self.real_rows = m.vocab_size if tp.size == 1 and self.has_padding else None
+        self.softcap = m.final_logit_softcapping
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
-        if self.real_rows is not None:
-            return self.linear(x, weight=weight[: self.real_rows])[0]
-        logits = self.linear(x, weight=weight)[0]
-        if self.has_padding:
+        logits = self.linear(x, weight=weight if self.real_rows is None else weight[: self.real_rows])[0]
+        if self.softcap is not None:  # Gemma 2: cap * tanh(logits / cap), elementwise (any vocab slice)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.has_padding and self.real_rows is None:
             # in place: the matmul's output is not saved for backward, and a copy would be [tokens, vocab]
             logits.masked_fill_(self.vocab_padding.to(logits.device), torch.finfo(logits.dtype).min)
         return logits
@@ -337,7 +397,9 @@ class LlamaModel(nn.Module):
         else:
             first = LayerSpec(layers.embedding, m, tp, padded_vocab)
             last = LayerSpec(OutputLayer, m, tp, padded_vocab)
-        blocks = [LayerSpec(layers.block, m, tp, checkpointing) for _ in range(m.num_layers)]
+        blocks = [
+            LayerSpec(layers.block, m, tp, checkpointing, window=m.window_of(i)) for i in range(m.num_layers)
+        ]
         return [first, *blocks, LayerSpec(layers.final_norm, m, *layers.final_norm_args), last]
 
     def outputs(

@@ -112,6 +112,6 @@ def initialize_weights(model: nn.Module, cfg: Config, task: layout.TaskParams = 
 
 def _mark_tensor_parallel(param: nn.Parameter, split: str, size: int) -> None:
     """megatron's attributes that DeepSpeed's grad-norm uses to count a sharded tensor on every rank
-    (megatron only sets them when it initializes weights itself, which we skip)."""
-    if split != "replicated" and size > 1:
+    (megatron only sets them when it initializes weights itself, which we skip; biases it always marks)."""
+    if split != "replicated" and size > 1 and not hasattr(param, "tensor_model_parallel"):
         set_tensor_model_parallel_attributes(param, True, 1 if split == "row" else 0, 1)

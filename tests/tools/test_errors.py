@@ -75,15 +75,41 @@ def write_config(directory, **fields):
 
 UNSUPPORTED = {
     "gpt2": ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel"),
-    "mistral-sliding-window": (
-        {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 16},
-        "sliding_window=16",
+    "gemma2-bidirectional": (
+        {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "use_bidirectional_attention": True},
+        "use_bidirectional_attention=true",
     ),
-    "qwen2-biases": ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "attention bias"),
+    "gemma3-multimodal": (
+        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]},  # multimodal
+        "architecture Gemma3ForConditionalGeneration",
+    ),
+    "phi3-dropout": (
+        {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "resid_pdrop": 0.1},
+        "resid_pdrop=0.1",
+    ),
     "llama-attention-bias": ({"attention_bias": True}, "attention_bias=true"),
-    "llama3-rope-scaling": (
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-        "rope scaling type 'llama3'",
+    "dynamic-rope-scaling": (
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+        "rope scaling type 'dynamic' (dynamic NTK rescales rotary only at inference",
+    ),
+    "phi3-128k-longrope": (
+        {
+            "model_type": "phi3",
+            "architectures": ["Phi3ForCausalLM"],
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
+        },
+        "rope scaling type 'longrope'",
+    ),
+    "qwen2-layer-types": (
+        {
+            "model_type": "qwen2",
+            "architectures": ["Qwen2ForCausalLM"],
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "max_window_layers": 0,
+            "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+        },
+        "layer_types ['full_attention', 'sliding_attention', 'full_attention']",
     ),
     "gelu": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
 }
@@ -101,12 +127,10 @@ def test_import_names_unsupported_architecture(case, tmp_path):
 
 
 def test_import_cli_unsupported_architecture(tmp_path):
-    hf = write_config(
-        tmp_path / "hf", model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8
-    )
+    hf = write_config(tmp_path / "hf", model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
     out = tmp_path / "ckpt"
     proc = tool("convert_from_hf", "--hf", hf, "--output", out, check=False)
-    assert proc.returncode == 1 and "sliding_window=8" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "architecture Gemma3ForConditionalGeneration" in proc.stderr, proc.stderr
     assert_nothing_written(out)
 
 
