@@ -75,11 +75,12 @@ def test_variant_flops_and_parameters(world_of_one, variant):  # noqa: F811
 
     cfg = tiny_cfg("model.ffn_hidden_size=96", *variant)
     init_distributed(cfg)
-    m, vocab = cfg.model, cfg.derived.padded_vocab_size
+    m, padded = cfg.model, cfg.derived.padded_vocab_size
+    vocab = flops.output_vocab(m, padded, cfg.parallel.tensor)
     fwd, bwd, params = _count(cfg)
     assert fwd == flops.forward_flops_per_token(m, vocab) * 2 * m.seq_length
     assert bwd == 2 * fwd
-    assert params == flops.num_parameters(m, vocab)
+    assert params == flops.num_parameters(m, padded)
     assert sum(flops.block_parameters(m)) > flops.block_matmul_params(m) + 2 * m.hidden_size  # bias/norms
 
 

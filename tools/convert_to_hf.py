@@ -30,7 +30,6 @@ from bigtrain.finetune.export import hf_config_overrides, hf_tensor_groups, writ
 from bigtrain.finetune.params import task_params
 from bigtrain.models import layout
 
-WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -285,9 +284,12 @@ def export(
             generation["eos_token_id"] = eos
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer_dir is not None:
-            for f in sorted(tokenizer_dir.iterdir()):
-                if f.is_file() and f.name not in WRITTEN and not f.name.endswith(".safetensors"):
-                    shutil.copy2(f, tmp / f.name)
+            from tokenizer import TokenizerError, export_files
+
+            try:  # the tokenizer files byte for byte (SentencePiece or Hugging Face backed), checked to load
+                export_files(tokenizer_dir, tmp)
+            except (OSError, TokenizerError) as e:
+                raise ExportError(f"data.tokenizer {tokenizer_dir}: {e}") from None
             if trained is not None:
                 write_template(tmp, trained)
         _replace(tmp, out)
