@@ -72,7 +72,8 @@ class RopeScalingConfig:
     factor: float = opt(1.0, "Context extension factor of linear, llama3 and yarn (>= 1).")
     original_max_position_embeddings: int | None = opt(
         None,
-        "llama3/yarn: the context length the model was pretrained at (default: model.seq_length); phi3 "
+        "llama3/yarn: the context length the model was pretrained at (default: the model's context, "
+        "model.max_position_embeddings or seq_length); phi3 "
         "records it with any type, for the export.",
     )
     low_freq_factor: float | None = opt(
@@ -104,6 +105,12 @@ class ModelConfig:
         None, "SwiGLU inner width (default: Llama's 8/3*hidden rounded up to 256)."
     )
     seq_length: int = opt(128, "Training sequence length in tokens.")
+    max_position_embeddings: int | None = opt(
+        None,
+        "Context length the model declares (HF max_position_embeddings, written by the export; the "
+        "default context of llama3/yarn rotary scaling); default: seq_length. An import keeps the HF "
+        "model's (e.g. 131072 for Llama 3.2) and trains at a shorter seq_length.",
+    )
     vocab_size: int | None = opt(None, "True vocabulary size (default: taken from data.tokenizer).")
     rope_theta: float = opt(10000.0, "Rotary embedding base.")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon.")
@@ -171,6 +178,11 @@ class ModelConfig:
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
         return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+
+    @property
+    def context_length(self) -> int:
+        """The declared context: ``max_position_embeddings``, else ``seq_length``."""
+        return self.max_position_embeddings or self.seq_length
 
     @property
     def head_dim(self) -> int:
@@ -575,6 +587,11 @@ def validate(cfg: Config, world_size: int) -> None:
     validate_finetune(cfg)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _check(
+        m.max_position_embeddings is None or m.max_position_embeddings >= m.seq_length,
+        f"model.max_position_embeddings ({m.max_position_embeddings}) is below model.seq_length "
+        f"({m.seq_length}): the export would declare a shorter context than the model trains at; raise it",
+    )
     _check(
         m.vocab_size is not None and m.vocab_size > 0,
         "model.vocab_size is not set and no data.tokenizer gives it",

@@ -100,6 +100,7 @@ RULES: dict[str, Rule] = {
     "model.seq_length": Rule(
         REFUSED, "samples are windows of seq_length+1 tokens: the saved data position counts saved windows"
     ),
+    "model.max_position_embeddings": Rule(HONOURED, BUILT),
     "model.init_std": Rule(
         REFUSED,
         "only the initial weights depend on it, and the resumed weights were drawn with the saved value",

@@ -144,10 +144,20 @@ def read_hf_config(hf_dir: Path) -> dict:
     return hf
 
 
+# The training length an import's config.yaml starts with when the model declares a longer context
+# (Llama 3.2: 131072): windows that long would rarely be what continued pretraining wants, and the
+# export keeps declaring the model's own context (model.max_position_embeddings).
+IMPORT_SEQ_LENGTH = 4096
+
+
 def bigtrain_config(hf: dict, tensor: int, pipeline: int, partition_method: str) -> Config:
-    """A resolved bigtrain config whose model section is the HF architecture (raises ConfigError)."""
+    """A resolved bigtrain config whose model section is the HF architecture (raises ConfigError);
+    ``model.seq_length`` is the declared context capped at :data:`IMPORT_SEQ_LENGTH`."""
+    model = layout.model_values_from_hf(hf)
+    if "max_position_embeddings" in model:
+        model["seq_length"] = min(int(model["max_position_embeddings"]), IMPORT_SEQ_LENGTH)  # type: ignore[call-overload]
     tree = {
-        "model": layout.model_values_from_hf(hf),
+        "model": model,
         "parallel": {"tensor": tensor, "pipeline": pipeline, "partition_method": partition_method},
         "data": {"mock": True},  # weights only: set data.train (and data.mock=false) to train on it
     }
@@ -225,6 +235,11 @@ def convert(
     hf = read_hf_config(hf_dir)
     cfg = bigtrain_config(hf, tensor, pipeline, partition_method)
     m, padded = cfg.model, cfg.derived.padded_vocab_size
+    if m.seq_length < m.context_length:
+        print(
+            f"convert_from_hf: config.yaml trains at model.seq_length={m.seq_length} (the model declares "
+            f"{m.context_length}, kept for the export); set model.seq_length to train on longer windows"
+        )
     weights = HFWeights(hf_dir)
     weights.check_names(m)
     from bigtrain.checkpoint import LATEST, META, tag_for  # heavy (megatron-core): after the cheap checks

@@ -182,7 +182,8 @@ def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 class Rotary:
     """What the rotary tables depend on (hashable: the tables are cached by it). ``scaling``: the
     ``model.rope_scaling`` fields as (name, value) pairs, () for plain rotary; ``context``:
-    ``model.seq_length``, the default pretraining context of llama3/yarn."""
+    the model's declared context (``ModelConfig.context_length``), the default original context of
+    llama3/yarn."""
 
     head_dim: int
     theta: float
@@ -193,7 +194,7 @@ class Rotary:
     def of(cls, m: ModelConfig) -> Rotary:
         r = m.rope_scaling
         scaling = () if r.type == "none" else tuple(dataclasses.asdict(r).items())
-        return cls(m.head_dim, m.rope_theta, scaling, m.seq_length)
+        return cls(m.head_dim, m.rope_theta, scaling, m.context_length)
 
 
 def rope_frequencies(rot: Rotary, device: torch.device | None = None) -> tuple[torch.Tensor, float]:

@@ -341,7 +341,7 @@ HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("num_attention_heads", "num_attention_heads"),
     ("num_kv_heads", "num_key_value_heads"),
     ("ffn_hidden_size", "intermediate_size"),
-    ("seq_length", "max_position_embeddings"),
+    ("max_position_embeddings", "max_position_embeddings"),
     ("vocab_size", "vocab_size"),
     ("rope_theta", "rope_theta"),
     ("norm_eps", "rms_norm_eps"),
@@ -389,7 +389,11 @@ ROPE_KEYS = (  # RopeScalingConfig fields under their HF rope_parameters names (
 
 def hf_config_values(m: ModelConfig) -> dict[str, object]:
     """LlamaConfig values of a bigtrain model (defaults resolved: kv heads, ffn size; true vocab size)."""
-    resolved = {"num_kv_heads": m.kv_heads, "ffn_hidden_size": m.ffn_size}
+    resolved = {
+        "num_kv_heads": m.kv_heads,
+        "ffn_hidden_size": m.ffn_size,
+        "max_position_embeddings": m.context_length,
+    }
     return {hf: resolved.get(ours, getattr(m, ours)) for ours, hf in HF_CONFIG_FIELDS}
 
 
@@ -441,7 +445,7 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
         out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
         out.update(sliding_window_pattern=m.window_pattern, _sliding_window_pattern=m.window_pattern)
     if kind == "phi3":
-        original = m.rope_scaling.original_max_position_embeddings or m.seq_length
+        original = m.rope_scaling.original_max_position_embeddings or m.context_length
         out.update(original_max_position_embeddings=original, resid_pdrop=0.0, embd_pdrop=0.0)
         out["rope_parameters"] = {**rope, "partial_rotary_factor": 1.0}  # Phi3Config writes it
     if kind in ("qwen2", "qwen3"):

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.q_per_group = m.num_attention_heads // m.kv_heads
         # Gemma 3: the sliding-window blocks rotate with their own base, unscaled
         local = window is not None and m.rope_local_theta is not None
-        self.rotary = Rotary(m.head_dim, m.rope_local_theta, (), m.seq_length) if local else Rotary.of(m)  # type: ignore[arg-type]
+        self.rotary = Rotary(m.head_dim, m.rope_local_theta, (), m.context_length) if local else Rotary.of(m)  # type: ignore[arg-type]
         self.window = window
         self.scale = None if m.query_pre_attn_scalar is None else m.query_pre_attn_scalar**-0.5
         self.softcap = m.attn_logit_softcapping

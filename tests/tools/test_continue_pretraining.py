@@ -70,7 +70,8 @@ def test_imported_llama32_continues_pretraining_at_tp2_on_its_own_tokenizer(tmp_
 
     out = tmp_path / "export"
     tool("convert_to_hf", "--checkpoint", run / "checkpoints", "--output", out)
-    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    exported = json.loads((out / "config.json").read_text())
+    assert (exported["model_type"], exported["max_position_embeddings"]) == ("llama", 512)  # trained at 64
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(model).__name__ == "LlamaForCausalLM" and not info["missing_keys"], info
     assert model.config.rope_parameters["rope_type"] == "llama3"

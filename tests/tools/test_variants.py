@@ -359,3 +359,21 @@ def test_qwen_sliding_window_from_max_window_layers(tmp_path):
         assert float((model.logits(ids) - theirs).abs().max()) <= 1e-5
         model.model.blocks[0].attention.window = 8
         assert float((model.logits(ids) - theirs).abs().max()) > 1e-3
+
+
+def test_import_trains_at_a_capped_length_and_the_export_keeps_the_declared_context():
+    """Llama 3.2 declares 131072 positions: the import's config trains at 4096 (IMPORT_SEQ_LENGTH) and
+    keeps 131072 as model.max_position_embeddings, which is also llama3 scaling's default original
+    context and what the export writes back, whatever seq_length a run then trains at."""
+    from bigtrain.models import layout
+    from bigtrain.models.layers import Rotary
+    from tools.convert_from_hf import IMPORT_SEQ_LENGTH, bigtrain_config
+
+    hf = {**PUBLISHED["llama-3.2-1b"], **SHRUNK, "max_position_embeddings": 131072}
+    m = bigtrain_config(hf, 1, 1, "parameters").model
+    assert (m.seq_length, m.max_position_embeddings, m.context_length) == (IMPORT_SEQ_LENGTH, 131072, 131072)
+    m.seq_length = 64
+    assert layout.hf_config_values(m)["max_position_embeddings"] == 131072
+    assert Rotary.of(m).context == 131072
+    short = bigtrain_config({**hf, "max_position_embeddings": 512}, 1, 1, "parameters").model
+    assert (short.seq_length, layout.hf_config_values(short)["max_position_embeddings"]) == (512, 512)
