@@ -115,10 +115,19 @@ class Tokenizer(ABC):
             from tokenizer.hf_backend import HFTokenizer
 
             return HFTokenizer.from_path(path)
-        if kind is None and Path(path).is_dir():
+        p = Path(path)
+        if kind is None and p.is_dir():
             raise FileNotFoundError(
                 f"tokenizer not found: {path} has no {MODEL_FILE} (SentencePiece, python -m tokenizer.train) "
                 f"and no {HF_TOKENIZER_FILE} (Hugging Face tokenizer files)"
+            )
+        if p.is_dir() and not (p / META_FILE).is_file() and (p / "tokenizer_config.json").is_file():
+            # an HF slow tokenizer: its BOS/EOS and text rules live in transformers' tokenizer class, which
+            # the bare SentencePiece model does not reproduce (ids would silently differ, e.g. no BOS)
+            raise TokenizerError(
+                f"{path}: a Hugging Face tokenizer ({MODEL_FILE} with tokenizer_config.json) without "
+                f"{HF_TOKENIZER_FILE}; write it with transformers (AutoTokenizer.from_pretrained(DIR)"
+                f".save_pretrained(DIR)) so bigtrain encodes exactly as transformers does"
             )
         return SentencePieceTokenizer.from_path(path)
 

@@ -179,6 +179,17 @@ def test_bad_directories_are_named(dirs: dict[str, Path], tmp_path: Path) -> Non
     with pytest.raises(TokenizerError, match=r"tokenizer.json: not a Hugging Face tokenizers file"):
         Tokenizer.load(broken)
 
+    # an HF slow tokenizer (Llama-2 style: tokenizer.model + tokenizer_config.json, no tokenizer.json):
+    # the bare SentencePiece model would drop the BOS transformers adds; refused instead
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy2(dirs["mistral"] / name, slow / name)
+    with pytest.raises(TokenizerError, match=rf"{slow}: a Hugging Face tokenizer .* without tokenizer.json"):
+        Tokenizer.load(slow)
+    proc = run_cmd(preprocess_cmd([str(inputs)], slow, tmp_path / "out" / "y"), timeout=120, check=False)
+    assert proc.returncode == 2 and "without tokenizer.json" in proc.stderr, proc.stderr[-2000:]
+
 
 def test_backend_choice_keeps_tokenizer_train_directories_on_sentencepiece(
     tok_dir: Path, tmp_path: Path
