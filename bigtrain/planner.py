@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from bigtrain import flops
@@ -589,7 +590,9 @@ def explain(
     if best.layout.checkpointing != "none":
         parts.append(f"{best.layout.checkpointing} recomputation because nothing cheaper fits")
     demoted = sum(c.demoted for c in ranked)
-    if best.layout.offload:
+    if best.demoted:  # shown first only because a filter (--only) left no better layout
+        parts.append(best.why)
+    elif best.layout.offload:
         plain = [c for c in ranked if c.fits and not c.layout.offload]
         parts.append(
             f"optimizer offload: predicted more than {offload_margin:.0%} faster than the best fitting "
@@ -660,6 +663,28 @@ def rank(candidates: list[Candidate], offload_margin: float = OFFLOAD_MARGIN) ->
     )
 
 
+def _layout_filter(only: dict[str, str]) -> Callable[[Layout], bool]:
+    """A predicate on layouts from ``{field: value}`` (``tools/plan.py --only``), values parsed by the
+    field's type (``offload=true|false``); ConfigError naming the field otherwise."""
+    types = {f.name: str(f.type) for f in fields(Layout)}  # "int" | "bool" | "str" (postponed annotations)
+    wanted: dict[str, object] = {}
+    for name, text in only.items():
+        if name not in types:
+            raise ConfigError(f"--only {name}: not a layout field (one of {', '.join(types)})")
+        kind = types[name]
+        try:
+            if kind == "bool":
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                wanted[name] = text.lower() == "true"
+            else:
+                wanted[name] = int(text) if kind == "int" else text
+        except ValueError:
+            expected = "true or false" if kind == "bool" else "an integer"
+            raise ConfigError(f"--only {name}={text}: expected {expected}") from None
+    return lambda layout: all(getattr(layout, k) == v for k, v in wanted.items())
+
+
 def plan(
     cfg: Config,
     gpus: int,
@@ -667,9 +692,13 @@ def plan(
     nodes: int = 1,
     hw: Hardware | None = None,
     offload_margin: float = OFFLOAD_MARGIN,
+    only: dict[str, str] | None = None,
 ) -> list[Candidate]:
     """Layouts ranked by :func:`rank` (fitting first, by predicted tokens/s/GPU, offload demoted within
-    ``offload_margin`` of a fitting no-offload layout); the first has ``why`` filled."""
+    ``offload_margin`` of a fitting no-offload layout), kept where every ``only`` field (a :class:`Layout`
+    field name -> its value as text) matches; the first has ``why`` filled. Demotion compares with every
+    layout, filtered or not. ConfigError for an unknown field or a value of the wrong type."""
+    keep = _layout_filter(only or {})
     hw = hw or Hardware()
     if gpus % nodes:
         raise ConfigError(f"--gpus {gpus} is not divisible by --nodes {nodes}")
@@ -682,8 +711,9 @@ def plan(
         ],
         offload_margin,
     )
+    everything, ranked = ranked, [c for c in ranked if keep(c.layout)]
     if ranked and ranked[0].fits:
-        ranked[0].why = explain(ranked[0], ranked, budget, offload_margin)
+        ranked[0].why = explain(ranked[0], everything, budget, offload_margin)
     elif ranked:
         ranked[0].why = (
             f"nothing fits in {budget / GIB:.1f} usable GiB per GPU; smallest needs "

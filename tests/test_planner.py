@@ -354,3 +354,28 @@ def test_plan_cli_explain_prints_every_term(capsys):
     # the 7B ZeRO-2 offload layouts are demoted: the row is marked and the breakdown says why
     assert "57% *" not in out and " *\n" in out and "offload demoted: predicted" in out
     assert "payload per rank per step (GB): data all reduce" in out
+
+
+def test_plan_cli_only_filters_and_explains_the_filtered_choice(capsys):
+    """--only keeps matching layouts and the choice line explains the first of them (a demoted offload
+    layout says why it is demoted); unknown fields, mistyped values, a malformed filter and an --explain
+    rank outside the list exit 2 naming what is wrong."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import plan as plan_tool
+
+    base = ["--config", str(REPO / "configs" / "llama-7b.yaml"), "--gpus", "8", "--gpu-memory-gib", "80"]
+    assert plan_tool.main([*base, "--only", "tensor=2", "zero=1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    choice = next(line for line in out.splitlines() if line.startswith("choice: "))
+    assert choice.startswith("choice: TP2 ") and "ZeRO-1 " in choice and "GiB of" in choice, choice
+    assert plan_tool.main([*base, "--only", "offload=true", "--top", "1"]) == 0
+    choice = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("choice: "))
+    assert "+offload" in choice and "GiB of" in choice and "offload demoted" in choice, choice
+    for args, needle in (
+        (["--only", "tp=2"], "--only tp: not a layout field (one of tensor, pipeline"),
+        (["--only", "offload=yes"], "--only offload=yes: expected true or false"),
+        (["--only", "zero"], "--only zero: expected FIELD=VALUE"),
+        (["--explain", "100000"], "--explain 100000: the list has ranks 1-"),
+    ):
+        assert plan_tool.main([*base, *args]) == 2, args
+        assert needle in capsys.readouterr().err, args

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if bad := [item for item in args.only if "=" not in item]:
+        print(f"plan: --only {bad[0]}: expected FIELD=VALUE", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.set)
         hw = planner.Hardware(
@@ -95,15 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             host_link_gbps=args.host_link_gbps,
             host_cores_per_gpu=args.host_cores_per_gpu,
         )
-        ranked = planner.plan(cfg, args.gpus, args.gpu_memory_gib, args.nodes, hw, args.offload_margin)
+        only = dict(item.split("=", 1) for item in args.only)
+        ranked = planner.plan(cfg, args.gpus, args.gpu_memory_gib, args.nodes, hw, args.offload_margin, only)
     except (ConfigError, ValueError) as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
-    for item in args.only:
-        key, value = item.split("=", 1)
-        ranked = [c for c in ranked if str(getattr(c.layout, key)).lower() == value.lower()]
     if not ranked:
-        print("plan: no valid layout (check --gpus against the model's heads, layers and global batch)")
+        why = f" with --only {' '.join(args.only)}" if args.only else ""
+        print(f"plan: no valid layout{why} (check --gpus against the model's heads, layers and global batch)")
         return 1
     m = cfg.model
     print(
@@ -123,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             "fitting no-offload layout (--offload-margin; the offload terms are optimistic)"
         )
     if args.explain is not None:
-        print("\n" + planner.breakdown(ranked[min(max(args.explain, 1), len(ranked)) - 1], cfg))
+        if not 1 <= args.explain <= len(ranked):
+            print(f"plan: --explain {args.explain}: the list has ranks 1-{len(ranked)}", file=sys.stderr)
+            return 2
+        print("\n" + planner.breakdown(ranked[args.explain - 1], cfg))
     best = ranked[0]
     print(f"\nchoice: {best.why}")
     if best.fits:
