@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--hf", help="Hugging Face model directory")
     parser.add_argument("--tag", help="checkpoint tag (default: latest)")
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (encoded with the tokenizer, BOS prepended)")
+    prompt.add_argument(
+        "--prompt",
+        help="prompt text (encoded as the exported tokenizer encodes it: with BOS where it adds one)",
+    )
     prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,17,42 (no tokenizer needed)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
