@@ -12,15 +12,14 @@ one forward of bigtrain's model (none/selective/full).
 - **Activations** (saved for backward, per micro-batch, summed over the micro-batches a pipeline
   stage holds in flight under 1F1B). Per block and token, with ``a`` bytes per activation element:
   two RMSNorms each keep an fp32 copy of their input, an fp32 ``rsqrt`` per token, the normalized
-  input and the scaled output (``4h + 4 + 2ah``); attention keeps rotated q and k, the fused QKV
-  output (v is a view into it), SDPA's output and fp32 log-sum-exp, and the out-projection input
-  (``a(4h + 3kvd)/tp + 4 nq/tp``; on CPU SDPA's output already has the projection's layout, so the
-  input is a view of it: ``a(3h + 3kvd)/tp``); SwiGLU keeps ``[gate; up]``, silu(gate) and their
-  product (``4af/tp``). ``selective`` recomputes the attention core, dropping its log-sum-exp (and
-  on GPU its output); with fused SDPA there is no ``seq x seq`` matrix to drop, so it saves little.
-  ``full`` keeps only each block's input (``ah``). The output layer adds the fp32 softmax of the
-  logits (``4V/tp``, megatron's cross-entropy keeps it) and the final norm. Verified on CPU in fp32
-  and bf16 (tests/test_planner.py); the GPU variant differs only in the output copy.
+  input and the scaled output (``4h + 4 + 2ah``); attention keeps SDPA's q, k, v (contiguous copies
+  of the rotated q and k and of v), its output and fp32 log-sum-exp, and the out-projection input (a
+  copy of that output in ``[s, b, heads*d]``): ``a(3h + 2kvd)/tp + 4 nq/tp`` on every device; SwiGLU
+  keeps ``[gate; up]``, silu(gate) and their product (``4af/tp``). ``selective`` recomputes the
+  attention core, dropping its output and log-sum-exp; with fused SDPA there is no ``seq x seq``
+  matrix to drop, so it saves little. ``full`` keeps only each block's input (``ah``). The output
+  layer adds the fp32 (log-)softmax of the logits (``4V/tp``, V the rows it multiplies) and the final
+  norm. Verified on CPU in fp32 and bf16 (tests/test_planner.py).
 - **Transient** (alive only around the peak): full recompute rebuilds one block in backward; the
   logits' gradient (fp32, plus a bf16 copy under bf16); the gathered parameters of ZeRO-3; the
   gradient reduction buckets of ZeRO-1/2.
@@ -204,21 +203,20 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------- activations
-def block_activation_bytes(
-    m: ModelConfig, tokens: int, a: int, tp: int, checkpointing: str, device: str = "cuda"
-) -> float:
+def block_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int, checkpointing: str) -> float:
     """Bytes one transformer block saves for backward for ``tokens`` tokens of a micro-batch.
 
-    ``device``: CPU SDPA returns its output laid out ``[s, b, heads, d]``, so the out-projection's
-    input is a view of it; CUDA kernels return ``[b, s, heads, d]`` and the reshape copies."""
+    Attention keeps SDPA's q, k, v (contiguous ``[b, heads, s, d]`` copies), its output and log-sum-exp,
+    and the out-projection's input (a copy: ``[b, heads, s, d]`` -> ``[s, b, heads*d]``); the QKV input
+    is the norm's output (counted there). Selective recomputation drops SDPA's output and log-sum-exp.
+    Held to saved-tensor accounting on CPU (tests/test_planner.py)."""
     h, kvd, nq, f = m.hidden_size, m.kv_heads * m.head_dim, m.num_attention_heads, m.ffn_size
     if checkpointing == "full":
         return tokens * a * h  # the block input only
     norms = 2 * (4 * h + 4 + 2 * a * h)
-    copy_out = device != "cpu"
-    attention = a * (3 * h + 3 * kvd + (h if copy_out else 0)) / tp + 4 * nq / tp
-    if checkpointing == "selective":  # the core is recomputed: its log-sum-exp (and a copied output)
-        attention -= 4 * nq / tp + (a * h / tp if copy_out else 0)
+    attention = a * (3 * h + 2 * kvd) / tp + 4 * nq / tp
+    if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
+        attention -= a * h / tp + 4 * nq / tp
     mlp = 4 * a * f / tp
     # cos/sin: the cached fp32 tables are shared (counted once, in activation_memory); other dtypes
     # keep a converted copy per use (q and k), i.e. 4 x [s, d] per block
@@ -227,12 +225,15 @@ def block_activation_bytes(
 
 
 def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int) -> float:
-    """Final norm, the fp32 softmax megatron's cross-entropy keeps, loss bookkeeping."""
-    # + the loss's bookkeeping: int64 target ids, bool target mask, float loss mask (13 bytes/token)
-    return tokens * ((4 * m.hidden_size + 4 + 2 * a * m.hidden_size) + 4 * vocab / tp + 13)
+    """Final norm, the fp32 (log-)softmax the cross entropy keeps, loss bookkeeping. ``vocab``: the
+    rows the output layer multiplies (:func:`bigtrain.flops.output_vocab`)."""
+    # + the loss's bookkeeping: int64 target ids and the float loss mask; megatron's vocab-parallel
+    # cross entropy (tensor size > 1) also keeps a bool target mask: 12 or 13 bytes/token
+    bookkeeping = 12 if tp == 1 else 13
+    return tokens * ((4 * m.hidden_size + 4 + 2 * a * m.hidden_size) + 4 * vocab / tp + bookkeeping)
 
 
-def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tuple[float, float]:
+def activation_memory(cfg: Config, layout: Layout) -> tuple[float, float]:
     """(saved activations, transient peak on top) in bytes on the heaviest pipeline stage."""
     m = cfg.model
     a = torch_dtype(cfg.precision).itemsize
@@ -242,7 +243,7 @@ def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tupl
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
     in_flight = min(pp, accum)  # 1F1B: the first stage holds pp micro-batches
     blocks_per_stage = math.ceil(m.num_layers / pp)
-    block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing, device)
+    block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing)
     first = in_flight * (blocks_per_stage * block + 8 * tokens)  # + token ids kept by the embedding
     out = output_activation_bytes(m, tokens, a, flops.output_vocab(m, vocab, layout.tensor), layout.tensor)
     last = blocks_per_stage * block + out
@@ -252,7 +253,7 @@ def activation_memory(cfg: Config, layout: Layout, device: str = "cuda") -> tupl
     # transient: gradient of the logits (fp32, plus the activation-dtype copy the matmul takes)
     transient = tokens * vocab / layout.tensor * (4 + (a if a != 4 else 0))
     if layout.checkpointing == "full":
-        transient += block_activation_bytes(m, tokens, a, layout.tensor, "none", device)  # one block rebuilt
+        transient += block_activation_bytes(m, tokens, a, layout.tensor, "none")  # one block rebuilt
     return saved, transient
 
 

@@ -199,7 +199,7 @@ def run_activations(args: argparse.Namespace) -> dict[str, Any]:
     for mode, (c, model) in models.items():
         saved = saved_activation_bytes(model, lambda model=model: model(*batch))
         layout = planner.Layout(micro_batch=c.train.micro_batch_size, checkpointing=mode)
-        predicted, transient = planner.activation_memory(c, layout, device="cpu")
+        predicted, transient = planner.activation_memory(c, layout)
         result["modes"][mode] = {
             "saved_bytes": saved,
             "predicted_bytes": predicted,
