@@ -322,19 +322,30 @@ class KVCache:
         softcap: float | None = None,
     ) -> torch.Tensor:
         """q [b, heads, s, d] are the last s positions of k/v [b, groups, t, d]; ``window``: sliding;
-        ``scale``/``softcap``: see :func:`softcapped_attention`."""
+        ``scale``/``softcap``: see :func:`attention_core`. A single plain position attends to
+        everything, so it needs no mask."""
         s, t = q.shape[2], k.shape[2]
-        if softcap is not None:
-            return softcapped_attention(q, k, v, causal_mask(s, t, window, q.device), scale, softcap)
-        if scale is not None:
-            windowed = causal_mask(s, t, window, q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=windowed, scale=scale, enable_gqa=True)
-        mask = None
-        if window is not None:
-            mask = causal_mask(s, t, window, q.device)
-        elif s > 1:
-            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        plain = s == 1 and window is None and scale is None and softcap is None
+        mask = None if plain else causal_mask(s, t, window, q.device)
+        return attention_core(q, k, v, mask, scale, softcap)
+
+
+def attention_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """SDPA over a bool ``mask`` (True where attended; None: everything) with an optional score
+    ``scale`` (Gemma's ``query_pre_attn_scalar``); with ``softcap`` the math path of
+    :func:`softcapped_attention` (which needs the mask). q [b, heads, s, d], k/v [b, groups, t, d]."""
+    if softcap is not None:
+        if mask is None:
+            raise ValueError("attention_core: soft-capped attention needs its mask")
+        return softcapped_attention(q, k, v, mask, scale, softcap)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def causal_mask(s: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -463,12 +463,16 @@ def hf_layer_types(m: ModelConfig) -> list[str]:
     return ["full_attention" if m.window_of(i) is None else "sliding_attention" for i in range(m.num_layers)]
 
 
+def _full_attention_rope(params: dict) -> dict:
+    """Rotary parameters given per layer type (Gemma 3): the full-attention blocks'; else as given."""
+    return dict(params.get("full_attention") or params)
+
+
 def hf_rope_scaling(hf: dict) -> dict[str, object]:
     """``model.rope_scaling`` values from either HF schema: ``rope_parameters`` (transformers 5), else
     ``rope_scaling`` (its ``type`` or ``rope_type``). Plain rotary: ``{}``. Unknown keys are kept, so
     that the config tree names them."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    params = dict(params.get("full_attention") or params)  # per layer type (Gemma 3): the full blocks'
+    params = _full_attention_rope(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     params.pop("rope_theta", None)
@@ -478,9 +482,7 @@ def hf_rope_scaling(hf: dict) -> dict[str, object]:
 
 
 def hf_rope_theta(hf: dict) -> float | None:
-    params = hf.get("rope_parameters") or {}
-    params = params.get("full_attention") or params  # per layer type (Gemma 3): the full blocks'
-    theta = params.get("rope_theta", hf.get("rope_theta"))
+    theta = _full_attention_rope(hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta"))
     return None if theta is None else float(theta)
 
 

@@ -30,13 +30,13 @@ from bigtrain.models.layers import (
     Rotary,
     TensorParallel,
     apply_rotary,
+    attention_core,
     causal_mask,
     column_parallel,
     cross_entropy,
     rotary_tables,
     rotate_half,
     row_parallel,
-    softcapped_attention,
     vocab_embedding,
 )
 from bigtrain.perf import compiled
@@ -49,7 +49,7 @@ class Attention(nn.Module):
     each query and key head before rotary (Qwen3; one [head_dim] weight, so per local head at any
     tensor size), a head width of its own (``kv_channels``), rotary scaling (``rope_scaling``), a
     sliding ``window`` (Mistral v0.1; an SDPA mask, also over packed documents and the KV cache), Gemma's
-    score scale and soft-capped scores (then a math path, :func:`softcapped_attention`)."""
+    score scale and soft-capped scores (then a math path, :func:`bigtrain.models.layers.attention_core`)."""
 
     def __init__(self, m: ModelConfig, tp: TensorParallel, recompute_core: bool, window: int | None = None):
         super().__init__()
@@ -111,9 +111,9 @@ class Attention(nn.Module):
                 args = (*args, (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None])  # [b,1,s,s]
             elif self.window is not None or self.scale is not None or self.softcap is not None:
                 args = (*args, causal_mask(s, s, self.window, x.device))  # [s, s]
-            core: Callable[..., torch.Tensor] = _causal_core if len(args) == 3 else _masked_core
-            if self.scale is not None or self.softcap is not None:
-                core = functools.partial(_gemma_core, scale=self.scale, softcap=self.softcap)
+            core: Callable[..., torch.Tensor] = _causal_core  # no mask: SDPA's own causal kernel
+            if len(args) == 4:  # a mask (documents, window) or Gemma's scale / soft-capping
+                core = functools.partial(attention_core, scale=self.scale, softcap=self.softcap)
             if self.recompute_core and torch.is_grad_enabled():
                 out = checkpoint(core, *args, use_reentrant=False)
             else:
@@ -125,24 +125,6 @@ class Attention(nn.Module):
 def _causal_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # [b, heads, s, d] -> [b, heads, s, d]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-
-def _masked_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-def _gemma_core(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float | None,
-    softcap: float | None,
-) -> torch.Tensor:
-    """Gemma's score scale (``query_pre_attn_scalar``) and, when set, soft-capped scores."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return softcapped_attention(q, k, v, mask, scale, softcap)
 
 
 class SwiGLU(nn.Module):

@@ -127,18 +127,24 @@ def tokenizer_dir(work) -> Path:
     return out
 
 
-def random_llama(**overrides):
-    """A transformers-built LlamaForCausalLM with large random weights (sharp, layout-sensitive outputs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def randomize(model) -> None:
+    """Large random weights (sharp predictions that any mapping mistake moves), norms around 1."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**HF_ARCH, **overrides})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.3 if "embed" in name or "lm_head" in name else 0.15)
+
+
+def random_llama(**overrides):
+    """A transformers-built LlamaForCausalLM with large random weights (sharp, layout-sensitive outputs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**HF_ARCH, **overrides})).eval()
+    randomize(model)
     return model
 
 

@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from tests.tools.conftest import venv_on_path
+from tests.tools.conftest import randomize, venv_on_path
 from tests.training.helpers import torchrun
 
 SEQ = 48  # > Mistral's shrunk window (16): the window is exercised
@@ -217,17 +217,6 @@ def wrong_on_purpose(name: str, model) -> None:
                 norm.offset = False
         else:  # window ignored (Mistral, Phi-3)
             attention.window = None
-
-
-def randomize(model) -> None:
-    """Large random weights (sharp predictions that any mapping mistake moves), norms around 1."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.3 if "embed" in name or "lm_head" in name else 0.15)
 
 
 def hf_model(config: dict):
