@@ -166,7 +166,7 @@ class ModelConfig:
     hf_model_type: str = opt(
         "llama",
         "HF model_type the export writes (import sets it): llama | mistral | qwen2 | qwen3 | phi3 (fused "
-        "qkv_proj/gate_up_proj tensors).",
+        "qkv_proj/gate_up_proj tensors) | gemma2 | gemma3_text.",
     )
 
     @property

@@ -1,5 +1,6 @@
 """Export a bigtrain checkpoint (any tensor x pipeline x data layout, any ZeRO stage) to a Hugging Face
-``LlamaForCausalLM`` directory (or the Mistral/Qwen2/Qwen3 family it was imported from): config.json, sharded safetensors + index, generation_config.json and
+``LlamaForCausalLM`` directory (or the family it was imported from: Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3):
+config.json, sharded safetensors + index, generation_config.json and
 the tokenizer files.
 
     python tools/convert_to_hf.py --checkpoint RUN_DIR/checkpoints [--tag TAG] --output HF_DIR [--dtype bf16]
@@ -180,8 +181,8 @@ def write_template(export_dir: Path, template: str) -> None:
 
 
 def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: Path | None = None) -> dict:
-    """config.json of the export: the family the model came from (``model.hf_model_type``: llama, mistral,
-    qwen2, qwen3) with its own fields (``layout.hf_variant_values``), the shared ones from the config
+    """config.json of the export: the family the model came from (``model.hf_model_type``, one of
+    ``layout.HF_ARCHITECTURES``) with its own fields (``layout.hf_variant_values``), the shared ones from the config
     table, true (unpadded) vocab. Rotary settings are written in both the ``rope_parameters``
     (transformers 5) and ``rope_theta``/``rope_scaling`` (transformers 4) forms."""
     import transformers

@@ -128,8 +128,8 @@ def tokenizer_dir(work) -> Path:
 
 
 def randomize(model) -> None:
-    """Large random weights (sharp predictions that any mapping mistake moves), norms around 1."""
-    torch.manual_seed(0)
+    """Large random weights (sharp predictions that any mapping mistake moves), norms around 1, drawn
+    from torch's global generator (callers seed it)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

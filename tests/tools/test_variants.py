@@ -224,6 +224,7 @@ def hf_model(config: dict):
 
     fields = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields), dtype=torch.float32).eval()
+    torch.manual_seed(0)
     randomize(model)
     return model
 
