@@ -48,14 +48,16 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-MODEL_FAMILIES = ("llama",)  # each has entries in bigtrain.registry
+MODEL_FAMILIES = ("llama", "bert")  # each has entries in bigtrain.registry
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 # what the export writes (bigtrain.models.layout)
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+DECODER_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+HF_MODEL_TYPES = (*DECODER_HF_TYPES, "bert")
 GEMMA = ("gemma2", "gemma3_text")
-ACTIVATIONS = ("silu", "gelu_tanh")
+FINETUNE_TASKS = ("none", "sft", "classify", "token_classify")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # gelu (exact, erf): the bert family's
 
 
 @dataclass
@@ -94,7 +96,11 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = opt("llama", "Model family (bigtrain.registry): llama (decoder).")
+    family: str = opt(
+        "llama",
+        "Model family (bigtrain.registry): llama (causal decoder and its variants) | bert (bidirectional "
+        "encoder: learned positions, token types, post-LayerNorm blocks, MLM + NSP heads).",
+    )
     num_layers: int = opt(2, "Number of transformer blocks.")
     hidden_size: int = opt(64, "Model width.")
     num_attention_heads: int = opt(4, "Query heads.")
@@ -102,7 +108,9 @@ class ModelConfig:
         None, "Key/value heads for grouped-query attention (default: = query heads)."
     )
     ffn_hidden_size: int | None = opt(
-        None, "SwiGLU inner width (default: Llama's 8/3*hidden rounded up to 256)."
+        None,
+        "MLP inner width (SwiGLU; default: Llama's 8/3*hidden rounded up to 256; bert: the GELU MLP, "
+        "default 4*hidden).",
     )
     seq_length: int = opt(128, "Training sequence length in tokens.")
     max_position_embeddings: int | None = opt(
@@ -113,7 +121,7 @@ class ModelConfig:
     )
     vocab_size: int | None = opt(None, "True vocabulary size (default: taken from data.tokenizer).")
     rope_theta: float = opt(10000.0, "Rotary embedding base.")
-    norm_eps: float = opt(1e-5, "RMSNorm epsilon.")
+    norm_eps: float = opt(1e-5, "Norm epsilon (RMSNorm; bert: LayerNorm, HF layer_norm_eps, 1e-12).")
     tie_embeddings: bool = opt(False, "Share the input embedding with the output layer.")
     init_std: float = opt(
         0.02, "Std of the normal weight init (output projections scaled by 1/sqrt(2*layers))."
@@ -147,7 +155,11 @@ class ModelConfig:
     sandwich_norms: bool = opt(
         False, "Also normalize the attention and MLP outputs before their residual adds (Gemma 2/3)."
     )
-    activation: str = opt("silu", "Gated MLP activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma).")
+    activation: str = opt(
+        "silu",
+        "MLP activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma) | gelu (exact; the bert family's plain MLP).",
+    )
+    type_vocab_size: int = opt(2, "bert: token types (segments A/B; HF type_vocab_size).")
     scale_embeddings: bool = opt(False, "Multiply the embeddings by sqrt(hidden_size) (Gemma).")
     query_pre_attn_scalar: int | None = opt(
         None, "Attention scores scaled by 1/sqrt(this) instead of 1/sqrt(head width) (Gemma)."
@@ -166,7 +178,7 @@ class ModelConfig:
     hf_model_type: str = opt(
         "llama",
         "HF model_type the export writes (import sets it): llama | mistral | qwen2 | qwen3 | phi3 (fused "
-        "qkv_proj/gate_up_proj tensors) | gemma2 | gemma3_text.",
+        "qkv_proj/gate_up_proj tensors) | gemma2 | gemma3_text | bert (the bert family's).",
     )
 
     @property
@@ -177,6 +189,8 @@ class ModelConfig:
     def ffn_size(self) -> int:
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
+        if self.family == "bert":
+            return 4 * self.hidden_size
         return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
 
     @property
@@ -306,6 +320,27 @@ class TrainConfig:
 
 
 @dataclass
+class MaskingConfig:
+    """The bert family's pretraining samples (Devlin et al. 2019; Megatron's BERT dataset): masked tokens
+    and a sentence pair. Masks are a pure function of (train.seed, sample index)."""
+
+    prob: float = opt(0.15, "Fraction of a sample's tokens the MLM loss predicts.")
+    mask_fraction: float = opt(0.8, "Of the predicted tokens: replaced by [MASK] (BERT: 80%).")
+    random_fraction: float = opt(
+        0.1, "Of the predicted tokens: replaced by a random token (BERT: 10%; the rest are kept)."
+    )
+    whole_word: bool = opt(
+        False, "Mask whole words: a word's pieces are chosen together (word starts: sentencepiece's '▁')."
+    )
+    sentence_pair: str = opt(
+        "nsp",
+        "Second-segment objective: nsp (B follows A in 50%, else a random document's) | sop (A and B "
+        "swapped in 50%, ALBERT) | none (one segment, MLM only).",
+    )
+    short_seq_prob: float = opt(0.1, "Probability of a sample shorter than seq_length (Megatron's).")
+
+
+@dataclass
 class DataConfig:
     train: Any = opt(
         None,
@@ -324,6 +359,7 @@ class DataConfig:
         "epochs): pin it at the start to extend train.steps freely later; a new value on resume rebuilds the "
         "shuffle (said whether it keeps the saved order).",
     )
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
 @dataclass
@@ -377,7 +413,11 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    task: str = opt("none", "none (pretraining) | sft | classify.")
+    task: str = opt(
+        "none",
+        "none (pretraining) | sft | classify (a label per text or text pair) | token_classify (a BIO tag "
+        "per word; the bert family).",
+    )
     train: Any = opt(None, "Training JSONL: a path, a glob, or a list of them.")
     valid: Any = opt(None, "Validation JSONL (same forms as train).")
     epochs: float = opt(0.0, "Passes over the training examples; sets train.steps (0: use train.steps).")
@@ -465,11 +505,56 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# the decoder variants' fields, at their defaults: what the bert family must leave alone
+DECODER_ONLY_FIELDS = {
+    "num_kv_heads": None,
+    "kv_channels": None,
+    "qkv_bias": False,
+    "qk_norm": False,
+    "sliding_window": None,
+    "full_attention_layers": 0,
+    "window_pattern": 0,
+    "norm_offset": False,
+    "sandwich_norms": False,
+    "scale_embeddings": False,
+    "query_pre_attn_scalar": None,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "rope_local_theta": None,
+}
+
+
+def validate_bert(m: ModelConfig) -> None:
+    """The bert family: BERT's own architecture (HF ``BertModel``), none of the decoder's variants."""
+    _check(
+        m.hf_model_type == "bert",
+        f"model.family bert needs model.hf_model_type bert, got {m.hf_model_type!r}",
+    )
+    _check(m.activation == "gelu", f"model.family bert needs model.activation gelu, got {m.activation!r}")
+    _check(
+        m.tie_embeddings,
+        "model.family bert ties the MLM decoder to the word embeddings: set tie_embeddings true",
+    )
+    _check(m.type_vocab_size >= 1, f"model.type_vocab_size must be >= 1, got {m.type_vocab_size}")
+    for name, default in DECODER_ONLY_FIELDS.items():
+        _check(getattr(m, name) == default, f"model.{name} is a decoder setting: model.family bert has none")
+    _check(
+        m.rope_scaling.type == "none",
+        "model.rope_scaling: model.family bert has learned positions, no rotary",
+    )
+
+
 def validate_model_variant(m: ModelConfig) -> None:
     """The architecture variants: head width, biases, q/k norm, sliding window, rotary scaling, HF type."""
     _check(
         m.hf_model_type in HF_MODEL_TYPES,
         f"model.hf_model_type must be {'|'.join(HF_MODEL_TYPES)}, got {m.hf_model_type!r}",
+    )
+    if m.family == "bert":
+        return validate_bert(m)
+    _check(
+        m.hf_model_type != "bert" and m.activation != "gelu",
+        "model.hf_model_type bert and model.activation gelu are the bert family's (set model.family bert)",
     )
     _check(m.kv_channels is None or m.kv_channels > 0, f"model.kv_channels must be > 0, got {m.kv_channels}")
     _check(
@@ -680,7 +765,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
 def validate_finetune(cfg: Config) -> None:
     f, lora = cfg.finetune, cfg.finetune.lora
-    _check(f.task in ("none", "sft", "classify"), f"finetune.task must be none|sft|classify, got {f.task!r}")
+    _check(f.task in FINETUNE_TASKS, f"finetune.task must be {'|'.join(FINETUNE_TASKS)}, got {f.task!r}")
     if f.task == "none":
         return
     _check(f.train is not None, "finetune.train is not set (JSONL path, glob or list)")
@@ -693,7 +778,7 @@ def validate_finetune(cfg: Config) -> None:
     )
     metrics = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
     _check(
-        f.metric in (metrics if f.task == "classify" else metrics[:1]),
+        f.metric in (metrics if f.task in ("classify", "token_classify") else metrics[:1]),
         f"finetune.metric {f.metric!r} is not available for task {f.task}",
     )
     _check(lora.rank >= 0 and 0 <= lora.dropout < 1, "finetune.lora.rank must be >= 0, dropout in [0, 1)")
