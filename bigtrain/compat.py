@@ -24,6 +24,7 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
     set_scheduler_last_lr         | LambdaLR keeps _last_lr from the checkpoint            | tests/test_compat.py::test_scheduler_last_lr_follows_the_restored_groups
     optimizer_settings            | DeepSpeed's load restores the saved clip / fp16 scaler | tests/training/test_resume.py::test_data_parallel_size_and_honoured_changes_at_zero1
     scale_pipeline_loss           | PipelineEngine reads module.loss_fn on every step      | tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
+    count_tied_head_params        | PipelineModule marks a whole tied module replicated    | tests/training/test_bert.py::test_bert_layouts_match_single_process
 
 Not patches, so not here: LoRA (``bigtrain/finetune/lora.py``) swaps the class of bigtrain's own
 projection modules for a subclass of the same class (public ``forward`` only), and the tied embedding
@@ -392,3 +393,20 @@ def uncache_gpt_masks(gpt_datasets: list[Any]) -> None:
     ("read 4 first": masks differ with the first sample read)."""
     for gpt in gpt_datasets:
         gpt.masks_and_position_ids_are_cacheable = False
+
+
+def count_tied_head_params(module: Any) -> None:
+    """Count a tied module's own parameters in the gradient norm on every stage that holds them.
+
+    DeepSpeed's ``PipelineModule._index_tied_modules`` sets ``ds_pipe_replicated`` on *every* parameter
+    of a tied module on all but the first of its stages, so that the tied weight is counted once in the
+    gradient norm. bert's last-stage tied module is the pretraining head (bigtrain.models.bert): its
+    transform, decoder bias and NSP layer live on that stage only, and left marked they would be missing
+    from the norm, so clipping would differ from the single process. The flag is cleared on everything
+    but the attributes DeepSpeed really keeps in sync (``tied_weight_attr``). A no-op for the decoder,
+    whose tied module holds only the word embedding."""
+    for key, tied in getattr(module, "tied_modules", {}).items():
+        synced = set(module.tied_weight_attrs.get(key, ()))
+        for name, param in tied.named_parameters():
+            if name not in synced:
+                param.ds_pipe_replicated = False

@@ -15,6 +15,8 @@ layers and parameters (``bigtrain/finetune/model.py``, ``lora.py``, ``params.py`
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ from bigtrain.config import MODEL_FAMILIES, Config
 from bigtrain.finetune import lora
 from bigtrain.finetune import model as finetune_model
 from bigtrain.finetune import params as finetune_params
-from bigtrain.models import layout, parallelize
+from bigtrain.models import bert, layout, parallelize
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers
 
@@ -37,7 +39,9 @@ class TrainSpec:
 
     family: str
     task: str  # "none" (pretraining) | "sft" | "classify" (cfg.finetune.task)
-    model: type[LlamaModel]  # the family's model class (its layer_specs feed the pipeline engine)
+    model: (
+        type[LlamaModel] | type[bert.BertModel]
+    )  # the family's model class (its layer_specs feed the pipeline engine)
     layers: Callable[[Config], TaskLayers]  # layer variants put in the list
     params: Callable[[Config], layout.TaskParams]  # parameters added to the layout table
     transforms: tuple[Transform, ...] = ()  # after the build, before the init (e.g. LoRA)
@@ -118,3 +122,17 @@ for _task in ("sft", "classify"):
             finalize=(_freeze,),
         )
     )
+
+
+def _bert_pretraining_layers(cfg: Config) -> TaskLayers:
+    nsp = cfg.data.masking.sentence_pair != "none"
+    return dataclasses.replace(
+        bert.PRETRAINING_LAYERS, loss=functools.partial(bert.BertPretrainingLoss, nsp=nsp)
+    )
+
+
+register(
+    TrainSpec(
+        "bert", "none", model=bert.BertModel, layers=_bert_pretraining_layers, params=lambda cfg: layout.LM
+    )
+)

@@ -92,16 +92,17 @@ def column_parallel(
     )
 
 
-def row_parallel(in_size: int, out_size: int, tp: TensorParallel) -> nn.Module:
-    """Bias-free linear with its input features split over tensor ranks (output all-reduced)."""
+def row_parallel(in_size: int, out_size: int, tp: TensorParallel, bias: bool = False) -> nn.Module:
+    """Linear with its input features split over tensor ranks (output all-reduced); the ``bias`` [out]
+    (bert) is whole on every rank and added after the all-reduce."""
     if tp.size == 1:
-        return Linear(in_size, out_size)
+        return Linear(in_size, out_size, bias=bias)
     return RowParallelLinear(
         in_size,
         out_size,
         config=tp.config,
         init_method=_no_init,
-        bias=False,
+        bias=bias,
         input_is_parallel=True,
         skip_bias_add=False,
         tp_group=tp.group,
@@ -176,6 +177,20 @@ def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     y = x.float()
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
     return (y * (1.0 + weight.float())).type_as(x)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with ``weight`` and ``bias`` [size] (Ba et al. 2016; the bert family's, as HF's
+    ``nn.LayerNorm``); x [..., size] -> [..., size]."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 @dataclass(frozen=True)

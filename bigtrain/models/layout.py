@@ -42,11 +42,13 @@ class ParamSpec:
     hf: tuple[str, ...]  # HF name templates ({i} = block index); several for fused tensors
     shape: tuple[int, ...] | None = None  # full shape of fine-tuning additions (LoRA, classifier)
     when: str | None = None  # a boolean ModelConfig field: the parameter exists only where it is true
+    dims: tuple[str, ...] | None = None  # full shape in named sizes (see DIMS) where the split's is not it
 
 
 def specs_of(kind: str, m: ModelConfig) -> tuple[ParamSpec, ...]:
-    """The table's parameters of one layer kind that this model variant has (``ParamSpec.when``)."""
-    return tuple(spec for spec in LAYER_PARAMS[kind] if spec.when is None or getattr(m, spec.when))
+    """The table's parameters of one layer kind that this model (family and variant) has."""
+    table = FAMILY_PARAMS[m.family]
+    return tuple(spec for spec in table[kind] if spec.when is None or getattr(m, spec.when))
 
 
 LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
@@ -118,6 +120,104 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
 }
 
 
+# The bert family (HF ``BertForPreTraining`` names). The list's slots: embedding, blocks, the pooler in the
+# final-norm slot, the pretraining heads in the head slot; the MLM decoder is the (tied) word embedding.
+# Post-LN blocks: ``attention_norm`` follows the attention's residual add, ``mlp_norm`` the MLP's.
+_BLK = "bert.encoder.layer.{i}."
+
+
+def _bert_norm(name: str, hf: str) -> tuple[ParamSpec, ParamSpec]:
+    return (
+        ParamSpec(f"{name}.weight", "replicated", "ones", (f"{hf}.weight",)),
+        ParamSpec(f"{name}.bias", "replicated", "zeros", (f"{hf}.bias",)),
+    )
+
+
+def _bert_qkv(what: str, init: str) -> ParamSpec:
+    return ParamSpec(
+        f"attention.qkv.{what}",
+        "qkv",
+        init,
+        tuple(f"{_BLK}attention.self.{p}.{what}" for p in ("query", "key", "value")),
+    )
+
+
+BERT_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
+    EMBED: (
+        ParamSpec("word_embeddings.weight", "vocab", "normal", ("bert.embeddings.word_embeddings.weight",)),
+        ParamSpec(
+            "position_embeddings.weight",
+            "replicated",
+            "normal",
+            ("bert.embeddings.position_embeddings.weight",),
+            dims=("positions", "h"),
+        ),
+        ParamSpec(
+            "token_type_embeddings.weight",
+            "replicated",
+            "normal",
+            ("bert.embeddings.token_type_embeddings.weight",),
+            dims=("types", "h"),
+        ),
+        *_bert_norm("norm", "bert.embeddings.LayerNorm"),
+    ),
+    BLOCK: (
+        _bert_qkv("weight", "normal"),
+        _bert_qkv("bias", "zeros"),
+        ParamSpec("attention.proj.weight", "row", "scaled_normal", (f"{_BLK}attention.output.dense.weight",)),
+        ParamSpec("attention.proj.bias", "replicated", "zeros", (f"{_BLK}attention.output.dense.bias",)),
+        *_bert_norm("attention_norm", f"{_BLK}attention.output.LayerNorm"),
+        ParamSpec(
+            "mlp.fc1.weight", "col", "normal", (f"{_BLK}intermediate.dense.weight",), dims=("ffn", "h")
+        ),
+        ParamSpec("mlp.fc1.bias", "col", "zeros", (f"{_BLK}intermediate.dense.bias",), dims=("ffn",)),
+        ParamSpec(
+            "mlp.fc2.weight", "row", "scaled_normal", (f"{_BLK}output.dense.weight",), dims=("h", "ffn")
+        ),
+        ParamSpec("mlp.fc2.bias", "replicated", "zeros", (f"{_BLK}output.dense.bias",)),
+        *_bert_norm("mlp_norm", f"{_BLK}output.LayerNorm"),
+    ),
+    FINAL_NORM: (  # the pooler
+        ParamSpec("dense.weight", "replicated", "normal", ("bert.pooler.dense.weight",), dims=("h", "h")),
+        ParamSpec("dense.bias", "replicated", "zeros", ("bert.pooler.dense.bias",)),
+    ),
+    HEAD: (
+        ParamSpec(
+            "transform.dense.weight",
+            "replicated",
+            "normal",
+            ("cls.predictions.transform.dense.weight",),
+            dims=("h", "h"),
+        ),
+        ParamSpec("transform.dense.bias", "replicated", "zeros", ("cls.predictions.transform.dense.bias",)),
+        *_bert_norm("transform.norm", "cls.predictions.transform.LayerNorm"),
+        ParamSpec("bias", "vocab", "zeros", ("cls.predictions.bias",), dims=("vocab",)),
+        ParamSpec("nsp.weight", "replicated", "normal", ("cls.seq_relationship.weight",), dims=("2", "h")),
+        ParamSpec("nsp.bias", "replicated", "zeros", ("cls.seq_relationship.bias",), dims=("2",)),
+    ),
+}
+FAMILY_PARAMS: dict[str, dict[str, tuple[ParamSpec, ...]]] = {"llama": LAYER_PARAMS, "bert": BERT_PARAMS}
+
+
+def _dims(m: ModelConfig, padded_vocab: int) -> dict[str, int]:
+    """The named sizes ``ParamSpec.dims`` uses."""
+    return {
+        "h": m.hidden_size,
+        "ffn": m.ffn_size,
+        "vocab": padded_vocab,
+        "positions": m.context_length,
+        "types": m.type_vocab_size,
+        "2": 2,
+    }
+
+
+def tied_params(m: ModelConfig) -> list[LayerParam]:
+    """The parameters a tied head reads from the embedding (the word embedding), or none."""
+    if not m.tie_embeddings:
+        return []
+    return [LayerParam(0, spec) for spec in specs_of(EMBED, m) if spec.name == "word_embeddings.weight"]
+
+
 # ---------------------------------------------------------------------------- task additions
 @dataclass(frozen=True)
 class TaskParams:
@@ -155,6 +255,9 @@ def full_shape(spec: ParamSpec, m: ModelConfig, padded_vocab: int) -> tuple[int,
     h, d = m.hidden_size, m.head_dim
     if spec.shape is not None:
         return spec.shape
+    if spec.dims is not None:
+        sizes = _dims(m, padded_vocab)
+        return tuple(sizes[dim] for dim in spec.dims)
     if spec.split == "vocab":
         return (padded_vocab, h)
     if spec.name in ("attention.q_norm.weight", "attention.k_norm.weight"):
@@ -247,7 +350,7 @@ def iter_layer_params(
         if kind == HEAD and task.head is not None:
             yield from (LayerParam(index, spec) for spec in task.head)
             continue
-        if kind == HEAD and m.tie_embeddings:
+        if kind == HEAD and m.tie_embeddings and m.family == "llama":  # the output layer is the embedding
             continue
         for spec in specs_of(kind, m):
             yield LayerParam(index, spec)
@@ -270,9 +373,24 @@ def local_layers(model: torch.nn.Module, m: ModelConfig) -> dict[int, torch.nn.M
         return layers
     layers = {int(name): child for name, child in model.named_children() if name.isdigit()}
     tied = getattr(model, "tied_modules", None)
-    if tied is not None and "embed" in tied:
-        layers[0] = tied["embed"]
+    if tied is not None and "embed" in tied:  # the embedding, or (bert, last stage) the tied head
+        module = tied["embed"]
+        layers[num_list_layers(m) - 1 if getattr(module, "layout_kind", EMBED) == HEAD else 0] = module
     return layers
+
+
+def local_layer_params(
+    m: ModelConfig, layers: dict[int, torch.nn.Module], task: TaskParams = LM
+) -> Iterator[tuple[LayerParam, torch.nn.Module]]:
+    """(table entry, module holding it) for every parameter of the local ``layers`` (from
+    :func:`local_layers`): a tied head away from the embedding (bert at pipeline > 1) holds its own
+    copy of the word embedding, under the embedding's key."""
+    for lp in iter_layer_params(m, sorted(layers), task):
+        yield lp, layers[lp.index]
+    head = num_list_layers(m) - 1
+    if head in layers and 0 not in layers and task.head is None and m.family != "llama":
+        for lp in tied_params(m):
+            yield lp, layers[head]
 
 
 # ---------------------------------------------------------------------------- HF mapping
@@ -308,7 +426,7 @@ def from_hf(
     names = hf_names(lp, m)
     if lp.spec.split == "vocab":
         src = tensors[names[0]]
-        full = src.new_zeros(padded_vocab, src.shape[1])
+        full = src.new_zeros(padded_vocab, *src.shape[1:])
         full[: src.shape[0]] = src
         return full
     if lp.spec.split == "qkv":
@@ -546,7 +664,10 @@ def list_layer_param_counts(m: ModelConfig, padded_vocab: int, tp: int) -> list[
     counts = []
     for index in range(num_list_layers(m)):
         kind = layer_kind(index, m.num_layers)
-        specs = specs_of(EMBED if kind == HEAD and m.tie_embeddings else kind, m)
+        specs = specs_of(kind, m)
+        if kind == HEAD and m.tie_embeddings:  # the tied module: the embedding again (llama) or a head
+            own = specs if m.family != "llama" else ()  # that holds its copy of the word embedding (bert)
+            specs = (*own, *(lp.spec for lp in tied_params(m)))
         counts.append(sum(torch.Size(local_shape(s, m, padded_vocab, tp)).numel() for s in specs))
     return counts
 
@@ -569,6 +690,5 @@ def stage_params(m: ModelConfig, parts: list[int], stage: int) -> list[LayerPara
     embedding weight too, as DeepSpeed's TiedLayerSpec does)."""
     indices = list(range(parts[stage], parts[stage + 1]))
     head = num_list_layers(m) - 1
-    if m.tie_embeddings and head in indices and 0 not in indices:
-        indices = [0, *indices]
-    return list(iter_layer_params(m, indices))
+    tied = tied_params(m) if head in indices and 0 not in indices else []
+    return [*tied, *iter_layer_params(m, indices)]

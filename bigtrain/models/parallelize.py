@@ -13,8 +13,10 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
 
+from bigtrain import compat
 from bigtrain.config import Config, torch_dtype
 from bigtrain.models import layout
+from bigtrain.models.bert import BertModel
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers
 from bigtrain.perf import set_compile
@@ -57,7 +59,7 @@ def tensor_parallel(cfg: Config) -> TensorParallel:
 
 def build(
     cfg: Config,
-    model_cls: type[LlamaModel] = LlamaModel,
+    model_cls: type[LlamaModel] | type[BertModel] = LlamaModel,
     layers: TaskLayers = LM_LAYERS,
     task: layout.TaskParams = layout.LM,
     topology: object | None = None,  # deepspeed PipeModelDataParallelTopology (see Dist.topology)
@@ -78,6 +80,7 @@ def build(
             partition_method=cfg.parallel.partition_method,
             activation_checkpoint_interval=0,  # blocks recompute themselves (see TransformerBlock)
         )
+        compat.count_tied_head_params(model)
     else:
         model = model_cls(*args)
     return model
@@ -89,10 +92,10 @@ def local_parameters(
 ) -> dict[str, tuple[layout.LayerParam, nn.Parameter]]:
     """Layout key ("index.name") -> (table entry, live parameter) for everything this rank holds."""
     layers = layout.local_layers(model, cfg.model)
-    out = {}
-    for lp in layout.iter_layer_params(cfg.model, sorted(layers), task):
-        out[lp.key] = (lp, layers[lp.index].get_parameter(lp.spec.name))
-    return out
+    return {
+        lp.key: (lp, module.get_parameter(lp.spec.name))
+        for lp, module in layout.local_layer_params(cfg.model, layers, task)
+    }
 
 
 @torch.no_grad()
