@@ -49,7 +49,8 @@ Validated on CPU: the collective volumes, byte for byte, against the ``torch.dis
 2-rank gloo pretraining steps (DP2 ZeRO-0/1/2/3, TP2; tests/test_comm_volume.py), and the CPU-Adam rate
 against DeepSpeedCPUAdam timed here (tests/test_planner.py::test_cpu_adam_default_matches_a_measurement_here).
 Awaiting a GPU: the bandwidths (NVLink/InfiniBand bus bandwidth, host link), how much DP traffic overlap
-hides, the matmul efficiency curve, the ZeRO-3 hook overhead, pipeline p2p (not modelled), and the
+hides, the matmul efficiency curve, the ZeRO-3 hook overhead, pipeline p2p (its payload is
+:func:`pipeline_p2p_bytes`, shown by ``--explain``; not timed), and the
 re-gather beyond DeepSpeed's reuse distance, which a model this small never reaches.
 """
 
@@ -489,6 +490,24 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
     return out
 
 
+def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
+    """Bytes a pipeline rank sends to its neighbour stages per optimizer step (0 at PP=1): per micro-batch
+    the ``[t, h]`` activations forward and their gradient backward, both in the activation dtype; an inner
+    stage sends both (``2 accum t h a``), the first and the last one each (``accum t h a``). bert also
+    forwards its padding mask (assumed bool ``[b, s]``: ``t`` bytes, no gradient) with the activations.
+    Reported, not timed by :func:`step_time` (point-to-point over NVLink, small beside compute at the
+    layouts the planner ranks first; awaiting a measurement)."""
+    pp = layout.pipeline
+    if pp == 1:
+        return 0.0
+    m = cfg.model
+    tokens = layout.micro_batch * m.seq_length
+    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
+    hidden = tokens * m.hidden_size * torch_dtype(cfg.precision).itemsize
+    mask = tokens if flops.is_encoder(m) else 0
+    return accum * ((2 if pp > 2 else 1) * hidden + mask)
+
+
 def wire_factor(op: str, n: int) -> float:
     """Bytes each of ``n`` ranks sends per payload byte with ring algorithms: all-reduce ``2(n-1)/n``,
     reduce-scatter and all-gather ``(n-1)/n`` (what NCCL's bus bandwidth is quoted against)."""
@@ -662,7 +681,8 @@ def explain(
 
 def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
     """Seconds per optimizer step by term for one layout (``tools/plan.py --explain``); the exposed
-    terms add up to ``total``. With ``cfg``, also the collective payload per rank (:func:`comm_bytes`)."""
+    terms add up to ``total``. With ``cfg``, also the collective payload per rank (:func:`comm_bytes`) and
+    the pipeline's point-to-point payload (:func:`pipeline_p2p_bytes`, not in the total)."""
     s = cand.seconds
     rows = [
         ("compute", s["compute"]),
@@ -678,7 +698,11 @@ def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
     head = f"{cand.layout.describe()}: seconds per step (matmul efficiency {s['matmul_efficiency']:.2f})"
     lines = [head] + [f"  {name:<28} {value:>9.4f}" for name, value in rows]
     if cfg is not None:
-        volume = comm_bytes(layout_config(cfg, cand.layout), cand.layout)
+        resolved = layout_config(cfg, cand.layout)
+        volume = {
+            **comm_bytes(resolved, cand.layout),
+            "pipeline_p2p": pipeline_p2p_bytes(resolved, cand.layout),
+        }
         lines.append(
             "  payload per rank per step (GB): "
             + ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.3g}" for k, v in volume.items())

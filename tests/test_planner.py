@@ -477,19 +477,36 @@ def test_bert_plans_for_base_and_large():
     assert volume["tensor_all_reduce"] == accum * ((4 * m.num_layers + 2) * t * m.hidden_size * 2 + 3 * t * 4)
     p2 = planner.stage_parameters(m, planner.padded_vocab_size(m, 2), 2, 1)
     assert volume["data_all_reduce"] == p2 * planner.reduce_bytes(cfg) and p2 < p / 1.9
+    # pipeline p2p per step: [t, h] bf16 activations forward and gradients back, + the bool padding mask
+    pp = planner.Layout(pipeline=4, data=2, zero=1, micro_batch=8)
+    accum = 256 // (8 * 2)
+    assert planner.pipeline_p2p_bytes(planner.layout_config(cfg, pp), pp) == accum * (
+        2 * t * m.hidden_size * 2 + t
+    )
+    assert planner.pipeline_p2p_bytes(cfg, tp) == 0
     # PP2: the last stage holds the tied embedding again, with at least the last block and the heads
     layers = flops.layer_parameters(m, padded, 1)
     assert planner.stage_parameters(m, padded, 1, 2) >= layers[0] + layers[-2] + layers[-1]
 
 
 def test_plan_cli_ranks_bert_large(capsys):
+    """tools/plan.py on bert-large: a ranked list of fitting layouts, the choice and its settings; --explain
+    on a PP2 layout shows the pipeline's point-to-point payload."""
+    import re
+
     from tools import plan
 
-    rc = plan.main(
-        ["--config", str(REPO / "configs" / "bert-large.yaml"), "--gpus", "8", "--gpu-memory-gib", "80"]
-    )
+    args = ["--config", str(REPO / "configs" / "bert-large.yaml"), "--gpus", "8", "--gpu-memory-gib", "80"]
+    rc = plan.main(args)
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "24 layers, h=1024, seq 512" in out and "choice: TP1 PP1 DP8 ZeRO-2 mbs32 ckpt=none" in out
+    assert (
+        "bert, 336M parameters, 24 layers, h=1024, seq 512" in out
+        and "choice: TP1 PP1 DP8 ZeRO-2 mbs32 ckpt=none" in out
+    )
+    assert "settings: --set parallel.tensor=1 parallel.pipeline=1 zero.stage=2" in out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 10 and all(" yes " in row for row in rows)
+    assert plan.main([*args, "--only", "pipeline=2", "--explain"]) == 0
+    p2p = re.search(r"pipeline p2p ([0-9.e+-]+)", capsys.readouterr().out)
+    assert p2p and float(p2p.group(1)) > 0  # a PP2 layout sends activations and gradients
