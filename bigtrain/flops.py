@@ -18,7 +18,9 @@ The bert family (``model.family: bert``, HF ``BertForPreTraining``): per block t
 output projection ``h^2`` and a plain GELU MLP ``2 h f`` (no gate); attention is bidirectional and its
 kernel computes every score, so the same full-square term as the decoder's (which does not discount the
 causal half either). The MLM head runs on *every* position, as Megatron's BERT and HF compute it (the loss
-then keeps the masked ones): transform ``h^2`` + decoder ``h V`` (tied to the word embedding). Pooler
+then keeps the masked ones): transform ``h^2`` + decoder ``h V`` (tied to the word embedding; ``V`` is
+:func:`output_vocab`, as for the decoder's output layer: the model must leave the padding rows out of the
+matmul at tensor size 1, as ``OutputLayer`` does, for MFU to count what runs). Pooler
 (``h^2``) and NSP (``2h``) run once per sequence, on the [CLS] token: ``(h^2 + 2h) / s`` per token.
 Embedding lookups, LayerNorms, biases, GELU and tanh are not counted. Checked by hand on bert-base
 (tests/test_flops.py); the parameter counts against transformers' ``BertForPreTraining``.
@@ -68,20 +70,9 @@ def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
     h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
     if is_encoder(m):
         qkv = 3 * nq * d
-        return (
-            h * qkv // tp,
-            qkv // tp,
-            nq * d * h // tp,
-            h,
-            h,
-            h,
-            h * f // tp,
-            f // tp,
-            f * h // tp,
-            h,
-            h,
-            h,
-        )
+        attn = (h * qkv // tp, qkv // tp, nq * d * h // tp, h)  # QKV weight and bias, output projection
+        mlp = (h * f // tp, f // tp, f * h // tp, h)
+        return (*attn, h, h, *mlp, h, h)
     qkv_rows = (nq + 2 * m.kv_heads) * d
     attention: tuple[int, ...] = (h * qkv_rows // tp,)
     if m.qkv_bias:
@@ -165,7 +156,8 @@ def num_parameters(m: ModelConfig, vocab_size: int) -> int:
 
 
 def attention_flops_per_token(m: ModelConfig) -> float:
-    """QK^T and the weighted sum of values, forward, all layers (full square)."""
+    """QK^T and the weighted sum of values, forward, all layers: the full ``seq x seq`` square (the
+    decoder's causal half is not discounted; bert's bidirectional attention computes all of it)."""
     return 2 * 2 * m.num_layers * m.seq_length * m.num_attention_heads * m.head_dim
 
 

@@ -31,8 +31,10 @@ decoder bias, NSP; the MLM decoder weight is the tied word embedding), activatio
 (LayerNorm inputs and statistics, the GELU MLP's input and output, SDPA's tensors and its padding bias),
 no rotary tables, the MLM head's activations and fp32 log-softmax over every position. Communication: the
 same TP all-reduces per block as the decoder (the pooler, MLM transform and NSP are replicated), DP reduces
-of the parameter bytes. Held against transformers' ``BertForPreTraining`` (parameters exactly; saved
-activations in fp32) until bigtrain's own encoder can be measured.
+of the parameter bytes, the padding mask riding with the pipeline's activations. Held against transformers
+until bigtrain's own encoder can be measured: ``BertForPreTraining``'s parameter count exactly, and the
+bytes one fp32 ``BertLayer`` saves exactly, less the out-projection input copy HF's ``[b, s, h]`` layout
+does not make (tests/test_planner.py).
 
 GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allocator margin.
 
