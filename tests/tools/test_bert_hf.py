@@ -1,4 +1,4 @@
-"""Hugging Face both ways for the bert family: a transformers-built ``BertForPreTraining`` (vocab 61, which
+"""Hugging Face both ways for the bert family: a transformers-built ``BertForPreTraining`` (vocab 60, which
 needs padding; eps 1e-6, init range 0.03, large random weights) with a WordPiece tokenizer made by
 ``tokenizers`` is imported (``tools/convert_from_hf.py``) and exported back (``tools/convert_to_hf.py``)
 bitwise; bigtrain's ``BertModel`` on the import gives transformers' MLM and NSP logits (TP1 in process,
@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from tests.tools.conftest import tool
+from tests.tools.conftest import last_json, tool
 from tests.training.helpers import torchrun
 
 WORDS = (
@@ -23,7 +23,7 @@ WORDS = (
 )
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz.,'!?", *WORDS]
 ARCH = {
-    "vocab_size": len(VOCAB),  # 61: padded to 128 (TP1) / 256 (TP2)
+    "vocab_size": len(VOCAB),  # 60: padded to 128 (TP1) / 256 (TP2)
     "hidden_size": 64,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
@@ -380,3 +380,24 @@ def test_tp2_pp2_import_logits_and_export(hf_bert, bert_work):
     back = bert_work / "exported-tp2pp2"
     tool("convert_to_hf", "--checkpoint", ckpt, "--output", back)
     assert_bitwise(read_all(hf_bert[0]), read_all(back))
+
+
+def test_inspect_bert_checkpoint(imported_tp1):
+    from tools.inspect_checkpoint import render
+
+    info = last_json(tool("inspect_checkpoint", imported_tp1, "--json").stdout)
+    mod = info["model"]
+    assert (mod["family"], mod["type_vocab_size"], mod["layer_norm_eps"], mod["padded_vocab_size"]) == (
+        "bert",
+        2,
+        1e-6,
+        128,
+    )
+    by_key = {t["key"]: t for t in info["tensors"]}
+    assert by_key["1.attention.qkv.weight"]["full_shape"] == [3 * 64, 64]
+    assert by_key["5.nsp.weight"]["full_shape"] == [2, 64] and "5.word_embeddings.weight" not in by_key
+    text = render(info)
+    assert (
+        f"bert encoder, 3 layers, hidden 64, heads 4 (dim 16), ffn 96, vocab {len(VOCAB)} (padded 128)"
+        in text
+    ), text
