@@ -450,9 +450,10 @@ def hf_tensor_names(m: ModelConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- HF config mapping
-# bigtrain ``ModelConfig`` field <-> HF config field shared by every family: the one config table, used
-# by both directions. The variants' fields (head width, biases, q/k norm, window, rotary scaling) and the
-# architecture follow in :func:`hf_variant_values` / :func:`model_values_from_hf`.
+# bigtrain ``ModelConfig`` field <-> HF config field shared by every decoder family: the one config table,
+# used by both directions. The variants' fields (head width, biases, q/k norm, window, rotary scaling) and
+# the architecture follow in :func:`hf_variant_values` / :func:`model_values_from_hf`; the bert family has
+# its own table (``FAMILY_HF_CONFIG_FIELDS`` keys them by ``model.family``).
 HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("num_layers", "num_hidden_layers"),
     ("hidden_size", "hidden_size"),
