@@ -377,9 +377,16 @@ def test_tp2_pp2_import_logits_and_export(hf_bert, bert_work):
     d_mlm, d_nsp = (ours["mlm"] - mlm_hf).abs().max().item(), (ours["nsp"] - nsp_hf).abs().max().item()
     print(f"TP2xPP2 import: max |MLM - HF| {d_mlm:.2e}, max |NSP - HF| {d_nsp:.2e}")
     assert ours["mlm"].shape == mlm_hf.shape and d_mlm <= 1e-4 and d_nsp <= 1e-4
-    back = bert_work / "exported-tp2pp2"
-    tool("convert_to_hf", "--checkpoint", ckpt, "--output", back)
+    back = bert_work / "exported-tp2pp2"  # in 0.1 MB shards: several files and their index
+    tool("convert_to_hf", "--checkpoint", ckpt, "--output", back, "--max-shard-size-mb", 0.1)
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3 and set(index["weight_map"]) == set(read_all(back))
     assert_bitwise(read_all(hf_bert[0]), read_all(back))
+    from transformers import AutoModelForPreTraining
+
+    reloaded, info = AutoModelForPreTraining.from_pretrained(back, output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(hf_outputs(reloaded.eval(), inputs)[0], mlm_hf)
 
 
 def test_inspect_bert_checkpoint(imported_tp1):
@@ -401,3 +408,47 @@ def test_inspect_bert_checkpoint(imported_tp1):
         f"bert encoder, 3 layers, hidden 64, heads 4 (dim 16), ffn 96, vocab {len(VOCAB)} (padded 128)"
         in text
     ), text
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,  # passes (and so fails here) once the data side lands: then remove this marker
+    reason="bigtrain.pretrain cannot train the bert family yet: its batches have no token_types "
+    "(KeyError 'token_types' from step_runner.BERT_BATCH; the bert data pipeline is being built)",
+)
+def test_export_after_pretraining(tmp_path):
+    """A bert run trained 3 steps at PP2 by ``bigtrain.pretrain`` (mock data, vocab 500: padded) exports
+    to a BertForPreTraining whose MLM and NSP logits equal bigtrain's on the trained weights."""
+    from transformers import AutoModelForPreTraining
+
+    from bigtrain.models import layout
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "bert-tiny.yaml"), "--set", "data.mock=true", "train.steps=3"]
+    args += [f"train.run_dir={run}", "model.vocab_size=500", "parallel.pipeline=2"]
+    torchrun(2, args)
+    out = tmp_path / "hf"
+    tool("convert_to_hf", "--checkpoint", run / "checkpoints", "--output", out)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["vocab_size"], config["max_position_embeddings"], config["intermediate_size"]) == (
+        500,
+        64,
+        256,
+    )
+    hf = AutoModelForPreTraining.from_pretrained(out).eval()
+    inputs = make_inputs()
+    inputs["tokens"] = torch.randint(5, 500, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    mlm_hf, nsp_hf = hf_outputs(hf, inputs)
+    mlm, nsp = bigtrain_outputs(run / "checkpoints", inputs)
+    d_mlm, d_nsp = (mlm - mlm_hf).abs().max().item(), (nsp - nsp_hf).abs().max().item()
+    print(f"export after training: max |MLM - HF| {d_mlm:.2e}, max |NSP - HF| {d_nsp:.2e}")
+    assert d_mlm <= 1e-5 and d_nsp <= 1e-5
+    # trained weights, not the initial ones: the word embedding moved away from the table's init
+    from bigtrain.checkpoint import WeightReader
+    from tools.convert_to_hf import checkpoint_config
+
+    cfg = checkpoint_config(WeightReader(run / "checkpoints"))
+    lp = layout.tied_params(cfg.model)[0]
+    init = layout.init_full(lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, cfg.train.seed)
+    assert not torch.equal(hf.bert.embeddings.word_embeddings.weight.detach(), init[:500])
