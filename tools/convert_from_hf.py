@@ -299,6 +299,12 @@ def convert(
     weights = HFWeights(hf_dir, (hf.get("architectures") or [""])[0])
     weights.check_names(m)
     weights.check_tied(m)
+    dropout = {k: hf[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if hf.get(k)}
+    if m.family == "bert" and dropout:
+        listed = ", ".join(f"{k}={v}" for k, v in dropout.items())
+        print(
+            f"convert_from_hf: note: bigtrain's bert trains without dropout; {listed} kept for the export only"
+        )
     fresh = [lp for lp in layout.iter_layer_params(m) if weights.fresh(lp, m)]
     if fresh:
         names = ", ".join(n for lp in fresh for n in layout.hf_names(lp, m))

@@ -155,6 +155,7 @@ def imported_tp1(bert_work, hf_bert):
     out = bert_work / "imported-tp1"
     proc = tool("convert_from_hf", "--hf", hf_bert[0], "--output", out)
     assert "wrote" in proc.stdout and "initialized fresh" not in proc.stdout, proc.stdout
+    assert "without dropout; hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1" in proc.stdout
     return out
 
 
@@ -190,6 +191,23 @@ def test_round_trip_is_bitwise(hf_bert, imported_tp1, exported_tp1):
         False,
     )
     assert not (exported_tp1 / "generation_config.json").exists()
+
+
+def test_imported_wordpiece_tokenizer_is_bigtrains(hf_bert, imported_tp1):
+    """The HF directory's WordPiece tokenizer is copied where data.tokenizer points, and bigtrain's
+    Tokenizer wraps it: the same ids as transformers' (with and without [CLS]/[SEP])."""
+    from transformers import AutoTokenizer
+
+    from bigtrain.config import load_config
+    from tokenizer import Tokenizer
+
+    cfg = load_config(imported_tp1 / "config.yaml")
+    assert cfg.data.tokenizer == str(imported_tp1 / "step_00000000" / "tokenizer")
+    ours, theirs = Tokenizer.load(cfg.data.tokenizer), AutoTokenizer.from_pretrained(hf_bert[0])
+    text = "The cats sat on the mat, running! Ran?"
+    ids = theirs(text)["input_ids"]
+    assert ids[0] == 2 and ids[-1] == 3 and ours.encode_as_hf(text) == ids
+    assert ours.encode(text) == ids[1:-1] and ours.kind == "huggingface" and ours.vocab_size == len(VOCAB)
 
 
 def test_export_loads_in_transformers_and_fills_masks(hf_bert, imported_tp1, exported_tp1):
