@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.tools.conftest import last_json, tool
+from tests.tools.test_import import read_all
 from tests.training.helpers import torchrun
 
 WORDS = (
@@ -120,15 +121,6 @@ def bigtrain_outputs(ckpt, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         mlm, nsp = model.outputs(inputs["tokens"], inputs["token_types"], inputs["attention_mask"])
     return mlm.transpose(0, 1)[..., : cfg.model.vocab_size], nsp
-
-
-def read_all(directory) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
 
 
 def assert_bitwise(original: dict[str, torch.Tensor], back: dict[str, torch.Tensor]) -> None:
