@@ -244,8 +244,9 @@ def _blend(corpora: Sequence[Corpus]) -> tuple[list[str], list[float] | None, li
     return prefixes, weights, corpus_of
 
 
-def _check_split(corpora: Sequence[Corpus], split: str) -> None:
-    """Each shard is split by document; a part with no documents would make megatron loop forever."""
+def _check_split(corpora: Sequence[Corpus], split: str, documents: bool = False) -> None:
+    """Each shard is split by document; a part with no documents would make megatron loop forever.
+    GPT's documents are its sequences; the bert family's (``documents``) are runs of sentences."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
@@ -257,7 +258,7 @@ def _check_split(corpora: Sequence[Corpus], split: str) -> None:
         raise DataError(f"data.split: {split!r} is not a train,valid,test split like '98,2,0'") from None
     for corpus in corpora:
         for shard in corpus.shards:
-            n = shard.num_sequences
+            n = shard.num_docs if documents else shard.num_sequences
             for name, part in zip(("train", "valid", "test"), matrix):
                 if part is not None and shard.num_tokens and round(part[1] * n) <= round(part[0] * n):
                     raise DataError(
@@ -305,8 +306,10 @@ def _mock_datasets(
     return SampleDataset(train, [], [], "train"), SampleDataset(valid, [], [], "valid")
 
 
-def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, SampleDataset | None]:
+def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[Any, Any]:
     """(train, valid or None) sample datasets for ``cfg``; call on every rank (it may use barriers).
+    :class:`SampleDataset`s, or for ``model.family`` bert ``bigtrain.data.bert.BertSampleDataset``s (MLM +
+    NSP/SOP items, see :mod:`bigtrain.data.bert`), built the same way from sentence-split data.
 
     Validates the data first (see :func:`validate_data`), then builds through megatron-core with
     ``train.steps * global_batch_size`` train samples and enough valid samples for every evaluation.
@@ -319,7 +322,12 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, S
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     sizes = [*num_samples(cfg), 0]
+    bert = cfg.model.family == "bert"
     if cfg.data.mock:
+        if bert:
+            from bigtrain.data.bert import build_bert
+
+            return build_bert(cfg, tokenizer, sizes, None, None)
         return _mock_datasets(cfg, tokenizer, sizes)
     d = cfg.data
     if d.train is None:
@@ -333,11 +341,15 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, S
         if d.valid is not None:
             valid = validate_data(d.valid, vocab, tokenizer, cache_dir=cache_dir, field="data.valid")
         else:
-            _check_split(train, d.split)
+            _check_split(train, d.split, documents=bert)
         shards = [s for c in train + (valid or []) for s in c.shards]
         return train, valid, index_cache_dir(cache_dir or default_cache_dir(shards[0].prefix), shards)
 
     train_corpora, valid_corpora, path_to_cache = rank0_first(validate)
+    if bert:
+        from bigtrain.data.bert import build_bert
+
+        return build_bert(cfg, tokenizer, sizes, (train_corpora, valid_corpora), path_to_cache)
     all_shards = [s for c in train_corpora + (valid_corpora or []) for s in c.shards]
     info = (
         TokenizerInfo.from_tokenizer(tokenizer)
@@ -463,12 +475,38 @@ def _same_gpt_samples(a: Any, pa: np.ndarray, b: Any, pb: np.ndarray) -> np.ndar
     return same
 
 
-def first_changed_sample(saved: SampleDataset, new: SampleDataset, n: int) -> int | None:
+def _same_bert_samples(a: Any, pa: np.ndarray, b: Any, pb: np.ndarray) -> np.ndarray:
+    """Per position: whether sample ``pa[i]`` of a ``bigtrain.data.bert.BertDataset`` ``a`` is sample ``pb[i]``
+    of ``b``: the same sentences of the same file (megatron's sample index row) at the same index (which
+    seeds the sample's masks and pair)."""
+    if a.dataset_path != b.dataset_path:
+        return np.zeros(len(pa), dtype=bool)
+    rows_a, rows_b = np.asarray(a.sample_index[pa]), np.asarray(b.sample_index[pb])
+    return (pa == pb) & (rows_a[:, :2] == rows_b[:, :2]).all(axis=1)
+
+
+def _same_samples(a: Any, pa: np.ndarray, b: Any, pb: np.ndarray) -> np.ndarray:
+    from bigtrain.data.bert import BertDataset
+
+    if isinstance(a, BertDataset) or isinstance(b, BertDataset):
+        if not (isinstance(a, BertDataset) and isinstance(b, BertDataset)):
+            return np.zeros(len(pa), dtype=bool)
+        return _same_bert_samples(a, pa, b, pb)
+    return _same_gpt_samples(a, pa, b, pb)
+
+
+def _members(ds: Any) -> list[Any]:
+    """The per-shard megatron datasets under a top-level sample dataset's blend (itself when unblended)."""
+    return list(getattr(ds.dataset, "datasets", [ds.dataset]))
+
+
+def first_changed_sample(saved: Any, new: Any, n: int) -> int | None:
     """The first of samples ``0..n-1`` that ``new`` orders differently from ``saved``, or None.
 
-    Both are the training datasets of one config built for two sample counts. A blend's sample ``i`` is
-    sample ``dataset_sample_index[i]`` of member ``dataset_index[i]``; the members are compared with
-    :func:`_same_gpt_samples`. A few samples' tokens are compared as well: identities that agree while the
+    Both are the training datasets (:class:`SampleDataset`, or the bert family's ``BertSampleDataset``)
+    of one config built for two sample counts. A blend's sample ``i`` is sample ``dataset_sample_index[i]``
+    of member ``dataset_index[i]``; the members are compared with :func:`_same_gpt_samples` /
+    :func:`_same_bert_samples`. A few samples' tokens are compared as well: identities that agree while the
     tokens do not count as a change."""
     if n <= 0:
         return None
@@ -476,18 +514,18 @@ def first_changed_sample(saved: SampleDataset, new: SampleDataset, n: int) -> in
         return min(len(saved), len(new))
     a, b = saved.dataset, new.dataset
     blended = hasattr(a, "dataset_index")
-    if blended != hasattr(b, "dataset_index") or len(saved.gpt_datasets) != len(new.gpt_datasets):
+    if blended != hasattr(b, "dataset_index") or len(_members(saved)) != len(_members(new)):
         return 0
     for start in range(0, n, _CHUNK):
         pos = np.arange(start, min(n, start + _CHUNK))
         if not blended:
-            same = _same_gpt_samples(a, pos, b, pos)
+            same = _same_samples(a, pos, b, pos)
         else:
             member = np.asarray(a.dataset_index[pos])
             same = member == np.asarray(b.dataset_index[pos])
             for d in np.unique(member):
                 rows = np.flatnonzero(same & (member == d))
-                same[rows] = _same_gpt_samples(
+                same[rows] = _same_samples(
                     a.datasets[d],
                     np.asarray(a.dataset_sample_index[pos[rows]]),
                     b.datasets[d],
@@ -530,7 +568,7 @@ def train_order_change(cfg: Config, saved: int, new: int, n: int | None = None) 
 
     tokenizer = configured_tokenizer(cfg)
 
-    def train(count: int) -> SampleDataset:
+    def train(count: int) -> Any:
         c = copy.deepcopy(cfg)
         c.data.train_samples = count
         return build_datasets(c, tokenizer)[0]
