@@ -182,20 +182,22 @@ class Tokenizer(ABC):
     @abstractmethod
     def eod_id(self) -> int: ...
 
+    _bert_ids: dict[str, int | None]  # {"cls", "sep", "mask"}: set by each backend
+
     @property
-    @abstractmethod
     def cls_id(self) -> int | None:
         """BERT's ``[CLS]`` (sequence start; its final hidden state feeds NSP), None when absent."""
+        return self._bert_ids["cls"]
 
     @property
-    @abstractmethod
     def sep_id(self) -> int | None:
         """BERT's ``[SEP]`` (ends each segment), None when absent."""
+        return self._bert_ids["sep"]
 
     @property
-    @abstractmethod
     def mask_id(self) -> int | None:
         """BERT's ``[MASK]`` (replaces a predicted token), None when absent."""
+        return self._bert_ids["mask"]
 
     @abstractmethod
     def id_to_piece(self, i: int) -> str:
@@ -241,8 +243,8 @@ class SentencePieceTokenizer(Tokenizer):
         self._fingerprint = hashlib.sha256(model_bytes).hexdigest()
         self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(model_bytes)
-        self._specials = self._special_ids(model_bytes)
-        cls, sep, mask = self._specials.values()
+        self._bert_ids = self._special_ids(model_bytes)
+        cls, sep, mask = self._bert_ids.values()
         self._bert = (cls, sep) if cls is not None and sep is not None and mask is not None else None
 
     @staticmethod
@@ -253,7 +255,7 @@ class SentencePieceTokenizer(Tokenizer):
 
         proto = load_model_proto(model_bytes)
         found = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (CONTROL, USER_DEFINED)}
-        return {piece: found.get(piece) for piece in BERT_SPECIALS}
+        return {name: found.get(piece) for name, piece in zip(("cls", "sep", "mask"), BERT_SPECIALS)}
 
     @classmethod
     def from_path(cls, dir_or_model_path: str | os.PathLike) -> SentencePieceTokenizer:
@@ -337,18 +339,6 @@ class SentencePieceTokenizer(Tokenizer):
     def eod_id(self) -> int:
         """End-of-document token appended to every document in a dataset; the same as EOS."""
         return self.eos_id
-
-    @property
-    def cls_id(self) -> int | None:
-        return self._specials["[CLS]"]
-
-    @property
-    def sep_id(self) -> int | None:
-        return self._specials["[SEP]"]
-
-    @property
-    def mask_id(self) -> int | None:
-        return self._specials["[MASK]"]
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))

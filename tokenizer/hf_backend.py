@@ -242,18 +242,6 @@ class HFTokenizer(Tokenizer):
         """End-of-document token appended to every dataset document: the EOS; TokenizerError without one."""
         return self._require("eos")
 
-    @property
-    def cls_id(self) -> int | None:
-        return self._bert_ids["cls"]
-
-    @property
-    def sep_id(self) -> int | None:
-        return self._bert_ids["sep"]
-
-    @property
-    def mask_id(self) -> int | None:
-        return self._bert_ids["mask"]
-
     def id_to_piece(self, i: int) -> str:
         return self._tok.id_to_token(int(i)) or ""
 

@@ -37,8 +37,6 @@ padding), ``labels`` int64 (the original id where predicted, the pad id elsewher
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,10 +48,8 @@ from megatron.core.datasets.utils import Split
 from bigtrain import compat
 from bigtrain.config import Config
 from bigtrain.data.corpus import DataError
-from bigtrain.data.datasets import _blend
+from bigtrain.data.samples import MegatronSamples, blend_members, dataset_options
 from bigtrain.data.validate import Corpus
-
-logger = logging.getLogger(__name__)
 
 LONG_SENTENCE = 512  # megatron helpers.cpp LONG_SENTENCE_LEN: a document holding a longer one is skipped
 # the mock data's ids without a tokenizer: tokenizer.train --bert-specials' layout
@@ -90,14 +86,19 @@ class BertTokenizerInfo:
             "fingerprint": fingerprint,
         }
 
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> BertTokenizerInfo:
-        """From a ``tokenizer.Tokenizer``; DataError naming its directory when BERT's specials are missing."""
+    @staticmethod
+    def require(tokenizer: Any) -> None:
+        """DataError naming the tokenizer's directory (and how to add them) when BERT's specials are missing."""
         from tokenizer import bert_specials_hint
 
         missing = tokenizer.missing_bert_specials()
         if missing:
             raise DataError(f"data.tokenizer: {bert_specials_hint(tokenizer, missing)}")
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> BertTokenizerInfo:
+        """From a ``tokenizer.Tokenizer``; DataError as :meth:`require`."""
+        cls.require(tokenizer)
         pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
         wordpiece = any(p.startswith("##") for p in pieces) and not any(p.startswith("▁") for p in pieces)
         starts = np.array([not p.startswith("##") if wordpiece else p.startswith("▁") for p in pieces])
@@ -371,28 +372,16 @@ class BertDataset(MaskedWordPieceDataset):
         raise NotImplementedError("BertDataset masks in __getitem__ (see the module doc)")
 
 
-class BertSampleDataset(torch.utils.data.Dataset):
+class BertSampleDataset(MegatronSamples):
     """A megatron top-level dataset of :class:`BertDataset` samples (one, or a ``BlendedDataset`` of
-    several) with ``sample_id`` (the index asked for) and ``corpus_id`` (its blend member) added."""
-
-    def __init__(self, dataset: Any, corpus_of_dataset: Sequence[int], corpora: Sequence[Corpus], split: str):
-        self.dataset = dataset
-        self.corpus_of_dataset = list(corpus_of_dataset)
-        self.corpora = list(corpora)
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+    several); items as the module doc says, ``sample_id`` the index asked for, ``corpus_id`` its blend
+    member."""
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         idx = int(idx)
-        if not 0 <= idx < len(self):
-            raise IndexError(f"sample {idx} out of range for {len(self)} {self.split} samples")
-        item = dict(self.dataset[idx])
-        dataset_id = int(item.pop("dataset_id", 0))
-        item["sample_id"] = idx
-        item["corpus_id"] = self.corpus_of_dataset[dataset_id] if self.corpus_of_dataset else 0
-        return item
+        item, corpus = self.read(idx)
+        out = {k: v for k, v in item.items() if k != "dataset_id"}
+        return {**out, "sample_id": idx, "corpus_id": corpus}
 
 
 def bert_config(
@@ -401,11 +390,7 @@ def bert_config(
     """The megatron dataset config of ``cfg``'s bert samples (``blend``: megatron's blend/split fields)."""
     k = cfg.data.masking
     return BertDatasetConfig(
-        random_seed=cfg.train.seed,
-        sequence_length=cfg.model.seq_length,
-        path_to_cache=path_to_cache,
-        tokenizer=info,
-        mmap_bin_files=True,
+        **dataset_options(cfg, info, path_to_cache),
         masking_probability=k.prob,
         short_sequence_probability=k.short_seq_prob,
         masking_max_ngram=1,
@@ -447,9 +432,9 @@ def build_bert(
         valid_of: list[int] = []
     else:
         train_corpora, valid_corpora = corpora
-        train_prefixes, train_weights, train_of = _blend(train_corpora)
+        train_prefixes, train_weights, train_of = blend_members(train_corpora)
         if valid_corpora is not None:
-            valid_prefixes, valid_weights, valid_of = _blend(valid_corpora)
+            valid_prefixes, valid_weights, valid_of = blend_members(valid_corpora)
             blend_per_split = [(train_prefixes, train_weights), (valid_prefixes, valid_weights), None]
             config = bert_config(cfg, info, path_to_cache, blend_per_split=blend_per_split)
         else:

@@ -23,6 +23,7 @@ import torch
 from bigtrain import compat
 from bigtrain.config import Config, ConfigError, TrainConfig
 from bigtrain.data.corpus import DataError, DataSpec
+from bigtrain.data.samples import MegatronSamples, blend_members, dataset_options
 from bigtrain.data.validate import Corpus, ShardInfo, validate_data
 from tokenizer.writer import INDEX_INPUTS_FILE, INDEX_MAPS_DIR, default_cache_dir
 
@@ -96,8 +97,8 @@ class TokenizerInfo:
         )
 
 
-class SampleDataset(torch.utils.data.Dataset):
-    """A megatron-core top-level dataset with our item format.
+class SampleDataset(MegatronSamples):
+    """A megatron-core top-level dataset of GPT windows with our item format.
 
     Items are megatron's GPT dict (``tokens``, ``labels``, ``loss_mask``, ``position_ids``) plus
     ``sample_id`` (the index asked for: the sample's place in the global order, what resume and tests
@@ -105,28 +106,19 @@ class SampleDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: Any, corpus_of_dataset: Sequence[int], corpora: Sequence[Corpus], split: str):
-        self.dataset = dataset
-        self.corpus_of_dataset = list(corpus_of_dataset)
-        self.corpora = list(corpora)
-        self.split = split
+        super().__init__(dataset, corpus_of_dataset, corpora, split)
         compat.uncache_gpt_masks(self.gpt_datasets)  # megatron-core 0.16's mask cache (Megatron-LM#1711)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         idx = int(idx)
-        if not 0 <= idx < len(self):
-            raise IndexError(f"sample {idx} out of range for {len(self)} {self.split} samples")
-        item = self.dataset[idx]
-        dataset_id = int(item.get("dataset_id", 0))
+        item, corpus = self.read(idx)
         return {
             "tokens": item["tokens"],
             "labels": item["labels"],
             "loss_mask": item["loss_mask"],
             "position_ids": item["position_ids"],
             "sample_id": idx,
-            "corpus_id": self.corpus_of_dataset[dataset_id] if self.corpus_of_dataset else 0,
+            "corpus_id": corpus,
         }
 
     @property
@@ -223,27 +215,6 @@ def index_cache_dir(root: str, shards: Sequence[ShardInfo]) -> str:
     return path
 
 
-def _blend(corpora: Sequence[Corpus]) -> tuple[list[str], list[float] | None, list[int]]:
-    """Flatten corpora to megatron's (prefixes, weights) and the corpus index of every prefix.
-
-    A corpus weight is split over its shards in proportion to their token counts, so the corpus keeps
-    its share of the mix however it is sharded; empty shards are left out (megatron needs weights > 0).
-    Unweighted corpora (a single name, or ``data.valid``) are weighted by size.
-    """
-    total = sum(c.num_tokens for c in corpora)
-    prefixes, weights, corpus_of = [], [], []
-    for i, corpus in enumerate(corpora):
-        share = corpus.weight if corpus.weight is not None else corpus.num_tokens / total
-        for shard in corpus.shards:
-            if shard.num_tokens:
-                prefixes.append(shard.prefix)
-                weights.append(share * shard.num_tokens / corpus.num_tokens)
-                corpus_of.append(i)
-    if len(prefixes) == 1:
-        return prefixes, None, corpus_of
-    return prefixes, weights, corpus_of
-
-
 def _check_split(corpora: Sequence[Corpus], split: str, documents: bool = False) -> None:
     """Each shard is split by document; a part with no documents would make megatron loop forever.
     GPT's documents are its sequences; the bert family's (``documents``) are runs of sentences."""
@@ -271,15 +242,11 @@ def _gpt_options(cfg: Config, info: TokenizerInfo, path_to_cache: str | None) ->
     """GPTDatasetConfig fields shared by real and mock data: plain causal windows, no per-document
     position/attention resets and no materialized attention mask (the model builds its causal mask)."""
     return dict(
-        random_seed=cfg.train.seed,
-        sequence_length=cfg.model.seq_length,
-        path_to_cache=path_to_cache,
-        tokenizer=info,
+        **dataset_options(cfg, info, path_to_cache),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        mmap_bin_files=True,
     )
 
 
@@ -330,6 +297,10 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[Any, Any]:
             return build_bert(cfg, tokenizer, sizes, None, None)
         return _mock_datasets(cfg, tokenizer, sizes)
     d = cfg.data
+    if bert and tokenizer is not None:  # before the data: a wrong tokenizer also fails the vocab check
+        from bigtrain.data.bert import BertTokenizerInfo
+
+        BertTokenizerInfo.require(tokenizer)
     if d.train is None:
         raise DataError("data.train is not set (a prefix, a glob, or [[weight, prefix], ...])")
     vocab = int(tokenizer.vocab_size) if tokenizer is not None else cfg.model.vocab_size
@@ -356,10 +327,10 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[Any, Any]:
         if tokenizer is not None
         else TokenizerInfo.from_data(vocab, all_shards)
     )
-    train_prefixes, train_weights, train_corpus_of = _blend(train_corpora)
+    train_prefixes, train_weights, train_corpus_of = blend_members(train_corpora)
     common = _gpt_options(cfg, info, path_to_cache)
     if valid_corpora is not None:
-        valid_prefixes, valid_weights, valid_corpus_of = _blend(valid_corpora)
+        valid_prefixes, valid_weights, valid_corpus_of = blend_members(valid_corpora)
         config = GPTDatasetConfig(
             blend_per_split=[(train_prefixes, train_weights), (valid_prefixes, valid_weights), None], **common
         )
