@@ -390,3 +390,75 @@ def test_megatron_cache_keys_include_the_masking(corpus: dict, tmp_path: Path) -
     described = json.loads(dataset.unique_description)
     assert described["sentence_pair"] == "sop" and described["masking_do_full_word"] is True
     assert described["tokenizer"]["ids"] == [CLS, SEP, MASK, PAD]
+
+
+def test_resume_order_check_reads_bert_samples(corpus: dict, tmp_path: Path) -> None:
+    """first_changed_sample on bert datasets built for two sample counts: every sample before the
+    answer is the same, the answer (when any) differs; and one count against itself is unchanged."""
+    from bigtrain.data.datasets import first_changed_sample
+
+    def train(count: int):
+        cfg = bert_cfg(corpus["prefix"])
+        cfg.data.train_samples = count
+        return build(cfg, cache=tmp_path)[0]
+
+    def same(x: dict, y: dict) -> bool:
+        return all(torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k])) for k in x)
+
+    small, again = train(200), train(200)
+    assert first_changed_sample(small, again, 200) is None
+    large = train(5000)
+    changed = first_changed_sample(small, large, 200)
+    checked = range(200) if changed is None else range(changed)
+    assert all(same(small[i], large[i]) for i in checked)
+    if changed is not None:
+        assert not same(small[changed], large[changed])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_gloo_ranks_read_the_single_process_samples(corpus: dict, tmp_path: Path) -> None:
+    """Two ranks build the bert samples together (rank 0 writes megatron's cache first) and their
+    micro-batches, put together, are the single-process global batches."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cpu_env, free_port
+    from tests.data.bert_dist_worker import GBS, KEYS, MBS, STEPS, bert_dist_cfg
+
+    out, cache, port = tmp_path / "out", str(tmp_path / "cache"), str(free_port())
+    out.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.data.bert_dist_worker", corpus["prefix"], cache, str(out)],
+            cwd=REPO,
+            env=cpu_env(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-6000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    reference, _ = build_datasets(
+        bert_dist_cfg(corpus["prefix"], str(tmp_path / "single")), FakeBertTokenizer()
+    )
+    assert ranks[0]["len"] == ranks[1]["len"] == len(reference)
+    whole = batch_iterator(reference, 0, GBS, GBS, 0, 1, prefetch=0)
+    per_step = GBS // (MBS * 2)
+    for step in range(STEPS):
+        want = next(whole)
+        got = [ranks[r]["batches"][step * per_step : (step + 1) * per_step] for r in range(2)]
+        for key in KEYS:
+            rows = [row for r in range(2) for b in got[r] for row in b[key]]
+            assert rows == want[key].tolist(), (step, key)
