@@ -44,7 +44,7 @@ def encode_sentence_documents(tok: Any, texts: list[bytes], num_threads: int = 1
     for doc in docs:
         sentences: list[np.ndarray] = []
         for _ in doc:
-            ids = np.asarray(next(encoded), dtype=np.int32)
+            ids = np.asarray(next(encoded), dtype=np.int32)  # empty when a normalizer drops it all
             sentences += [ids[i : i + MAX_SENTENCE_TOKENS] for i in range(0, ids.size, MAX_SENTENCE_TOKENS)]
         out.append(sentences)
     return out

@@ -186,7 +186,7 @@ class BuilderProcess:
             counts = np.array([len(d) for d in sentences], dtype=np.int64)
             flat = [s for d in sentences for s in d]
             lengths = np.fromiter((s.size for s in flat), dtype=np.int64, count=len(flat))
-            tokens = np.concatenate(flat).astype(dtype, copy=False)
+            tokens = np.concatenate(flat or [np.zeros(0, dtype)]).astype(dtype, copy=False)
             self._send([HEADER.pack(b"S", len(docs), tokens.size), counts.data, lengths.data, tokens.data])
             return
         lengths = np.fromiter(map(document_size, docs), dtype=np.int64, count=len(docs))

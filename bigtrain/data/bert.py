@@ -190,11 +190,10 @@ class BertDataset(MaskedWordPieceDataset):
         bounds = np.asarray(self.dataset.document_indices)
         starts, ends = bounds[indices], bounds[indices + 1]
         need = 2 if self.pair else 1
-        lengths = np.asarray(self.dataset.sequence_lengths)
         starts, ends = starts[ends > starts], ends[ends > starts]
+        # the split's documents are consecutive: each maximum runs from its start to the next one's
+        lengths = np.asarray(self.dataset.sequence_lengths)[: ends[-1] if ends.size else 0]
         longest = np.maximum.reduceat(lengths, starts) if starts.size else np.zeros(0)
-        # reduceat runs each maximum to the next start: documents of other splits between are never
-        # longer than what they add, so a skipped long document may read as usable; megatron counts it
         usable = (ends - starts >= need) & (longest <= LONG_SENTENCE)
         part = self.index_split.name
         if not usable.any():
@@ -205,8 +204,8 @@ class BertDataset(MaskedWordPieceDataset):
                 else "check the data"
             )
             raise DataError(f"{where}: {why} (data.masking.sentence_pair {self.config.sentence_pair}); {fix}")
-        if self.config.sentence_pair == "nsp" and len(indices) < 2:
-            raise DataError(f"{where}: NSP draws B from another document; its {part} part has only one")
+        if self.config.sentence_pair == "nsp" and starts.size < 2:
+            raise DataError(f"{where}: NSP draws B from another document; its {part} part has one at most")
         self._doc_bounds = bounds
 
     def _build_sample_index(self, sequence_length: int, min_sentences_per_sample: int) -> np.ndarray:
@@ -245,16 +244,21 @@ class BertDataset(MaskedWordPieceDataset):
     def _sentences(self, first: int, last: int) -> list[np.ndarray]:
         return [np.asarray(self.dataset[i], dtype=np.int64) for i in range(first, last)]
 
+    def _other_document(self, rng: np.random.RandomState, avoid: int) -> int:
+        """A random non-empty document of this split other than ``avoid`` (the split has two or more)."""
+        bounds = self._doc_bounds
+        for _ in range(10):
+            doc = int(self.indices[rng.randint(len(self.indices))])
+            if doc != avoid and bounds[doc + 1] > bounds[doc]:
+                return doc
+        # rare (few non-empty documents): the next one after ``avoid`` in document order
+        ok = self.indices[(bounds[self.indices + 1] > bounds[self.indices]) & (self.indices != avoid)]
+        return int(ok[np.searchsorted(ok, avoid) % len(ok)])
+
     def _random_segment(self, rng: np.random.RandomState, avoid: int, length: int) -> list[np.ndarray]:
         """Sentences from a random other document of this split, from a random sentence on, until
         ``length`` tokens (BERT's NSP negative)."""
-        doc = avoid
-        for _ in range(10):  # another document (the split has at least two)
-            doc = int(self.indices[rng.randint(len(self.indices))])
-            if doc != avoid:
-                break
-        if doc == avoid:
-            doc = int(self.indices[(np.searchsorted(self.indices, avoid) + 1) % len(self.indices)])
+        doc = self._other_document(rng, avoid)
         first, last = int(self._doc_bounds[doc]), int(self._doc_bounds[doc + 1])
         start = rng.randint(first, last)
         out, total = [], 0
@@ -291,8 +295,8 @@ class BertDataset(MaskedWordPieceDataset):
         for segment in (a, b):
             tokens = np.concatenate(segment) if segment else np.zeros(0, dtype=np.int64)
             flags = np.zeros(tokens.size, dtype=bool)
-            if segment:
-                flags[np.cumsum([0] + [s.size for s in segment[:-1]]).astype(np.int64)] = True
+            at = np.cumsum([0] + [s.size for s in segment[:-1]]).astype(np.int64)
+            flags[at[at < tokens.size]] = True  # (an empty sentence starts nothing)
             ids.append(tokens)
             starts.append(flags)
             cuts.append([0, tokens.size])

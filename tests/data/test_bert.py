@@ -462,3 +462,17 @@ def test_two_gloo_ranks_read_the_single_process_samples(corpus: dict, tmp_path: 
         for key in KEYS:
             rows = [row for r in range(2) for b in got[r] for row in b[key]]
             assert rows == want[key].tolist(), (step, key)
+
+
+def test_empty_documents_are_never_drawn(tmp_path: Path) -> None:
+    """Documents with no sentence (a text the normalizer empties) are neither sampled nor NSP's B."""
+    docs = unique_corpus(30, seed=3)
+    docs = [d for pair in zip(docs, [[]] * len(docs)) for d in pair]  # every other document empty
+    prefix = write_sentence_dataset(tmp_path / "holes", docs)
+    train, _ = build(bert_cfg(prefix), cache=tmp_path / "cache")
+    labels = []
+    for i in range(200):
+        a, b = segments(train[i])
+        assert len(a) and len(b) and run(a) and run(b)
+        labels.append(int(train[i]["nsp_labels"]))
+    assert 0 < np.mean(labels) < 1

@@ -78,3 +78,25 @@ def test_preprocess_refuses_a_tokenizer_without_bert_specials(tok_dir: Path, tmp
         and "--bert-specials" in res.stderr
     )
     assert not list(tmp_path.glob("x*"))
+
+
+def test_preprocess_sentences_with_a_wordpiece_tokenizer(tmp_path: Path) -> None:
+    """A bert-base-uncased-style tokenizer.json: each sentence's ids without the post-processor's
+    [CLS]/[SEP] (the dataset adds them), as ``Tokenizer.encode`` gives them."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from tests.tokenizer.hf_dirs import wordpiece_dir
+
+    wp = wordpiece_dir(tmp_path / "wp")
+    docs = [*make_corpus(20, seed=4), "\u200b", "zero\u200bwidth. \u200b end"]  # the normalizer drops U+200B
+    corpus = write_jsonl(tmp_path / "in.jsonl", docs)
+    prefix = tmp_path / "out" / "wp"
+    subprocess.run(preprocess_cmd([str(corpus)], wp, prefix, "--split-sentences"), check=True, timeout=120)
+    tok = Tokenizer.load(wp)
+    ds = IndexedDataset(str(prefix))
+    bounds = ds.document_indices
+    got = [[ds[i].tolist() for i in range(bounds[d], bounds[d + 1])] for d in range(len(bounds) - 1)]
+    want = [[ids for s in split_sentences(d) if (ids := tok.encode(s))] for d in docs if d.strip()]
+    assert got == want and want[-2:] == [[], [tok.encode("zero\u200bwidth."), tok.encode("end")]]
+    assert tok.encode("\u200b") == []  # the empty document above: no sentence left
+    assert tok.cls_id not in {i for d in got for s in d for i in s}
