@@ -19,14 +19,17 @@ runs, but it is not BERT's sampling for our tokenizers):
   labels are -1 where nothing is predicted (megatron's vocab-parallel cross entropy needs valid ids)
   and padding token types are the pad id.
 
-So :class:`BertDataset` keeps the base and writes ``__getitem__``: the masking follows megatron's
-(``_create_masked_lm_predictions`` with 1-grams): ``round(prob * real tokens)`` (at least 1) positions
-chosen as whole candidates (words or tokens) in a shuffled order, then per position [MASK] / random /
-kept by ``mask_fraction`` / ``random_fraction``. Truncation trims the longer segment from a random end
-until the pair fits (as megatron and BERT's ``truncate_seq_pair``). Everything random in a sample comes
-from ``numpy.random.RandomState([train.seed, index])``, as megatron seeds one per index: a sample is a
-pure function of the seed, the data and its index, so resume and any data-parallel layout see the same
-samples.
+So :class:`BertDataset` keeps the base and writes ``__getitem__``, its masking shaped like megatron's
+``_create_masked_lm_predictions`` with 1-grams: ``round(prob * tokens)`` (at least 1; the tokens of A and
+B, specials never) positions taken as whole candidates (words, or single tokens) in a shuffled order,
+skipping a word that would overshoot, then per position [MASK] / a random id / kept by
+``mask_fraction`` / ``random_fraction``. Truncation trims the longer segment from a random end until
+the pair fits ``seq_length`` (BERT's ``truncate_seq_pair``; megatron trims to the sample's target length,
+which ``short_seq_prob`` shortens only where the sentences already end short). Everything random in a
+sample comes from ``numpy.random.RandomState([train.seed, index])``, as megatron seeds one per index: a
+sample is a pure function of the seed, the data, its index and megatron's sample index (which the
+sample count shapes, as for GPT: ``data.train_samples`` pins it), so resume and any data-parallel
+layout see the same samples.
 
 Item (each a torch tensor of length ``seq_length`` unless noted): ``tokens`` int64, ``token_types``
 int64 (0 for ``[CLS]`` A ``[SEP]`` and padding, 1 for B ``[SEP]``), ``attention_mask`` int64 (1 real, 0
