@@ -24,8 +24,9 @@ So :class:`BertDataset` keeps the base and writes ``__getitem__``, its masking s
 B, specials never) positions taken as whole candidates (words, or single tokens) in a shuffled order,
 skipping a word that would overshoot, then per position [MASK] / a random id / kept by
 ``mask_fraction`` / ``random_fraction``. Truncation trims the longer segment from a random end until
-the pair fits ``seq_length`` (BERT's ``truncate_seq_pair``; megatron trims to the sample's target length,
-which ``short_seq_prob`` shortens only where the sentences already end short). Everything random in a
+the pair fits ``seq_length`` (BERT's ``truncate_seq_pair``; megatron trims to the sample's target
+length; here a short target, ``short_seq_prob``, still shortens a sample: ``build_mapping`` stops
+gathering sentences there). Everything random in a
 sample comes from ``numpy.random.RandomState([train.seed, index])``, as megatron seeds one per index: a
 sample is a pure function of the seed, the data, its index and megatron's sample index (which the
 sample count shapes, as for GPT: ``data.train_samples`` pins it), so resume and any data-parallel

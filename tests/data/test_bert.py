@@ -259,6 +259,14 @@ def test_truncation_to_seq_length(tmp_path: Path) -> None:
     assert full > 150
 
 
+def test_short_seq_prob_shortens_samples(corpus: dict, tmp_path: Path) -> None:
+    def mean_length(prob: float) -> float:
+        train, _ = build(bert_cfg(corpus["prefix"], seq=128, short_seq_prob=prob), cache=tmp_path)
+        return float(np.mean([int(train[i]["attention_mask"].sum()) for i in range(200)]))
+
+    assert mean_length(1.0) < 0.8 * mean_length(0.0)
+
+
 def test_blend_and_valid_corpus(corpus: dict, tmp_path: Path) -> None:
     other = write_sentence_dataset(tmp_path / "code", unique_corpus(40, seed=2))
     cfg = bert_cfg([[0.5, corpus["prefix"]], [0.5, other]])
