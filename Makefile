@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo lint format clean
+.PHONY: venv test test-fast demo demo-bert lint format clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -28,6 +28,9 @@ test-fast: venv
 
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
+
+demo-bert: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo_bert.sh
 
 # ruff and mypy are pinned in setup.py's dev extra; .pre-commit-config.yaml runs the same three checks
 lint: venv

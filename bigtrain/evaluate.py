@@ -1,7 +1,7 @@
 """``python -m bigtrain.evaluate --config FILE --data PREFIX [--set ...]``: mean next-token loss and
 perplexity of a checkpoint over contiguous, non-overlapping ``seq_length + 1``-token windows of a
-dataset, in order. The bert family (``model.family: bert``): over one pass of the (sentence-split)
-dataset's pretraining samples, the MLM loss and masked-token accuracy over every predicted token, and the
+dataset, in order. The bert family (``model.family: bert``): over the first ``data.train_samples``
+(default 1024) pretraining samples of the (sentence-split) dataset, the MLM loss and masked-token accuracy over every predicted token, and the
 NSP/SOP loss and accuracy over every sample (masks and pairs from ``train.seed``, as in training). Any
 tensor/pipeline/data layout; weights come from ``checkpoint.load`` or the latest checkpoint of
 ``train.run_dir``. The last line printed is a JSON object.
@@ -31,6 +31,9 @@ def _window_batch(window: dict, device: torch.device, real: bool) -> dict[str, t
         else torch.zeros_like(tokens, dtype=torch.float32)
     )
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
+
+
+ENCODER_SAMPLES = 1024  # the bert family's samples evaluated unless data.train_samples says
 
 
 def _encoder_sums(
@@ -70,8 +73,9 @@ def _encoder_sums(
 
 @torch.no_grad()
 def evaluate_encoder(cfg: Config, data_path: str) -> dict[str, float]:
-    """The bert family's pretraining metrics over one pass of ``data_path``'s samples, in order, one
-    sample per data-parallel rank per step (so the layout never changes which samples count)."""
+    """The bert family's pretraining metrics over ``data.train_samples`` (default
+    :data:`ENCODER_SAMPLES`) samples of ``data_path``, in order, one sample per data-parallel rank per
+    step (so the layout never changes which samples count)."""
     from megatron.core import parallel_state
 
     from bigtrain import checkpoint
@@ -87,14 +91,16 @@ def evaluate_encoder(cfg: Config, data_path: str) -> dict[str, float]:
     cfg.train.global_batch_size = cfg.derived.data_parallel_size
     cfg.derived.grad_accum_steps = 1
     cfg.data.train, cfg.data.valid, cfg.data.split, cfg.data.mock = data_path, None, "100,0,0", False
-    samples, _ = build_datasets(cfg, configured_tokenizer(cfg), sizes=[None, 0, 0])  # before any group
+    # megatron's masked dataset cannot build "one epoch" (its index builder needs a count)
+    count = cfg.data.train_samples or ENCODER_SAMPLES
+    samples, _ = build_datasets(cfg, configured_tokenizer(cfg), sizes=[count, 0, 0])  # before any group
     dist = init_distributed(cfg)
     try:
         model = build_model(cfg, topology=dist.topology)
         checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg)))
         runner = make_eval_runner(cfg, model, dist, BERT_BATCH)
         tp = tensor_parallel(cfg)
-        dp, n = cfg.derived.data_parallel_size, len(samples)
+        dp, n = cfg.derived.data_parallel_size, min(len(samples), count)  # megatron builds whole epochs
         sums = torch.zeros(6, dtype=torch.float64, device=dist.device)
         for step in range(math.ceil(n / dp)):
             index = step * dp + dist.dp_rank
@@ -110,12 +116,12 @@ def evaluate_encoder(cfg: Config, data_path: str) -> dict[str, float]:
             sums += runner.from_last_stage(here)
         if dp > 1:
             torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-        mlm_loss, tokens, correct, nsp_loss, count, nsp_correct = (float(x) for x in sums)
+        mlm_loss, tokens, correct, nsp_loss, weight, nsp_correct = (float(x) for x in sums)
         return {
             "mlm_loss": mlm_loss / max(tokens, 1),
             "mlm_accuracy": correct / max(tokens, 1),
-            "nsp_loss": nsp_loss / max(count, 1),
-            "nsp_accuracy": nsp_correct / max(count, 1),
+            "nsp_loss": nsp_loss / max(weight, 1),
+            "nsp_accuracy": nsp_correct / max(weight, 1),
             "samples": n,
             "predicted_tokens": int(tokens),
         }

@@ -65,7 +65,7 @@ def write_bert_corpus(out: Path, documents: int = 1000) -> tuple[Path, Path, Pat
                 "--input",
                 str(text / "train.jsonl"),
                 "--vocab-size",
-                "360",
+                "420",
                 "--output",
                 str(tok),
                 "--bert-specials",
