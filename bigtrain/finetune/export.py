@@ -1,5 +1,7 @@
 """Hugging Face export of fine-tuned checkpoints (used by tools/convert_to_hf.py): LoRA merged into the
-base weights or written as a PEFT adapter directory; classification as LlamaForSequenceClassification.
+base weights or written as a PEFT adapter directory; classification as the family's
+...ForSequenceClassification (bert: BertForSequenceClassification, token classification
+BertForTokenClassification).
 Imports no DeepSpeed/megatron (the export tool stays light)."""
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bigtrain.config import Config
-from bigtrain.finetune.params import LORA_TARGETS, SCORE, lora_specs, task_params
+from bigtrain.finetune.params import SCORE, lora_specs, lora_target, task_params
 from bigtrain.models import layout
 
 if TYPE_CHECKING:  # annotation only: the callers open the reader
@@ -55,11 +57,11 @@ def hf_tensor_groups(
 def peft_tensors(reader: WeightReader, cfg: Config) -> dict[str, torch.Tensor]:
     """PEFT's adapter state: a fused projection's A is shared by its parts, B is split like the weight."""
     m, ft = cfg.model, cfg.finetune
-    base = {s.name: s for s in layout.LAYER_PARAMS[layout.BLOCK]}
+    base = {s.name: s for s in layout.specs_of(layout.BLOCK, m)}
     out = {}
     for i in range(1, m.num_layers + 1):
         for target in ft.lora.targets:
-            module = LORA_TARGETS[target][0]
+            module = lora_target(m, target)[0]
             pair = _lora(reader, cfg, i, module)
             if pair is None:  # lora_specs gives every target an adapter: a layout bug, not a user error
                 raise RuntimeError(
@@ -92,7 +94,7 @@ def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, b
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if ft.task == "classify" else "CAUSAL_LM",
+        "task_type": {"classify": "SEQ_CLS", "token_classify": "TOKEN_CLS"}.get(ft.task, "CAUSAL_LM"),
         "base_model_name_or_path": str(Path(base_dir).resolve()),
         "r": ft.lora.rank,
         "lora_alpha": ft.lora.alpha,
@@ -111,15 +113,24 @@ def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, b
 
 def hf_config_overrides(cfg: Config) -> dict:
     """config.json fields that depend on the fine-tuning task (a classifier: the family's
-    ``...ForSequenceClassification``; a language model keeps the family's causal-LM class)."""
+    ``...ForSequenceClassification``, bert's token classifier ``BertForTokenClassification``; a language
+    model keeps the family's causal-LM class)."""
     ft = cfg.finetune
-    if ft.task != "classify":
+    if ft.task not in ("classify", "token_classify"):
         return {}
-    causal_lm = layout.HF_ARCHITECTURES[cfg.model.hf_model_type]
-    return {
-        "architectures": [causal_lm.replace("ForCausalLM", "ForSequenceClassification")],
+    labels = {
         "num_labels": len(ft.labels),
         "id2label": {str(i): name for i, name in enumerate(ft.labels)},
         "label2id": {name: i for i, name in enumerate(ft.labels)},
+    }
+    if cfg.model.family == "bert":
+        kind = "Token" if ft.task == "token_classify" else "Sequence"
+        # no problem_type for tokens: HF's token classifier always takes single-label cross-entropy
+        extra = {} if kind == "Token" else {"problem_type": "single_label_classification"}
+        return {"architectures": [f"BertFor{kind}Classification"], **labels, **extra}
+    causal_lm = layout.HF_ARCHITECTURES[cfg.model.hf_model_type]
+    return {
+        "architectures": [causal_lm.replace("ForCausalLM", "ForSequenceClassification")],
+        **labels,
         "problem_type": "single_label_classification",
     }
