@@ -1,0 +1,132 @@
+"""The bert family's fine-tuning end to end through ``python -m bigtrain.finetune`` on a tiny encoder
+(random init, configs/bert-classify-tiny.yaml): sentence-pair classification learns a marker task to
+high held-out accuracy (confusion matrix, best checkpoint); token classification reports token accuracy
+and entity-level (and per-type) F1; data parallel 2 reproduces the single process's losses."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cmd
+from tests.finetune.helpers import LETTERS, MARKERS, write_jsonl
+from tests.training.helpers import assert_close_rel, losses, rows, single, torchrun
+
+pytestmark = pytest.mark.timeout(420)
+MODULE = "bigtrain.finetune"
+BERT_TINY = str(REPO / "configs" / "bert-classify-tiny.yaml")
+ENTITY = {"k": "PER", "p": "LOC"}  # token_classify: a word starting with the letter opens an entity
+
+
+@pytest.fixture(scope="module")
+def bert_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A letter tokenizer (single letters as pieces) with the encoder's [CLS] [SEP] [MASK]."""
+    root = tmp_path_factory.mktemp("bert_tok")
+    rng = random.Random(0)
+    alphabet = LETTERS + "".join(MARKERS)
+    docs = [" ".join(rng.choice(alphabet) for _ in range(rng.randint(3, 8))) for _ in range(300)]
+    corpus = write_jsonl(root / "corpus.jsonl", [{"text": doc} for doc in docs])
+    run_cmd(
+        [sys.executable, "-m", "tokenizer.train", "--input", str(corpus), "--vocab-size", "310", "--output",
+         str(root / "tok"), "--special-tokens", "[CLS]", "[SEP]", "[MASK]"],
+        timeout=120,
+    )  # fmt: skip
+    return root / "tok"
+
+
+def pair_rows(n: int, seed: int) -> list[dict]:
+    """Two letter texts; the one marker letter, somewhere in the second, decides the label."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        first = " ".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 4)))
+        second = [rng.choice(LETTERS) for _ in range(rng.randint(2, 4))]
+        marker = rng.choice(sorted(MARKERS))
+        second.insert(rng.randint(0, len(second)), marker)
+        out.append({"text": first, "text_pair": " ".join(second), "label": MARKERS[marker]})
+    return out
+
+
+def tag_rows(n: int, seed: int) -> list[dict]:
+    """Words of letters; a word starting with k (PER) or p (LOC) opens an entity that the next word
+    continues when it starts with m (I-): so tags need the word and its left neighbour."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words, tags, length = [], [], rng.randint(4, 7)
+        while len(words) < length:
+            if rng.random() < 0.35:
+                opener = rng.choice(sorted(ENTITY))
+                words.append(opener + "".join(rng.choice(LETTERS) for _ in range(rng.randint(0, 1))))
+                tags.append(f"B-{ENTITY[opener]}")
+                if rng.random() < 0.5:
+                    words.append("m" + rng.choice(LETTERS))
+                    tags.append(f"I-{ENTITY[opener]}")
+            else:
+                words.append("".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 2))))
+                tags.append("O")
+        out.append({"tokens": words, "tags": tags})
+    return out
+
+
+def run_args(tok: Path, train: Path, valid: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["--config", BERT_TINY, "--set", f"data.tokenizer={tok}", f"finetune.train={train}",
+            f"finetune.valid={valid}", f"train.run_dir={run_dir}", *overrides]  # fmt: skip
+
+
+def validations(run_dir: Path) -> list[dict]:
+    return [r for r in rows(run_dir) if "val_loss" in r]
+
+
+def test_pair_classification_learns_the_marker(bert_tok: Path, tmp_path: Path):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(240, 0))
+    valid = write_jsonl(tmp_path / "valid.jsonl", pair_rows(60, 1))
+    run_dir = tmp_path / "run"
+    proc = single(
+        run_args(bert_tok, train, valid, run_dir, "train.steps=100", "checkpoint.save=true"), module=MODULE
+    )
+    assert "classify: 240 training examples, labels ['food', 'sport', 'tech']" in proc.stdout
+    last = validations(run_dir)[-1]
+    assert last["val_examples"] == 60 and sum(map(sum, last["val_confusion"])) == 60
+    assert last["val_accuracy"] >= 0.95, last
+    assert (run_dir / "best" / "bigtrain.json").is_file()
+
+
+def test_token_classification_reports_entity_f1(bert_tok: Path, tmp_path: Path):
+    train = write_jsonl(tmp_path / "train.jsonl", tag_rows(240, 0))
+    valid = write_jsonl(tmp_path / "valid.jsonl", tag_rows(60, 1))
+    run_dir = tmp_path / "run"
+    proc = single(
+        run_args(bert_tok, train, valid, run_dir, "finetune.task=token_classify", "finetune.metric=val_f1",
+                 "train.steps=150", "finetune.patience=0", "optim.lr=3e-3", "train.eval_interval=50"),
+        module=MODULE,
+    )  # fmt: skip
+    assert "tags ['O', 'B-LOC', 'I-LOC', 'B-PER', 'I-PER']" in proc.stdout
+    assert "val_PER_f1" in proc.stdout and "val_LOC_f1" in proc.stdout  # the validation log line
+    last = validations(run_dir)[-1]
+    assert last["val_examples"] == 60 and last["val_entities"] > 30
+    assert last["val_PER_support"] + last["val_LOC_support"] == last["val_entities"]
+    p, r = last["val_precision"], last["val_recall"]
+    assert last["val_f1"] == pytest.approx(2 * p * r / (p + r))
+    assert last["val_accuracy"] >= 0.95 and last["val_f1"] >= 0.85, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["classify", "token_classify"])
+def test_data_parallel_2_equals_one_process(bert_tok: Path, tmp_path: Path, task: str):
+    data = pair_rows if task == "classify" else tag_rows
+    train = write_jsonl(tmp_path / "train.jsonl", data(64, 0))
+    valid = write_jsonl(tmp_path / "valid.jsonl", data(20, 1))
+    common = [f"finetune.task={task}", "train.steps=4", "train.eval_interval=2", "train.log_interval=1",
+              "train.micro_batch_size=4", "finetune.patience=0"]  # fmt: skip
+    single(run_args(bert_tok, train, valid, tmp_path / "one", *common), module=MODULE)
+    torchrun(2, run_args(bert_tok, train, valid, tmp_path / "dp2", *common), module=MODULE, timeout=300)
+    assert len(losses(tmp_path / "one")) == 4
+    assert_close_rel(losses(tmp_path / "dp2"), losses(tmp_path / "one"), 1e-5)
+    one, two = validations(tmp_path / "one"), validations(tmp_path / "dp2")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 4]
+    assert_close_rel([r["val_loss"] for r in two], [r["val_loss"] for r in one], 1e-5)
+    assert [r["val_accuracy"] for r in two] == [r["val_accuracy"] for r in one]
