@@ -114,16 +114,28 @@ def test_token_classification_reports_entity_f1(bert_tok: Path, tmp_path: Path):
     assert last["val_accuracy"] >= 0.95 and last["val_f1"] >= 0.85, last
 
 
+LAYOUTS = {  # two processes: data parallel (full fine-tuning), tensor parallel (LoRA on every projection)
+    "dp2": [],
+    "tp2_lora": ["parallel.tensor=2", "finetune.lora.rank=4", "finetune.lora.alpha=8", "optim.lr=1e-2"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["classify", "token_classify"])
-def test_data_parallel_2_equals_one_process(bert_tok: Path, tmp_path: Path, task: str):
+@pytest.mark.parametrize(
+    ("task", "layout"), [("classify", "dp2"), ("token_classify", "dp2"), ("token_classify", "tp2_lora")]
+)
+def test_two_processes_equal_one(bert_tok: Path, tmp_path: Path, task: str, layout: str):
     data = pair_rows if task == "classify" else tag_rows
     train = write_jsonl(tmp_path / "train.jsonl", data(64, 0))
     valid = write_jsonl(tmp_path / "valid.jsonl", data(20, 1))
     common = [f"finetune.task={task}", "train.steps=4", "train.eval_interval=2", "train.log_interval=1",
               "train.micro_batch_size=4", "finetune.patience=0"]  # fmt: skip
-    single(run_args(bert_tok, train, valid, tmp_path / "one", *common), module=MODULE)
-    torchrun(2, run_args(bert_tok, train, valid, tmp_path / "dp2", *common), module=MODULE, timeout=300)
+    extra = LAYOUTS[layout]
+    single_extra = [x for x in extra if not x.startswith("parallel.")]
+    single(run_args(bert_tok, train, valid, tmp_path / "one", *common, *single_extra), module=MODULE)
+    torchrun(
+        2, run_args(bert_tok, train, valid, tmp_path / "dp2", *common, *extra), module=MODULE, timeout=300
+    )
     assert len(losses(tmp_path / "one")) == 4
     assert_close_rel(losses(tmp_path / "dp2"), losses(tmp_path / "one"), 1e-5)
     one, two = validations(tmp_path / "one"), validations(tmp_path / "dp2")
