@@ -13,6 +13,17 @@ not counted); the head width is ``model.head_dim`` (``kv_channels``). A sliding 
 the count: bigtrain applies it as an SDPA mask, so the kernel still computes every ``seq x seq`` score
 (as with the causal mask), and MFU stays comparable with the full-attention model.
 The counts are exact against ``torch.utils.flop_counter`` on bigtrain's model (tests/test_flops.py).
+
+The bert family (``model.family: bert``, HF ``BertForPreTraining``): per block the fused QKV ``3h^2``, the
+output projection ``h^2`` and a plain GELU MLP ``2 h f`` (no gate); attention is bidirectional and its
+kernel computes every score, so the same full-square term as the decoder's (which does not discount the
+causal half either). The MLM head runs on *every* position, as Megatron's BERT and HF compute it (the loss
+then keeps the masked ones): transform ``h^2`` + decoder ``h V`` (tied to the word embedding; ``V`` is
+:func:`output_vocab`, as for the decoder's output layer: the model must leave the padding rows out of the
+matmul at tensor size 1, as ``OutputLayer`` does, for MFU to count what runs). Pooler
+(``h^2``) and NSP (``2h``) run once per sequence, on the [CLS] token: ``(h^2 + 2h) / s`` per token.
+Embedding lookups, LayerNorms, biases, GELU and tanh are not counted. Checked by hand on bert-base
+(tests/test_flops.py); the parameter counts against transformers' ``BertForPreTraining``.
 """
 
 from __future__ import annotations
@@ -40,13 +51,28 @@ def output_vocab(m: ModelConfig, padded_vocab: int, tensor: int) -> int:
     return m.vocab_size if tensor == 1 else padded_vocab
 
 
+def is_encoder(m: ModelConfig) -> bool:
+    """The bert family: post-LayerNorm encoder blocks with biases, a plain GELU MLP, MLM + NSP heads."""
+    return m.family == "bert"
+
+
 def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
     """Elements of each parameter of one transformer block on one of ``tp`` tensor ranks, in module
     order: input norm, fused QKV, [its bias (qkv_bias)], [q norm, k norm (qk_norm)], attention output,
     post-attention norm, fused ``[gate; up]``, down projection, [attention and MLP output norms
     (sandwich_norms)]. Norms are replicated over tensor ranks,
-    the matmul weights and the QKV bias split (exactly: ``validate``)."""
+    the matmul weights and the QKV bias split (exactly: ``validate``).
+
+    bert: fused QKV weight and bias, output projection weight and bias, LayerNorm weight and bias, MLP
+    ``h -> f`` weight and bias, ``f -> h`` weight and bias, LayerNorm weight and bias (HF ``BertLayer``'s
+    tensors, q/k/v fused). Column-parallel biases are split, the row-parallel ones (added after the
+    all-reduce) and the norms replicated."""
     h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
+    if is_encoder(m):
+        qkv = 3 * nq * d
+        attn = (h * qkv // tp, qkv // tp, nq * d * h // tp, h)  # QKV weight and bias, output projection
+        mlp = (h * f // tp, f // tp, f * h // tp, h)
+        return (*attn, h, h, *mlp, h, h)
     qkv_rows = (nq + 2 * m.kv_heads) * d
     attention: tuple[int, ...] = (h * qkv_rows // tp,)
     if m.qkv_bias:
@@ -58,22 +84,70 @@ def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
 
 
 def block_matmul_params(m: ModelConfig) -> int:
-    """Weights of one transformer block that take part in a matmul (no norm, no bias)."""
+    """Weights of one transformer block that take part in a matmul (no norm, no bias): QKV, output
+    projection, MLP (``3hf`` gated, ``2hf`` for the bert family's plain GELU MLP)."""
     h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
-    return h * (nq + 2 * m.kv_heads) * d + nq * d * h + 3 * h * f
+    mlp = (2 if is_encoder(m) else 3) * h * f
+    return h * (nq + 2 * m.kv_heads) * d + nq * d * h + mlp
+
+
+def embedding_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> tuple[int, ...]:
+    """Elements of each embedding tensor on one of ``tp`` tensor ranks: the vocab-parallel word embedding
+    ``[vocab_size, h]``; bert adds learned positions ``[max_position_embeddings or seq_length, h]``,
+    token types ``[type_vocab_size, h]`` and the embedding LayerNorm's weight and bias (replicated)."""
+    h = m.hidden_size
+    if is_encoder(m):
+        return (vocab_size * h // tp, m.context_length * h, m.type_vocab_size * h, h, h)
+    return (vocab_size * h // tp,)
+
+
+def head_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> tuple[int, ...]:
+    """bert: elements of each head tensor after the blocks on one of ``tp`` tensor ranks: pooler weight
+    and bias, MLM transform weight and bias, its LayerNorm weight and bias, the MLM decoder's bias
+    ``[vocab_size]`` (vocab-parallel like the word embedding it is tied to, whose weight is not counted
+    again), NSP weight ``[2, h]`` and bias. The pooler, transform and NSP layers are replicated.
+    ValueError for a decoder (its final norm and output layer are :func:`layer_parameters` entries)."""
+    if not is_encoder(m):
+        raise ValueError(f"flops.head_parameters: model.family {m.family!r} has no encoder heads")
+    h = m.hidden_size
+    return (h * h, h, h * h, h, h, h, vocab_size // tp, 2 * h, 2)
 
 
 def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
     """Parameters of each entry of the layer list on one of ``tp`` tensor ranks: embedding, blocks,
-    final norm, output layer (0 when tied: it reuses the embedding on the last stage)."""
+    final norm, output layer (0 when tied: it reuses the embedding on the last stage). bert: embedding
+    (word, position, token type, LayerNorm), blocks, heads (:func:`head_parameters`; the tied MLM decoder
+    weight is the word embedding, held again by the last stage at PP > 1)."""
     h = m.hidden_size
+    if is_encoder(m):
+        blocks = [sum(block_parameters(m, tp))] * m.num_layers
+        return [
+            sum(embedding_parameters(m, vocab_size, tp)),
+            *blocks,
+            sum(head_parameters(m, vocab_size, tp)),
+        ]
     output = 0 if m.tie_embeddings else vocab_size * h // tp
     return [vocab_size * h // tp, *[sum(block_parameters(m, tp))] * m.num_layers, h, output]
 
 
+def end_tensors(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
+    """Elements of each tensor outside the blocks on one of ``tp`` tensor ranks: the embedding's, then the
+    final norm and the output layer (0 when tied), or bert's heads (ZeRO-3 persistence is per tensor)."""
+    after = head_parameters(m, vocab_size, tp) if is_encoder(m) else layer_parameters(m, vocab_size, tp)[-2:]
+    return [*embedding_parameters(m, vocab_size, tp), *after]
+
+
+def output_matmul_params(m: ModelConfig, vocab_size: int) -> int:
+    """Weights the head multiplies per token: the output layer ``h V``; bert's MLM head on every position,
+    transform ``h^2`` + tied decoder ``h V``."""
+    h = m.hidden_size
+    return h * vocab_size + (h * h if is_encoder(m) else 0)
+
+
 def matmul_params(m: ModelConfig, vocab_size: int) -> int:
-    """Parameters that take part in a matmul per token (embedding lookup excluded, output layer included)."""
-    return m.num_layers * block_matmul_params(m) + m.hidden_size * vocab_size
+    """Parameters that take part in a matmul per token (embedding lookup excluded, output layer included;
+    bert: the MLM head, not the pooler and NSP layers, which run once per sequence)."""
+    return m.num_layers * block_matmul_params(m) + output_matmul_params(m, vocab_size)
 
 
 def num_parameters(m: ModelConfig, vocab_size: int) -> int:
@@ -82,12 +156,21 @@ def num_parameters(m: ModelConfig, vocab_size: int) -> int:
 
 
 def attention_flops_per_token(m: ModelConfig) -> float:
-    """QK^T and the weighted sum of values, forward, all layers (full square)."""
+    """QK^T and the weighted sum of values, forward, all layers: the full ``seq x seq`` square (the
+    decoder's causal half is not discounted; bert's bidirectional attention computes all of it)."""
     return 2 * 2 * m.num_layers * m.seq_length * m.num_attention_heads * m.head_dim
 
 
+def sequence_flops_per_token(m: ModelConfig) -> float:
+    """bert's pooler (``h -> h``) and NSP (``h -> 2``) matmuls, forward, run on the [CLS] token once per
+    sequence: their FLOPs spread over its ``seq_length`` tokens. 0 for a decoder."""
+    h = m.hidden_size
+    return 2 * (h * h + 2 * h) / m.seq_length if is_encoder(m) else 0.0
+
+
 def forward_flops_per_token(m: ModelConfig, vocab_size: int) -> float:
-    return 2 * matmul_params(m, vocab_size) + attention_flops_per_token(m)
+    """Forward FLOPs per token: ``2 x`` :func:`matmul_params`, attention, bert's per-sequence heads."""
+    return 2 * matmul_params(m, vocab_size) + attention_flops_per_token(m) + sequence_flops_per_token(m)
 
 
 def train_flops_per_token(m: ModelConfig, vocab_size: int) -> float:
@@ -97,8 +180,8 @@ def train_flops_per_token(m: ModelConfig, vocab_size: int) -> float:
 
 def recompute_flops_per_token(m: ModelConfig, vocab_size: int, checkpointing: str) -> float:
     """Forward FLOPs run again in the backward pass by activation checkpointing."""
-    if checkpointing == "full":  # every block re-runs its forward; the output layer does not
-        return forward_flops_per_token(m, vocab_size) - 2 * m.hidden_size * vocab_size
+    if checkpointing == "full":  # every block re-runs its forward; the output layer (bert: heads) does not
+        return 2 * m.num_layers * block_matmul_params(m) + attention_flops_per_token(m)
     if checkpointing == "selective":  # only the attention core (one fused kernel re-run on GPU)
         return attention_flops_per_token(m)
     return 0.0

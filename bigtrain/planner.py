@@ -24,6 +24,18 @@ one forward of bigtrain's model (none/selective/full).
   logits' gradient (fp32, plus a bf16 copy under bf16); the gathered parameters of ZeRO-3; the
   gradient reduction buckets of ZeRO-1/2.
 
+The bert family (``model.family: bert``; the terms in :func:`block_activation_bytes` and
+:func:`output_activation_bytes` say what each keeps): parameters from :func:`bigtrain.flops.layer_parameters`
+(word/position/token-type embeddings and their LayerNorm, biased post-LN blocks, pooler, MLM transform and
+decoder bias, NSP; the MLM decoder weight is the tied word embedding), activations of the post-LN block
+(LayerNorm inputs and statistics, the GELU MLP's input and output, SDPA's tensors and its padding bias),
+no rotary tables, the MLM head's activations and fp32 log-softmax over every position. Communication: the
+same TP all-reduces per block as the decoder (the pooler, MLM transform and NSP are replicated), DP reduces
+of the parameter bytes, the padding mask riding with the pipeline's activations. Held against transformers
+until bigtrain's own encoder can be measured: ``BertForPreTraining``'s parameter count exactly, and the
+bytes one fp32 ``BertLayer`` saves exactly, less the out-projection input copy HF's ``[b, s, h]`` layout
+does not make (tests/test_planner.py).
+
 GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allocator margin.
 
 Throughput is a model too, for ranking layouts; it does not replace a measurement (``tools/bench.py``).
@@ -39,7 +51,8 @@ Validated on CPU: the collective volumes, byte for byte, against the ``torch.dis
 2-rank gloo pretraining steps (DP2 ZeRO-0/1/2/3, TP2; tests/test_comm_volume.py), and the CPU-Adam rate
 against DeepSpeedCPUAdam timed here (tests/test_planner.py::test_cpu_adam_default_matches_a_measurement_here).
 Awaiting a GPU: the bandwidths (NVLink/InfiniBand bus bandwidth, host link), how much DP traffic overlap
-hides, the matmul efficiency curve, the ZeRO-3 hook overhead, pipeline p2p (not modelled), and the
+hides, the matmul efficiency curve, the ZeRO-3 hook overhead, pipeline p2p (its payload is
+:func:`pipeline_p2p_bytes`, shown by ``--explain``; not timed), and the
 re-gather beyond DeepSpeed's reuse distance, which a model this small never reaches.
 """
 
@@ -134,8 +147,9 @@ def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int) -> int:
     """Parameters on the heaviest pipeline stage of one tensor rank."""
     layers = flops.layer_parameters(m, vocab, tp)
     heaviest = _balanced_max(layers, pp)
-    if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied embedding
-        heaviest = max(heaviest, layers[0] + layers[-2] + layers[-3])
+    if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied embedding (DeepSpeed's
+        # TiedLayerSpec: the whole embedding module), at least the last block, and the entries after it
+        heaviest = max(heaviest, layers[0] + sum(layers[m.num_layers :]))
     return heaviest
 
 
@@ -143,9 +157,8 @@ def _small_parameters(m: ModelConfig, vocab: int, tp: int, pp: int, threshold: i
     """ZeRO-3 keeps tensors under ``stage3_param_persistence_threshold`` elements whole on every rank."""
     blocks = math.ceil(m.num_layers / pp)
     small = blocks * sum(n for n in flops.block_parameters(m, tp) if n < threshold)
-    layers = flops.layer_parameters(m, vocab, tp)
-    ends = [layers[0], layers[-2], layers[-1]]  # embedding, final norm, output layer
-    return small + sum(n for n in ends if 0 < n < threshold)
+    # embedding, final norm, output layer (bert: the embedding's tensors and the heads')
+    return small + sum(n for n in flops.end_tensors(m, vocab, tp) if 0 < n < threshold)
 
 
 # ---------------------------------------------------------------------------- model states
@@ -209,10 +222,25 @@ def block_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int, checkpo
     Attention keeps SDPA's q, k, v (contiguous ``[b, heads, s, d]`` copies), its output and log-sum-exp,
     and the out-projection's input (a copy: ``[b, heads, s, d]`` -> ``[s, b, heads*d]``); the QKV input
     is the norm's output (counted there). Selective recomputation drops SDPA's output and log-sum-exp.
-    Held to saved-tensor accounting on CPU (tests/test_planner.py)."""
+    Held to saved-tensor accounting on CPU (tests/test_planner.py).
+
+    bert (post-LN, no rotary; ``model.family: bert``): the QKV input is the block input (the previous
+    LayerNorm's output, saved by nothing else) ``ah``; attention as the decoder's with ``kvd = h`` (q, k, v
+    as SDPA is given them, its output and log-sum-exp, the out-projection input) plus the padding mask as
+    the attention bias SDPA keeps (``[b, 1, 1, s]``, ``a`` per token); each LayerNorm keeps its input (the
+    residual sum, ``ah``) and fp32 mean and rstd (8), the MLP its input (the first LayerNorm's output,
+    ``ah``), the GELU input and output (``2af/tp``). Biases keep nothing (their gradient is a sum of the
+    output gradient). No dropout is assumed (bigtrain's bert has no dropout setting); each hidden dropout
+    would add a 1-byte mask per element. Checked against HF ``BertLayer`` (dropout 0, fp32) in
+    tests/test_planner.py."""
     h, kvd, nq, f = m.hidden_size, m.kv_heads * m.head_dim, m.num_attention_heads, m.ffn_size
     if checkpointing == "full":
         return tokens * a * h  # the block input only
+    if flops.is_encoder(m):
+        kept = a * (5 * h + 2 * f) / tp + 4 * nq / tp + a  # SDPA's tensors and bias, the GELU MLP
+        if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
+            kept -= a * h / tp + 4 * nq / tp
+        return tokens * (kept + 4 * a * h + 16)  # QKV and MLP inputs, the two LayerNorms
     norms = 2 * (4 * h + 4 + 2 * a * h)
     attention = a * (3 * h + 2 * kvd) / tp + 4 * nq / tp
     if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
@@ -226,11 +254,29 @@ def block_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int, checkpo
 
 def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int) -> float:
     """Final norm, the fp32 (log-)softmax the cross entropy keeps, loss bookkeeping. ``vocab``: the
-    rows the output layer multiplies (:func:`bigtrain.flops.output_vocab`)."""
+    rows the output layer multiplies (:func:`bigtrain.flops.output_vocab`).
+
+    bert: the MLM head on every position keeps the transform's input (the last block's output) and output
+    (the GELU input), the GELU output (the LayerNorm input) with the LayerNorm's fp32 statistics, and the
+    decoder's input (``4ah + 8``); pooler and NSP keep the [CLS] input, the tanh output and the fp32 NSP
+    log-softmax once per sequence (``(2ah + 8) / s`` per token), no final norm."""
+    h = m.hidden_size
+    if flops.is_encoder(m):
+        head = 4 * a * h + 8 + (2 * a * h + 8) / m.seq_length
+    else:
+        head = 4 * h + 4 + 2 * a * h  # the final RMSNorm
     # + the loss's bookkeeping: int64 target ids and the float loss mask; megatron's vocab-parallel
     # cross entropy (tensor size > 1) also keeps a bool target mask: 12 or 13 bytes/token
     bookkeeping = 12 if tp == 1 else 13
-    return tokens * ((4 * m.hidden_size + 4 + 2 * a * m.hidden_size) + 4 * vocab / tp + bookkeeping)
+    return tokens * (head + 4 * vocab / tp + bookkeeping)
+
+
+def embedding_activation_bytes(m: ModelConfig, tokens: int, a: int) -> float:
+    """Bytes the embedding keeps for ``tokens`` tokens: the int64 token ids; bert also the int64 token
+    type ids and its LayerNorm's input (the sum of the three embeddings, ``ah``) and fp32 statistics."""
+    if flops.is_encoder(m):
+        return tokens * (16 + a * m.hidden_size + 8)
+    return 8 * tokens
 
 
 def activation_memory(cfg: Config, layout: Layout) -> tuple[float, float]:
@@ -244,11 +290,14 @@ def activation_memory(cfg: Config, layout: Layout) -> tuple[float, float]:
     in_flight = min(pp, accum)  # 1F1B: the first stage holds pp micro-batches
     blocks_per_stage = math.ceil(m.num_layers / pp)
     block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing)
-    first = in_flight * (blocks_per_stage * block + 8 * tokens)  # + token ids kept by the embedding
+    embedding = embedding_activation_bytes(m, tokens, a)
+    first = in_flight * (blocks_per_stage * block + embedding)
     out = output_activation_bytes(m, tokens, a, flops.output_vocab(m, vocab, layout.tensor), layout.tensor)
     last = blocks_per_stage * block + out
-    saved = max(first, last) if pp > 1 else blocks_per_stage * block + out + 8 * tokens
-    if layout.checkpointing != "full":  # the cached fp32 rotary tables (inside the recompute otherwise)
+    saved = max(first, last) if pp > 1 else blocks_per_stage * block + out + embedding
+    if layout.checkpointing != "full" and not flops.is_encoder(
+        m
+    ):  # the cached fp32 rotary tables (inside the recompute otherwise)
         saved += 8 * m.seq_length * m.head_dim
     # transient: gradient of the logits (fp32, plus the activation-dtype copy the matmul takes)
     transient = tokens * vocab / layout.tensor * (4 + (a if a != 4 else 0))
@@ -443,6 +492,24 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
     return out
 
 
+def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
+    """Bytes a pipeline rank sends to its neighbour stages per optimizer step (0 at PP=1): per micro-batch
+    the ``[t, h]`` activations forward and their gradient backward, both in the activation dtype; an inner
+    stage sends both (``2 accum t h a``), the first and the last one each (``accum t h a``). bert also
+    forwards its padding mask (assumed bool ``[b, s]``: ``t`` bytes, no gradient) with the activations.
+    Reported, not timed by :func:`step_time` (point-to-point over NVLink, small beside compute at the
+    layouts the planner ranks first; awaiting a measurement)."""
+    pp = layout.pipeline
+    if pp == 1:
+        return 0.0
+    m = cfg.model
+    tokens = layout.micro_batch * m.seq_length
+    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
+    hidden = tokens * m.hidden_size * torch_dtype(cfg.precision).itemsize
+    mask = tokens if flops.is_encoder(m) else 0
+    return accum * ((2 if pp > 2 else 1) * hidden + mask)
+
+
 def wire_factor(op: str, n: int) -> float:
     """Bytes each of ``n`` ranks sends per payload byte with ring algorithms: all-reduce ``2(n-1)/n``,
     reduce-scatter and all-gather ``(n-1)/n`` (what NCCL's bus bandwidth is quoted against)."""
@@ -616,7 +683,8 @@ def explain(
 
 def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
     """Seconds per optimizer step by term for one layout (``tools/plan.py --explain``); the exposed
-    terms add up to ``total``. With ``cfg``, also the collective payload per rank (:func:`comm_bytes`)."""
+    terms add up to ``total``. With ``cfg``, also the collective payload per rank (:func:`comm_bytes`) and
+    the pipeline's point-to-point payload (:func:`pipeline_p2p_bytes`, not in the total)."""
     s = cand.seconds
     rows = [
         ("compute", s["compute"]),
@@ -632,7 +700,11 @@ def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
     head = f"{cand.layout.describe()}: seconds per step (matmul efficiency {s['matmul_efficiency']:.2f})"
     lines = [head] + [f"  {name:<28} {value:>9.4f}" for name, value in rows]
     if cfg is not None:
-        volume = comm_bytes(layout_config(cfg, cand.layout), cand.layout)
+        resolved = layout_config(cfg, cand.layout)
+        volume = {
+            **comm_bytes(resolved, cand.layout),
+            "pipeline_p2p": pipeline_p2p_bytes(resolved, cand.layout),
+        }
         lines.append(
             "  payload per rank per step (GB): "
             + ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.3g}" for k, v in volume.items())

@@ -29,6 +29,7 @@ from bigtrain.finetune import params as finetune_params
 from bigtrain.models import bert, layout, parallelize
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers
+from bigtrain.step_runner import BERT_BATCH, LM_BATCH, BatchAdapter
 
 Transform = Callable[[nn.Module, Config, TensorParallel], None]
 
@@ -46,6 +47,7 @@ class TrainSpec:
     params: Callable[[Config], layout.TaskParams]  # parameters added to the layout table
     transforms: tuple[Transform, ...] = ()  # after the build, before the init (e.g. LoRA)
     finalize: tuple[Transform, ...] = ()  # after the init (e.g. which parameters train)
+    batch: BatchAdapter = LM_BATCH  # what the pretraining trainer feeds the model (fine-tuning: its own)
 
 
 _SPECS: dict[tuple[str, str], TrainSpec] = {}
@@ -133,7 +135,12 @@ def _bert_pretraining_layers(cfg: Config) -> TaskLayers:
 
 register(
     TrainSpec(
-        "bert", "none", model=bert.BertModel, layers=_bert_pretraining_layers, params=lambda cfg: layout.LM
+        "bert",
+        "none",
+        model=bert.BertModel,
+        layers=_bert_pretraining_layers,
+        params=lambda cfg: layout.LM,
+        batch=BERT_BATCH,
     )
 )
 for _task in ("classify", "token_classify"):

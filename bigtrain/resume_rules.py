@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bigtrain.config import Config, ConfigError, Derived, RopeScalingConfig, config_from_dict
+from bigtrain.config import Config, ConfigError, Derived, MaskingConfig, RopeScalingConfig, config_from_dict
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -96,6 +96,7 @@ RULES: dict[str, Rule] = {
     "model.ffn_hidden_size": Rule(REFUSED, SHAPE, value=lambda c: c.model.ffn_size),
     "model.vocab_size": Rule(REFUSED, SHAPE),
     "model.tie_embeddings": Rule(REFUSED, SHAPE),
+    "model.type_vocab_size": Rule(REFUSED, SHAPE),
     "model.make_vocab_size_divisible_by": Rule(REFUSED, "it sets the padded embedding's saved shape"),
     "model.seq_length": Rule(
         REFUSED, "samples are windows of seq_length+1 tokens: the saved data position counts saved windows"
@@ -217,6 +218,12 @@ RULES: dict[str, Rule] = {
     ),
     "data.tokenizer": Rule(REFUSED, "the token ids the data and the model were built with"),
     "data.mock": Rule(REFUSED, DATA),
+    **{
+        f"data.masking.{f.name}": Rule(
+            REFUSED, "every sample's masks and sentence pair follow from it (bert)"
+        )
+        for f in dataclasses.fields(MaskingConfig)
+    },
     "data.cache_dir": Rule(FREE, "megatron's index maps are rebuilt identically wherever they are cached"),
     "data.train_samples": Rule(
         HONOURED,

@@ -20,7 +20,7 @@ from bigtrain.distributed import Dist
 from bigtrain.hooks import Hook, Rollback, default_hooks
 from bigtrain.metrics import MetricsWriter, console
 from bigtrain.reliability import TrainingError, loss_multiplier
-from bigtrain.step_runner import LM_BATCH, BatchAdapter, GlobalBatch, make_runner
+from bigtrain.step_runner import BatchAdapter, GlobalBatch, make_runner
 
 __all__ = ["GlobalBatch", "Rollback", "StepResult", "TrainState", "Trainer"]
 
@@ -75,11 +75,15 @@ class Trainer:
         make_train_batches: Callable[[int], Iterator[Batch]],
         make_valid_batches: Callable[[], Iterator[Batch]] | None = None,
         state: TrainState | None = None,
-        adapter: BatchAdapter = LM_BATCH,
+        adapter: BatchAdapter | None = None,
         hooks: list[Hook] | None = None,
     ):
         self.cfg, self.dist, self.engine = cfg, dist, engine
         self.state = state or TrainState()
+        if adapter is None:  # what the family's pretraining feeds its model (bigtrain.registry)
+            from bigtrain.registry import train_spec
+
+            adapter = train_spec(cfg).batch
         self.runner = make_runner(cfg, engine, adapter, dist.device)
         self.make_train_batches, self.make_valid_batches = make_train_batches, make_valid_batches
         self.batches: Iterator[Batch] | None = None

@@ -6,6 +6,8 @@ ARGS``) under conditions a test needs to control, so the same checks hold on eve
   yes only on processors with AVX512-FP16/AMX-FP16; torch itself computes fp16 on any x86 CPU (slower),
   so ``on`` runs the real fp16 training path on a host without those instructions. bigtrain itself
   refuses precision=fp16 where the accelerator says no.
+- ``--without-patch=NAME``: ``bigtrain.compat.NAME`` does nothing, to show what fails without it (the
+  compat table's "fails without it" column).
 - ``--no-start-up``: a run that gets as far as ``bigtrain.distributed.init_distributed`` (process
   group, DeepSpeed) prints ``START-UP REACHED`` on stderr and exits 97 at once. What a test expects to be
   refused "before start-up" is then proven so by structure, not by how fast this host is.
@@ -21,22 +23,32 @@ START_UP_REACHED = "START-UP REACHED"
 
 
 def main(argv: list[str]) -> None:
-    fp16, no_start_up = None, False
+    fp16, no_start_up, without = None, False, []
     while argv and argv[0].startswith("--"):  # our options, up to the module
         option = argv.pop(0)
         if option in ("--fp16=on", "--fp16=off"):
             fp16 = option.endswith("on")
         elif option == "--no-start-up":
             no_start_up = True
+        elif option.startswith("--without-patch="):
+            without.append(option.split("=", 1)[1])
         else:
             raise SystemExit(f"python -m tests.entry_point: unknown option {option!r} (see its docstring)")
     if not argv:
-        raise SystemExit("python -m tests.entry_point [--fp16=on|off] [--no-start-up] MODULE [ARGS...]")
+        raise SystemExit(
+            "python -m tests.entry_point [--fp16=on|off] [--without-patch=NAME] [--no-start-up] MODULE [ARGS...]"
+        )
     module, *args = argv
     if fp16 is not None:
         from deepspeed.accelerator import get_accelerator
 
         type(get_accelerator()).is_fp16_supported = lambda self: fp16
+    for name in without:
+        import bigtrain.compat
+
+        if not callable(getattr(bigtrain.compat, name, None)):
+            raise SystemExit(f"python -m tests.entry_point: bigtrain.compat has no patch {name!r}")
+        setattr(bigtrain.compat, name, lambda *args, **kwargs: None)
     if no_start_up:
         import bigtrain.distributed
 

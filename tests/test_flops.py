@@ -105,3 +105,110 @@ def test_peak_from_device_name_and_override():
     assert flops.peak_from_name("NVIDIA GeForce GTX 1080") is None
     assert flops.peak_tflops(torch.device("cpu")) is None
     assert flops.peak_tflops(torch.device("cpu"), override=123.0) == 123.0
+
+
+def hf_bert_config(m, vocab: int, **overrides):
+    """transformers' BertConfig with ``m``'s shapes and ``vocab`` word-embedding rows (``overrides`` on top)."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.ffn_size,
+        max_position_embeddings=m.context_length,
+        type_vocab_size=m.type_vocab_size,
+        hidden_act="gelu",
+        layer_norm_eps=m.norm_eps,
+        **overrides,
+    )
+
+
+def _hf_bert(m, vocab: int):
+    """transformers' BertForPreTraining of ``m``'s shapes, on the meta device (shapes only)."""
+    from transformers import BertForPreTraining
+
+    with torch.device("meta"):
+        return BertForPreTraining(hf_bert_config(m, vocab))
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "bert-base", "bert-large"])
+def test_bert_parameters_equal_transformers(name):
+    """Every parameter of HF's BertForPreTraining (the tied MLM decoder counted once), its vocabulary set to
+    the padded one bigtrain allocates (word-embedding rows and the MLM decoder bias both padded)."""
+    from bigtrain.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml").resolve(1)
+    m, padded = cfg.model, cfg.derived.padded_vocab_size
+    hf = _hf_bert(m, padded)
+    assert flops.num_parameters(m, padded) == sum(p.numel() for p in hf.parameters())
+    # and the true vocabulary: the padding adds (h + 1) per padded row (a word-embedding row and a bias)
+    true = sum(p.numel() for p in _hf_bert(m, m.vocab_size).parameters())
+    assert flops.num_parameters(m, padded) - true == (padded - m.vocab_size) * (m.hidden_size + 1)
+    if name == "bert-base":  # Devlin et al.'s 110M
+        assert true == 110_106_428
+
+
+def test_bert_parameters_split_over_tensor_ranks():
+    """At TP=2 the split tensors halve, the replicated ones (norms, row-parallel biases, position and
+    token-type embeddings, pooler, MLM transform, NSP) stay whole on every rank."""
+    from bigtrain.config import load_config
+    from tests.conftest import REPO
+
+    m = load_config(REPO / "configs" / "bert-base.yaml").resolve(8).model
+    h, f, v = m.hidden_size, m.ffn_size, 30592
+    one, two = flops.layer_parameters(m, v, 1), flops.layer_parameters(m, v, 2)
+    assert len(one) == m.num_layers + 2  # embedding, blocks, heads
+    assert (
+        one[1] - two[1] == (4 * h * h + 2 * h * f + 3 * h + f) // 2
+    )  # QKV, proj, MLP weights; QKV, fc1 biases
+    assert one[0] - two[0] == v * h // 2 and one[-1] - two[-1] == v // 2  # word embedding, decoder bias
+    assert flops.end_tensors(m, v, 2) == [
+        v * h // 2,
+        512 * h,
+        2 * h,
+        h,
+        h,
+        h * h,
+        h,
+        h * h,
+        h,
+        h,
+        h,
+        v // 2,
+        2 * h,
+        2,
+    ]
+
+
+def test_bert_base_flops_by_hand():
+    """bert-base (L 12, h 768, f 3072, s 512, vocab 30522 at TP=1), forward FLOPs per token:
+    blocks 2 L (3h^2 + h^2 + 2hf) = 169,869,312; bidirectional attention, every score of the s x s square
+    (as the decoder's count) 4 L s h = 18,874,368; MLM head on every position 2 (h^2 + h V) = 48,061,440;
+    pooler + NSP once per sequence 2 (h^2 + 2h) / s = 2,310."""
+    from bigtrain.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "bert-base.yaml").resolve(8)
+    m = cfg.model
+    vocab = flops.output_vocab(m, cfg.derived.padded_vocab_size, 1)
+    assert vocab == 30522
+    assert flops.block_matmul_params(m) == 7_077_888
+    assert flops.attention_flops_per_token(m) == 18_874_368
+    assert flops.sequence_flops_per_token(m) == 2_310
+    forward = 169_869_312 + 18_874_368 + 48_061_440 + 2_310
+    assert flops.forward_flops_per_token(m, vocab) == forward
+    assert flops.train_flops_per_token(m, vocab) == 3 * forward == 710_422_290
+    # full recomputation re-runs the blocks, not the heads; selective the attention core
+    assert flops.recompute_flops_per_token(m, vocab, "full") == 169_869_312 + 18_874_368
+    assert flops.recompute_flops_per_token(m, vocab, "selective") == 18_874_368
+    # the decoder's counts of the same shapes are untouched by the bert branch (SwiGLU: 3hf)
+    decoder = load_config(
+        REPO / "configs" / "llama-125m.yaml", ["model.ffn_hidden_size=3072", "model.seq_length=512"]
+    ).resolve(8)
+    assert flops.block_matmul_params(decoder.model) == 4 * 768 * 768 + 3 * 768 * 3072
+    assert flops.forward_flops_per_token(decoder.model, 30522) == (
+        2 * 12 * (4 * 768 * 768 + 3 * 768 * 3072) + 18_874_368 + 2 * 768 * 30522
+    )

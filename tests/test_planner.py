@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bigtrain import planner
+from bigtrain import flops, planner
 from bigtrain.config import load_config
 from tests.conftest import REPO, cpu_env, run_cmd, run_with_port
 from tests.models.test_layout import world_of_one  # noqa: F401  (fixture)
@@ -379,3 +379,134 @@ def test_plan_cli_only_filters_and_explains_the_filtered_choice(capsys):
     ):
         assert plan_tool.main([*base, *args]) == 2, args
         assert needle in capsys.readouterr().err, args
+
+
+# ---------------------------------------------------------------------------- the bert family
+BERT_PRESETS = ("bert-tiny", "bert-base", "bert-large")
+
+
+@pytest.mark.parametrize("name", BERT_PRESETS)
+def test_bert_presets_load_and_validate(name):
+    """Every bert preset loads and resolves through the config's own validation, on its world size,
+    with the masking defaults (Devlin et al.: 15 %, 80/10/10, NSP)."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    cfg.resolve(1 if name == "bert-tiny" else 8)
+    m = cfg.model
+    assert (m.family, m.hf_model_type, m.activation, m.tie_embeddings) == ("bert", "bert", "gelu", True)
+    assert m.ffn_size == 4 * m.hidden_size and m.context_length == m.seq_length
+    masking = cfg.data.masking
+    assert (masking.prob, masking.mask_fraction, masking.random_fraction) == (0.15, 0.8, 0.1)
+    assert masking.sentence_pair == "nsp"
+    if name != "bert-tiny":
+        assert cfg.precision == "bf16" and cfg.train.global_batch_size == 256
+        assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (1e-4, 10000, 0.01)
+
+
+def test_bert_block_activations_match_hf_bert_layer():
+    """One post-LN encoder block, fp32: the bytes autograd saves in HF's BertLayer (SDPA, dropout 0, the
+    padding mask passed as a [b, 1, 1, s] additive bias) equal block_activation_bytes less the one term
+    HF does not have: the copy of SDPA's output into the out projection's input, which bigtrain's
+    [s, b, h] activations make (as the decoder's measured block does) and HF's [b, s, h] ones do not."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from bigtrain.memory import saved_activation_bytes
+    from tests.test_flops import hf_bert_config
+
+    cfg = load_config(
+        REPO / "configs" / "bert-tiny.yaml",
+        [
+            "model.hidden_size=96",
+            "model.num_attention_heads=6",
+            "model.ffn_hidden_size=160",
+            "model.seq_length=48",
+        ],
+    ).resolve(1)
+    m = cfg.model
+    b, s, h = 3, m.seq_length, m.hidden_size
+    hf = hf_bert_config(
+        m, m.vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa"
+    )
+    torch.manual_seed(0)
+    layer = BertLayer(hf).train()
+    x = torch.randn(b, s, h, requires_grad=True)
+    bias = torch.zeros(b, 1, 1, s)
+    bias[0, ..., 40:] = torch.finfo(torch.float32).min  # the first sequence is padded
+    measured = saved_activation_bytes(layer, lambda: layer(x, attention_mask=bias).sum())
+    tokens = b * s
+    predicted = planner.block_activation_bytes(m, tokens, 4, 1, "none")
+    assert predicted - tokens * 4 * h == measured
+    # full recomputation keeps the block input only
+    assert planner.block_activation_bytes(m, tokens, 4, 1, "full") == x.numel() * 4
+
+
+def test_bert_plans_for_base_and_large():
+    """bert-base and bert-large on 8 x 80 GB: the states come from the encoder's parameter count, the preset
+    layouts fit (bert-large's is the one the planner ranks first), and the TP all-reduces and DP reduction
+    follow the decoder's rules."""
+    for name in ("bert-base", "bert-large"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        ranked = planner.plan(cfg, gpus=8, gpu_memory_gib=80)
+        assert ranked[0].fits and ranked[0].why
+        mine = planner.Layout(
+            data=8,
+            zero=cfg.zero.stage,
+            micro_batch=cfg.train.micro_batch_size,
+            checkpointing=cfg.activation_checkpointing,
+        )
+        chosen = next(c for c in ranked if c.layout == mine)
+        assert chosen.fits, (name, chosen.memory.as_dict())
+        if name == "bert-large":
+            assert ranked[0].layout == mine
+        resolved = cfg.resolve(8)
+        m, padded = resolved.model, resolved.derived.padded_vocab_size
+        p = planner.stage_parameters(m, padded, 1, 1)
+        assert p == flops.num_parameters(m, padded)
+        state = planner.state_memory(resolved, mine)
+        assert state.parameters == 2 * p and state.optimizer == pytest.approx(12 * p / 8)
+        # no rotary tables: activations are the embedding, the blocks and the MLM/NSP heads
+        tokens = mine.micro_batch * m.seq_length
+        saved, _ = planner.activation_memory(resolved, mine)
+        assert saved == pytest.approx(
+            planner.embedding_activation_bytes(m, tokens, 2)
+            + m.num_layers * planner.block_activation_bytes(m, tokens, 2, 1, "none")
+            + planner.output_activation_bytes(m, tokens, 2, m.vocab_size, 1)
+        )
+    tp = planner.Layout(tensor=2, data=4, zero=1, micro_batch=8)
+    volume = planner.comm_bytes(planner.layout_config(cfg, tp), tp)
+    accum, t = 256 // (8 * 4), 8 * m.seq_length
+    assert volume["tensor_all_reduce"] == accum * ((4 * m.num_layers + 2) * t * m.hidden_size * 2 + 3 * t * 4)
+    p2 = planner.stage_parameters(m, planner.padded_vocab_size(m, 2), 2, 1)
+    assert volume["data_all_reduce"] == p2 * planner.reduce_bytes(cfg) and p2 < p / 1.9
+    # pipeline p2p per step: [t, h] bf16 activations forward and gradients back, + the bool padding mask
+    pp = planner.Layout(pipeline=4, data=2, zero=1, micro_batch=8)
+    accum = 256 // (8 * 2)
+    assert planner.pipeline_p2p_bytes(planner.layout_config(cfg, pp), pp) == accum * (
+        2 * t * m.hidden_size * 2 + t
+    )
+    assert planner.pipeline_p2p_bytes(cfg, tp) == 0
+    # PP2: the last stage holds the tied embedding again, with at least the last block and the heads
+    layers = flops.layer_parameters(m, padded, 1)
+    assert planner.stage_parameters(m, padded, 1, 2) >= layers[0] + layers[-2] + layers[-1]
+
+
+def test_plan_cli_ranks_bert_large(capsys):
+    """tools/plan.py on bert-large: a ranked list of fitting layouts, the choice and its settings; --explain
+    on a PP2 layout shows the pipeline's point-to-point payload."""
+    import re
+
+    from tools import plan
+
+    args = ["--config", str(REPO / "configs" / "bert-large.yaml"), "--gpus", "8", "--gpu-memory-gib", "80"]
+    rc = plan.main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert (
+        "bert, 336M parameters, 24 layers, h=1024, seq 512" in out
+        and "choice: TP1 PP1 DP8 ZeRO-2 mbs32 ckpt=none" in out
+    )
+    assert "settings: --set parallel.tensor=1 parallel.pipeline=1 zero.stage=2" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 10 and all(" yes " in row for row in rows)
+    assert plan.main([*args, "--only", "pipeline=2", "--explain"]) == 0
+    p2p = re.search(r"pipeline p2p ([0-9.e+-]+)", capsys.readouterr().out)
+    assert p2p and float(p2p.group(1)) > 0  # a PP2 layout sends activations and gradients

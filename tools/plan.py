@@ -4,10 +4,12 @@
     python tools/plan.py --config configs/llama-13b.yaml --gpus 16 --nodes 2 --gpu-memory-gib 80 --top 5 --json plan.json
     python tools/plan.py --config configs/llama-1.3b.yaml --gpus 8 --gpu-memory-gib 80 --only tensor=1 zero=1
     python tools/plan.py --config configs/llama-7b.yaml --gpus 8 --gpu-memory-gib 80 --only offload=true --explain
+    python tools/plan.py --config configs/bert-large.yaml --gpus 8 --gpu-memory-gib 80
 
 Layouts: tensor × pipeline × data parallel sizes, ZeRO stage (and optimizer offload), micro-batch size
 and activation checkpointing, as bigtrain's config validation accepts them (the global batch size
-is kept). Memory and throughput come from bigtrain.planner; see its docstring for what is counted.
+is kept). Memory and throughput come from bigtrain.planner; see its docstring for what is counted (the
+decoder families and the bert encoder: model.family).
 Prints the ranking and the settings to use (``--set`` overrides for bigtrain.pretrain); ``--explain [RANK]``
 prints one layout's seconds per step by term (compute, TP comm, bubble, exposed DP comm, ZeRO-3
 overhead, offload host-link copies, offload CPU Adam) and its collective payload per rank.
@@ -23,8 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from bigtrain import planner
-from bigtrain.config import ConfigError, load_config
+from bigtrain import flops, planner
+from bigtrain.config import ConfigError, load_config, padded_vocab_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan: no valid layout{why} (check --gpus against the model's heads, layers and global batch)")
         return 1
     m = cfg.model
+    params = flops.num_parameters(m, padded_vocab_size(m, 1))
     print(
-        f"{args.config}: {m.num_layers} layers, h={m.hidden_size}, seq {m.seq_length}, {cfg.precision}, "
+        f"{args.config}: {m.family}, {params / 1e6:,.0f}M parameters, {m.num_layers} layers, h={m.hidden_size}, seq {m.seq_length}, {cfg.precision}, "
         f"global batch {cfg.train.global_batch_size}; {args.gpus} GPUs x {args.gpu_memory_gib:g} GiB"
         f" on {args.nodes} node(s); {len(ranked)} valid layouts, {sum(c.fits for c in ranked)} fit"
     )
