@@ -5,14 +5,16 @@ and entity-level (and per-type) F1; data parallel 2 reproduces the single proces
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_cmd
-from tests.finetune.helpers import LETTERS, MARKERS, write_jsonl
+from tests.finetune.helpers import LETTERS, MARKERS, reader_weights, write_jsonl
 from tests.training.helpers import assert_close_rel, losses, rows, single, torchrun
 
 pytestmark = pytest.mark.timeout(420)
@@ -142,3 +144,53 @@ def test_two_processes_equal_one(bert_tok: Path, tmp_path: Path, task: str, layo
     assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 4]
     assert_close_rel([r["val_loss"] for r in two], [r["val_loss"] for r in one], 1e-5)
     assert [r["val_accuracy"] for r in two] == [r["val_accuracy"] for r in one]
+
+
+def save_base(tok: Path, out: Path) -> Path:
+    """A bert pretraining model (MLM/NSP heads) of the tiny config, freshly built from another seed than
+    the fine-tuning run's, saved as a weights-only checkpoint (TP1) at ``out``."""
+    from safetensors.torch import save_file
+
+    from bigtrain.checkpoint_files import write_manifest
+    from bigtrain.config import load_config
+    from bigtrain.registry import build_model, local_parameters
+    from tokenizer import Tokenizer
+
+    cfg = load_config(
+        BERT_TINY, ["finetune.task=none", "data.mock=true", f"data.tokenizer={tok}", "train.seed=7"]
+    )
+    cfg.resolve(1, Tokenizer.load(tok).vocab_size)
+    model = build_model(cfg)
+    (out / "weights").mkdir(parents=True)
+    tensors = {key: p.detach().contiguous() for key, (_, p) in local_parameters(model, cfg).items()}
+    save_file(tensors, str(out / "weights" / "tp00_pp00.safetensors"))
+    meta = {"step": 0, "consumed_samples": 0, "layout": {"tensor": 1, "pipeline": 1}, "config": cfg.to_dict()}
+    (out / "bigtrain.json").write_text(json.dumps(meta))
+    write_manifest(out, {}, step=0)
+    return out
+
+
+def test_fine_tune_from_a_bert_base_checkpoint(bert_tok: Path, tmp_path: Path):
+    """checkpoint.load of a bert pretraining model: the body loads (the MLM/NSP heads stay behind), the
+    frozen embedding and blocks come out bitwise the base's, the pooler and the new classifier train."""
+    base = save_base(bert_tok, tmp_path / "base")
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(32, 0))
+    valid = write_jsonl(tmp_path / "valid.jsonl", pair_rows(16, 1))
+    run_dir = tmp_path / "run"
+    proc = single(
+        run_args(bert_tok, train, valid, run_dir, f"checkpoint.load={base}", "train.steps=3",
+                 "finetune.freeze_embeddings=true", "finetune.freeze_layers=2", "finetune.patience=0"),
+        module=MODULE,
+    )  # fmt: skip
+    assert "loaded weights from" in proc.stdout
+    before, after = reader_weights(base), reader_weights(run_dir / "checkpoints")
+    heads = ("transform.dense.weight", "transform.dense.bias", "transform.norm.weight", "transform.norm.bias",
+             "bias", "nsp.weight", "nsp.bias")  # fmt: skip
+    assert {k for k in before if k.startswith("4.")} == {f"4.{n}" for n in heads}
+    assert {k for k in after if k.startswith("4.")} == {"4.classifier.weight", "4.classifier.bias"}
+    for key, value in after.items():
+        index = int(key.split(".")[0])
+        if index <= 2:  # embedding and both blocks: frozen at the base's values
+            assert torch.equal(value, before[key]), key
+        elif index == 3:  # the pooler: loaded, then trained
+            assert not torch.equal(value, before[key]), key
