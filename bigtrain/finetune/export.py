@@ -7,6 +7,7 @@ Imports no DeepSpeed/megatron (the export tool stays light)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +56,8 @@ def hf_tensor_groups(
 
 
 def peft_tensors(reader: WeightReader, cfg: Config) -> dict[str, torch.Tensor]:
-    """PEFT's adapter state: a fused projection's A is shared by its parts, B is split like the weight."""
+    """PEFT's adapter state: a fused projection's A is shared by its parts, B is split like the weight.
+    The bert family's classifier (trained with the adapters) rides along as PEFT's ``modules_to_save``."""
     m, ft = cfg.model, cfg.finetune
     base = {s.name: s for s in layout.specs_of(layout.BLOCK, m)}
     out = {}
@@ -75,6 +77,9 @@ def peft_tensors(reader: WeightReader, cfg: Config) -> dict[str, torch.Tensor]:
                 prefix = "base_model.model." + hf_name.removesuffix(".weight")
                 out[f"{prefix}.lora_A.weight"] = a.contiguous().clone()
                 out[f"{prefix}.lora_B.weight"] = b_part.contiguous().clone()
+    for spec in _saved_head(cfg):
+        head = layout.LayerParam(layout.num_list_layers(m) - 1, spec)
+        out[f"base_model.model.{layout.hf_names(head, m)[0]}"] = reader.full(head).contiguous()
     return out
 
 
@@ -99,16 +104,34 @@ def write_peft_adapter(reader: WeightReader, cfg: Config, out_dir: str | Path, b
         "r": ft.lora.rank,
         "lora_alpha": ft.lora.alpha,
         "lora_dropout": ft.lora.dropout,
-        "target_modules": sorted({name.split(".")[-3] for name in tensors}),  # "<module>.lora_A.weight"
+        "target_modules": _target_modules(cfg, tensors),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,
-        "modules_to_save": None,
+        "modules_to_save": ["classifier"] if _saved_head(cfg) else None,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def _saved_head(cfg: Config) -> tuple[layout.ParamSpec, ...]:
+    """The head a PEFT adapter carries whole: the bert family's ``classifier`` (PEFT's SEQ_CLS/TOKEN_CLS
+    models wrap it as ``modules_to_save`` and load it from the adapter)."""
+    head = task_params(cfg).head
+    return head if cfg.model.family == "bert" and head is not None else ()
+
+
+def _target_modules(cfg: Config, tensors: dict[str, torch.Tensor]) -> list[str] | str:
+    """PEFT's ``target_modules`` of the adapter tensors (``base_model.model.<module>.lora_A.weight``): the
+    decoder's module names (q_proj, ...); bert's names repeat across roles (``dense`` is the attention
+    output, the MLP's two projections and the pooler), so a regex of exactly the adapted modules' paths."""
+    if cfg.model.family == "bert":
+        adapters = [name for name in tensors if ".lora_" in name]  # not the classifier it carries
+        paths = {name.removeprefix("base_model.model.").rsplit(".", 2)[0] for name in adapters}
+        return "|".join(re.escape(path) for path in sorted(paths))
+    return sorted({name.split(".")[-3] for name in tensors})  # "<module>.lora_A.weight"
 
 
 def hf_config_overrides(cfg: Config) -> dict:

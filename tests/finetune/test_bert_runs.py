@@ -144,6 +144,74 @@ def test_two_processes_equal_one(bert_tok: Path, tmp_path: Path, task: str, layo
     assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 4]
     assert_close_rel([r["val_loss"] for r in two], [r["val_loss"] for r in one], 1e-5)
     assert [r["val_accuracy"] for r in two] == [r["val_accuracy"] for r in one]
+    if layout == "tp2_lora":
+        assert_hf_exports_match(tmp_path / "dp2", tmp_path / "hf")
+
+
+def assert_hf_exports_match(run_dir: Path, out: Path) -> None:
+    """A token-classification LoRA checkpoint (tensor parallel 2): the TP1 model loaded from it, the
+    export's tensors with LoRA merged in a BertForTokenClassification, and the unmerged base plus the
+    PEFT adapter export give the same logits."""
+    from peft import PeftModel
+    from transformers import BertConfig, BertForTokenClassification
+
+    from bigtrain.checkpoint import WeightReader, load_weights_only
+    from bigtrain.config import config_from_dict
+    from bigtrain.finetune.export import hf_tensor_groups, write_peft_adapter
+    from bigtrain.registry import build_model
+
+    reader = WeightReader(run_dir / "checkpoints")
+    saved = config_from_dict(reader.meta["config"])
+    cfg = config_from_dict(reader.meta["config"])
+    cfg.parallel.tensor, cfg.checkpoint.load = 1, None
+    cfg.resolve(1)
+    model = build_model(cfg).eval()
+    load_weights_only(model, cfg, run_dir / "checkpoints")
+    m = cfg.model
+    config = BertConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_size,
+        max_position_embeddings=m.context_length, layer_norm_eps=m.norm_eps, hidden_act="gelu",
+        num_labels=len(saved.finetune.labels), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+    def hf_model(merge_lora: bool) -> BertForTokenClassification:
+        hf = BertForTokenClassification(config).eval()
+        tensors = {k: v for _, group in hf_tensor_groups(reader, saved, merge_lora) for k, v in group.items()}
+        assert sorted(set(tensors) - set(hf.state_dict())) == [
+            "bert.pooler.dense.bias",
+            "bert.pooler.dense.weight",
+        ]
+        hf.load_state_dict(
+            {k: v for k, v in tensors.items() if not k.startswith("bert.pooler.")}, strict=False
+        )
+        return hf
+
+    tokens = torch.randint(10, m.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[1, 8:] = 0
+    types = torch.zeros_like(tokens)
+    with torch.no_grad():
+        ours = model.outputs(tokens, types, mask)[mask.bool()]
+        merged = hf_model(True)(input_ids=tokens, attention_mask=mask, token_type_ids=types).logits[
+            mask.bool()
+        ]
+        base = hf_model(False)
+        base.save_pretrained(out / "base")
+        write_peft_adapter(reader, saved, out / "adapter", out / "base")
+        targets = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+        assert targets.split("|")[:4] == [
+            r"bert\.encoder\.layer\.0\.attention\.output\.dense", r"bert\.encoder\.layer\.0\.attention\.self\.key",
+            r"bert\.encoder\.layer\.0\.attention\.self\.query", r"bert\.encoder\.layer\.0\.attention\.self\.value",
+        ] and len(targets.split("|")) == 12  # fmt: skip
+        peft = PeftModel.from_pretrained(
+            BertForTokenClassification.from_pretrained(out / "base"), out / "adapter"
+        )
+        adapted = peft.eval()(input_ids=tokens, attention_mask=mask, token_type_ids=types).logits[mask.bool()]
+        unadapted = base(input_ids=tokens, attention_mask=mask, token_type_ids=types).logits[mask.bool()]
+    torch.testing.assert_close(merged, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapted, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unadapted, ours, atol=1e-3)  # the adapters changed the model
 
 
 def save_base(tok: Path, out: Path) -> Path:
