@@ -1,7 +1,9 @@
 """The bert family's fine-tuning end to end through ``python -m bigtrain.finetune`` on a tiny encoder
 (random init, configs/bert-classify-tiny.yaml): sentence-pair classification learns a marker task to
 high held-out accuracy (confusion matrix, best checkpoint); token classification reports token accuracy
-and entity-level (and per-type) F1; data parallel 2 reproduces the single process's losses."""
+and entity-level (and per-type) F1; data, tensor (LoRA) and pipeline parallel 2 reproduce the single
+process's losses, and a TP2 LoRA checkpoint's merged and PEFT exports give its logits; fine-tuning from a
+weights-only bert base checkpoint."""
 
 from __future__ import annotations
 
@@ -116,15 +118,17 @@ def test_token_classification_reports_entity_f1(bert_tok: Path, tmp_path: Path):
     assert last["val_accuracy"] >= 0.95 and last["val_f1"] >= 0.85, last
 
 
-LAYOUTS = {  # two processes: data parallel (full fine-tuning), tensor parallel (LoRA on every projection)
+LAYOUTS = {  # two processes: data parallel, tensor parallel (LoRA on every projection), pipeline parallel
     "dp2": [],
     "tp2_lora": ["parallel.tensor=2", "finetune.lora.rank=4", "finetune.lora.alpha=8", "optim.lr=1e-2"],
+    "pp2": ["parallel.pipeline=2"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("task", "layout"), [("classify", "dp2"), ("token_classify", "dp2"), ("token_classify", "tp2_lora")]
+    ("task", "layout"),
+    [("classify", "dp2"), ("token_classify", "dp2"), ("token_classify", "tp2_lora"), ("classify", "pp2")],
 )
 def test_two_processes_equal_one(bert_tok: Path, tmp_path: Path, task: str, layout: str):
     data = pair_rows if task == "classify" else tag_rows
@@ -136,16 +140,16 @@ def test_two_processes_equal_one(bert_tok: Path, tmp_path: Path, task: str, layo
     single_extra = [x for x in extra if not x.startswith("parallel.")]
     single(run_args(bert_tok, train, valid, tmp_path / "one", *common, *single_extra), module=MODULE)
     torchrun(
-        2, run_args(bert_tok, train, valid, tmp_path / "dp2", *common, *extra), module=MODULE, timeout=300
+        2, run_args(bert_tok, train, valid, tmp_path / "two", *common, *extra), module=MODULE, timeout=300
     )
     assert len(losses(tmp_path / "one")) == 4
-    assert_close_rel(losses(tmp_path / "dp2"), losses(tmp_path / "one"), 1e-5)
-    one, two = validations(tmp_path / "one"), validations(tmp_path / "dp2")
+    assert_close_rel(losses(tmp_path / "two"), losses(tmp_path / "one"), 1e-5)
+    one, two = validations(tmp_path / "one"), validations(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 4]
     assert_close_rel([r["val_loss"] for r in two], [r["val_loss"] for r in one], 1e-5)
     assert [r["val_accuracy"] for r in two] == [r["val_accuracy"] for r in one]
     if layout == "tp2_lora":
-        assert_hf_exports_match(tmp_path / "dp2", tmp_path / "hf")
+        assert_hf_exports_match(tmp_path / "two", tmp_path / "hf")
 
 
 def assert_hf_exports_match(run_dir: Path, out: Path) -> None:
