@@ -331,15 +331,24 @@ def test_lora_targets_bert_projections_and_freezes_the_rest():
     assert still == {0, 1}
 
 
-def test_layer_decay_scales_bert_layers():
-    from bigtrain.engine import layer_lr_scales
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "rmsprop"])
+def test_layer_decay_and_optimizers_on_bert_layers(optimizer: str):
+    from bigtrain.engine import build_optimizer, layer_lr_scales
     from bigtrain.registry import build_model, local_parameters
 
-    cfg = bert_cfg("classify", "optim.layer_decay=0.5")
+    cfg = bert_cfg(
+        "token_classify", "optim.layer_decay=0.5", f"optim.name={optimizer}", "finetune.freeze_layers=1"
+    )
     model = build_model(cfg)
     scales = layer_lr_scales(model, cfg)
-    by_index = {lp.index: scales[id(p)] for lp, p in local_parameters(model, cfg).values()}
+    params = local_parameters(model, cfg).values()
+    by_index = {lp.index: scales[id(p)] for lp, p in params}
     assert by_index == {0: 0.125, 1: 0.25, 2: 0.5, 3: 1.0, 4: 1.0}
+    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for lp, p in params:  # the frozen block is not given to the optimizer; the others at their decayed lr
+        assert lr_of.get(id(p)) == (None if lp.index == 1 else cfg.optim.lr * by_index[lp.index]), lp.key
+    assert type(opt).__name__.lower() == {"adamw": "adamw", "adam": "adam"}.get(optimizer, optimizer)
 
 
 def test_hf_overrides_and_head_names():
