@@ -544,6 +544,29 @@ def validate_bert(m: ModelConfig) -> None:
     )
 
 
+SENTENCE_PAIRS = ("nsp", "sop", "none")
+
+
+def validate_masking(k: MaskingConfig) -> None:
+    """``data.masking`` (the bert family's samples): probabilities in range, the fractions a split of 1."""
+    _check(0 < k.prob < 1, f"data.masking.prob must be in (0, 1), got {k.prob!r}")
+    for name in ("mask_fraction", "random_fraction"):
+        value = getattr(k, name)
+        _check(0 <= value <= 1, f"data.masking.{name} must be in [0, 1], got {value!r}")
+    _check(
+        k.mask_fraction + k.random_fraction <= 1,
+        f"data.masking.mask_fraction + random_fraction must be <= 1 (the rest stay unchanged), got "
+        f"{k.mask_fraction!r} + {k.random_fraction!r}",
+    )
+    _check(
+        k.sentence_pair in SENTENCE_PAIRS,
+        f"data.masking.sentence_pair must be {'|'.join(SENTENCE_PAIRS)}, got {k.sentence_pair!r}",
+    )
+    _check(
+        0 <= k.short_seq_prob <= 1, f"data.masking.short_seq_prob must be in [0, 1], got {k.short_seq_prob!r}"
+    )
+
+
 def validate_model_variant(m: ModelConfig) -> None:
     """The architecture variants: head width, biases, q/k norm, sliding window, rotary scaling, HF type."""
     _check(
@@ -691,6 +714,8 @@ def validate(cfg: Config, world_size: int) -> None:
         f"model.family {m.family!r} is not one of {', '.join(MODEL_FAMILIES)}",
     )
     validate_model_variant(m)
+    if m.family == "bert":
+        validate_masking(cfg.data.masking)
     heads, kv_heads = ("model.num_attention_heads", m.num_attention_heads), ("model.num_kv_heads", m.kv_heads)
     tensor = ("parallel.tensor", p.tensor)
     pairs = [

@@ -116,16 +116,13 @@ def head_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> tuple[int, 
 def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
     """Parameters of each entry of the layer list on one of ``tp`` tensor ranks: embedding, blocks,
     final norm, output layer (0 when tied: it reuses the embedding on the last stage). bert: embedding
-    (word, position, token type, LayerNorm), blocks, heads (:func:`head_parameters`; the tied MLM decoder
-    weight is the word embedding, held again by the last stage at PP > 1)."""
+    (word, position, token type, LayerNorm), blocks, pooler, heads (:func:`head_parameters`; the tied MLM
+    decoder weight is the word embedding, held again by the last stage at PP > 1)."""
     h = m.hidden_size
-    if is_encoder(m):
+    if is_encoder(m):  # the list's slots: embedding, blocks, the pooler (final-norm slot), the heads
         blocks = [sum(block_parameters(m, tp))] * m.num_layers
-        return [
-            sum(embedding_parameters(m, vocab_size, tp)),
-            *blocks,
-            sum(head_parameters(m, vocab_size, tp)),
-        ]
+        pooler, heads = head_parameters(m, vocab_size, tp)[:2], head_parameters(m, vocab_size, tp)[2:]
+        return [sum(embedding_parameters(m, vocab_size, tp)), *blocks, sum(pooler), sum(heads)]
     output = 0 if m.tie_embeddings else vocab_size * h // tp
     return [vocab_size * h // tp, *[sum(block_parameters(m, tp))] * m.num_layers, h, output]
 

@@ -147,9 +147,11 @@ def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int) -> int:
     """Parameters on the heaviest pipeline stage of one tensor rank."""
     layers = flops.layer_parameters(m, vocab, tp)
     heaviest = _balanced_max(layers, pp)
-    if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied embedding (DeepSpeed's
-        # TiedLayerSpec: the whole embedding module), at least the last block, and the entries after it
-        heaviest = max(heaviest, layers[0] + sum(layers[m.num_layers :]))
+    if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied word embedding (DeepSpeed's
+        # TiedLayerSpec: the decoder's whole embedding module; bert's tied head owns the word embedding
+        # only), at least the last block, and the entries after it
+        word = vocab * m.hidden_size // tp
+        heaviest = max(heaviest, word + sum(layers[m.num_layers :]))
     return heaviest
 
 

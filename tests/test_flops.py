@@ -160,7 +160,12 @@ def test_bert_parameters_split_over_tensor_ranks():
     m = load_config(REPO / "configs" / "bert-base.yaml").resolve(8).model
     h, f, v = m.hidden_size, m.ffn_size, 30592
     one, two = flops.layer_parameters(m, v, 1), flops.layer_parameters(m, v, 2)
-    assert len(one) == m.num_layers + 2  # embedding, blocks, heads
+    assert len(one) == m.num_layers + 3  # embedding, blocks, pooler, heads: the model's layer list
+    from bigtrain.models import layout
+
+    for tp, counts in ((1, one), (2, two)):  # as DeepSpeed's partitioner counts them (the tied head once)
+        listed = layout.list_layer_param_counts(m, v, tp)
+        assert counts[:-1] == listed[:-1] and listed[-1] - counts[-1] == v * h // tp
     assert (
         one[1] - two[1] == (4 * h * h + 2 * h * f + 3 * h + f) // 2
     )  # QKV, proj, MLP weights; QKV, fc1 biases

@@ -30,6 +30,7 @@ MODEL_FILE = "tokenizer.model"
 META_FILE = "bigtrain_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+BERT_SPECIALS = ("[CLS]", "[SEP]", "[MASK]")  # the bert family's ([PAD]: the tokenizer's own pad)
 # what an export carries of a tokenizer directory, byte for byte (HF's files, bigtrain's record)
 EXPORT_FILES = (
     MODEL_FILE,
@@ -55,6 +56,8 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "PAD_ID",
+    "BERT_SPECIALS",
+    "bert_specials_hint",
     "export_files",
     "resolve_model_path",
     "tokenizer_kind",
@@ -100,7 +103,8 @@ class Tokenizer(ABC):
 
     Ids that a tokenizer does not define (a BOS for Qwen, a pad for Llama 3) are -1, as SentencePiece
     reports them; :attr:`eod_id` (what ends every dataset document) is the EOS and raises
-    :class:`TokenizerError` when there is none.
+    :class:`TokenizerError` when there is none. BERT's :attr:`cls_id` / :attr:`sep_id` / :attr:`mask_id`
+    are None when absent (most decoder tokenizers).
     """
 
     kind: str  # "sentencepiece" | "huggingface"
@@ -178,6 +182,34 @@ class Tokenizer(ABC):
     @abstractmethod
     def eod_id(self) -> int: ...
 
+    _bert_ids: dict[str, int | None]  # {"cls", "sep", "mask"}: set by each backend
+
+    @property
+    def cls_id(self) -> int | None:
+        """BERT's ``[CLS]`` (sequence start; its final hidden state feeds NSP), None when absent."""
+        return self._bert_ids["cls"]
+
+    @property
+    def sep_id(self) -> int | None:
+        """BERT's ``[SEP]`` (ends each segment), None when absent."""
+        return self._bert_ids["sep"]
+
+    @property
+    def mask_id(self) -> int | None:
+        """BERT's ``[MASK]`` (replaces a predicted token), None when absent."""
+        return self._bert_ids["mask"]
+
+    @abstractmethod
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary string of id ``i`` (SentencePiece's piece, ``"▁the"``; WordPiece's ``"##ing"``);
+        ``""`` for an id with no token."""
+
+    def missing_bert_specials(self) -> list[str]:
+        """Which of ``[CLS]``/``[SEP]``/``[MASK]``/pad the tokenizer lacks (empty: usable for bert data)."""
+        ids = {"[CLS]": self.cls_id, "[SEP]": self.sep_id, "[MASK]": self.mask_id}
+        missing = [name for name, i in ids.items() if i is None]
+        return missing + (["pad"] if self.pad_id < 0 else [])
+
     @property
     @abstractmethod
     def model_path(self) -> Path:
@@ -211,6 +243,19 @@ class SentencePieceTokenizer(Tokenizer):
         self._fingerprint = hashlib.sha256(model_bytes).hexdigest()
         self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(model_bytes)
+        self._bert_ids = self._special_ids(model_bytes)
+        cls, sep, mask = self._bert_ids.values()
+        self._bert = (cls, sep) if cls is not None and sep is not None and mask is not None else None
+
+    @staticmethod
+    def _special_ids(model_bytes: bytes) -> dict[str, int | None]:
+        """Ids of BERT's specials, when the model has them as control or user-defined pieces (read from
+        the proto: the Python API cannot tell a user-defined piece from a normal one)."""
+        from tokenizer.hf import CONTROL, USER_DEFINED, load_model_proto
+
+        proto = load_model_proto(model_bytes)
+        found = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (CONTROL, USER_DEFINED)}
+        return {name: found.get(piece) for name, piece in zip(("cls", "sep", "mask"), BERT_SPECIALS)}
 
     @classmethod
     def from_path(cls, dir_or_model_path: str | os.PathLike) -> SentencePieceTokenizer:
@@ -252,7 +297,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._encode_arrays(texts, add_eos=True, num_threads=1)
 
     def encode_as_hf(self, text: str) -> list[int]:
-        """``AutoTokenizer(dir)(text, split_special_tokens=True)["input_ids"]``: BOS then the ids."""
+        """``AutoTokenizer(dir)(text, split_special_tokens=True)["input_ids"]``: BOS then the ids; with
+        BERT's specials (``tokenizer.train --bert-specials``) ``[CLS]``, the ids, ``[SEP]``."""
+        if self._bert is not None:
+            return [self._bert[0], *self.encode(text), self._bert[1]]
         return self.encode(text, add_bos=True)
 
     def decode(self, ids: Sequence[int] | Any) -> str:
@@ -292,6 +340,9 @@ class SentencePieceTokenizer(Tokenizer):
         """End-of-document token appended to every document in a dataset; the same as EOS."""
         return self.eos_id
 
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
     @property
     def model_path(self) -> Path:
         return self._model_path
@@ -303,6 +354,16 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self._model_path)!r}, vocab_size={self.vocab_size}, fingerprint={self._fingerprint[:12]})"
+
+
+def bert_specials_hint(tok: Tokenizer, missing: Sequence[str]) -> str:
+    """One line: the tokenizer directory lacks BERT's ``missing`` specials, and how to get them."""
+    return (
+        f"{tok.dir}: the tokenizer has no {'/'.join(missing)}, which bert data needs; train one with "
+        "`python -m tokenizer.train ... --bert-specials` (adds [CLS] [SEP] [MASK]; pad is <pad>) or use a "
+        "Hugging Face tokenizer naming cls_token/sep_token/mask_token/pad_token in tokenizer_config.json, "
+        "then re-run tokenizer.preprocess --split-sentences"
+    )
 
 
 def export_files(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:

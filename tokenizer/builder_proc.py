@@ -10,6 +10,8 @@ Protocol on stdin, little-endian, one record after another:
 
 * ``O`` n m, then n bytes of path and m bytes of dtype name: open a builder on that .bin path;
 * ``D`` n k, then n int64 document lengths and k tokens of the dtype: append n documents;
+* ``S`` n k, then n int64 sentence counts, their sum m int64 sentence lengths and k tokens: append n
+  documents of several sequences each (``preprocess --split-sentences``);
 * ``F`` n 0, then n bytes of path: finalize the current builder, writing the .idx there;
 * ``Q`` 0 0: exit with status 0 after printing ``done``.
 
@@ -68,6 +70,18 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 for n in lengths.tolist():
                     builder.add_document(tokens[start : start + n], [n])
                     start += n
+            elif kind == b"S":
+                if builder is None:
+                    raise ValueError("S record before any O record")
+                counts = np.frombuffer(_read_exact(inp, 8 * a), dtype=np.int64)
+                lengths = np.frombuffer(_read_exact(inp, 8 * int(counts.sum())), dtype=np.int64)
+                tokens = np.frombuffer(_read_exact(inp, b * dtype.itemsize), dtype=dtype)
+                start = sentence = 0
+                for count in counts.tolist():
+                    doc = lengths[sentence : sentence + count]
+                    builder.add_document(tokens[start : start + int(doc.sum())], doc.tolist())
+                    start += int(doc.sum())
+                    sentence += count
             elif kind == b"F":
                 if builder is None:
                     raise ValueError("F record before any O record")

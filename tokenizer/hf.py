@@ -22,7 +22,12 @@ here from the pieces, scores and types in ``tokenizer.model``:
 * post-processor: BOS is prepended (``add_bos_token=True``, like Llama), so
   ``AutoTokenizer(...)(text, split_special_tokens=True)["input_ids"] == Tokenizer.encode(text,
   add_bos=True)`` for every text, and without the flag for every text without special-token strings
-  (``apply_chat_template`` adds no BOS of its own: the template decides).
+  (``apply_chat_template`` adds no BOS of its own: the template decides). A model with BERT's
+  specials (``tokenizer.train --bert-specials``) gets BERT's instead: ``[CLS] $A [SEP]`` and
+  ``[CLS] $A [SEP] $B:1 [SEP]:1`` (token types 0 then 1), no BOS, and ``cls_token`` / ``sep_token`` /
+  ``mask_token`` in ``tokenizer_config.json`` (the ``fill-mask`` pipeline reads ``mask_token``):
+  ``Tokenizer.encode_as_hf`` is ``[CLS]`` + ids + ``[SEP]``, and a pair is what the bert dataset
+  (:mod:`bigtrain.data.bert`) builds from the same two texts.
 
 :func:`verify_parity` loads the written directory with ``transformers.AutoTokenizer`` and
 compares ids with SentencePiece; training calls it and fails loudly on any difference.
@@ -36,10 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizer import BERT_SPECIALS
+
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # sentencepiece ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+CONTROL, USER_DEFINED = _CONTROL, _USER_DEFINED
 # sentencepiece TrainerSpec.ModelType
 _UNIGRAM, _BPE = 1, 2
 _NEVER = -1e9  # Unigram score that keeps a piece out of every segmentation
@@ -78,6 +86,7 @@ class SpecialTokens:
     bos_id: int
     eos_id: int
     pad_id: int
+    bert: dict[str, int] | None = None  # {"[CLS]": id, "[SEP]": id, "[MASK]": id} when all three exist
 
 
 def load_model_proto(model_bytes: bytes) -> Any:
@@ -94,7 +103,9 @@ def special_tokens(proto: Any) -> SpecialTokens:
     if min(ids) < 0:
         raise ValueError(f"model must define unk, bos, eos and pad ids, got {ids}")
     unk, bos, eos, pad = (proto.pieces[i].piece for i in ids)
-    return SpecialTokens(unk, bos, eos, pad, *ids)
+    found = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (_CONTROL, _USER_DEFINED)}
+    bert = {t: found[t] for t in BERT_SPECIALS} if all(t in found for t in BERT_SPECIALS) else None
+    return SpecialTokens(unk, bos, eos, pad, *ids, bert=bert)
 
 
 def build_fast_tokenizer(model_bytes: bytes) -> Any:
@@ -123,6 +134,13 @@ def build_fast_tokenizer(model_bytes: bytes) -> Any:
     tok.add_tokens(
         [AddedToken(p, special=False, normalized=False) for p, _, k in pieces if k == _USER_DEFINED]
     )
+    if special.bert is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", special.bert["[CLS]"]), ("[SEP]", special.bert["[SEP]"])],
+        )
+        return tok
     tok.post_processor = processors.TemplateProcessing(
         single=f"{special.bos} $A",
         pair=f"{special.bos} $A {special.bos} $B",
@@ -178,15 +196,19 @@ def write_hf_files(out_dir: Path, model_bytes: bytes) -> None:
         "unk_token": special.unk,
         "pad_token": special.pad,
     }
+    if special.bert is not None:  # the BERT post-processor adds [CLS]/[SEP] (see module doc)
+        names |= {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **names,
-        "add_bos_token": True,
+        "add_bos_token": special.bert is None,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": False,  # chat templates' special tokens are tokens (see module doc)
         "padding_side": "right",
     }
+    if special.bert is not None:  # PreTrainedTokenizerFast returns token types only when told to
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", names)
 
@@ -205,11 +227,16 @@ def verify_parity(out_dir: Path, texts: Sequence[str]) -> int:
     hf = AutoTokenizer.from_pretrained(str(out_dir))
     texts = list(texts)
     got_all = hf(texts, split_special_tokens=True)["input_ids"]  # literal "<s>" as text, like SentencePiece
-    want_all = sp.encode(texts, add_bos=True)
     special = special_tokens(load_model_proto((out_dir / "tokenizer.model").read_bytes()))
-    specials = [special.bos, special.eos, special.unk, special.pad]
+    if special.bert is None:
+        want_all = sp.encode(texts, add_bos=True)
+    else:
+        cls, sep = special.bert["[CLS]"], special.bert["[SEP]"]
+        want_all = [[cls, *ids, sep] for ids in sp.encode(texts)]
+        _verify_bert_pair(hf, sp, special.bert)
+    specials = [special.bos, special.eos, special.unk, special.pad, *(special.bert or {})]
     got = hf("".join(specials), add_special_tokens=False)["input_ids"]
-    want = [special.bos_id, special.eos_id, special.unk_id, special.pad_id]
+    want = [special.bos_id, special.eos_id, special.unk_id, special.pad_id, *(special.bert or {}).values()]
     if got != want:  # what a chat template's {{ bos_token }} / {{ eos_token }} become
         raise ParityError(
             f"HF tokenizer reads the special-token strings {specials} as {got}, expected {want}"
@@ -222,6 +249,24 @@ def verify_parity(out_dir: Path, texts: Sequence[str]) -> int:
                 f"hf={got[at : at + 8]} sentencepiece={want[at : at + 8]}"
             )
     return len(texts)
+
+
+def _verify_bert_pair(hf: Any, sp: Any, bert: dict[str, int]) -> None:
+    """A sentence pair and the named tokens, as BERT's tokenizer gives them (see module doc)."""
+    a, b = PROBE_TEXTS[0], PROBE_TEXTS[6]
+    cls, sep = bert["[CLS]"], bert["[SEP]"]
+    ids_a, ids_b = sp.encode(a), sp.encode(b)
+    want_ids = [cls, *ids_a, sep, *ids_b, sep]
+    want_types = [0] * (len(ids_a) + 2) + [1] * (len(ids_b) + 1)
+    enc = hf(a, b, split_special_tokens=True)
+    if enc["input_ids"] != want_ids or enc["token_type_ids"] != want_types:
+        raise ParityError(
+            f"HF tokenizer encodes the pair ({a[:30]!r}, {b[:30]!r}) as {enc['input_ids'][:8]}... types "
+            f"{enc['token_type_ids'][:8]}..., expected [CLS] A [SEP] B [SEP] with types 0/1"
+        )
+    named = {name: getattr(hf, f"{name}_token_id") for name in ("cls", "sep", "mask")}
+    if named != {"cls": cls, "sep": sep, "mask": bert["[MASK]"]}:
+        raise ParityError(f"HF tokenizer's cls/sep/mask token ids are {named}, expected {bert}")
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -11,7 +11,8 @@ does with the two files:
   ``tokenizer.preprocess`` runs before writing anything, catches files that do not;
 * special tokens: ``bos_token``/``eos_token``/``unk_token``/``pad_token`` of
   ``tokenizer_config.json`` (else ``special_tokens_map.json``), as strings or ``{"content": ...}``;
-  one absent or ``null`` has id -1 (Qwen has no BOS, Llama 3 no pad). transformers adds a named
+  one absent or ``null`` has id -1 (Qwen has no BOS, Llama 3 no pad); likewise BERT's ``cls_token`` /
+  ``sep_token`` / ``mask_token``, None when absent. transformers adds a named
   token missing from the vocabulary with a new id; that is refused here instead (the file is named);
   the named and extra special tokens are registered as special added tokens, as transformers does;
 * BOS/EOS added to a text (``tokenizer(text)``): ``tokenizer.json``'s post-processor (Llama 3's
@@ -40,6 +41,7 @@ from tokenizer import HF_TOKENIZER_FILE, Tokenizer, TokenizerError
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 NAMED_SPECIAL = ("bos", "eos", "unk", "pad")
+BERT_NAMED = ("cls", "sep", "mask")  # BERT's (bert-base-uncased's [CLS]/[SEP]/[MASK]); None when unnamed
 
 
 def _content(value: Any, where: str) -> str | None:
@@ -88,14 +90,18 @@ class HFTokenizer(Tokenizer):
         special_map = _read_json(directory / SPECIAL_TOKENS_MAP_FILE)
         self._tokens: dict[str, str | None] = {}
         self._ids: dict[str, int] = {}
-        for name in NAMED_SPECIAL:
+        self._bert_ids: dict[str, int | None] = {}
+        for name in NAMED_SPECIAL + BERT_NAMED:
             key = f"{name}_token"
             where = (
                 f"{config_file} {key}" if key in config else f"{directory / SPECIAL_TOKENS_MAP_FILE} {key}"
             )
             token = _content(config[key] if key in config else special_map.get(key), where)
             self._tokens[name] = token
-            self._ids[name] = self._id_of(token, where)
+            if name in BERT_NAMED:  # kept out of the fingerprint's ids: documents' ids do not use them
+                self._bert_ids[name] = None if token is None else self._id_of(token, where)
+            else:
+                self._ids[name] = self._id_of(token, where)
         for id_text, entry in (config.get("added_tokens_decoder") or {}).items():
             where = f"{config_file} added_tokens_decoder[{id_text}]"
             token = _content(entry, where)
@@ -236,6 +242,9 @@ class HFTokenizer(Tokenizer):
         """End-of-document token appended to every dataset document: the EOS; TokenizerError without one."""
         return self._require("eos")
 
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i)) or ""
+
     @property
     def add_bos(self) -> bool:
         """Whether ``tokenizer(text)`` starts with BOS (Llama 3: yes; Qwen: no)."""
@@ -269,10 +278,10 @@ def verify_parity(tok: HFTokenizer, texts: Sequence[str]) -> int:
     from tokenizer.hf import ParityError
 
     hf = AutoTokenizer.from_pretrained(str(tok.dir))
-    for name in NAMED_SPECIAL:
+    for name in NAMED_SPECIAL + BERT_NAMED:
         theirs = getattr(hf, f"{name}_token_id")
         ours = getattr(tok, f"{name}_id")
-        if (-1 if theirs is None else theirs) != ours:
+        if (-1 if theirs is None and name in NAMED_SPECIAL else theirs) != ours:
             raise ParityError(
                 f"{tok.dir}: transformers reads {name}_token as id {theirs}, bigtrain as {ours}; name it in "
                 f"{CONFIG_FILE} (transformers' {type(hf).__name__} has its own default)"

@@ -18,6 +18,10 @@ Pipeline (measured to keep both cores on SentencePiece; see BENCHMARKS.md):
   (seconds) overlaps the encoding instead of delaying it (see :mod:`tokenizer.builder_proc`).
   Chunks in flight and the queue (128 MiB) are bounded, so memory stays flat for any input size.
 
+With ``--split-sentences`` (data for the bert family) each document is written as its sentences, one
+sequence each, without EOD (:mod:`tokenizer.sentences` says how text is cut); the tokenizer then needs
+BERT's ``[CLS]``/``[SEP]``/``[MASK]`` and a pad (``tokenizer.train --bert-specials``), checked first.
+
 A Hugging Face tokenizer is first compared with ``transformers.AutoTokenizer`` on
 :data:`tokenizer.hf.PROBE_TEXTS` (:func:`tokenizer.hf_backend.verify_parity`; a few seconds, while the
 builder process starts); a difference stops the run before anything is written.
@@ -48,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tokenizer import Tokenizer, TokenizerError
+from tokenizer import Tokenizer, TokenizerError, bert_specials_hint
 from tokenizer.builder_proc import cpu_seconds
 from tokenizer.hf import PROBE_TEXTS, ParityError
 from tokenizer.hf_backend import HFTokenizer, verify_parity
@@ -60,7 +64,8 @@ from tokenizer.io import (
     expand_inputs,
     iter_documents,
 )
-from tokenizer.writer import BuilderProcess, DatasetWriter, choose_dtype
+from tokenizer.sentences import encode_sentence_documents
+from tokenizer.writer import BuilderProcess, DatasetWriter, choose_dtype, document_size
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -107,6 +112,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size-tokens", type=int, default=0, help="start a new shard after T tokens")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--summary-json", type=Path, help="also write the final summary here as JSON")
+    p.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="write each document as its sentences, no EOD: the bert family's sentence-pair data",
+    )
     p.add_argument("--chunk-bytes", type=int, default=256 << 10, help="text bytes per encoding task")
     args = p.parse_args(argv)
     if args.workers < 1 or args.chunk_bytes < 1 or args.shard_size_tokens < 0 or args.log_interval <= 0:
@@ -226,17 +236,21 @@ def tokenize_into(
     chunk_bytes: int,
     stats: Stats,
     progress: Progress,
+    split_sentences: bool = False,
 ) -> None:
-    """Encode ``docs`` on ``workers`` threads and append them to ``writer`` in input order."""
+    """Encode ``docs`` on ``workers`` threads and append them to ``writer`` in input order (as sentence
+    lists with ``split_sentences``)."""
 
     def encode(chunk: list[bytes]) -> list[Any]:
+        if split_sentences:
+            return encode_sentence_documents(tok, chunk)
         return tok.encode_documents(chunk)
 
     builder = writer.builder
     with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
         try:
             for chunk, arrays in ordered_map(encode, chunked(docs, chunk_bytes), pool, 4 * workers):
-                stats.add(len(arrays), sum(a.size for a in arrays), sum(map(len, chunk)))
+                stats.add(len(arrays), sum(map(document_size, arrays)), sum(map(len, chunk)))
                 if builder.ready_at is not None:
                     stats.mark_ready(builder.ready_at)
                 writer.add(arrays)
@@ -314,9 +328,10 @@ def dataset_meta(
         "tokenizer_fingerprint": tok.fingerprint,
         "tokenizer": str(tok.dir),
         "vocab_size": tok.vocab_size,
-        "eod_id": tok.eod_id,
+        "eod_id": None if args.split_sentences else tok.eod_id,  # sentences end with no EOD
         "bos_id": tok.bos_id,
         "pad_id": tok.pad_id,
+        "split_sentences": bool(args.split_sentences),
         "dtype": writer.dtype.__name__,
         "documents": stats.documents,
         "tokens": stats.tokens,
@@ -337,6 +352,9 @@ def _terminate(signum: int, frame: Any) -> None:
 def run(args: argparse.Namespace, started: float) -> int:
     check_output_dir(Path(args.output_prefix).parent, "--output-prefix")
     tok = Tokenizer.load(args.tokenizer)
+    missing = tok.missing_bert_specials() if args.split_sentences else []
+    if missing:
+        raise TokenizerError(bert_specials_hint(tok, missing))
     paths = expand_inputs(args.input)
     stats = Stats(started)
     skips = SkipCounter(strict=args.strict)
@@ -345,12 +363,22 @@ def run(args: argparse.Namespace, started: float) -> int:
     )
     with writer:
         if isinstance(tok, HFTokenizer):  # transformers loads while the builder process starts
-            print(f"preprocess: {tok!r}; documents end with EOD id {tok.eod_id}", file=sys.stderr, flush=True)
+            ending = (
+                "sentences, no EOD" if args.split_sentences else f"documents end with EOD id {tok.eod_id}"
+            )
+            print(f"preprocess: {tok!r}; {ending}", file=sys.stderr, flush=True)
             verify_parity(tok, PROBE_TEXTS)
         Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
         docs = iter_documents(paths, args.json_key, skips, skips.read_error)
         tokenize_into(
-            writer, docs, tok, args.workers, args.chunk_bytes, stats, Progress(stats, args.log_interval)
+            writer,
+            docs,
+            tok,
+            args.workers,
+            args.chunk_bytes,
+            stats,
+            Progress(stats, args.log_interval),
+            args.split_sentences,
         )
         writer.close()
         stats.ended = time.monotonic()

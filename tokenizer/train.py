@@ -15,7 +15,12 @@ Settings, and why (all recorded in ``bigtrain_tokenizer.json``):
   itself decodes as a space, as in every SentencePiece model;
 * ``split_digits``: numbers are read digit by digit (better arithmetic, no number-shaped pieces);
 * ``allow_whitespace_only_pieces``: runs of spaces (code indentation) get their own pieces;
-* ids unk=0, bos=1, eos=2, pad=3; ``--special-tokens`` become user-defined symbols right after.
+* ids unk=0, bos=1, eos=2, pad=3; ``--special-tokens`` become user-defined symbols right after;
+* ``--bert-specials`` (a tokenizer for the bert family): BERT's ``[CLS] [SEP] [MASK]`` as control
+  symbols, ids 4, 5, 6 (the pad is ``<pad>``, id 3). Control, not user-defined: a literal "[MASK]" in
+  a training document stays text, as "<s>" does, so only the dataset puts these ids in a sample. The
+  HF files then encode as BERT's do (``[CLS] A [SEP] B [SEP]`` with token types 0/1, no BOS; see
+  :mod:`tokenizer.hf`).
 
 A file that cannot be read to its end (truncated or corrupt compressed data, an I/O error) keeps the
 documents read before the failure and is named, with the line, in a warning and in the metadata; with
@@ -43,7 +48,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizer import BOS_ID, EOS_ID, META_FILE, MODEL_FILE, PAD_ID, UNK_ID, Tokenizer
+from tokenizer import BERT_SPECIALS, BOS_ID, EOS_ID, META_FILE, MODEL_FILE, PAD_ID, UNK_ID, Tokenizer
 from tokenizer.io import InputError, SkipCounter, check_output_dir, expand_inputs, iter_documents
 
 CHECK_DOCS = 256  # training documents re-encoded for the HF parity check
@@ -61,6 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--special-tokens", nargs="*", default=[], help="extra always-matched tokens, e.g. <|im_start|>"
     )
+    p.add_argument(
+        "--bert-specials",
+        action="store_true",
+        help="add BERT's [CLS] [SEP] [MASK] (control symbols) and write BERT-style HF files (bert family)",
+    )
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--max-sentence-bytes", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0, help="seed of the document sample")
@@ -77,8 +87,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.sample_docs < 0:
         p.error("--sample-docs must be >= 0")
     bad = [t for t in args.special_tokens if not t or any(c.isspace() for c in t)]
+    if args.bert_specials:
+        bad += [t for t in args.special_tokens if t in BERT_SPECIALS]
     if bad or len(set(args.special_tokens)) != len(args.special_tokens):
-        p.error(f"--special-tokens must be distinct and contain no whitespace: {args.special_tokens}")
+        p.error(
+            f"--special-tokens must be distinct, contain no whitespace and not repeat --bert-specials: "
+            f"{args.special_tokens}"
+        )
     return args
 
 
@@ -167,6 +182,9 @@ def train_model(args: argparse.Namespace, sentence_iter: Iterator[str]) -> bytes
     import sentencepiece as spm
 
     model = io.BytesIO()
+    bert: dict[str, Any] = {}
+    if getattr(args, "bert_specials", False):  # only then: other models' bytes stay as they were
+        bert = {"control_symbols": list(BERT_SPECIALS)}
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentence_iter,
         model_writer=model,
@@ -181,13 +199,14 @@ def train_model(args: argparse.Namespace, sentence_iter: Iterator[str]) -> bytes
         normalization_rule_name="identity",
         max_sentence_length=args.max_sentence_bytes,
         user_defined_symbols=list(args.special_tokens),
-        required_chars=required_chars(args.special_tokens),
+        required_chars=required_chars([*args.special_tokens, *bert.get("control_symbols", [])]),
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         pad_id=PAD_ID,
         num_threads=args.threads,
         minloglevel=0 if args.verbose else 2,
+        **bert,
     )
     return model.getvalue()
 
@@ -216,12 +235,13 @@ def write_meta(out: Path, tok: Tokenizer, args: argparse.Namespace, stats: dict[
         "pad_id": tok.pad_id,
         "eod_id": tok.eod_id,
         "special_tokens": list(args.special_tokens),
+        **({"bert_specials": list(BERT_SPECIALS)} if args.bert_specials else {}),
         "model_type": args.model_type,
         "fingerprint": tok.fingerprint,
         "normalization": "identity",
         "add_dummy_prefix": False,
         "byte_fallback": True,
-        "hf_add_bos": True,
+        "hf_add_bos": not args.bert_specials,  # BERT's files add [CLS]/[SEP] instead
         "training": {
             "inputs": [str(p) for p in args.input],
             "json_key": args.json_key,
@@ -279,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = Tokenizer.load(out)
     hf.write_hf_files(out, model_bytes)
     probe = list(hf.PROBE_TEXTS) + [f"a{t}b {t} {t}{t}" for t in args.special_tokens]
+    probe += [f"literal {t} in text" for t in BERT_SPECIALS] if args.bert_specials else []
     try:
         check_round_trip(tok, tap.kept + probe)
         checked = hf.verify_parity(out, tap.kept + probe)

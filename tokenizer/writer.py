@@ -33,12 +33,14 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from tokenizer.builder_proc import HEADER
 
+# a document: its ids as one sequence, or its sentences' ids (one sequence each; the bert family's data)
+Document: TypeAlias = np.ndarray | list[np.ndarray]
 UINT16_VOCAB_LIMIT = 65500  # megatron's DType.optimal_dtype bound (readers accept any wide-enough dtype)
 
 
@@ -177,8 +179,17 @@ class BuilderProcess:
         path, name = bin_path.encode(), np.dtype(dtype).name.encode()
         self._send([HEADER.pack(b"O", len(path), len(name)), path, name])
 
-    def add_documents(self, docs: Sequence[np.ndarray], dtype: type[np.integer]) -> None:
-        lengths = np.fromiter((d.size for d in docs), dtype=np.int64, count=len(docs))
+    def add_documents(self, docs: Sequence[Document], dtype: type[np.integer]) -> None:
+        """Append documents: each an id array (one sequence) or a list of them (its sentences)."""
+        if any(isinstance(d, list) for d in docs):
+            sentences = [list(d) if isinstance(d, list) else [d] for d in docs]
+            counts = np.array([len(d) for d in sentences], dtype=np.int64)
+            flat = [s for d in sentences for s in d]
+            lengths = np.fromiter((s.size for s in flat), dtype=np.int64, count=len(flat))
+            tokens = np.concatenate(flat or [np.zeros(0, dtype)]).astype(dtype, copy=False)
+            self._send([HEADER.pack(b"S", len(docs), tokens.size), counts.data, lengths.data, tokens.data])
+            return
+        lengths = np.fromiter(map(document_size, docs), dtype=np.int64, count=len(docs))
         tokens = np.concatenate(docs).astype(dtype, copy=False)
         self._send([HEADER.pack(b"D", len(docs), tokens.size), lengths.data, tokens.data])
 
@@ -218,6 +229,11 @@ class BuilderProcess:
                 pass
 
 
+def document_size(doc: Document) -> int:
+    """Tokens in a document (all its sentences)."""
+    return sum(s.size for s in doc) if isinstance(doc, list) else doc.size
+
+
 @dataclass
 class ShardInfo:
     prefix: str
@@ -226,7 +242,8 @@ class ShardInfo:
 
 
 class DatasetWriter:
-    """Appends documents (token arrays already ending with EOD) to one or more indexed datasets."""
+    """Appends documents (token arrays already ending with EOD, or lists of sentence arrays) to one or more
+    indexed datasets."""
 
     def __init__(
         self, prefix: str, dtype: type[np.integer], builder: BuilderProcess, shard_size_tokens: int = 0
@@ -243,7 +260,7 @@ class DatasetWriter:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def add(self, docs: Sequence[np.ndarray]) -> None:
+    def add(self, docs: Sequence[Document]) -> None:
         """Append documents in order, starting a new shard whenever the current one is full."""
         start = 0
         while start < len(docs):
@@ -252,7 +269,7 @@ class DatasetWriter:
             shard, end = self.shards[-1], start
             while end < len(docs) and not self._full():
                 shard.documents += 1
-                shard.tokens += docs[end].size
+                shard.tokens += document_size(docs[end])
                 end += 1
             self.builder.add_documents(docs[start:end], self.dtype)
             start = end

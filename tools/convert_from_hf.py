@@ -2,7 +2,9 @@
 ``Qwen3ForCausalLM``, ``Phi3ForCausalLM``, ``Gemma2ForCausalLM`` or ``Gemma3ForCausalLM`` (text) directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
 (the families are bigtrain's decoder with config-driven variants: rotary scaling, q/k/v biases, q/k
 norm, head width, sliding window, Phi-3's fused tensors, Gemma 2/3's block; ``model.hf_model_type``
-keeps the family for the export).
+keeps the family for the export), or a BERT encoder (``BertForPreTraining``; ``BertForMaskedLM`` and
+``BertModel``, whose missing pooler / heads start from the layout table's init, seeded by
+``train.seed``, and are listed in the output) as ``model.family: bert``.
 
     python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR --tensor-parallel 2 --pipeline-parallel 2
 
@@ -27,8 +29,9 @@ depend on it: ``WeightReader`` maps every key to its file.
 Memory: one pipeline stage's shards (1/P of the model, fp32) plus the HF tensors of one parameter.
 Nothing is written to CKPT_DIR until everything has succeeded (temporary directory, then rename).
 Unsupported architectures (other families, output/MLP biases, dynamic or other rotary scaling, partial
-rotary, other activations, per-layer attention types other than Qwen's window rule, ...) stop the
-import with the field named.
+rotary, other activations, per-layer attention types other than Qwen's window rule; for BERT relative
+positions, decoder or cross-attention use, an untied MLM decoder, ...) stop the import with the field
+named (exit status 2; other failures: 1).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch
 from bigtrain.config import Config, ConfigError, config_from_dict
 from bigtrain.models import layout
 
-SUPPORTED = layout.HF_ARCHITECTURES
+SUPPORTED = layout.HF_IMPORT_ARCHITECTURES
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -54,25 +57,32 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "chat_template.jinja",
+    "vocab.txt",  # WordPiece (BERT) vocabularies ship it beside tokenizer.json
     "bigtrain_tokenizer.json",  # the bigtrain Tokenizer's own record, when the directory came from bigtrain
 )
-IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports carry
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers old exports carry
 
 
 class ConversionError(ValueError):
     """The HF directory cannot be imported; the message names the cause."""
 
 
+class UnsupportedModel(ConversionError):
+    """The HF model is not an architecture bigtrain computes (the message names the field); exit 2."""
+
+
 # ---------------------------------------------------------------------------- config
 def unsupported_fields(hf: dict) -> list[str]:
     """Every reason this HF config is not bigtrain's architecture, each naming the field."""
     model_type = hf.get("model_type")
-    archs = hf.get("architectures") or [SUPPORTED.get(model_type, "?")]
-    if model_type not in SUPPORTED or archs[0] != SUPPORTED[model_type]:
+    archs = hf.get("architectures") or [SUPPORTED.get(model_type, ("?",))[0]]
+    if model_type not in SUPPORTED or archs[0] not in SUPPORTED[model_type]:
         return [
             f"architecture {archs[0]} (model_type {model_type!r}) is not supported; "
-            f"supported: {', '.join(SUPPORTED.values())}"
+            f"supported: {', '.join(a for names in SUPPORTED.values() for a in names)}"
         ]
+    if model_type == "bert":
+        return unsupported_bert_fields(hf)
     problems = []
     act, want = (
         ("hidden_activation", "gelu_pytorch_tanh")
@@ -119,6 +129,28 @@ def unsupported_fields(hf: dict) -> list[str]:
     return problems
 
 
+def unsupported_bert_fields(hf: dict) -> list[str]:
+    """What bigtrain's bert (``bigtrain.models.bert``: absolute learned positions, exact GELU, a
+    bidirectional encoder with the MLM decoder tied to the word embeddings) does not compute."""
+    problems = []
+    position = hf.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        problems.append(
+            f"position_embedding_type={position!r} (bigtrain's bert has absolute learned positions)"
+        )
+    if hf.get("hidden_act", "gelu") != "gelu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (bigtrain's bert MLP uses the exact GELU, 'gelu')")
+    if hf.get("is_decoder"):
+        problems.append("is_decoder=true (bigtrain's bert is a bidirectional encoder)")
+    if hf.get("add_cross_attention"):
+        problems.append("add_cross_attention=true (bigtrain's bert has no cross-attention)")
+    if hf.get("tie_word_embeddings") is False:
+        problems.append(
+            "tie_word_embeddings=false (an untied MLM decoder; bigtrain's bert decodes with the word embeddings)"
+        )
+    return problems
+
+
 def complete_config(raw: dict) -> dict:
     """config.json plus transformers' defaults for the fields it leaves out (what ``from_pretrained``
     would use: e.g. Mistral's default sliding window and kv heads differ from Llama's)."""
@@ -140,7 +172,7 @@ def read_hf_config(hf_dir: Path) -> dict:
     hf = complete_config(json.loads(path.read_text()))
     problems = unsupported_fields(hf)
     if problems:
-        raise ConversionError(f"{hf_dir}: cannot import: " + "; ".join(problems))
+        raise UnsupportedModel(f"{hf_dir / 'config.json'}: cannot import: " + "; ".join(problems))
     return hf
 
 
@@ -166,9 +198,11 @@ def bigtrain_config(hf: dict, tensor: int, pipeline: int, partition_method: str)
 
 # ---------------------------------------------------------------------------- weights
 class HFWeights:
-    """Tensors by HF name from a directory's safetensors files (sharded with an index, or one file)."""
+    """Tensors by HF name from a directory's safetensors files (sharded with an index, or one file).
+    ``architecture``: the HF class that saved them; names are the table's (``BertModel``'s lack the
+    ``bert.`` prefix the table's carry: :data:`layout.HF_STRIPPED_PREFIX`)."""
 
-    def __init__(self, hf_dir: Path):
+    def __init__(self, hf_dir: Path, architecture: str = ""):
         from safetensors import safe_open
 
         index = hf_dir / "model.safetensors.index.json"
@@ -188,11 +222,22 @@ class HFWeights:
             raise ConversionError(
                 f"{hf_dir}: weight file(s) listed in the index are missing: {', '.join(missing_files)}"
             )
-        self.dir, self.weight_map = hf_dir, weight_map
+        self.dir, self.architecture = hf_dir, architecture
+        stripped = layout.HF_STRIPPED_PREFIX.get(architecture, "")
+        self.weight_map = {stripped + name: f for name, f in weight_map.items()}  # by the table's names
+        self.stored = {stripped + name: name for name in weight_map}
+        self.absent = layout.HF_ABSENT_PREFIXES.get(architecture, ())
+
+    def fresh(self, lp: layout.LayerParam, m) -> bool:
+        """The parameter is not in checkpoints of this architecture (initialized from the table)."""
+        names = layout.hf_names(lp, m)
+        return bool(names) and all(n.startswith(self.absent) for n in names)  # startswith(()): False
 
     def check_names(self, m) -> None:
-        expected = set(layout.hf_tensor_names(m))
-        present = {n for n in self.weight_map if not n.endswith(IGNORED_TENSOR_SUFFIXES)}
+        """Exactly the table's tensors that this architecture stores (tied copies: see :meth:`check_tied`)."""
+        expected = {n for n in layout.hf_tensor_names(m) if not n.startswith(self.absent)}
+        tied = layout.HF_TIED_ALIASES.get(m.hf_model_type, {})
+        present = {n for n in self.weight_map if not n.endswith(IGNORED_TENSOR_SUFFIXES) and n not in tied}
         if m.tie_embeddings:
             present.discard("lm_head.weight")  # tied: transformers ignores a saved copy too
         missing, unexpected = sorted(expected - present), sorted(present - expected)
@@ -206,11 +251,22 @@ class HFWeights:
         if missing:
             raise ConversionError(f"{self.dir}: tensor(s) missing from the weights: {', '.join(missing[:6])}")
 
+    def check_tied(self, m) -> None:
+        """A stored copy of a tied tensor (bert's MLM decoder) must equal what it is tied to: an untied
+        decoder is another model."""
+        for alias, target in layout.HF_TIED_ALIASES.get(m.hf_model_type, {}).items():
+            if alias in self.weight_map and not torch.equal(self.get(alias), self.get(target)):
+                raise UnsupportedModel(
+                    f"{self.dir}: {alias} differs from {target} (an untied MLM decoder; "
+                    "bigtrain's bert decodes with the word embeddings)"
+                )
+
     def get(self, name: str) -> torch.Tensor:
+        """The tensor of the table's HF name ``name``, as fp32."""
         from safetensors import safe_open
 
         with safe_open(str(self.dir / self.weight_map[name]), "pt") as f:
-            return f.get_tensor(name).float()
+            return f.get_tensor(self.stored[name]).float()
 
 
 def tokenizer_files(hf_dir: Path) -> list[Path]:
@@ -240,8 +296,22 @@ def convert(
             f"convert_from_hf: config.yaml trains at model.seq_length={m.seq_length} (the model declares "
             f"{m.context_length}, kept for the export); set model.seq_length to train on longer windows"
         )
-    weights = HFWeights(hf_dir)
+    weights = HFWeights(hf_dir, (hf.get("architectures") or [""])[0])
     weights.check_names(m)
+    weights.check_tied(m)
+    dropout = {k: hf[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if hf.get(k)}
+    if m.family == "bert" and dropout:
+        listed = ", ".join(f"{k}={v}" for k, v in dropout.items())
+        print(
+            f"convert_from_hf: note: bigtrain's bert trains without dropout; {listed} kept for the export only"
+        )
+    fresh = [lp for lp in layout.iter_layer_params(m) if weights.fresh(lp, m)]
+    if fresh:
+        names = ", ".join(n for lp in fresh for n in layout.hf_names(lp, m))
+        print(
+            f"convert_from_hf: {weights.architecture} has no {names}: initialized fresh "
+            f"(the layout table's init, train.seed {cfg.train.seed})"
+        )
     from bigtrain.checkpoint import LATEST, META, tag_for  # heavy (megatron-core): after the cheap checks
     from bigtrain.checkpoint_files import write_manifest
 
@@ -263,7 +333,10 @@ def convert(
             shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor)]
             for lp in layout.stage_params(m, parts, stage):
                 bar.set_postfix_str(f"stage {stage} {lp.key}")
-                full = layout.from_hf(lp, {n: weights.get(n) for n in layout.hf_names(lp, m)}, m, padded)
+                if weights.fresh(lp, m):
+                    full = layout.init_full(lp.spec, lp.index, m, padded, cfg.train.seed)
+                else:
+                    full = layout.from_hf(lp, {n: weights.get(n) for n in layout.hf_names(lp, m)}, m, padded)
                 for rank in range(tensor):
                     shards[rank][lp.key] = layout.shard(full, lp.spec.split, rank, tensor).clone()
                 bar.update()
@@ -315,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         out = convert(
             args.hf, args.output, args.tensor_parallel, args.pipeline_parallel, args.partition_method
         )
+    except UnsupportedModel as e:
+        print(f"convert_from_hf: {e}", file=sys.stderr)
+        sys.exit(2)
     except ConfigError as e:
         print(f"convert_from_hf: the HF model does not fit this layout: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,7 +1,8 @@
 """Export a bigtrain checkpoint (any tensor x pipeline x data layout, any ZeRO stage) to a Hugging Face
 ``LlamaForCausalLM`` directory (or the family it was imported from: Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3):
 config.json, sharded safetensors + index, generation_config.json and
-the tokenizer files.
+the tokenizer files. A ``model.family: bert`` checkpoint exports as ``BertForPreTraining`` (loads with
+``AutoModelForPreTraining``, ``AutoModelForMaskedLM`` and ``AutoModel``; no generation_config.json).
 
     python tools/convert_to_hf.py --checkpoint RUN_DIR/checkpoints [--tag TAG] --output HF_DIR [--dtype bf16]
 
@@ -32,6 +33,9 @@ from bigtrain.finetune.params import task_params
 from bigtrain.models import layout
 
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
+# BertConfig's training-time dropout: bigtrain's bert computes none; an import's own values are written
+# back (HF fine-tuning from the export uses them), else BertConfig's defaults apply
+BERT_DROPOUT = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -188,7 +192,10 @@ def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: 
     import transformers
 
     m = cfg.model
+    source = (meta or {}).get("source", {}).get("hf_config", {})
+    dropout = {k: source[k] for k in BERT_DROPOUT if k in source} if m.family == "bert" else {}
     return {
+        **dropout,
         **layout.hf_variant_values(m),
         **layout.hf_config_values(m),
         "use_cache": True,
@@ -279,11 +286,12 @@ def export(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = hf_config(cfg, dtype, reader.meta, tokenizer_dir)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        generation = {k: config[k] for k in SPECIAL if config[k] is not None}
         trained = trained_template(reader, tokenizer_dir)
-        if (eos := stop_ids(tokenizer_dir, config["eos_token_id"], trained)) is not None:
-            generation["eos_token_id"] = eos
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if cfg.model.family != "bert":  # an encoder does not generate
+            generation = {k: config[k] for k in SPECIAL if config[k] is not None}
+            if (eos := stop_ids(tokenizer_dir, config["eos_token_id"], trained)) is not None:
+                generation["eos_token_id"] = eos
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer_dir is not None:
             from tokenizer import TokenizerError, export_files
 

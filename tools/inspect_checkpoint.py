@@ -87,6 +87,7 @@ def describe(path: str | Path) -> dict:
             "partition_method": cfg.parallel.partition_method,
         },
         "model": {
+            "family": m.family,
             **layout.hf_config_values(m),
             "head_dim": m.head_dim,
             "padded_vocab_size": padded,
@@ -105,6 +106,26 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _model_line(mod: dict) -> str:
+    """The architecture in one line (the family's HF config fields: ``layout.hf_config_values``)."""
+    start = (
+        f"{mod['num_hidden_layers']} layers, hidden {mod['hidden_size']}, heads {mod['num_attention_heads']}"
+    )
+    sizes = (
+        f"ffn {mod['intermediate_size']}, vocab {mod['vocab_size']} (padded {mod['padded_vocab_size']}), "
+        f"seq {mod['max_position_embeddings']}"
+    )
+    if mod.get("family") == "bert":
+        return (
+            f"bert encoder, {start} (dim {mod['head_dim']}), {sizes}, token types {mod['type_vocab_size']}, "
+            f"eps {mod['layer_norm_eps']}, tied={mod['tie_word_embeddings']}"
+        )
+    return (
+        f"{start} (kv {mod['num_key_value_heads']}, dim {mod['head_dim']}), {sizes}, rope theta "
+        f"{mod['rope_theta']}, eps {mod['rms_norm_eps']}, tied={mod['tie_word_embeddings']}"
+    )
+
+
 def render(info: dict, tensors: bool = True) -> str:
     lay, mod = info["layout"], info["model"]
     lines = [
@@ -115,11 +136,7 @@ def render(info: dict, tensors: bool = True) -> str:
         f"layout      tensor={lay['tensor']} pipeline={lay['pipeline']} data={lay['data']} "
         f"(world {lay['world_size']}), ZeRO-{lay['zero_stage']}, {lay['precision']}, "
         f"partition={lay['partition_method']}",
-        f"model       {mod['num_hidden_layers']} layers, hidden {mod['hidden_size']}, heads "
-        f"{mod['num_attention_heads']} (kv {mod['num_key_value_heads']}, dim {mod['head_dim']}), ffn "
-        f"{mod['intermediate_size']}, vocab {mod['vocab_size']} (padded {mod['padded_vocab_size']}), "
-        f"seq {mod['max_position_embeddings']}, rope theta {mod['rope_theta']}, eps {mod['rms_norm_eps']}, "
-        f"tied={mod['tie_word_embeddings']}",
+        f"model       {_model_line(mod)}",
         f"parameters  {mod['parameters']:,} (padded vocab included)",
     ]
     lines.append(f"deepspeed   {', '.join(info['other_files']) or 'none (weights-only checkpoint)'}")

@@ -6,6 +6,10 @@
   batch; the resume state is the global count of consumed samples.
 - :class:`SequentialWindows` — unshuffled fixed windows for evaluation.
 - :func:`validate_data` / :class:`DataError` — one-line errors naming the bad file.
+
+For ``model.family: bert``, :func:`build_datasets` returns :mod:`bigtrain.data.bert`'s MLM + NSP/SOP
+samples instead (from ``tokenizer.preprocess --split-sentences`` data); that module imports megatron-core,
+so it is not imported here.
 """
 
 from bigtrain.data.corpus import DataError, parse_blend, resolve_corpus

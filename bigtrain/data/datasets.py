@@ -23,6 +23,7 @@ import torch
 from bigtrain import compat
 from bigtrain.config import Config, ConfigError, TrainConfig
 from bigtrain.data.corpus import DataError, DataSpec
+from bigtrain.data.samples import MegatronSamples, blend_members, dataset_options
 from bigtrain.data.validate import Corpus, ShardInfo, validate_data
 from tokenizer.writer import INDEX_INPUTS_FILE, INDEX_MAPS_DIR, default_cache_dir
 
@@ -96,8 +97,8 @@ class TokenizerInfo:
         )
 
 
-class SampleDataset(torch.utils.data.Dataset):
-    """A megatron-core top-level dataset with our item format.
+class SampleDataset(MegatronSamples):
+    """A megatron-core top-level dataset of GPT windows with our item format.
 
     Items are megatron's GPT dict (``tokens``, ``labels``, ``loss_mask``, ``position_ids``) plus
     ``sample_id`` (the index asked for: the sample's place in the global order, what resume and tests
@@ -105,28 +106,19 @@ class SampleDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: Any, corpus_of_dataset: Sequence[int], corpora: Sequence[Corpus], split: str):
-        self.dataset = dataset
-        self.corpus_of_dataset = list(corpus_of_dataset)
-        self.corpora = list(corpora)
-        self.split = split
+        super().__init__(dataset, corpus_of_dataset, corpora, split)
         compat.uncache_gpt_masks(self.gpt_datasets)  # megatron-core 0.16's mask cache (Megatron-LM#1711)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         idx = int(idx)
-        if not 0 <= idx < len(self):
-            raise IndexError(f"sample {idx} out of range for {len(self)} {self.split} samples")
-        item = self.dataset[idx]
-        dataset_id = int(item.get("dataset_id", 0))
+        item, corpus = self.read(idx)
         return {
             "tokens": item["tokens"],
             "labels": item["labels"],
             "loss_mask": item["loss_mask"],
             "position_ids": item["position_ids"],
             "sample_id": idx,
-            "corpus_id": self.corpus_of_dataset[dataset_id] if self.corpus_of_dataset else 0,
+            "corpus_id": corpus,
         }
 
     @property
@@ -223,29 +215,9 @@ def index_cache_dir(root: str, shards: Sequence[ShardInfo]) -> str:
     return path
 
 
-def _blend(corpora: Sequence[Corpus]) -> tuple[list[str], list[float] | None, list[int]]:
-    """Flatten corpora to megatron's (prefixes, weights) and the corpus index of every prefix.
-
-    A corpus weight is split over its shards in proportion to their token counts, so the corpus keeps
-    its share of the mix however it is sharded; empty shards are left out (megatron needs weights > 0).
-    Unweighted corpora (a single name, or ``data.valid``) are weighted by size.
-    """
-    total = sum(c.num_tokens for c in corpora)
-    prefixes, weights, corpus_of = [], [], []
-    for i, corpus in enumerate(corpora):
-        share = corpus.weight if corpus.weight is not None else corpus.num_tokens / total
-        for shard in corpus.shards:
-            if shard.num_tokens:
-                prefixes.append(shard.prefix)
-                weights.append(share * shard.num_tokens / corpus.num_tokens)
-                corpus_of.append(i)
-    if len(prefixes) == 1:
-        return prefixes, None, corpus_of
-    return prefixes, weights, corpus_of
-
-
-def _check_split(corpora: Sequence[Corpus], split: str) -> None:
-    """Each shard is split by document; a part with no documents would make megatron loop forever."""
+def _check_split(corpora: Sequence[Corpus], split: str, documents: bool = False) -> None:
+    """Each shard is split by document; a part with no documents would make megatron loop forever.
+    GPT's documents are its sequences; the bert family's (``documents``) are runs of sentences."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
@@ -257,7 +229,7 @@ def _check_split(corpora: Sequence[Corpus], split: str) -> None:
         raise DataError(f"data.split: {split!r} is not a train,valid,test split like '98,2,0'") from None
     for corpus in corpora:
         for shard in corpus.shards:
-            n = shard.num_sequences
+            n = shard.num_docs if documents else shard.num_sequences
             for name, part in zip(("train", "valid", "test"), matrix):
                 if part is not None and shard.num_tokens and round(part[1] * n) <= round(part[0] * n):
                     raise DataError(
@@ -270,15 +242,11 @@ def _gpt_options(cfg: Config, info: TokenizerInfo, path_to_cache: str | None) ->
     """GPTDatasetConfig fields shared by real and mock data: plain causal windows, no per-document
     position/attention resets and no materialized attention mask (the model builds its causal mask)."""
     return dict(
-        random_seed=cfg.train.seed,
-        sequence_length=cfg.model.seq_length,
-        path_to_cache=path_to_cache,
-        tokenizer=info,
+        **dataset_options(cfg, info, path_to_cache),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        mmap_bin_files=True,
     )
 
 
@@ -305,8 +273,10 @@ def _mock_datasets(
     return SampleDataset(train, [], [], "train"), SampleDataset(valid, [], [], "valid")
 
 
-def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, SampleDataset | None]:
+def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[Any, Any]:
     """(train, valid or None) sample datasets for ``cfg``; call on every rank (it may use barriers).
+    :class:`SampleDataset`s, or for ``model.family`` bert ``bigtrain.data.bert.BertSampleDataset``s (MLM +
+    NSP/SOP items, see :mod:`bigtrain.data.bert`), built the same way from sentence-split data.
 
     Validates the data first (see :func:`validate_data`), then builds through megatron-core with
     ``train.steps * global_batch_size`` train samples and enough valid samples for every evaluation.
@@ -319,9 +289,18 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, S
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     sizes = [*num_samples(cfg), 0]
+    bert = cfg.model.family == "bert"
     if cfg.data.mock:
+        if bert:
+            from bigtrain.data.bert import build_bert
+
+            return build_bert(cfg, tokenizer, sizes, None, None)
         return _mock_datasets(cfg, tokenizer, sizes)
     d = cfg.data
+    if bert and tokenizer is not None:  # before the data: a wrong tokenizer also fails the vocab check
+        from bigtrain.data.bert import BertTokenizerInfo
+
+        BertTokenizerInfo.require(tokenizer)
     if d.train is None:
         raise DataError("data.train is not set (a prefix, a glob, or [[weight, prefix], ...])")
     vocab = int(tokenizer.vocab_size) if tokenizer is not None else cfg.model.vocab_size
@@ -333,21 +312,25 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[SampleDataset, S
         if d.valid is not None:
             valid = validate_data(d.valid, vocab, tokenizer, cache_dir=cache_dir, field="data.valid")
         else:
-            _check_split(train, d.split)
+            _check_split(train, d.split, documents=bert)
         shards = [s for c in train + (valid or []) for s in c.shards]
         return train, valid, index_cache_dir(cache_dir or default_cache_dir(shards[0].prefix), shards)
 
     train_corpora, valid_corpora, path_to_cache = rank0_first(validate)
+    if bert:
+        from bigtrain.data.bert import build_bert
+
+        return build_bert(cfg, tokenizer, sizes, (train_corpora, valid_corpora), path_to_cache)
     all_shards = [s for c in train_corpora + (valid_corpora or []) for s in c.shards]
     info = (
         TokenizerInfo.from_tokenizer(tokenizer)
         if tokenizer is not None
         else TokenizerInfo.from_data(vocab, all_shards)
     )
-    train_prefixes, train_weights, train_corpus_of = _blend(train_corpora)
+    train_prefixes, train_weights, train_corpus_of = blend_members(train_corpora)
     common = _gpt_options(cfg, info, path_to_cache)
     if valid_corpora is not None:
-        valid_prefixes, valid_weights, valid_corpus_of = _blend(valid_corpora)
+        valid_prefixes, valid_weights, valid_corpus_of = blend_members(valid_corpora)
         config = GPTDatasetConfig(
             blend_per_split=[(train_prefixes, train_weights), (valid_prefixes, valid_weights), None], **common
         )
@@ -463,12 +446,38 @@ def _same_gpt_samples(a: Any, pa: np.ndarray, b: Any, pb: np.ndarray) -> np.ndar
     return same
 
 
-def first_changed_sample(saved: SampleDataset, new: SampleDataset, n: int) -> int | None:
+def _same_bert_samples(a: Any, pa: np.ndarray, b: Any, pb: np.ndarray) -> np.ndarray:
+    """Per position: whether sample ``pa[i]`` of a ``bigtrain.data.bert.BertDataset`` ``a`` is sample ``pb[i]``
+    of ``b``: the same sentences of the same file (megatron's sample index row) at the same index (which
+    seeds the sample's masks and pair)."""
+    if a.dataset_path != b.dataset_path:
+        return np.zeros(len(pa), dtype=bool)
+    rows_a, rows_b = np.asarray(a.sample_index[pa]), np.asarray(b.sample_index[pb])
+    return (pa == pb) & (rows_a[:, :2] == rows_b[:, :2]).all(axis=1)
+
+
+def _same_samples(a: Any, pa: np.ndarray, b: Any, pb: np.ndarray) -> np.ndarray:
+    from bigtrain.data.bert import BertDataset
+
+    if isinstance(a, BertDataset) or isinstance(b, BertDataset):
+        if not (isinstance(a, BertDataset) and isinstance(b, BertDataset)):
+            return np.zeros(len(pa), dtype=bool)
+        return _same_bert_samples(a, pa, b, pb)
+    return _same_gpt_samples(a, pa, b, pb)
+
+
+def _members(ds: Any) -> list[Any]:
+    """The per-shard megatron datasets under a top-level sample dataset's blend (itself when unblended)."""
+    return list(getattr(ds.dataset, "datasets", [ds.dataset]))
+
+
+def first_changed_sample(saved: Any, new: Any, n: int) -> int | None:
     """The first of samples ``0..n-1`` that ``new`` orders differently from ``saved``, or None.
 
-    Both are the training datasets of one config built for two sample counts. A blend's sample ``i`` is
-    sample ``dataset_sample_index[i]`` of member ``dataset_index[i]``; the members are compared with
-    :func:`_same_gpt_samples`. A few samples' tokens are compared as well: identities that agree while the
+    Both are the training datasets (:class:`SampleDataset`, or the bert family's ``BertSampleDataset``)
+    of one config built for two sample counts. A blend's sample ``i`` is sample ``dataset_sample_index[i]``
+    of member ``dataset_index[i]``; the members are compared with :func:`_same_gpt_samples` /
+    :func:`_same_bert_samples`. A few samples' tokens are compared as well: identities that agree while the
     tokens do not count as a change."""
     if n <= 0:
         return None
@@ -476,18 +485,18 @@ def first_changed_sample(saved: SampleDataset, new: SampleDataset, n: int) -> in
         return min(len(saved), len(new))
     a, b = saved.dataset, new.dataset
     blended = hasattr(a, "dataset_index")
-    if blended != hasattr(b, "dataset_index") or len(saved.gpt_datasets) != len(new.gpt_datasets):
+    if blended != hasattr(b, "dataset_index") or len(_members(saved)) != len(_members(new)):
         return 0
     for start in range(0, n, _CHUNK):
         pos = np.arange(start, min(n, start + _CHUNK))
         if not blended:
-            same = _same_gpt_samples(a, pos, b, pos)
+            same = _same_samples(a, pos, b, pos)
         else:
             member = np.asarray(a.dataset_index[pos])
             same = member == np.asarray(b.dataset_index[pos])
             for d in np.unique(member):
                 rows = np.flatnonzero(same & (member == d))
-                same[rows] = _same_gpt_samples(
+                same[rows] = _same_samples(
                     a.datasets[d],
                     np.asarray(a.dataset_sample_index[pos[rows]]),
                     b.datasets[d],
@@ -530,7 +539,7 @@ def train_order_change(cfg: Config, saved: int, new: int, n: int | None = None) 
 
     tokenizer = configured_tokenizer(cfg)
 
-    def train(count: int) -> SampleDataset:
+    def train(count: int) -> Any:
         c = copy.deepcopy(cfg)
         c.data.train_samples = count
         return build_datasets(c, tokenizer)[0]

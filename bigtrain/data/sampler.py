@@ -85,11 +85,16 @@ def stack(items: Sequence[Mapping[str, Any]], keys: Iterable[str] | None = None)
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in keys or items[0]}
 
 
+# what the bert family's items add (bigtrain.data.bert): stacked as they come, 0-dim values to [b]
+EXTRA_KEYS = ("token_types", "attention_mask", "nsp_labels")
+
+
 def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
     """Stack dataset items into the trainer's micro-batch: long tokens/labels, float loss mask, the
-    samples' global ids (``sample_ids``)."""
-    batch = stack(items, ("tokens", "labels", "loss_mask"))
+    samples' global ids (``sample_ids``), and the :data:`EXTRA_KEYS` the items have."""
+    batch = stack(items, ("tokens", "labels", "loss_mask", *(k for k in EXTRA_KEYS if k in items[0])))
     return {
+        **batch,
         "tokens": batch["tokens"].long(),
         "labels": batch["labels"].long(),
         "loss_mask": batch["loss_mask"].float(),
@@ -234,7 +239,8 @@ def batch_iterator(
     pin_memory: bool | None = None,
 ) -> BatchIterator:
     """This rank's micro-batches from ``consumed_samples`` on: ``tokens``/``labels`` LongTensor[mbs, seq],
-    ``loss_mask`` FloatTensor[mbs, seq], ``sample_ids`` LongTensor[mbs].
+    ``loss_mask`` FloatTensor[mbs, seq], ``sample_ids`` LongTensor[mbs]; bert items add ``token_types`` /
+    ``attention_mask`` LongTensor[mbs, seq] and ``nsp_labels`` LongTensor[mbs].
 
     ``prefetch`` micro-batches are read ahead on a thread (0: read on demand); batches are pinned when
     CUDA is available unless ``pin_memory`` says otherwise. Ends after the last complete global batch.

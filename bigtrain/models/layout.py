@@ -450,9 +450,10 @@ def hf_tensor_names(m: ModelConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- HF config mapping
-# bigtrain ``ModelConfig`` field <-> HF config field shared by every family: the one config table, used
-# by both directions. The variants' fields (head width, biases, q/k norm, window, rotary scaling) and the
-# architecture follow in :func:`hf_variant_values` / :func:`model_values_from_hf`.
+# bigtrain ``ModelConfig`` field <-> HF config field shared by every decoder family: the one config table,
+# used by both directions. The variants' fields (head width, biases, q/k norm, window, rotary scaling) and
+# the architecture follow in :func:`hf_variant_values` / :func:`model_values_from_hf`; the bert family has
+# its own table (``FAMILY_HF_CONFIG_FIELDS`` keys them by ``model.family``).
 HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("num_layers", "num_hidden_layers"),
     ("hidden_size", "hidden_size"),
@@ -466,7 +467,22 @@ HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("tie_embeddings", "tie_word_embeddings"),
     ("init_std", "initializer_range"),
 )
-# model.hf_model_type -> the HF causal-LM class: the families that are bigtrain's decoder plus variants
+# The bert family's config fields (HF ``BertConfig``): no kv heads or rotary, LayerNorm's epsilon, token types.
+BERT_HF_CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
+    ("num_layers", "num_hidden_layers"),
+    ("hidden_size", "hidden_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("ffn_hidden_size", "intermediate_size"),
+    ("max_position_embeddings", "max_position_embeddings"),
+    ("vocab_size", "vocab_size"),
+    ("type_vocab_size", "type_vocab_size"),
+    ("norm_eps", "layer_norm_eps"),
+    ("tie_embeddings", "tie_word_embeddings"),
+    ("init_std", "initializer_range"),
+)
+FAMILY_HF_CONFIG_FIELDS = {"llama": HF_CONFIG_FIELDS, "bert": BERT_HF_CONFIG_FIELDS}
+# model.hf_model_type -> the HF class an export writes: the decoder families' causal-LM class, bert's
+# pretraining model (MLM + NSP heads)
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -475,6 +491,30 @@ HF_ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "bert": "BertForPreTraining",
+}
+# model_type -> every HF class an import takes: :data:`HF_ARCHITECTURES`' and, for bert, the classes
+# holding a subset of ``BertForPreTraining``'s tensors (the rest start from the table's init)
+HF_IMPORT_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    **{kind: (arch,) for kind, arch in HF_ARCHITECTURES.items()},
+    "bert": ("BertForPreTraining", "BertForMaskedLM", "BertModel"),
+}
+# HF class -> prefixes of the table's HF names that its checkpoints lack (``BertForMaskedLM`` is built
+# without the pooler and has no NSP head; ``BertModel`` has no heads at all)
+HF_ABSENT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "BertForMaskedLM": ("bert.pooler.", "cls.seq_relationship."),
+    "BertModel": ("cls.",),
+}
+# HF class -> the prefix the table's names carry that the class's own names do not (``BertModel`` is the
+# ``bert.`` submodule of the pretraining model, saved at the top level)
+HF_STRIPPED_PREFIX: dict[str, str] = {"BertModel": "bert."}
+# the tied MLM decoder's HF names (bert): not stored by transformers; a checkpoint that stores them must hold
+# the word embedding and the MLM bias there -> the table parameter's HF name it must equal
+HF_TIED_ALIASES: dict[str, dict[str, str]] = {
+    "bert": {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
 }
 # family -> {bigtrain parameter: its HF names there} where they differ from ``ParamSpec.hf`` (Llama's).
 # One name for a fused projection: Phi-3's ``qkv_proj`` is ``[all q heads; all k; all v]``,
@@ -506,13 +546,14 @@ ROPE_KEYS = (  # RopeScalingConfig fields under their HF rope_parameters names (
 
 
 def hf_config_values(m: ModelConfig) -> dict[str, object]:
-    """LlamaConfig values of a bigtrain model (defaults resolved: kv heads, ffn size; true vocab size)."""
+    """The family's shared HF config values of a bigtrain model (``LlamaConfig``'s, or ``BertConfig``'s for
+    the bert family; defaults resolved: kv heads, ffn size, context; true vocab size)."""
     resolved = {
         "num_kv_heads": m.kv_heads,
         "ffn_hidden_size": m.ffn_size,
         "max_position_embeddings": m.context_length,
     }
-    return {hf: resolved.get(ours, getattr(m, ours)) for ours, hf in HF_CONFIG_FIELDS}
+    return {hf: resolved.get(ours, getattr(m, ours)) for ours, hf in FAMILY_HF_CONFIG_FIELDS[m.family]}
 
 
 def hf_rope_parameters(m: ModelConfig) -> dict[str, object]:
@@ -530,6 +571,15 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
     the sliding window as that family's config class writes them (Qwen: ``use_sliding_window``,
     ``max_window_layers`` and the ``layer_types`` they imply)."""
     kind = m.hf_model_type
+    if kind == "bert":  # learned absolute positions, exact GELU, an encoder (no cache, no rotary)
+        return {
+            "architectures": [HF_ARCHITECTURES[kind]],
+            "model_type": kind,
+            "hidden_act": "gelu",
+            "position_embedding_type": "absolute",
+            "is_decoder": False,
+            "add_cross_attention": False,
+        }
     rope = hf_rope_parameters(m)
     scaling = None if m.rope_scaling.type == "none" else {k: v for k, v in rope.items() if k != "rope_theta"}
     out: dict[str, object] = {
@@ -606,7 +656,11 @@ def hf_rope_theta(hf: dict) -> float | None:
 
 def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
     """ModelConfig values from HF config values (keys missing in ``hf`` are left to bigtrain's defaults):
-    the shared table, then the variant of the family ``model_type`` names."""
+    the shared table, then the variant of the family ``model_type`` names. ``model_type`` bert: the bert
+    family (what it cannot compute is for the importer to refuse first: ``tools/convert_from_hf.py``)."""
+    if hf.get("model_type") == "bert":
+        values = {ours: hf[name] for ours, name in BERT_HF_CONFIG_FIELDS if hf.get(name) is not None}
+        return {**values, "family": "bert", "hf_model_type": "bert", "activation": "gelu"}
     values = {ours: hf[name] for ours, name in HF_CONFIG_FIELDS if hf.get(name) is not None}
     if (theta := hf_rope_theta(hf)) is not None:
         values["rope_theta"] = theta

@@ -79,3 +79,36 @@ def blend_corpora(root: Path) -> tuple[str, str]:
     for i in range(3):
         write_dataset(root / "code" / f"code_{i:05d}", random_docs(60 * (i + 1), seed=i + 1))
     return web, str(root / "code" / "code")
+
+
+def write_sentence_dataset(prefix: str | Path, docs: Sequence[Sequence[Sequence[int]]]) -> str:
+    """``prefix.bin``/``.idx`` with each document a run of sequences, one per sentence (the layout of
+    ``tokenizer.preprocess --split-sentences``)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for doc in docs:
+        flat = [i for sentence in doc for i in sentence]
+        builder.add_document(torch.tensor(flat, dtype=torch.int64), [len(s) for s in doc])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+class FakeBertTokenizer(FakeTokenizer):
+    """A bert tokenizer's ids (``tokenizer.train --bert-specials`` layout: unk 0, bos 1, eos 2, pad 3,
+    [CLS] 4, [SEP] 5, [MASK] 6) over a large vocabulary whose pieces start a word (``▁``) at every id
+    divisible by ``word_every``."""
+
+    unk_id, eos_id, cls_id, sep_id, mask_id = 0, 2, 4, 5, 6
+
+    def __init__(self, vocab_size: int = 100_000, word_every: int = 3):
+        super().__init__(vocab_size)
+        self.word_every = word_every
+
+    def id_to_piece(self, i: int) -> str:
+        return ("▁" if i % self.word_every == 0 else "") + f"p{i}"
+
+    def missing_bert_specials(self) -> list[str]:
+        return []

@@ -195,3 +195,54 @@ def mistral_dir(out: Path, src: Path) -> Path:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+BERT_WORDPIECE_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def wordpiece_dir(out: Path) -> Path:
+    """bert-base-uncased-style: lowercasing WordPiece (``##`` continuations), ``[CLS] $A [SEP]`` and
+    ``[CLS] $A [SEP] $B:1 [SEP]:1``, ids 0-4 = [PAD] [UNK] [CLS] [SEP] [MASK], no BOS/EOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=600, special_tokens=BERT_WORDPIECE_SPECIAL, show_progress=False
+    )
+    tok.train_from_iterator(make_corpus(300, seed=5), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return _save(
+        tok,
+        out,
+        {
+            "cls_token": "[CLS]",
+            "do_lower_case": True,
+            "mask_token": "[MASK]",
+            "model_max_length": 512,
+            "pad_token": "[PAD]",
+            "sep_token": "[SEP]",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "unk_token": "[UNK]",
+        },
+    )
+
+
+def bert_sentencepiece_dir(out: Path) -> Path:
+    """``python -m tokenizer.train --bert-specials`` (BPE, vocab 1000) on the mixed test corpus."""
+    from tests.tokenizer.corpus import write_jsonl
+    from tokenizer import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = write_jsonl(out / "train.jsonl", make_corpus(400, seed=1))
+    args = ["--input", str(corpus), "--vocab-size", "1000", "--output", str(out / "tok"), "--bert-specials"]
+    if train.main(args) != 0:
+        raise RuntimeError("tokenizer.train --bert-specials failed (its error is above)")
+    return out / "tok"

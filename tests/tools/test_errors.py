@@ -130,7 +130,7 @@ def test_import_cli_unsupported_architecture(tmp_path):
     hf = write_config(tmp_path / "hf", model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
     out = tmp_path / "ckpt"
     proc = tool("convert_from_hf", "--hf", hf, "--output", out, check=False)
-    assert proc.returncode == 1 and "architecture Gemma3ForConditionalGeneration" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "architecture Gemma3ForConditionalGeneration" in proc.stderr, proc.stderr
     assert_nothing_written(out)
 
 
