@@ -94,7 +94,7 @@ def _encoder_data(cfg: Config, log: Callable[[str], None]) -> tuple[list, list]:
     if f.task not in ("classify", "token_classify"):
         raise DataError(f"finetune.task {f.task}: model.family bert fine-tunes classify|token_classify")
     tok = d.hf_tokenizer(tokenizer)
-    specials = d.Specials.of(tok, tokenizer)
+    specials = d.Specials.of(tokenizer)
     read = d.read_token_classify if f.task == "token_classify" else d.read_classify_pairs
     examples, stats, labels = read(
         f.train, "finetune.train", tok, specials, seq, f.overlong, f.strict, f.labels or None

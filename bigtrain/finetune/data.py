@@ -501,36 +501,26 @@ def read_classify(
 @dataclass
 class Specials:
     """The encoder's special token ids: ``[CLS]`` opens a sequence, ``[SEP]`` ends each segment, padding
-    (masked out of attention, so any id does) is the tokenizer's pad token or ``[PAD]``."""
+    (masked out of attention, so any id does) is the tokenizer's pad token."""
 
     cls: int
     sep: int
     pad: int
 
     @classmethod
-    def of(cls, tok: PreTrainedTokenizerBase, tokenizer_dir: str | Path) -> Specials:
-        """The ids of ``tok`` (its cls/sep/pad tokens where it names them, else the tokens ``[CLS]``,
-        ``[SEP]``, ``[PAD]`` of its vocabulary); DataError naming the directory and the missing token."""
-        vocab = tok.get_vocab()
+    def of(cls, tokenizer_dir: str | Path) -> Specials:
+        """The ids bigtrain's :class:`tokenizer.Tokenizer` of ``tokenizer_dir`` gives (those the bert
+        pretraining data uses); DataError naming the directory and the missing tokens."""
+        from tokenizer import Tokenizer
 
-        def find(attr: str, text: str, required: bool = True) -> int | None:
-            named = getattr(tok, attr, None)
-            if named is not None:
-                return int(named)
-            if text in vocab:
-                return int(vocab[text])
-            if required:
-                raise DataError(
-                    f"{tokenizer_dir}: the tokenizer has no {text} token (nor a {attr.removesuffix('_id')}); "
-                    f"the bert family's inputs are [CLS] A [SEP] (B [SEP]): train the tokenizer with "
-                    "--special-tokens [CLS] [SEP] [MASK]"
-                )
-            return None
-
-        cls_id, sep_id = find("cls_token_id", "[CLS]"), find("sep_token_id", "[SEP]")
-        pad = find("pad_token_id", "[PAD]", required=False)
-        assert cls_id is not None and sep_id is not None  # find raises otherwise
-        return cls(cls_id, sep_id, 0 if pad is None else pad)
+        tok = Tokenizer.load(tokenizer_dir)
+        if tok.cls_id is None or tok.sep_id is None:
+            missing = [name for name, i in (("[CLS]", tok.cls_id), ("[SEP]", tok.sep_id)) if i is None]
+            raise DataError(
+                f"{tokenizer_dir}: the tokenizer has no {' '.join(missing)} token; the bert family's inputs are "
+                "[CLS] A [SEP] (B [SEP]): train the tokenizer with python -m tokenizer.train --bert-specials"
+            )
+        return cls(tok.cls_id, tok.sep_id, tok.pad_id if tok.pad_id >= 0 else 0)
 
 
 @dataclass
@@ -544,15 +534,21 @@ class EncoderExample:
 
 
 def _truncate_longest_first(a: list, b: list | None, budget: int) -> tuple[list, list | None]:
-    """Drop tokens from the end of the longer segment (A on ties) until both fit ``budget``."""
-    a = list(a)
-    b = None if b is None else list(b)
-    while len(a) + (len(b) if b is not None else 0) > budget:
-        if b is not None and len(b) > len(a):
-            b.pop()
-        else:
-            a.pop()
-    return a, b
+    """Cut the segments' ends to ``budget`` tokens in all, as HF tokenizers' ``truncation="longest_first"``
+    does: the shorter segment stays whole when the longer one can give up enough, else both keep half the
+    budget, the longer one (B on equal lengths) the odd token."""
+    if b is None:
+        return a[:budget], None
+    if len(a) + len(b) <= budget:
+        return a, b
+    a_longer = len(a) > len(b)
+    short = min(len(a), len(b))
+    keep_short, keep_long = short, max(short, budget - short)
+    if keep_short + keep_long > budget:
+        keep_short = budget // 2
+        keep_long = keep_short + budget % 2
+    keep_a, keep_b = (keep_long, keep_short) if a_longer else (keep_short, keep_long)
+    return a[:keep_a], b[:keep_b]
 
 
 def encode_pair(

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cmd
+from tests.conftest import REPO
 from tests.finetune.helpers import LETTERS, MARKERS, reader_weights, write_jsonl
+from tests.finetune.test_bert_units import make_bert_tokenizer
 from tests.training.helpers import assert_close_rel, losses, rows, single, torchrun
 
 pytestmark = pytest.mark.timeout(420)
@@ -27,18 +27,7 @@ ENTITY = {"k": "PER", "p": "LOC"}  # token_classify: a word starting with the le
 
 @pytest.fixture(scope="module")
 def bert_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A letter tokenizer (single letters as pieces) with the encoder's [CLS] [SEP] [MASK]."""
-    root = tmp_path_factory.mktemp("bert_tok")
-    rng = random.Random(0)
-    alphabet = LETTERS + "".join(MARKERS)
-    docs = [" ".join(rng.choice(alphabet) for _ in range(rng.randint(3, 8))) for _ in range(300)]
-    corpus = write_jsonl(root / "corpus.jsonl", [{"text": doc} for doc in docs])
-    run_cmd(
-        [sys.executable, "-m", "tokenizer.train", "--input", str(corpus), "--vocab-size", "310", "--output",
-         str(root / "tok"), "--special-tokens", "[CLS]", "[SEP]", "[MASK]"],
-        timeout=120,
-    )  # fmt: skip
-    return root / "tok"
+    return make_bert_tokenizer(tmp_path_factory.mktemp("bert_tok"))
 
 
 def pair_rows(n: int, seed: int) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,13 +97,7 @@ def test_heads_equal_transformers_bert_classifiers(task: str):
 
 # ---------------------------------------------------------------------------- data
 class LetterTokenizer:
-    """Stands in for an HF tokenizer: one id per letter (a=10, b=11, ...), words split on spaces;
-    [CLS]=4 [SEP]=5 [PAD]=3."""
-
-    cls_token_id = sep_token_id = pad_token_id = None
-
-    def get_vocab(self) -> dict[str, int]:
-        return {"[PAD]": 3, "[CLS]": 4, "[SEP]": 5, **{c: 10 + i for i, c in enumerate("abcdefghijklmnop")}}
+    """Stands in for an HF tokenizer: one id per letter (a=10, b=11, ...), words split on spaces."""
 
     def __call__(self, text, is_split_into_words: bool = False, add_special_tokens: bool = True):
         from transformers import BatchEncoding
@@ -117,16 +112,51 @@ class LetterTokenizer:
         return enc
 
 
-def test_specials_from_the_vocabulary_and_a_clear_error_without_them():
-    tok = LetterTokenizer()
-    assert d.Specials.of(tok, "dir") == d.Specials(cls=4, sep=5, pad=3)
+def make_bert_tokenizer(root: Path) -> Path:
+    """A letter tokenizer (single letters as pieces, a few merges) with BERT's specials and HF files."""
+    from tests.conftest import run_cmd
+    from tests.finetune.helpers import LETTERS, MARKERS, write_jsonl
 
-    class NoSep(LetterTokenizer):
-        def get_vocab(self):
-            return {k: v for k, v in super().get_vocab().items() if k != "[SEP]"}
+    rng = random.Random(0)
+    alphabet = LETTERS + "".join(MARKERS)
+    docs = [" ".join(rng.choice(alphabet) for _ in range(rng.randint(3, 8))) for _ in range(300)]
+    corpus = write_jsonl(root / "corpus.jsonl", [{"text": doc} for doc in docs])
+    run_cmd(
+        [sys.executable, "-m", "tokenizer.train", "--input", str(corpus), "--vocab-size", "310", "--output",
+         str(root / "tok"), "--bert-specials"],
+        timeout=120,
+    )  # fmt: skip
+    return root / "tok"
 
-    with pytest.raises(d.DataError, match=r"dir: the tokenizer has no \[SEP\] token"):
-        d.Specials.of(NoSep(), "dir")
+
+@pytest.fixture(scope="module")
+def bert_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bert_tokenizer(tmp_path_factory.mktemp("bert_tok"))
+
+
+def test_specials_from_the_tokenizer_and_a_clear_error_without_them(bert_tok: Path, tok_dir: Path):
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.load(bert_tok)
+    assert d.Specials.of(bert_tok) == d.Specials(cls=tok.cls_id, sep=tok.sep_id, pad=tok.pad_id)
+    with pytest.raises(d.DataError, match=r"tokenizer has no \[CLS\] \[SEP\] token.*--bert-specials"):
+        d.Specials.of(tok_dir)  # the decoder tests' tokenizer
+
+
+def test_pairs_encode_as_transformers_truncates_longest_first(bert_tok: Path, tmp_path: Path):
+    """[CLS] A [SEP] B [SEP], token types and longest-first truncation as the exported tokenizer (BERT-style
+    HF files) gives them, over random lengths of both texts and of the budget."""
+    hf = d.hf_tokenizer(bert_tok)
+    specials = d.Specials.of(bert_tok)
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b = (" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 12))) for _ in range(2))
+        pair = rng.random() < 0.8
+        length = rng.randint(6, 30)
+        want = hf(a, b if pair else None, truncation="longest_first", max_length=length)
+        ids_a, ids_b = (hf(t, add_special_tokens=False)["input_ids"] for t in (a, b))
+        got = d.encode_pair(ids_a, ids_b if pair else None, specials, length, "truncate", d.ReadStats())
+        assert got == (want["input_ids"], want["token_type_ids"]), (a, b, pair, length)
 
 
 def test_classify_pairs_token_types_and_longest_first_truncation(tmp_path: Path):
@@ -147,7 +177,7 @@ def test_classify_pairs_token_types_and_longest_first_truncation(tmp_path: Path)
     assert examples[0].target == 2
     assert examples[1].tokens == [4, 10, 11, 12, 5, 13, 14, 5]
     assert examples[1].token_types == [0, 0, 0, 0, 0, 1, 1, 1] and examples[1].target == 1
-    # longest first: the pair loses letters until it is no longer the longer one, then they alternate
+    # longest first: both longer than half the budget, so each keeps half (HF tokenizers' longest_first)
     assert examples[2].tokens == [4, *range(10, 15), 5, *range(17, 22), 5]
     assert examples[2].token_types == [0] * 7 + [1] * 6
     item = d.encoder_item(examples[1], 13, specials.pad)
