@@ -1,7 +1,8 @@
 """The bert family's fine-tuning end to end through ``python -m bigtrain.finetune`` on a tiny encoder
 (random init, configs/bert-classify-tiny.yaml): sentence-pair classification learns a marker task to
 high held-out accuracy (confusion matrix, best checkpoint); token classification reports token accuracy
-and entity-level (and per-type) F1; data, tensor (LoRA) and pipeline parallel 2 reproduce the single
+and entity-level (and per-type) F1; both exports (tools/convert_to_hf.py) load as transformers'
+BertFor{Sequence,Token}Classification and score the held-out data as the last validation did; data, tensor (LoRA) and pipeline parallel 2 reproduce the single
 process's losses, and a TP2 LoRA checkpoint's merged and PEFT exports give its logits; fine-tuning from a
 weights-only bert base checkpoint."""
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.finetune.helpers import LETTERS, MARKERS, reader_weights, write_jsonl
+from tests.finetune.helpers import LETTERS, MARKERS, export, reader_weights, write_jsonl
 from tests.finetune.test_bert_units import make_bert_tokenizer
 from tests.training.helpers import assert_close_rel, losses, rows, single, torchrun
 
@@ -86,6 +87,22 @@ def test_pair_classification_learns_the_marker(bert_tok: Path, tmp_path: Path):
     assert last["val_examples"] == 60 and sum(map(sum, last["val_confusion"])) == 60
     assert last["val_accuracy"] >= 0.95, last
     assert (run_dir / "best" / "bigtrain.json").is_file()
+    # the export (tools/convert_to_hf.py) is a BertForSequenceClassification that, given the exported
+    # tokenizer's own pair encoding, predicts what the last validation counted
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hf = export(run_dir / "checkpoints", tmp_path / "hf")
+    model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
+    assert type(model).__name__ == "BertForSequenceClassification"
+    tok = AutoTokenizer.from_pretrained(hf)
+    rows_ = [json.loads(line) for line in valid.read_text().splitlines()]
+    enc = tok([r["text"] for r in rows_], [r["text_pair"] for r in rows_], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        preds = model(**enc).logits.argmax(-1).tolist()
+    confusion = [[0] * 3 for _ in range(3)]
+    for r, p in zip(rows_, preds):
+        confusion[model.config.label2id[r["label"]]][p] += 1
+    assert confusion == last["val_confusion"]
 
 
 def test_token_classification_reports_entity_f1(bert_tok: Path, tmp_path: Path):
@@ -105,6 +122,28 @@ def test_token_classification_reports_entity_f1(bert_tok: Path, tmp_path: Path):
     p, r = last["val_precision"], last["val_recall"]
     assert last["val_f1"] == pytest.approx(2 * p * r / (p + r))
     assert last["val_accuracy"] >= 0.95 and last["val_f1"] >= 0.85, last
+    # the export: a BertForTokenClassification whose first-piece predictions (the exported tokenizer's
+    # word_ids) score what the last validation did
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from bigtrain.metrics import entity_scores
+
+    hf = export(run_dir / "checkpoints", tmp_path / "hf")
+    model = AutoModelForTokenClassification.from_pretrained(hf).eval()
+    assert type(model).__name__ == "BertForTokenClassification"
+    tok = AutoTokenizer.from_pretrained(hf)
+    true, pred = [], []
+    for r in (json.loads(line) for line in valid.read_text().splitlines()):
+        enc = tok(r["tokens"], is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            ids = model(**enc).logits[0].argmax(-1).tolist()
+        words = enc.word_ids()
+        firsts = [i for i, w in enumerate(words) if w is not None and (i == 0 or words[i - 1] != w)]
+        true.append(r["tags"])
+        pred.append([model.config.id2label[ids[i]] for i in firsts])
+    hits = sum(t == p for ts, ps in zip(true, pred) for t, p in zip(ts, ps))
+    assert hits / sum(map(len, true)) == pytest.approx(last["val_accuracy"])
+    assert entity_scores(true, pred)["micro"]["f1"] == pytest.approx(last["val_f1"])
 
 
 LAYOUTS = {  # two processes: data parallel, tensor parallel (LoRA on every projection), pipeline parallel
