@@ -2,8 +2,7 @@
 (``PACKED_BATCH``; the encoder's ``ENCODER_BATCH``), with hooks for validation over the whole validation
 set (loss, and for classification accuracy, macro P/R/F1 and a confusion matrix; for token
 classification token accuracy and entity-level P/R/F1, overall and per type), early stopping with
-patience, the best
-checkpoint by a chosen metric, and the chat template recorded in every checkpoint."""
+patience, the best checkpoint by a chosen metric, and the chat template recorded in every checkpoint."""
 
 from __future__ import annotations
 
