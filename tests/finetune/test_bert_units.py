@@ -253,6 +253,19 @@ def test_token_classify_errors(tmp_path: Path, record: dict, message: str):
     assert stats.skipped["malformed"] == 1
 
 
+def test_token_classify_tag_set_from_finetune_labels(tmp_path: Path):
+    path = tmp_path / "tags.jsonl"
+    path.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["B-PER", "O"]}) + "\n")
+    path.write_text(path.read_text() + json.dumps({"tokens": ["a"], "tags": ["B-LOC"]}) + "\n")
+    args = (path, "finetune.train", LetterTokenizer(), d.Specials(4, 5, 3), 16, "truncate")
+    examples, _, labels = d.read_token_classify(*args, False, ["B-PER", "I-PER", "O"])
+    assert labels == ["B-PER", "I-PER", "O"] and [ex.target for ex in examples] == [[-1, 0, 2, -1]]
+    with pytest.raises(d.DataError, match=r"tags.jsonl:2: tags \['B-LOC'\] are not in finetune.labels"):
+        d.read_token_classify(*args, True, ["B-PER", "I-PER", "O"])
+    with pytest.raises(d.DataError, match="finetune.labels: tag 'PER' is not an IOB2 tag"):
+        d.read_token_classify(*args, False, ["B-PER", "PER", "O", "B-LOC"])
+
+
 # ---------------------------------------------------------------------------- entity metrics
 def spans_by_enumeration(tags: list[str]) -> set[tuple[str, int, int]]:
     """Entities by checking every (start, end): an entity of type X starts at ``start`` when the tag there
