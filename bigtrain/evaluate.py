@@ -1,7 +1,10 @@
 """``python -m bigtrain.evaluate --config FILE --data PREFIX [--set ...]``: mean next-token loss and
 perplexity of a checkpoint over contiguous, non-overlapping ``seq_length + 1``-token windows of a
-dataset, in order. Any tensor/pipeline/data layout; weights come from ``checkpoint.load`` or the
-latest checkpoint of ``train.run_dir``. The last line printed is a JSON object.
+dataset, in order. The bert family (``model.family: bert``): over one pass of the (sentence-split)
+dataset's pretraining samples, the MLM loss and masked-token accuracy over every predicted token, and the
+NSP/SOP loss and accuracy over every sample (masks and pairs from ``train.seed``, as in training). Any
+tensor/pipeline/data layout; weights come from ``checkpoint.load`` or the latest checkpoint of
+``train.run_dir``. The last line printed is a JSON object.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bigtrain.config import Config
 from bigtrain.distributed import rank_from_env
@@ -28,12 +33,105 @@ def _window_batch(window: dict, device: torch.device, real: bool) -> dict[str, t
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
 
+def _encoder_sums(
+    out: tuple[torch.Tensor, torch.Tensor], b: dict[str, torch.Tensor], tp: Any
+) -> torch.Tensor:
+    """[MLM loss sum, predicted tokens, correct ones, NSP loss sum, samples, correct ones] (fp64) of one
+    micro-batch's outputs (MLM logits [s, b, v/tp], vocab-split over ``tp``; NSP logits [b, 2])."""
+    from bigtrain.models.layers import cross_entropy
+
+    mlm, nsp = out
+    labels, mask = b["labels"].t(), b["loss_mask"].t().double()  # [s, b]
+    losses = cross_entropy(mlm.clone(), labels.contiguous(), tp).double()  # a copy: megatron's overwrites
+    # correct where the label's logit is the largest of the whole vocabulary (its slice is on one rank)
+    top = mlm.max(-1).values  # [s, b]
+    rows = mlm.shape[-1]
+    local = labels - tp.rank * rows
+    held = (local >= 0) & (local < rows)
+    label_logit = torch.where(held, mlm.gather(-1, local.clamp(0, rows - 1)[..., None])[..., 0], 0.0)
+    if tp.size > 1:
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=tp.group)
+        torch.distributed.all_reduce(label_logit, group=tp.group)
+    correct = (label_logit >= top).double() * mask
+    nsp_labels = b["nsp_labels"].view(-1)
+    nsp_loss = F.cross_entropy(nsp.double(), nsp_labels, reduction="sum")
+    weight = b["weight"].double()  # 0 for the padding samples of a last step
+    return torch.stack(
+        [
+            (losses * mask).sum(),
+            mask.sum(),
+            correct.sum(),
+            nsp_loss * weight.sum() / max(len(weight), 1),
+            weight.sum(),
+            ((nsp.argmax(-1) == nsp_labels).double() * weight).sum(),
+        ]
+    )
+
+
+@torch.no_grad()
+def evaluate_encoder(cfg: Config, data_path: str) -> dict[str, float]:
+    """The bert family's pretraining metrics over one pass of ``data_path``'s samples, in order, one
+    sample per data-parallel rank per step (so the layout never changes which samples count)."""
+    from megatron.core import parallel_state
+
+    from bigtrain import checkpoint
+    from bigtrain.data import build_datasets
+    from bigtrain.data.datasets import configured_tokenizer
+    from bigtrain.data.sampler import collate
+    from bigtrain.distributed import init_distributed, shutdown
+    from bigtrain.models.parallelize import tensor_parallel
+    from bigtrain.registry import build_model
+    from bigtrain.step_runner import BERT_BATCH, make_eval_runner, to_device
+
+    cfg.train.micro_batch_size = 1
+    cfg.train.global_batch_size = cfg.derived.data_parallel_size
+    cfg.derived.grad_accum_steps = 1
+    cfg.data.train, cfg.data.valid, cfg.data.split, cfg.data.mock = data_path, None, "100,0,0", False
+    samples, _ = build_datasets(cfg, configured_tokenizer(cfg), sizes=[None, 0, 0])  # before any group
+    dist = init_distributed(cfg)
+    try:
+        model = build_model(cfg, topology=dist.topology)
+        checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg)))
+        runner = make_eval_runner(cfg, model, dist, BERT_BATCH)
+        tp = tensor_parallel(cfg)
+        dp, n = cfg.derived.data_parallel_size, len(samples)
+        sums = torch.zeros(6, dtype=torch.float64, device=dist.device)
+        for step in range(math.ceil(n / dp)):
+            index = step * dp + dist.dp_rank
+            b = collate([samples[min(index, n - 1)]])
+            b["weight"] = torch.tensor([float(index < n)])
+            if index >= n:
+                b["loss_mask"] = torch.zeros_like(b["loss_mask"])
+            b = to_device(b, dist.device)
+            out: Any = runner.outputs(b)
+            here = torch.zeros(6, dtype=torch.float64, device=dist.device)
+            if out is not None:  # the last pipeline stage
+                here = _encoder_sums(out, b, tp)
+            sums += runner.from_last_stage(here)
+        if dp > 1:
+            torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        mlm_loss, tokens, correct, nsp_loss, count, nsp_correct = (float(x) for x in sums)
+        return {
+            "mlm_loss": mlm_loss / max(tokens, 1),
+            "mlm_accuracy": correct / max(tokens, 1),
+            "nsp_loss": nsp_loss / max(count, 1),
+            "nsp_accuracy": nsp_correct / max(count, 1),
+            "samples": n,
+            "predicted_tokens": int(tokens),
+        }
+    finally:
+        shutdown()
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
     """Mean loss over every window (each window's last seq_length tokens are predicted).
 
     Raises DataError (naming the file) for data training would refuse, before any process group exists.
+    The bert family: :func:`evaluate_encoder`.
     """
+    if cfg.model.family == "bert":
+        return evaluate_encoder(cfg, data_path)
     from bigtrain import checkpoint
     from bigtrain.data import SequentialWindows
     from bigtrain.distributed import init_distributed, shutdown

@@ -101,7 +101,8 @@ class MicroBatchRunner:
 
     def outputs(self, b: Batch) -> torch.Tensor:
         """The model's outputs for one micro-batch already on the device (see ``LlamaModel.outputs``)."""
-        return self.engine.module.outputs(*self.adapter.model_inputs(b))
+        module = getattr(self.engine, "module", self.engine)  # DeepSpeed's engine, or the plain model
+        return module.outputs(*self.adapter.model_inputs(b))
 
     def from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the last pipeline stage computed it: every rank of a one-stage model has it."""

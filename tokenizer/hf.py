@@ -128,8 +128,15 @@ def build_fast_tokenizer(model_bytes: bytes) -> Any:
     tok = Tokenizer(model)
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # BERT's [MASK] swallows the space before it (as ALBERT's export does): a masked word in training is
+    # one piece ("▁word" -> [MASK]), so "a [MASK] b" must not leave a lone "▁" before the mask
+    mask = "[MASK]" if special.bert is not None else None
     tok.add_special_tokens(
-        [AddedToken(p, special=True, normalized=False) for p, _, k in pieces if k in (_UNKNOWN, _CONTROL)]
+        [
+            AddedToken(p, special=True, normalized=False, lstrip=p == mask)
+            for p, _, k in pieces
+            if k in (_UNKNOWN, _CONTROL)
+        ]
     )
     tok.add_tokens(
         [AddedToken(p, special=False, normalized=False) for p, _, k in pieces if k == _USER_DEFINED]

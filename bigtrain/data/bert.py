@@ -416,7 +416,7 @@ def bert_config(
 def build_bert(
     cfg: Config,
     tokenizer: Any,
-    sizes: list[int],
+    sizes: list[int | None],
     corpora: tuple[list[Corpus], list[Corpus] | None] | None,
     path_to_cache: str | None,
 ) -> tuple[BertSampleDataset, BertSampleDataset | None]:

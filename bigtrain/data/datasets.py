@@ -251,7 +251,7 @@ def _gpt_options(cfg: Config, info: TokenizerInfo, path_to_cache: str | None) ->
 
 
 def _mock_datasets(
-    cfg: Config, tokenizer: Any, sizes: list[int]
+    cfg: Config, tokenizer: Any, sizes: list[int | None]
 ) -> tuple[SampleDataset, SampleDataset | None]:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
@@ -273,7 +273,9 @@ def _mock_datasets(
     return SampleDataset(train, [], [], "train"), SampleDataset(valid, [], [], "valid")
 
 
-def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[Any, Any]:
+def build_datasets(
+    cfg: Config, tokenizer: Any = None, sizes: list[int | None] | None = None
+) -> tuple[Any, Any]:
     """(train, valid or None) sample datasets for ``cfg``; call on every rank (it may use barriers).
     :class:`SampleDataset`s, or for ``model.family`` bert ``bigtrain.data.bert.BertSampleDataset``s (MLM +
     NSP/SOP items, see :mod:`bigtrain.data.bert`), built the same way from sentence-split data.
@@ -288,7 +290,8 @@ def build_datasets(cfg: Config, tokenizer: Any = None) -> tuple[Any, Any]:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    sizes = [*num_samples(cfg), 0]
+    if sizes is None:  # (train, valid, test) samples; None: one epoch of that split (evaluation)
+        sizes = [*num_samples(cfg), 0]
     bert = cfg.model.family == "bert"
     if cfg.data.mock:
         if bert:

@@ -37,6 +37,57 @@ def write_corpus(prefix: Path, documents: int = 400, seed: int = 0, pad_runs: bo
     return prefix
 
 
+def write_bert_corpus(out: Path, documents: int = 1000) -> tuple[Path, Path, Path]:
+    """The encoder demo's corpus (tools/build_bert_demo_corpus.py: number words counting up or down,
+    held-out fill-mask probes, an up/down classification task) through the real entry points: a
+    tokenizer with BERT's specials, sentence-split indexed data. Returns (text dir, tokenizer dir, data
+    prefix)."""
+    from tests.conftest import run_cmd
+
+    text, tok, prefix = out / "text", out / "tokenizer", out / "data" / "train"
+    if not (prefix.parent / "train.idx").exists():
+        py = sys.executable
+        run_cmd(
+            [
+                py,
+                str(REPO / "tools" / "build_bert_demo_corpus.py"),
+                "--output",
+                str(text),
+                "--documents",
+                str(documents),
+            ]
+        )
+        run_cmd(
+            [
+                py,
+                "-m",
+                "tokenizer.train",
+                "--input",
+                str(text / "train.jsonl"),
+                "--vocab-size",
+                "360",
+                "--output",
+                str(tok),
+                "--bert-specials",
+            ]
+        )
+        run_cmd(
+            [
+                py,
+                "-m",
+                "tokenizer.preprocess",
+                "--input",
+                str(text / "train.jsonl"),
+                "--tokenizer",
+                str(tok),
+                "--output-prefix",
+                str(prefix),
+                "--split-sentences",
+            ]
+        )
+    return text, tok, prefix
+
+
 def train_args(corpus: Path, run_dir: Path, *overrides: str, steps: int = 10) -> list[str]:
     return [
         "--config",

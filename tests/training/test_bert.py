@@ -12,7 +12,7 @@ import pytest
 
 from bigtrain.checkpoint import latest_tag
 from tests.conftest import REPO, run_with_port
-from tests.training.helpers import assert_close_rel, losses, metrics, single, torchrun
+from tests.training.helpers import assert_close_rel, losses, metrics, single, torchrun, write_bert_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,22 @@ BERT_TINY = str(REPO / "configs" / "bert-tiny.yaml")
 CLIP = "optim.grad_clip=0.05"
 
 
-def bert_args(run_dir, *overrides: str, steps: int = 10) -> list[str]:
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_bert_corpus(tmp_path_factory.mktemp("bert-corpus"))
+
+
+def bert_args(corpus, run_dir, *overrides: str, steps: int = 10) -> list[str]:
+    _, tokenizer, prefix = corpus
     return [
         "--config",
         BERT_TINY,
         "--set",
-        "data.mock=true",
+        "data.mock=false",
+        f"data.train={prefix}",
+        f"data.tokenizer={tokenizer}",
+        'data.split="100,0,0"',
+        "model.vocab_size=null",
         f"train.steps={steps}",
         f"train.run_dir={run_dir}",
         "optim.lr=0.01",
@@ -38,9 +48,9 @@ def bert_args(run_dir, *overrides: str, steps: int = 10) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
+def baseline(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("bert-baseline")
-    single(bert_args(run, "checkpoint.save=false"))
+    single(bert_args(corpus, run, "checkpoint.save=false"))
     values = losses(run)
     assert len(values) == 10
     assert min(values[1:]) < values[0] - 0.1, f"training must move the loss: {values}"
@@ -58,13 +68,13 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_bert_layouts_match_single_process(name, baseline, tmp_path):
+def test_bert_layouts_match_single_process(name, corpus, baseline, tmp_path):
     nproc, overrides = LAYOUTS[name]
-    torchrun(nproc, bert_args(tmp_path, "checkpoint.save=false", *overrides))
+    torchrun(nproc, bert_args(corpus, tmp_path, "checkpoint.save=false", *overrides))
     assert_close_rel(losses(tmp_path), baseline, 1e-5)
 
 
-def test_pp2_without_the_head_in_the_grad_norm_differs(baseline, tmp_path):
+def test_pp2_without_the_head_in_the_grad_norm_differs(corpus, baseline, tmp_path):
     """Control for the PP2 parity: with the head's parameters marked pipeline-replicated (DeepSpeed's
     own marking), the clipped updates differ from the single process."""
 
@@ -79,7 +89,7 @@ def test_pp2_without_the_head_in_the_grad_norm_differs(baseline, tmp_path):
             "tests.entry_point",
             "--without-patch=count_tied_head_params",
             "bigtrain.pretrain",
-            *bert_args(tmp_path, "checkpoint.save=false", "parallel.pipeline=2"),
+            *bert_args(corpus, tmp_path, "checkpoint.save=false", "parallel.pipeline=2"),
         ]
 
     run_with_port(command, timeout=420)
@@ -88,14 +98,16 @@ def test_pp2_without_the_head_in_the_grad_norm_differs(baseline, tmp_path):
     assert worst > 1e-4, f"the control must move the losses: {worst:.2e}"
 
 
-def test_kill9_then_relaunch_continues_exactly(tmp_path):
+def test_kill9_then_relaunch_continues_exactly(corpus, tmp_path):
     common = ["checkpoint.interval=5", "checkpoint.keep_last=2", "zero.stage=1"]
     full, split = tmp_path / "full", tmp_path / "split"
-    torchrun(2, bert_args(full, *common))
-    crashed = torchrun(2, bert_args(split, *common, "debug.crash_at_step=7", "debug.fault_rank=1"), check=False)
+    torchrun(2, bert_args(corpus, full, *common))
+    crashed = torchrun(
+        2, bert_args(corpus, split, *common, "debug.crash_at_step=7", "debug.fault_rank=1"), check=False
+    )
     assert crashed.returncode != 0
     assert latest_tag(split / "checkpoints") == "step_00000005"
-    out = torchrun(2, bert_args(split, *common))
+    out = torchrun(2, bert_args(corpus, split, *common))
     assert "resumed from step 5" in out.stdout
     uninterrupted = {r["step"]: r for r in metrics(full)}
     resumed = [r for r in metrics(split) if r["step"] > 5][-5:]
