@@ -39,7 +39,7 @@ class TrainSpec:
     """How one (model family, task) is built."""
 
     family: str
-    task: str  # "none" (pretraining) | "sft" | "classify" (cfg.finetune.task)
+    task: str  # "none" (pretraining) | "sft" | "classify" | "token_classify" (cfg.finetune.task)
     model: (
         type[LlamaModel] | type[bert.BertModel]
     )  # the family's model class (its layer_specs feed the pipeline engine)
@@ -143,3 +143,15 @@ register(
         batch=BERT_BATCH,
     )
 )
+for _task in ("classify", "token_classify"):
+    register(
+        TrainSpec(
+            "bert",
+            _task,
+            model=bert.BertModel,
+            layers=finetune_model.bert_task_layers,
+            params=finetune_params.task_params,
+            transforms=(_add_lora,),
+            finalize=(_freeze,),
+        )
+    )

@@ -1,5 +1,6 @@
 """``python -m bigtrain.finetune --config configs/sft-tiny.yaml [--set key=value ...] [--strict]``:
-supervised fine-tuning (``finetune.task: sft``) or text classification (``classify``), full or LoRA,
+supervised fine-tuning (``finetune.task: sft``), text classification (``classify``; the bert family:
+texts or text pairs) or word tagging (``token_classify``, the bert family), full or LoRA,
 at any tensor x pipeline x data layout, starting from ``checkpoint.load`` (a bigtrain checkpoint or a
 tools/convert_from_hf.py output). ``deepspeed launch/finetune.sh`` runs the same on every rank."""
 
@@ -53,6 +54,8 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
         train = read(f.train, "finetune.train")
         valid = read(f.valid, "finetune.valid") if f.valid is not None else []
         log(f"sft: {len(train)} training sequences of {seq} tokens (packing {'on' if f.packing else 'off'})")
+    elif cfg.model.family == "bert":
+        train, valid = _encoder_data(cfg, log)
     else:
         tok = d.hf_tokenizer(cfg.data.tokenizer)  # what the exported classifier is given
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -78,6 +81,39 @@ def prepare(cfg: Config, log: Callable[[str], None]) -> Prepared:
         cfg.train.steps = math.ceil(f.epochs * len(train) / cfg.train.global_batch_size)
         log(f"finetune.epochs {f.epochs}: train.steps = {cfg.train.steps}")
     return Prepared(train, valid, record)
+
+
+def _encoder_data(cfg: Config, log: Callable[[str], None]) -> tuple[list, list]:
+    """The bert family's (train, valid) items: classify (texts or text pairs) or token_classify (tagged
+    words), padded to ``model.seq_length``, not packed; sets ``finetune.labels``."""
+    from bigtrain.finetune import data as d
+
+    f, seq, tokenizer = cfg.finetune, cfg.model.seq_length, cfg.data.tokenizer
+    if tokenizer is None:  # prepare checked it
+        raise DataError("data.tokenizer: fine-tuning needs a tokenizer directory")
+    if f.task not in ("classify", "token_classify"):
+        raise DataError(f"finetune.task {f.task}: model.family bert fine-tunes classify|token_classify")
+    tok = d.hf_tokenizer(tokenizer)
+    specials = d.Specials.of(tokenizer)
+    read = d.read_token_classify if f.task == "token_classify" else d.read_classify_pairs
+    examples, stats, labels = read(
+        f.train, "finetune.train", tok, specials, seq, f.overlong, f.strict, f.labels or None
+    )
+    log(stats.summary("finetune.train"))
+    f.labels = labels
+    train = [d.encoder_item(ex, seq, specials.pad) for ex in examples]
+    valid = []
+    if f.valid is not None:
+        vexamples, vstats, _ = read(
+            f.valid, "finetune.valid", tok, specials, seq, f.overlong, f.strict, labels
+        )
+        log(vstats.summary("finetune.valid"))
+        valid = [d.encoder_item(ex, seq, specials.pad) for ex in vexamples]
+    if len(labels) < 2:
+        raise DataError(f"finetune.train: classification needs at least 2 labels, found {labels}")
+    what = "tags" if f.task == "token_classify" else "labels"
+    log(f"{f.task}: {len(train)} training examples, {what} {labels}")
+    return train, valid
 
 
 def data_factory(prepared: Prepared) -> DataFactory:
@@ -107,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--strict"]
     cfg = config_or_exit(parse_args(argv, __doc__))
     if cfg.finetune.task == "none":
-        print("bigtrain.finetune: config error: finetune.task must be sft|classify", file=sys.stderr)
+        print(
+            "bigtrain.finetune: config error: finetune.task must be sft|classify|token_classify",
+            file=sys.stderr,
+        )
         sys.exit(2)
     cfg.finetune.strict = cfg.finetune.strict or strict
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -1,5 +1,6 @@
-"""Fine-tuning data: JSONL readers (SFT prompt/response or chat messages; text classification), the chat
-template kept in the tokenizer directory, packing, and epoch-wise micro-batch streams.
+"""Fine-tuning data: JSONL readers (SFT prompt/response or chat messages; text classification; the
+encoder's text/text-pair classification and word tagging), the chat template kept in the tokenizer
+directory, packing, and epoch-wise micro-batch streams.
 
 SFT examples are the ids ``apply_chat_template(messages, tokenize=True)`` gives on the exported tokenizer,
 plus a mask of the tokens the model is trained to produce (assistant content and the end-of-turn token the
@@ -485,7 +486,7 @@ def read_classify(
         else:
             rows.append((text, label))
     if labels is None:
-        labels = [str(x) for x in sorted({lab for _, lab in rows}, key=lambda x: (isinstance(x, str), x))]
+        labels = _sorted_labels([lab for _, lab in rows])
     index = {name: i for i, name in enumerate(labels)}
     examples = []
     for text, label in rows:
@@ -494,6 +495,253 @@ def read_classify(
             examples.append(example)
             stats.used += 1
     return examples, stats, labels
+
+
+# ---------------------------------------------------------------------------- the encoder (bert)
+@dataclass
+class Specials:
+    """The encoder's special token ids: ``[CLS]`` opens a sequence, ``[SEP]`` ends each segment, padding
+    (masked out of attention, so any id does) is the tokenizer's pad token."""
+
+    cls: int
+    sep: int
+    pad: int
+
+    @classmethod
+    def of(cls, tokenizer_dir: str | Path) -> Specials:
+        """The ids bigtrain's :class:`tokenizer.Tokenizer` of ``tokenizer_dir`` gives (those the bert
+        pretraining data uses); DataError naming the directory and the missing tokens."""
+        from tokenizer import Tokenizer
+
+        tok = Tokenizer.load(tokenizer_dir)
+        if tok.cls_id is None or tok.sep_id is None:
+            missing = [name for name, i in (("[CLS]", tok.cls_id), ("[SEP]", tok.sep_id)) if i is None]
+            raise DataError(
+                f"{tokenizer_dir}: the tokenizer has no {' '.join(missing)} token; the bert family's inputs are "
+                "[CLS] A [SEP] (B [SEP]): train the tokenizer with python -m tokenizer.train --bert-specials"
+            )
+        return cls(tok.cls_id, tok.sep_id, tok.pad_id if tok.pad_id >= 0 else 0)
+
+
+@dataclass
+class EncoderExample:
+    """One encoder input: ``[CLS] A [SEP] (B [SEP])`` ids, token types (0: A and its specials, 1: B and
+    its [SEP]), and the target: a class id (classify) or a tag id per token (-1: not trained)."""
+
+    tokens: list[int]
+    token_types: list[int]
+    target: int | list[int]
+
+
+def _truncate_longest_first(a: list, b: list | None, budget: int) -> tuple[list, list | None]:
+    """Cut the segments' ends to ``budget`` tokens in all, as HF tokenizers' ``truncation="longest_first"``
+    does: the shorter segment stays whole when the longer one can give up enough, else both keep half the
+    budget, the longer one (B on equal lengths) the odd token."""
+    if b is None:
+        return a[:budget], None
+    if len(a) + len(b) <= budget:
+        return a, b
+    a_longer = len(a) > len(b)
+    short = min(len(a), len(b))
+    keep_short, keep_long = short, max(short, budget - short)
+    if keep_short + keep_long > budget:
+        keep_short = budget // 2
+        keep_long = keep_short + budget % 2
+    keep_a, keep_b = (keep_long, keep_short) if a_longer else (keep_short, keep_long)
+    return a[:keep_a], b[:keep_b]
+
+
+def encode_pair(
+    a: list[int], b: list[int] | None, specials: Specials, seq_length: int, overlong: str, stats: ReadStats
+) -> tuple[list[int], list[int]] | None:
+    """(ids, token types) of ``[CLS] a [SEP] (b [SEP])`` in ``seq_length`` tokens: an over-long input is
+    truncated longest-first (``overlong`` truncate) or dropped (drop; None), counted in ``stats``."""
+    budget = seq_length - (3 if b is not None else 2)
+    if len(a) + (len(b) if b is not None else 0) > budget:
+        if overlong == "drop":
+            stats.dropped += 1
+            return None
+        stats.truncated += 1
+        a, b = _truncate_longest_first(a, b, budget)
+    ids = [specials.cls, *a, specials.sep]
+    types = [0] * len(ids)
+    if b is not None:
+        ids += [*b, specials.sep]
+        types += [1] * (len(b) + 1)
+    return ids, types
+
+
+TEXT_KEYS = "'text' (and 'text_pair' for sentence pairs) and 'label'"
+
+
+def read_classify_pairs(
+    spec: Any,
+    key: str,
+    tok: PreTrainedTokenizerBase,
+    specials: Specials,
+    seq_length: int,
+    overlong: str,
+    strict: bool,
+    labels: list[str] | None,
+) -> tuple[list[EncoderExample], ReadStats, list[str]]:
+    """The encoder's classification examples of JSONL records ``{"text", "label"}`` or ``{"text",
+    "text_pair", "label"}``: ``[CLS] text [SEP] (text_pair [SEP])``, each text's ids
+    ``tok(text, add_special_tokens=False)``. ``labels`` as :func:`read_classify`."""
+    stats, rows = ReadStats(), []
+    known = None if labels is None else set(labels)
+    for where, record in _records(expand_paths(spec, key), strict, stats):
+        text, pair, label = record.get("text"), record.get("text_pair"), record.get("label")
+        if not isinstance(text, str) or not text.strip():
+            _reject(
+                where,
+                f"expected a non-empty string field 'text' (keys: {TEXT_KEYS})",
+                "malformed",
+                strict,
+                stats,
+            )
+        elif "text_pair" in record and (not isinstance(pair, str) or not pair.strip()):
+            _reject(
+                where,
+                f"'text_pair' must be a non-empty string (keys: {TEXT_KEYS})",
+                "malformed",
+                strict,
+                stats,
+            )
+        elif not isinstance(label, (str, int)) or isinstance(label, bool):
+            message = f"'label' must be a string or an integer, got {label!r} (keys: {TEXT_KEYS})"
+            _reject(where, message, "malformed", strict, stats)
+        elif known is not None and str(label) not in known:
+            _reject(
+                where,
+                f"label {label!r} is not one of the training labels {labels}",
+                "unknown label",
+                strict,
+                stats,
+            )
+        else:
+            rows.append((text, pair, label))
+    if labels is None:
+        labels = _sorted_labels([lab for _, _, lab in rows])
+    index = {name: i for i, name in enumerate(labels)}
+    examples = []
+    for text, pair, label in rows:
+        a = tok(text, add_special_tokens=False)["input_ids"]
+        b = None if pair is None else tok(pair, add_special_tokens=False)["input_ids"]
+        encoded = encode_pair(a, b, specials, seq_length, overlong, stats)
+        if encoded is not None:
+            examples.append(EncoderExample(*encoded, index[str(label)]))
+            stats.used += 1
+    return examples, stats, labels
+
+
+def _sorted_labels(found: list) -> list[str]:
+    """Class names of the data: sorted, integers numerically and before strings."""
+    return [str(x) for x in sorted(set(found), key=lambda x: (isinstance(x, str), x))]
+
+
+def tag_error(tag: Any) -> str | None:
+    """Why ``tag`` is not an IOB2 tag (``O``, ``B-TYPE``, ``I-TYPE``), or None."""
+    if not isinstance(tag, str):
+        return f"tag {tag!r} is not a string"
+    if tag == "O" or (tag[:2] in ("B-", "I-") and tag[2:]):
+        return None
+    return f"tag {tag!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)"
+
+
+TAG_KEYS = "'tokens' (a list of words) and 'tags' (one IOB2 tag per word)"
+
+
+def read_token_classify(
+    spec: Any,
+    key: str,
+    tok: PreTrainedTokenizerBase,
+    specials: Specials,
+    seq_length: int,
+    overlong: str,
+    strict: bool,
+    labels: list[str] | None,
+) -> tuple[list[EncoderExample], ReadStats, list[str]]:
+    """Token-classification examples of JSONL records ``{"tokens": [words], "tags": [IOB2 tags]}``: the
+    words' pieces as ``tok(words, is_split_into_words=True, add_special_tokens=False)`` gives them (what
+    HF's token-classification pipelines align by ``word_ids``), in ``[CLS] ... [SEP]``; the first piece of
+    each word carries its tag, other pieces and the specials are not trained (-1). An over-long sequence
+    loses its last pieces (``overlong`` truncate; the words cut off are not trained) or is dropped.
+    ``labels``: the tag set (None: the data's tags, sorted, ``O`` first)."""
+    stats, rows = ReadStats(), list[tuple[str, list[str], list[str]]]()
+    known = None if labels is None else set(labels)
+    for where, record in _records(expand_paths(spec, key), strict, stats):
+        words, tags = record.get("tokens"), record.get("tags")
+        problem: str | None = None
+        if (
+            not isinstance(words, list)
+            or not words
+            or not all(isinstance(w, str) and w.strip() for w in words)
+        ):
+            problem = f"'tokens' must be a non-empty list of non-empty strings (keys: {TAG_KEYS})"
+        elif not isinstance(tags, list) or len(tags) != len(words):
+            problem = f"'tags' must be a list as long as 'tokens' ({len(words)}) (keys: {TAG_KEYS})"
+        else:
+            problem = next((e for e in map(tag_error, tags) if e is not None), None)
+        if problem is not None or words is None or tags is None:
+            _reject(where, problem or "", "malformed", strict, stats)
+        elif known is not None and not known.issuperset(tags):
+            unknown = sorted(set(tags) - known)
+            _reject(
+                where, f"tags {unknown} are not in finetune.labels {labels}", "unknown label", strict, stats
+            )
+        else:
+            rows.append((where, words, tags))
+    if labels is None:
+        found = {t for _, _, tags in rows for t in tags}
+        labels = sorted(found, key=lambda t: (t != "O", t[2:], t[:2]))  # O, then B-/I- per type
+    else:
+        bad = next((e for e in map(tag_error, labels) if e is not None), None)
+        if bad is not None:
+            raise DataError(f"finetune.labels: {bad}")
+    index = {name: i for i, name in enumerate(labels)}
+    examples = []
+    for where, words, tags in rows:
+        enc = tok(words, is_split_into_words=True, add_special_tokens=False)
+        word_ids = enc.word_ids()
+        if set(w for w in word_ids if w is not None) != set(range(len(words))):
+            missing = sorted(set(range(len(words))) - set(word_ids))
+            _reject(where, f"words {missing} give no token", "malformed", strict, stats)
+            continue
+        ids, target, previous = [specials.cls], [-1], None
+        for piece, word in zip(enc["input_ids"], word_ids):
+            ids.append(piece)
+            target.append(index[tags[word]] if word is not None and word != previous else -1)
+            previous = word
+        if len(ids) + 1 > seq_length:
+            if overlong == "drop":
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            ids, target = ids[: seq_length - 1], target[: seq_length - 1]
+        ids.append(specials.sep)
+        target.append(-1)
+        examples.append(EncoderExample(ids, [0] * len(ids), target))
+        stats.used += 1
+    return examples, stats, labels
+
+
+def encoder_item(ex: EncoderExample, seq_length: int, pad_id: int, weight: float = 1.0) -> Batch:
+    """One right-padded encoder input: tokens, token_types, attention_mask [s] (1: a real token) and the
+    targets: classify ``labels`` [] and ``loss_mask`` [] (the example's weight); token_classify ``labels``
+    [s] (0 where not trained) and ``loss_mask`` [s] (1 on the first piece of each word)."""
+    n = len(ex.tokens)
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
+    tokens[:n] = torch.tensor(ex.tokens)
+    types = torch.zeros(seq_length, dtype=torch.long)
+    types[:n] = torch.tensor(ex.token_types)
+    mask = torch.zeros(seq_length, dtype=torch.long)
+    mask[:n] = 1
+    item = {"tokens": tokens, "token_types": types, "attention_mask": mask}
+    if isinstance(ex.target, int):
+        return {**item, "labels": torch.tensor(ex.target), "loss_mask": torch.tensor(weight)}
+    target = torch.full((seq_length,), -1, dtype=torch.long)
+    target[:n] = torch.tensor(ex.target)
+    return {**item, "labels": target.clamp(min=0), "loss_mask": (target >= 0).float() * weight}
 
 
 # ---------------------------------------------------------------------------- sequences
@@ -558,8 +806,12 @@ def classify_item(ex: Example, seq_length: int, pad_id: int, weight: float = 1.0
 def empty_item(like: Batch) -> Batch:
     """A weight-0 filler with ``like``'s shapes (completes the last validation batch)."""
     item = {k: torch.zeros_like(v) for k, v in like.items()}
-    item["doc_ids"] = torch.full_like(like["doc_ids"], -1)
-    item["doc_ids"][..., 0] = 0  # one real position, so attention has something to attend to
+    # one real position, so attention has something to attend to
+    if "attention_mask" in item:  # the encoder
+        item["attention_mask"][..., 0] = 1
+    else:
+        item["doc_ids"] = torch.full_like(like["doc_ids"], -1)
+        item["doc_ids"][..., 0] = 0
     return item
 
 

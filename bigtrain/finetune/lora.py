@@ -21,10 +21,9 @@ from megatron.core.tensor_parallel.mappings import (
 from torch import nn
 
 from bigtrain.config import Config, ModelConfig
-from bigtrain.finetune.params import LORA_TARGETS, lora_specs
+from bigtrain.finetune.params import lora_specs, lora_target
 from bigtrain.models import layout
 from bigtrain.models.layers import TensorParallel
-from bigtrain.models.llama import TransformerBlock
 
 
 class LoRADropout(nn.Module):
@@ -95,11 +94,11 @@ def add_lora(layers: dict[int, nn.Module], m: ModelConfig, cfg: Config, tp: Tens
     subclass of it rather than wrapped, so the base weight keeps its name and layout key."""
     lora = cfg.finetune.lora
     specs = {s.name: s for s in lora_specs(m, cfg.finetune)}
-    for layer in layers.values():
-        if not isinstance(layer, TransformerBlock):
+    for index, layer in layers.items():
+        if layout.layer_kind(index, m.num_layers) != layout.BLOCK:
             continue
         for target in lora.targets:
-            name, split = LORA_TARGETS[target]
+            name, split = lora_target(m, target)
             module = layer.get_submodule(name)
             base: type = type(module)
             module.__class__ = _lora_class(base)

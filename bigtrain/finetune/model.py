@@ -1,5 +1,6 @@
 """Fine-tuning's layer variants on the base model: pretraining's layers fed packed sequences and a
-classification head on the last non-pad token, with their losses and evaluation statistics. They reach
+classification head on the last non-pad token (the decoder), or the encoder's pooled-state and per-token
+classifiers (bert), with their losses and evaluation statistics. They reach
 the model through :class:`bigtrain.models.llama.TaskLayers` (chosen in :mod:`bigtrain.registry`);
 LoRA is a transform applied after the build (:mod:`bigtrain.finetune.lora`).
 
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import Config, ModelConfig
-from bigtrain.models import layout
-from bigtrain.models.layers import KVCache, TensorParallel
+from bigtrain.models import bert, layout
+from bigtrain.models.layers import KVCache, Linear, TensorParallel
 from bigtrain.models.llama import (
     Embedding,
     FinalNorm,
@@ -117,6 +118,74 @@ class ClassifyLoss:
         return classify_loss(outputs, *labels)
 
 
+class BertSequenceHead(nn.Module):
+    """``classifier`` of BertForSequenceClassification: (hidden [s, b, h], pooled [b, h]) -> logits
+    [b, labels] of the pooled [CLS] state (dropout is off, as bigtrain trains without it). Replicated over
+    tensor ranks (its input is whole on every rank, so gradients agree)."""
+
+    def __init__(self, m: ModelConfig, num_labels: int):
+        super().__init__()
+        self.classifier = Linear(m.hidden_size, num_labels, bias=True)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        _, pooled = inputs
+        return self.classifier(pooled)[0]
+
+
+class BertTokenHead(nn.Module):
+    """``classifier`` of BertForTokenClassification: (hidden [s, b, h], pooled) -> logits [b, s, labels]
+    of every token (batch first, as the labels). Replicated over tensor ranks."""
+
+    def __init__(self, m: ModelConfig, num_labels: int):
+        super().__init__()
+        self.classifier = Linear(m.hidden_size, num_labels, bias=True)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, _ = inputs
+        return self.classifier(x.transpose(0, 1))[0]
+
+
+def token_classify_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Cross-entropy summed over the trained tokens (``loss_mask`` 1: the first piece of a word) divided by
+    ``normalizer``. logits [b, s, labels]; labels, loss_mask [b, s]; returns a 0-dim fp32 tensor. None:
+    this micro-batch's trained tokens (its mean); training passes the global batch's (as ``lm_loss``)."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    mask = loss_mask.flatten().float()
+    if normalizer is None:
+        normalizer = mask.sum().clamp(min=1)
+    return (losses * mask).sum() / normalizer
+
+
+class TokenClassifyLoss:
+    """``token_classify_loss`` as the pipeline engine calls a loss: ``(logits, (labels, loss_mask[,
+    normalizer]))``."""
+
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
+
+    def __call__(self, outputs: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return token_classify_loss(outputs, *labels)
+
+
+def bert_task_layers(cfg: Config) -> TaskLayers:
+    """The bert family's fine-tuning layers: pretraining's embedding, blocks and pooler, the sequence
+    (classify) or token (token_classify) classifier in place of the MLM/NSP heads."""
+    token = cfg.finetune.task == "token_classify"
+    if cfg.finetune.task not in ("classify", "token_classify"):
+        raise ValueError(f"model.family bert fine-tunes classify|token_classify, not {cfg.finetune.task}")
+    return dataclasses.replace(
+        bert.PRETRAINING_LAYERS,
+        head=BertTokenHead if token else BertSequenceHead,
+        head_args=(len(cfg.finetune.labels),),
+        loss=TokenClassifyLoss if token else ClassifyLoss,
+    )
+
+
 def task_layers(cfg: Config) -> TaskLayers:
     """The layer variants of ``cfg.finetune.task`` (sft: packed inputs; classify: packed inputs and
     the classification head in place of the output layer)."""
@@ -142,9 +211,13 @@ def task_layers(cfg: Config) -> TaskLayers:
 def eval_stats(
     task: str, out: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp: TensorParallel
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(summed loss, summed weight, class predictions [b] or None) of one micro-batch's outputs, for
-    exact validation averages (token-weighted for SFT, example-weighted for classification).
-    ``tp``: the tensor-parallel group the logits are split over (sft)."""
+    """(summed loss, summed weight, class predictions or None) of one micro-batch's outputs, for exact
+    validation averages (token-weighted for SFT and token classification, example-weighted for
+    classification; predictions [b], token_classify [b, s]). ``tp``: the tensor-parallel group the
+    logits are split over (sft)."""
+    if task == "token_classify":
+        loss = token_classify_loss(out, labels, loss_mask, 1.0)
+        return loss, loss_mask.float().sum(), out.argmax(-1)
     if task == "classify":
         return classify_loss(out, labels, loss_mask, 1.0), loss_mask.sum(), out.argmax(-1)
     return lm_loss(out, labels, loss_mask, 1.0, tp=tp), loss_mask.float().sum(), None

@@ -1,7 +1,8 @@
 """Fine-tuning on the pretraining loop: the Trainer fed packed/classification batches
-(``PACKED_BATCH``), with hooks for validation over the whole validation set (loss, and for
-classification accuracy, macro P/R/F1 and a confusion matrix), early stopping with patience, the best
-checkpoint by a chosen metric, and the chat template recorded in every checkpoint."""
+(``PACKED_BATCH``; the encoder's ``ENCODER_BATCH``), with hooks for validation over the whole validation
+set (loss, and for classification accuracy, macro P/R/F1 and a confusion matrix; for token
+classification token accuracy and entity-level P/R/F1, overall and per type), early stopping with
+patience, the best checkpoint by a chosen metric, and the chat template recorded in every checkpoint."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import torch
 
 from bigtrain.finetune.model import eval_stats
 from bigtrain.hooks import Hook, Validation
-from bigtrain.metrics import console
+from bigtrain.metrics import console, entity_scores
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.parallelize import tensor_parallel
-from bigtrain.step_runner import PACKED_BATCH, StepRunner, to_device
+from bigtrain.step_runner import PACKED_BATCH, BatchAdapter, StepRunner, to_device
 from bigtrain.trainer import StepResult, Trainer, TrainState
 
 if TYPE_CHECKING:
@@ -27,6 +28,33 @@ if TYPE_CHECKING:
 
 Batch = dict[str, torch.Tensor]
 BEST = "best"  # RUN_DIR/best: the best validation's weights (see save_best)
+ENCODER_BATCH = BatchAdapter(("tokens", "token_types", "attention_mask"))  # the bert family's inputs
+
+
+def batch_adapter(cfg: Config) -> BatchAdapter:
+    """What a fine-tuning micro-batch feeds the model: the decoder's packed (tokens, positions, doc_ids),
+    the encoder's (tokens, token_types, attention_mask)."""
+    return ENCODER_BATCH if cfg.model.family == "bert" else PACKED_BATCH
+
+
+def token_metrics(preds: list[list[int]], labels: list[list[int]], tags: list[str]) -> dict[str, Any]:
+    """Token classification: token accuracy over the trained tokens, entity-level precision/recall/F1
+    over all entities (seqeval's micro average, default mode; see :func:`bigtrain.metrics.entity_scores`)
+    and per entity type (``val_<TYPE>_precision`` ...). ``preds``/``labels``: tag ids per sequence."""
+    pairs = [(p, y) for ps, ys in zip(preds, labels) for p, y in zip(ps, ys)]
+    scores = entity_scores([[tags[y] for y in ys] for ys in labels], [[tags[p] for p in ps] for ps in preds])
+    micro = scores.pop("micro")
+    out: dict[str, Any] = {
+        "val_accuracy": sum(p == y for p, y in pairs) / max(1, len(pairs)),
+        "val_precision": micro["precision"],
+        "val_recall": micro["recall"],
+        "val_f1": micro["f1"],
+        "val_entities": int(micro["support"]),
+    }
+    for kind, s in scores.items():
+        out.update({f"val_{kind}_{name}": s[name] for name in ("precision", "recall", "f1")})
+        out[f"val_{kind}_support"] = int(s["support"])
+    return out
 
 
 def classification_metrics(preds: list[int], labels: list[int], num_labels: int) -> dict[str, Any]:
@@ -188,7 +216,7 @@ class FinetuneTrainer(Trainer):
             make_train_batches,
             make_valid_batches,
             state,
-            adapter=PACKED_BATCH,
+            adapter=batch_adapter(cfg),
             hooks=hooks,
         )
         valid_items = list(self.make_valid_batches()) if self.make_valid_batches else []
@@ -208,19 +236,21 @@ class FinetuneTrainer(Trainer):
 
 
 def eval_micro_batch(runner: StepRunner, task: str, b: Batch, tp: TensorParallel) -> tuple:
-    """(summed loss, summed weight, class predictions [b] or None) of one micro-batch on the device, the
-    same on every rank: the stage with the outputs (under a pipeline only the last) computes
-    ``eval_stats`` and the runner shares them (DeepSpeed's own eval loss is averaged per micro-batch
-    and over data-parallel ranks, not weighted)."""
+    """(summed loss, summed weight, class predictions (as ``labels``: [b], token_classify [b, s]) or None)
+    of one micro-batch on the device, the same on every rank: the stage with the outputs (under a
+    pipeline only the last) computes ``eval_stats`` and the runner shares them (DeepSpeed's own eval loss
+    is averaged per micro-batch and over data-parallel ranks, not weighted)."""
     out = runner.outputs(b)
-    stats = torch.zeros(2 + b["tokens"].shape[0], dtype=torch.float64, device=b["tokens"].device)
+    labels = b["labels"]
+    stats = torch.zeros(2 + labels.numel(), dtype=torch.float64, device=labels.device)
     if out is not None:
-        s, w, p = eval_stats(task, out, b["labels"], b["loss_mask"], tp)
+        s, w, p = eval_stats(task, out, labels, b["loss_mask"], tp)
         stats[0], stats[1] = s, w
         if p is not None:
-            stats[2:] = p
+            stats[2:] = p.flatten()
     stats = runner.from_last_stage(stats)
-    return stats[0], stats[1], stats[2:].long() if task == "classify" else None
+    classes = task in ("classify", "token_classify")
+    return stats[0], stats[1], stats[2:].long().view(labels.shape) if classes else None
 
 
 @torch.no_grad()
@@ -232,6 +262,7 @@ def evaluate_all(trainer: Trainer, valid_items: list[Batch]) -> dict[str, Any] |
         return None
     task = trainer.cfg.finetune.task
     classify = task == "classify"
+    tagging = task == "token_classify"
     tp = tensor_parallel(trainer.cfg)
     trainer.engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -247,6 +278,11 @@ def evaluate_all(trainer: Trainer, valid_items: list[Batch]) -> dict[str, Any] |
                 keep = b["loss_mask"] > 0
                 preds += p[keep].tolist()
                 labels += b["labels"][keep].tolist()
+            elif tagging:  # each sequence's trained tokens (none: a filler)
+                for row_p, row_y, row_m in zip(p, b["labels"], b["loss_mask"] > 0):
+                    if row_m.any():
+                        preds.append(row_p[row_m].tolist())
+                        labels.append(row_y[row_m].tolist())
     finally:
         trainer.engine.train()
     totals = torch.stack([loss_sum, weight])
@@ -254,13 +290,16 @@ def evaluate_all(trainer: Trainer, valid_items: list[Batch]) -> dict[str, Any] |
     if parallel_state.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(totals, group=dp_group)
     out: dict[str, Any] = {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
-    if classify:
+    if classify or tagging:
         if parallel_state.get_data_parallel_world_size() > 1:
             gathered: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
             torch.distributed.all_gather_object(gathered, (preds, labels), group=dp_group)
             preds = [p for g in gathered for p in g[0]]
             labels = [y for g in gathered for y in g[1]]
-        out.update(classification_metrics(preds, labels, len(trainer.cfg.finetune.labels)))
+        if tagging:
+            out.update(token_metrics(preds, labels, trainer.cfg.finetune.labels))
+        else:
+            out.update(classification_metrics(preds, labels, len(trainer.cfg.finetune.labels)))
         out["val_examples"] = len(labels)
     return out
 
