@@ -407,7 +407,8 @@ class LoraConfig:
     alpha: float = opt(16.0, "LoRA scale numerator: the update is alpha/rank * B @ A.")
     dropout: float = opt(0.0, "Dropout on the adapter input.")
     targets: list = opt(
-        ["qkv", "proj", "gate_up", "down"], "Projections with adapters: qkv|proj|gate_up|down."
+        ["qkv", "proj", "gate_up", "down"],
+        "Projections with adapters: qkv|proj|gate_up|down (bert: gate_up/down are the MLP's fc1/fc2).",
     )
 
 
@@ -428,7 +429,11 @@ class FinetuneConfig:
         "truncate", "Examples longer than model.seq_length: truncate | drop (counted either way)."
     )
     strict: bool = opt(False, "Bad input lines are errors (file:line) instead of skipped and counted.")
-    labels: list = opt([], "classify: class names in id order (default: sorted labels of the training data).")
+    labels: list = opt(
+        [],
+        "classify: class names in id order (default: sorted labels of the training data); token_classify: "
+        "the tag set (default: the training data's, O first).",
+    )
     freeze_embeddings: bool = opt(False, "Keep the input embedding fixed.")
     freeze_layers: int = opt(0, "Keep the first N transformer blocks fixed.")
     metric: str = opt("val_loss", "Early stopping / best checkpoint metric: val_loss|val_accuracy|val_f1|...")

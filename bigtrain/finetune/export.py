@@ -41,8 +41,13 @@ def hf_tensor_groups(
     (otherwise the base weights as they were, for a PEFT adapter on top)."""
     m, ft = cfg.model, cfg.finetune
     scale = ft.lora.alpha / ft.lora.rank if ft.lora.rank else 0.0
+    # BertForTokenClassification has no pooler (add_pooling_layer=False): its tensors would load as
+    # unexpected keys, so the export leaves them out
+    no_pooler = m.family == "bert" and ft.task == "token_classify"
     for lp in layout.iter_layer_params(m, task=task_params(cfg)):
         if lp.spec.name.endswith(("lora_A", "lora_B")):
+            continue
+        if no_pooler and layout.layer_kind(lp.index, m.num_layers) == layout.FINAL_NORM:
             continue
         full = reader.full(lp)
         if lp.spec.name == SCORE:
