@@ -54,6 +54,11 @@ class NativeModel:
 
         meta = WeightReader(path).meta
         cfg = single_process_config(meta["config"], device)
+        if cfg.model.family != "llama":  # an encoder predicts masked tokens; it does not generate
+            raise ValueError(
+                f"{path}: model.family {cfg.model.family} does not generate text (a causal decoder does); "
+                "for a bert checkpoint use bigtrain.evaluate, or the export's fill-mask pipeline"
+            )
         model = build_model(cfg)  # tensor size 1: no process group needed
         if not isinstance(model, LlamaModel):  # pipeline size 1: never a PipelineModule
             raise TypeError(f"expected a one-stage LlamaModel, built a {type(model).__name__}")

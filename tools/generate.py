@@ -33,7 +33,11 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[list[int], list[int], str
     from tokenizer import Tokenizer, tokenizer_kind
 
     path = Path(args.checkpoint) / args.tag if args.tag else Path(args.checkpoint)
-    with NativeModel.from_checkpoint(path) as model:
+    try:
+        native = NativeModel.from_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"generate: {e}") from None
+    with native as model:
         tok = stop = None
         tok_dir = model.cfg.data.tokenizer
         if tok_dir and tokenizer_kind(tok_dir) is not None:  # tokenizer.model or an HF tokenizer.json
@@ -73,8 +77,12 @@ def chat_ids(hf_tokenizer, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def from_hf(args: argparse.Namespace) -> tuple[list[int], list[int], str | None]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if AutoConfig.from_pretrained(args.hf).model_type == "bert":
+        raise SystemExit(
+            f"generate: {args.hf} is a BERT encoder, which does not generate text (use fill-mask)"
+        )
     model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
     tok = None
     if any(

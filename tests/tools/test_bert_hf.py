@@ -458,3 +458,11 @@ def test_export_after_pretraining(tmp_path):
     lp = layout.tied_params(cfg.model)[0]
     init = layout.init_full(lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, cfg.train.seed)
     assert not torch.equal(hf.bert.embeddings.word_embeddings.weight.detach(), init[:500])
+
+
+def test_generate_refuses_an_encoder(imported_tp1, exported_tp1):
+    """tools/generate.py on a bert checkpoint or export: one line saying an encoder does not generate."""
+    for source in (["--checkpoint", imported_tp1], ["--hf", exported_tp1]):
+        proc = tool("generate", *source, "--prompt-ids", "5,6", check=False)
+        assert proc.returncode == 1 and "does not generate text" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
