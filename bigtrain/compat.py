@@ -363,8 +363,10 @@ def single_process_rank() -> Iterator[None]:
 
     megatron/core/datasets/blended_dataset.py ``BlendedDataset._build_indices`` calls
     ``torch.distributed.get_rank()`` on an index-cache miss without checking ``is_initialized()``
-    (the GPT datasets do check), so a single process without a group raises "Default process group
-    has not been initialized". No upstream issue found. With a group: a no-op.
+    (the GPT datasets do check), and so does megatron/core/datasets/masked_dataset.py
+    ``MaskedWordPieceDataset._build_sample_index`` (the bert family's samples, bigtrain.data.bert), so a
+    single process without a group raises "Default process group has not been initialized". No upstream
+    issue found. With a group: a no-op.
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
     Fails without it: tests/data/test_blend.py::test_blend_mix_matches_weights_over_10000_samples
