@@ -79,13 +79,14 @@ def evaluate_encoder(cfg: Config, data_path: str) -> dict[str, float]:
     from megatron.core import parallel_state
 
     from bigtrain import checkpoint
+    from bigtrain.batch import BERT_BATCH
     from bigtrain.data import build_datasets
     from bigtrain.data.datasets import configured_tokenizer
     from bigtrain.data.sampler import collate
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.models.parallelize import tensor_parallel
     from bigtrain.registry import build_model
-    from bigtrain.step_runner import BERT_BATCH, make_eval_runner, to_device
+    from bigtrain.step_runner import make_eval_runner, to_device
 
     cfg.train.micro_batch_size = 1
     cfg.train.global_batch_size = cfg.derived.data_parallel_size
@@ -139,10 +140,11 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
     if cfg.model.family == "bert":
         return evaluate_encoder(cfg, data_path)
     from bigtrain import checkpoint
+    from bigtrain.batch import LM_BATCH
     from bigtrain.data import SequentialWindows
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.registry import build_model
-    from bigtrain.step_runner import LM_BATCH, GlobalBatch, make_eval_runner
+    from bigtrain.step_runner import GlobalBatch, make_eval_runner
 
     # One window per data-parallel rank per step: the layout never changes which windows count.
     cfg.train.micro_batch_size = 1

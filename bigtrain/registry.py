@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from bigtrain.batch import BERT_BATCH, LM_BATCH, BatchAdapter
 from bigtrain.config import MODEL_FAMILIES, Config
 from bigtrain.finetune import lora
 from bigtrain.finetune import model as finetune_model
@@ -29,7 +30,6 @@ from bigtrain.finetune import params as finetune_params
 from bigtrain.models import bert, layout, parallelize
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers
-from bigtrain.step_runner import BERT_BATCH, LM_BATCH, BatchAdapter
 
 Transform = Callable[[nn.Module, Config, TensorParallel], None]
 

@@ -25,7 +25,7 @@ from bigtrain.config import Config
 if TYPE_CHECKING:
     from bigtrain.distributed import Dist
 
-Batch = dict[str, torch.Tensor]
+from bigtrain.batch import Batch, BatchAdapter
 
 
 @dataclass
@@ -37,27 +37,6 @@ class GlobalBatch:
     normalizer: (
         torch.Tensor | None
     )  # tokens / (micro-batches x DP ranks), fp32, on the device; None: own mean
-
-
-@dataclass(frozen=True)
-class BatchAdapter:
-    """Which entries of a micro-batch are the model's inputs and which its loss's targets (the first two
-    targets are always ``labels, loss_mask``; the trainer's loss normalizer counts ``loss_mask``)."""
-
-    inputs: tuple[str, ...] = ("tokens",)
-    target_keys: tuple[str, ...] = ("labels", "loss_mask")
-
-    def model_inputs(self, b: Batch) -> tuple[torch.Tensor, ...]:
-        return tuple(b[k] for k in self.inputs)
-
-    def targets(self, b: Batch) -> tuple[torch.Tensor, ...]:
-        return tuple(b[k] for k in self.target_keys)
-
-
-LM_BATCH = BatchAdapter(("tokens",))  # pretraining: tokens -> (labels, loss_mask)
-PACKED_BATCH = BatchAdapter(("tokens", "positions", "doc_ids"))  # fine-tuning (packed SFT, classify)
-# the bert family's pretraining: masked tokens and the sentence-pair label (bigtrain.data.bert's items)
-BERT_BATCH = BatchAdapter(("tokens", "token_types", "attention_mask"), ("labels", "loss_mask", "nsp_labels"))
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from bigtrain import checkpoint
+from bigtrain.batch import BatchAdapter
 from bigtrain.config import Config
 from bigtrain.distributed import Dist
 from bigtrain.hooks import Hook, Rollback, default_hooks
 from bigtrain.metrics import MetricsWriter, console
 from bigtrain.reliability import TrainingError, loss_multiplier
-from bigtrain.step_runner import BatchAdapter, GlobalBatch, make_runner
+from bigtrain.step_runner import GlobalBatch, make_runner
 
 __all__ = ["GlobalBatch", "Rollback", "StepResult", "TrainState", "Trainer"]
 

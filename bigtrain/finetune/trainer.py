@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bigtrain.batch import ENCODER_BATCH, PACKED_BATCH, BatchAdapter
 from bigtrain.finetune.model import eval_stats
 from bigtrain.hooks import Hook, Validation
 from bigtrain.metrics import console, entity_scores
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.parallelize import tensor_parallel
-from bigtrain.step_runner import PACKED_BATCH, BatchAdapter, StepRunner, to_device
+from bigtrain.step_runner import StepRunner, to_device
 from bigtrain.trainer import StepResult, Trainer, TrainState
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 Batch = dict[str, torch.Tensor]
 BEST = "best"  # RUN_DIR/best: the best validation's weights (see save_best)
-ENCODER_BATCH = BatchAdapter(("tokens", "token_types", "attention_mask"))  # the bert family's inputs
 
 
 def batch_adapter(cfg: Config) -> BatchAdapter:
