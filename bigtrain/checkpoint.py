@@ -395,6 +395,10 @@ def model_shape_differences(saved: ModelConfig, current: ModelConfig) -> list[st
         "vocab_size": lambda m: m.vocab_size,
         "tie_embeddings": lambda m: m.tie_embeddings,
     }
+    if saved.family == current.family == "bert":  # learned positions and token types are weights there
+        del fields["num_kv_heads"]
+        fields["max_position_embeddings"] = lambda m: m.context_length
+        fields["type_vocab_size"] = lambda m: m.type_vocab_size
     return [
         f"model.{name}: checkpoint {get(saved)} vs config {get(current)}"
         for name, get in fields.items()
@@ -421,7 +425,7 @@ def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> 
             continue
         full = reader.full(lp)
         if lp.spec.split == "vocab" and full.shape[0] != cfg.derived.padded_vocab_size:
-            resized = full.new_zeros(cfg.derived.padded_vocab_size, full.shape[1])
+            resized = full.new_zeros(cfg.derived.padded_vocab_size, *full.shape[1:])  # bert's MLM bias: 1-D
             if cfg.model.vocab_size is None:
                 raise ValueError(f"{reader.dir}: model.vocab_size is not set (resolve the config first)")
             n = min(full.shape[0], cfg.model.vocab_size)

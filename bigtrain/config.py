@@ -721,6 +721,11 @@ def validate(cfg: Config, world_size: int) -> None:
     validate_model_variant(m)
     if m.family == "bert":
         validate_masking(cfg.data.masking)
+        _check(
+            cfg.data.masking.sentence_pair == "none" or m.type_vocab_size >= 2,
+            f"model.type_vocab_size {m.type_vocab_size}: data.masking.sentence_pair "
+            f"{cfg.data.masking.sentence_pair} puts segment B at token type 1 (needs >= 2, or sentence_pair none)",
+        )
     heads, kv_heads = ("model.num_attention_heads", m.num_attention_heads), ("model.num_kv_heads", m.kv_heads)
     tensor = ("parallel.tensor", p.tensor)
     pairs = [
@@ -788,6 +793,11 @@ def validate(cfg: Config, world_size: int) -> None:
         f"debug.kill_in_save must be one of {', '.join(SAVE_FAULT_POINTS)}, got {cfg.debug.kill_in_save!r}",
     )
     _check(
+        not (cfg.data.mock and cfg.data.train is not None and cfg.finetune.task == "none"),
+        f"data.mock=true trains on random tokens and ignores data.train={cfg.data.train}: set data.mock=false "
+        "(or drop data.train)",
+    )
+    _check(
         cfg.data.mock or cfg.data.train is not None or cfg.finetune.task != "none",
         "data.train is not set (a prefix, a glob, or [[weight, prefix], ...]); data.mock=true for random tokens",
     )
@@ -798,6 +808,12 @@ def validate_finetune(cfg: Config) -> None:
     _check(f.task in FINETUNE_TASKS, f"finetune.task must be {'|'.join(FINETUNE_TASKS)}, got {f.task!r}")
     if f.task == "none":
         return
+    family_tasks = {"llama": ("sft", "classify"), "bert": ("classify", "token_classify")}
+    tasks = family_tasks.get(cfg.model.family, ())
+    _check(
+        f.task in tasks,
+        f"finetune.task {f.task} is not available for model.family {cfg.model.family} (it has: {', '.join(tasks)})",
+    )
     _check(f.train is not None, "finetune.train is not set (JSONL path, glob or list)")
     _check(cfg.data.tokenizer is not None, "data.tokenizer is not set (fine-tuning reads text)")
     _check(f.overlong in ("truncate", "drop"), f"finetune.overlong must be truncate|drop, got {f.overlong!r}")

@@ -94,11 +94,12 @@ def evaluate_encoder(cfg: Config, data_path: str) -> dict[str, float]:
     cfg.data.train, cfg.data.valid, cfg.data.split, cfg.data.mock = data_path, None, "100,0,0", False
     # megatron's masked dataset cannot build "one epoch" (its index builder needs a count)
     count = cfg.data.train_samples or ENCODER_SAMPLES
-    samples, _ = build_datasets(cfg, configured_tokenizer(cfg), sizes=[count, 0, 0])  # before any group
+    source = weights_source(cfg)  # before any group, as the data
+    samples, _ = build_datasets(cfg, configured_tokenizer(cfg), sizes=[count, 0, 0])
     dist = init_distributed(cfg)
     try:
         model = build_model(cfg, topology=dist.topology)
-        checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg)))
+        checkpoint.load_weights_only(model, cfg, source)
         runner = make_eval_runner(cfg, model, dist, BERT_BATCH)
         tp = tensor_parallel(cfg)
         dp, n = cfg.derived.data_parallel_size, min(len(samples), count)  # megatron builds whole epochs
@@ -118,16 +119,29 @@ def evaluate_encoder(cfg: Config, data_path: str) -> dict[str, float]:
         if dp > 1:
             torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         mlm_loss, tokens, correct, nsp_loss, weight, nsp_correct = (float(x) for x in sums)
-        return {
-            "mlm_loss": mlm_loss / max(tokens, 1),
-            "mlm_accuracy": correct / max(tokens, 1),
-            "nsp_loss": nsp_loss / max(weight, 1),
-            "nsp_accuracy": nsp_correct / max(weight, 1),
-            "samples": n,
-            "predicted_tokens": int(tokens),
-        }
+        result = {"mlm_loss": mlm_loss / max(tokens, 1), "mlm_accuracy": correct / max(tokens, 1)}
+        if cfg.data.masking.sentence_pair != "none":  # nsp | sop: the head's task
+            result |= {"nsp_loss": nsp_loss / max(weight, 1), "nsp_accuracy": nsp_correct / max(weight, 1)}
+        return {**result, "samples": n, "predicted_tokens": int(tokens)}
     finally:
         shutdown()
+
+
+def weights_source(cfg: Config) -> str:
+    """The checkpoint evaluated (``checkpoint.load``, else ``train.run_dir``'s latest), checked against
+    the config before any process group: ConfigError naming the fields whose shapes differ."""
+    from bigtrain import checkpoint
+    from bigtrain.config import ConfigError, config_from_dict
+
+    source = cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg))
+    try:
+        saved = config_from_dict(checkpoint.WeightReader(source).meta["config"]).model
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{source}: no readable checkpoint ({e})") from None
+    diffs = checkpoint.model_shape_differences(saved, cfg.model)
+    if diffs:
+        raise ConfigError(f"{source}: the checkpoint's model differs from the config: " + "; ".join(diffs))
+    return source
 
 
 @torch.no_grad()
@@ -158,10 +172,10 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
 
         tok = Tokenizer.load(cfg.data.tokenizer)
     windows = SequentialWindows(data_path, cfg.model.seq_length, cfg.model.vocab_size, tok)
+    source = weights_source(cfg)
     dist = init_distributed(cfg)
     try:
         model = build_model(cfg, topology=dist.topology)
-        source = cfg.checkpoint.load or str(checkpoint.checkpoints_dir(cfg))
         checkpoint.load_weights_only(model, cfg, source)
         runner = make_eval_runner(cfg, model, dist, LM_BATCH)
         dp, dp_rank = cfg.derived.data_parallel_size, dist.dp_rank
@@ -192,12 +206,16 @@ def main(argv: list[str] | None = None) -> None:
         print("bigtrain.evaluate: --data PREFIX is required", file=sys.stderr)
         sys.exit(2)
     cfg = config_or_exit(parse_args(argv, description=__doc__))
+    from bigtrain.config import ConfigError
     from bigtrain.data import DataError
 
     try:
         result = evaluate(cfg, data)
     except DataError as e:
         print(f"bigtrain.evaluate: data error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except ConfigError as e:
+        print(f"bigtrain.evaluate: config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if rank_from_env() == 0:
         print(json.dumps(result), flush=True)

@@ -278,6 +278,11 @@ class Validation(Hook):
         val_loss = trainer.evaluate()
         if val_loss is None:
             return
+        if trainer.cfg.model.family == "bert":  # MLM + NSP: no perplexity (bigtrain.evaluate splits them)
+            trainer.metrics.write({"step": step, "val_loss": val_loss}, "valid")
+            if trainer.dist.is_main:
+                console(f"validation step {step}: val_loss {val_loss:.4f} (MLM + NSP)")
+            return
         ppl = float(torch.tensor(val_loss).exp())
         trainer.metrics.write({"step": step, "val_loss": val_loss, "val_ppl": ppl}, "valid")
         if trainer.dist.is_main:

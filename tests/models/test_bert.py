@@ -188,3 +188,35 @@ def test_decoder_refuses_bert_settings():
     cfg = config_from_dict({"model": {"vocab_size": 100, "activation": "gelu"}, "data": {"mock": True}})
     with pytest.raises(ConfigError, match="the bert family's"):
         cfg.resolve(1)
+
+
+def test_config_refuses_what_bert_samples_or_tasks_cannot_do():
+    with pytest.raises(ConfigError, match="model.type_vocab_size 1: data.masking.sentence_pair nsp"):
+        bert_cfg(type_vocab_size=1)
+    cfg = config_from_dict({"model": {**BERT_TINY, "type_vocab_size": 1}, "data": {"mock": True}})
+    cfg.data.masking.sentence_pair = "none"  # one segment: one token type is enough
+    cfg.resolve(1)
+    tasks = {"finetune": {"task": "sft", "train": "x.jsonl"}, "data": {"tokenizer": "tok"}}
+    with pytest.raises(ConfigError, match="finetune.task sft is not available for model.family bert"):
+        config_from_dict({"model": BERT_TINY, **tasks}).resolve(1)
+    tasks["finetune"]["task"] = "token_classify"
+    with pytest.raises(
+        ConfigError, match="finetune.task token_classify is not available for model.family llama"
+    ):
+        config_from_dict({"model": {"vocab_size": 100}, **tasks}).resolve(1)
+    with pytest.raises(
+        ConfigError, match="data.mock=true trains on random tokens and ignores data.train=corpus"
+    ):
+        config_from_dict({"model": BERT_TINY, "data": {"mock": True, "train": "corpus"}}).resolve(1)
+
+
+def test_learned_positions_and_token_types_are_shape_fields():
+    from bigtrain.checkpoint import model_shape_differences
+
+    saved = bert_cfg().model
+    assert model_shape_differences(saved, bert_cfg().model) == []
+    diffs = model_shape_differences(saved, bert_cfg(max_position_embeddings=32, type_vocab_size=3).model)
+    assert diffs == [
+        "model.max_position_embeddings: checkpoint 16 vs config 32",
+        "model.type_vocab_size: checkpoint 2 vs config 3",
+    ]

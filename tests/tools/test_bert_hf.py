@@ -106,7 +106,7 @@ def hf_outputs(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return out.prediction_logits, out.seq_relationship_logits
 
 
-def bigtrain_outputs(ckpt, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def bigtrain_outputs(ckpt, inputs, **model: object) -> tuple[torch.Tensor, torch.Tensor]:
     """bigtrain's BertModel (TP1, in process) on a checkpoint of any layout: MLM [b, s, vocab], NSP [b, 2]."""
     from bigtrain import registry
     from bigtrain.checkpoint import WeightReader, load_weights_only
@@ -115,6 +115,8 @@ def bigtrain_outputs(ckpt, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = config_from_dict(WeightReader(ckpt).meta["config"])
     cfg.checkpoint.load, cfg.train.device = None, "cpu"
     cfg.parallel.tensor = cfg.parallel.pipeline = 1  # the saved layout's weights, merged (any layout)
+    for name, value in model.items():  # e.g. another vocabulary padding than the saved one
+        setattr(cfg.model, name, value)
     cfg = cfg.resolve(1)
     model = registry.build_model(cfg)
     load_weights_only(model, cfg, ckpt)
@@ -466,3 +468,14 @@ def test_generate_refuses_an_encoder(imported_tp1, exported_tp1):
         proc = tool("generate", *source, "--prompt-ids", "5,6", check=False)
         assert proc.returncode == 1 and "does not generate text" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_load_at_another_vocabulary_padding(hf_bert, imported_tp1):
+    """A checkpoint loaded where the vocabulary pads to another size (another tensor size does that for
+    real vocabularies: 30522 pads to 30592 at TP1, 30720 at TP2): the word embedding and the 1-D MLM bias
+    are re-padded, and the logits stay transformers'."""
+    inputs = make_inputs()
+    mlm, nsp = bigtrain_outputs(imported_tp1, inputs, make_vocab_size_divisible_by=512)
+    mlm_hf, nsp_hf = hf_outputs(hf_bert[1], inputs)
+    torch.testing.assert_close(mlm, mlm_hf, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nsp, nsp_hf, rtol=0, atol=1e-5)

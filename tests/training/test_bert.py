@@ -121,6 +121,11 @@ def test_kill9_then_relaunch_continues_exactly(corpus, tmp_path):
 def test_bf16_with_recomputation_follows_the_fp32_curve(corpus, baseline, tmp_path):
     """bf16 (fp32 masters) with full activation checkpointing at PP2 x TP2 trains the same curve within
     bf16's rounding (measured: see the assertion message on failure)."""
-    overrides = ["precision=bf16", "parallel.pipeline=2", "parallel.tensor=2", "activation_checkpointing=full"]
+    overrides = [
+        "precision=bf16",
+        "parallel.pipeline=2",
+        "parallel.tensor=2",
+        "activation_checkpointing=full",
+    ]
     torchrun(4, bert_args(corpus, tmp_path, "checkpoint.save=false", *overrides))
     assert_close_rel(losses(tmp_path), baseline, 2e-2)
