@@ -187,6 +187,14 @@ def preflight(cfg: Config, rank: int) -> None:
             check_same_tokenizer(corpora)  # train and valid too
         except DataError as e:
             raise ConfigError(str(e)) from None
+        if cfg.model.family == "bert" and cfg.data.masking.sentence_pair != "none":
+            for shard in (s for c in corpora for s in c.shards):
+                if shard.meta is not None and shard.meta.get("split_sentences") is False:
+                    raise ConfigError(
+                        f"{shard.meta_file}: written without --split-sentences (one sequence per document), but "
+                        f"data.masking.sentence_pair {cfg.data.masking.sentence_pair} pairs sentences: re-run "
+                        "`python -m tokenizer.preprocess ... --split-sentences`, or set sentence_pair none"
+                    )
 
 
 def run(

@@ -11,8 +11,16 @@ import sys
 import pytest
 
 from bigtrain.checkpoint import latest_tag
-from tests.conftest import REPO, run_with_port
-from tests.training.helpers import assert_close_rel, losses, metrics, single, torchrun, write_bert_corpus
+from tests.conftest import REPO, run_cmd, run_with_port
+from tests.training.helpers import (
+    assert_close_rel,
+    assert_refused_before_start_up,
+    losses,
+    metrics,
+    single,
+    torchrun,
+    write_bert_corpus,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +137,28 @@ def test_bf16_with_recomputation_follows_the_fp32_curve(corpus, baseline, tmp_pa
     ]
     torchrun(4, bert_args(corpus, tmp_path, "checkpoint.save=false", *overrides))
     assert_close_rel(losses(tmp_path), baseline, 2e-2)
+
+
+def test_unsplit_data_is_refused_before_start_up(corpus, tmp_path):
+    """Data written without --split-sentences (one sequence per document) cannot give sentence pairs:
+    pre-flight says so in one line, naming the file and the remedy."""
+    text, tokenizer, _ = corpus
+    prefix = tmp_path / "unsplit" / "train"
+    run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "tokenizer.preprocess",
+            "--input",
+            str(text / "train.jsonl"),
+            "--tokenizer",
+            str(tokenizer),
+            "--output-prefix",
+            str(prefix),
+        ]
+    )
+    args = bert_args(corpus, tmp_path / "run", f"data.train={prefix}")
+    proc = single(args, no_start_up=True, check=False)
+    assert_refused_before_start_up(
+        proc, f"{prefix}.meta.json: written without --split-sentences", "--split-sentences`"
+    )
