@@ -57,14 +57,14 @@ def _encoder_sums(
         torch.distributed.all_reduce(label_logit, group=tp.group)
     correct = (label_logit >= top).double() * mask
     nsp_labels = b["nsp_labels"].view(-1)
-    nsp_loss = F.cross_entropy(nsp.double(), nsp_labels, reduction="sum")
     weight = b["weight"].double()  # 0 for the padding samples of a last step
+    nsp_loss = F.cross_entropy(nsp.double(), nsp_labels, reduction="none") * weight  # [b]
     return torch.stack(
         [
             (losses * mask).sum(),
             mask.sum(),
             correct.sum(),
-            nsp_loss * weight.sum() / max(len(weight), 1),
+            nsp_loss.sum(),
             weight.sum(),
             ((nsp.argmax(-1) == nsp_labels).double() * weight).sum(),
         ]

@@ -121,8 +121,8 @@ def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
     h = m.hidden_size
     if is_encoder(m):  # the list's slots: embedding, blocks, the pooler (final-norm slot), the heads
         blocks = [sum(block_parameters(m, tp))] * m.num_layers
-        pooler, heads = head_parameters(m, vocab_size, tp)[:2], head_parameters(m, vocab_size, tp)[2:]
-        return [sum(embedding_parameters(m, vocab_size, tp)), *blocks, sum(pooler), sum(heads)]
+        ends = head_parameters(m, vocab_size, tp)  # the pooler's two tensors, then the heads'
+        return [sum(embedding_parameters(m, vocab_size, tp)), *blocks, sum(ends[:2]), sum(ends[2:])]
     output = 0 if m.tie_embeddings else vocab_size * h // tp
     return [vocab_size * h // tp, *[sum(block_parameters(m, tp))] * m.num_layers, h, output]
 

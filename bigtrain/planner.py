@@ -150,7 +150,7 @@ def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int) -> int:
     if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied word embedding (DeepSpeed's
         # TiedLayerSpec: the decoder's whole embedding module; bert's tied head owns the word embedding
         # only), at least the last block, and the entries after it
-        word = vocab * m.hidden_size // tp
+        word = flops.embedding_parameters(m, vocab, tp)[0]
         heaviest = max(heaviest, word + sum(layers[m.num_layers :]))
     return heaviest
 

@@ -19,7 +19,6 @@ the first spec it meets on each stage, and keeps the attribute named ``tied_weig
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,7 +110,7 @@ class BertBlock(nn.Module):
     """Post-LayerNorm block: x = norm(x + attention(x)); x = norm(x + mlp(x)) (HF's ``BertLayer``).
     ``checkpointing``: none | full (recompute the block) | selective (the attention core)."""
 
-    def __init__(self, m: ModelConfig, tp: TensorParallel, checkpointing: str = "none", window: None = None):
+    def __init__(self, m: ModelConfig, tp: TensorParallel, checkpointing: str = "none"):
         super().__init__()
         self.full_recompute = checkpointing == "full"
         self.attention = SelfAttention(m, tp, recompute_core=checkpointing == "selective")
@@ -209,10 +208,6 @@ class BertPretrainingLoss:
         return loss
 
 
-def _head_logits(module: BertPretrainingHead, inputs: tuple[torch.Tensor, torch.Tensor]) -> Any:
-    return module(inputs)
-
-
 PRETRAINING_LAYERS = TaskLayers(
     embedding=BertEmbedding,
     tied_embedding=BertEmbedding,
@@ -270,9 +265,7 @@ class BertModel(nn.Module):
             first: LayerSpec = TiedLayerSpec(
                 "embed", layers.embedding, m, tp, padded_vocab, tied_weight_attr=TIED
             )
-            last: LayerSpec = TiedLayerSpec(
-                "embed", head, m, tp, padded_vocab, True, forward_fn=_head_logits, tied_weight_attr=TIED
-            )
+            last: LayerSpec = TiedLayerSpec("embed", head, m, tp, padded_vocab, True, tied_weight_attr=TIED)
         else:
             first = LayerSpec(layers.embedding, m, tp, padded_vocab)
             last = LayerSpec(head, m, *layers.head_args)
@@ -295,6 +288,3 @@ class BertModel(nn.Module):
         -> the loss (see the task's loss; pretraining: :class:`BertPretrainingLoss`)."""
         n = self.num_inputs
         return self.loss_fn(self.outputs(*args[:n]), args[n:])
-
-
-LossFactory = Callable[[TensorParallel], Callable[..., torch.Tensor]]

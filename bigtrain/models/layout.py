@@ -388,7 +388,7 @@ def local_layer_params(
     for lp in iter_layer_params(m, sorted(layers), task):
         yield lp, layers[lp.index]
     head = num_list_layers(m) - 1
-    if head in layers and 0 not in layers and task.head is None and m.family != "llama":
+    if head in layers and 0 not in layers and task.head is None:
         for lp in tied_params(m):
             yield lp, layers[head]
 
