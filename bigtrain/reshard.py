@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +117,12 @@ class _Shards:
             raise ValueError(f"{self.ckpt}: {key} appears twice for tensor rank {tp_rank} ({where})")
         slots[tp_rank] = {name: t.detach().float().contiguous() for name, t in values.items()}
 
+    def same(self, key: str, tp_rank: int, values: dict[str, torch.Tensor], where: str) -> None:
+        """A second copy (tied embedding) must equal the one kept, bitwise: taken once, checked."""
+        kept = self.values[key][tp_rank]
+        if kept is None or any(not torch.equal(kept[k], v.float()) for k, v in values.items()):
+            raise ValueError(f"{self.ckpt}: the copies of {key} differ between pipeline stages ({where})")
+
     def step(self, value: Any, where: str) -> None:
         self.steps.add(float(value))
         if len(self.steps) > 1:
@@ -170,19 +175,17 @@ def _zero12(ckpt: Path, mp: int, dp: int, bf16: bool, shards: _Shards) -> dict[s
             if bf16:  # saved with this rank's group padding (non-zero on the last rank only)
                 lean -= osd["group_paddings"][g]
             parts[g].append({"master": master[:lean], **{s: state[s][:lean] for s in STATES}})
-            if "param_alignment_paddings" in osd and d == 0:
-                align[g] = list(osd["param_alignment_paddings"][g]) or align[g]
+            if d == 0 and "param_alignment_paddings" in osd:  # per parameter, after it (same on every rank)
+                align[g] = [int(pad) for pad in osd["param_alignment_paddings"][g]]
+                if len(align[g]) != len(groups[g]):
+                    raise ValueError(
+                        f"{path}: group {g} has {len(align[g])} alignment paddings for {len(groups[g])} parameters"
+                    )
     out: dict[str, dict[str, torch.Tensor]] = {}
     for g, names in enumerate(groups):
         flat = {k: torch.cat([p[k] for p in parts[g]]) for k in ("master", *STATES)}
-        out.update(_split_flat(flat, names, _paddings(align[g], names), f"{ckpt} mp_rank {mp} group {g}"))
+        out.update(_split_flat(flat, names, align[g], f"{ckpt} mp_rank {mp} group {g}"))
     return out
-
-
-def _paddings(saved: Any, names: list[tuple[str, torch.Size]]) -> list[int]:
-    """Per-parameter alignment padding (``param_alignment_paddings``; zero unless configured)."""
-    pads = [int(p) for p in saved] if saved is not None else []
-    return pads if len(pads) == len(names) else [0] * len(names)
 
 
 def _zero3(ckpt: Path, mp: int, dp: int, shards: _Shards) -> dict[str, dict[str, torch.Tensor]]:
@@ -248,18 +251,8 @@ def _zero0(
     m = cfg.model
     if states.get("module") is not None:
         module: dict[str, torch.Tensor] = states["module"]
-    else:  # a pipeline: the weights are per-layer files, written for each layer of this stage
-        if m.tie_embeddings:
-            raise ValueError(
-                f"{path}: tied embeddings with a pipeline at zero.stage 0: the tied module's place in the "
-                "optimizer's order is not verified; not supported"
-            )
-        module = OrderedDict()
-        for f in sorted(ckpt.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
-            index = int(f.name.split("-")[0][len("layer_") :])
-            if index in _stage_indices(cfg, stage):
-                for name, value in _load(f).items():
-                    module[f"{index}.{name}"] = value
+    else:
+        module = _pipeline_module(ckpt, cfg, tp_rank, stage, path)
     named = [(name, t) for name, t in module.items() if _key_of(name, m, expected) is not None]
     unknown = [
         n for n, t in module.items() if _key_of(n, m, expected) is None and not n.endswith("_extra_state")
@@ -298,15 +291,36 @@ def _zero0(
     return out
 
 
-def _stage_indices(cfg: Config, stage: int) -> range:
-    parts = layout.pipeline_parts(
-        cfg.model,
-        cfg.derived.padded_vocab_size,
-        cfg.parallel.tensor,
-        cfg.parallel.pipeline,
-        cfg.parallel.partition_method,
-    )
-    return range(parts[stage], parts[stage + 1])
+def _pipeline_module(
+    ckpt: Path, cfg: Config, tp_rank: int, stage: int, path: Path
+) -> dict[str, torch.Tensor]:
+    """A pipeline stage's weights in its ``PipelineModule``'s parameter order, from the per-layer files
+    (``layer_{idx}-model_{tp}``, written by data-parallel rank 0; the stage's layers per
+    ``layout.pipeline_parts``). A tied embedding is the ``tied_modules`` entry, registered before the
+    numbered layers; the last stage's copy has no file of its own (DeepSpeed saves the tied head as a
+    function), so its values are layer 0's."""
+    m = cfg.model
+    p = cfg.parallel
+    parts = layout.pipeline_parts(m, cfg.derived.padded_vocab_size, p.tensor, p.pipeline, p.partition_method)
+    indices = range(parts[stage], parts[stage + 1])
+    head = layout.num_list_layers(m) - 1
+    module: dict[str, torch.Tensor] = {}
+    tied = m.tie_embeddings and (0 in indices or head in indices)
+    if tied:
+        if m.family != "llama":
+            raise ValueError(
+                f"{path}: model.family={m.family} with tied embeddings in a pipeline at zero.stage 0: the tied "
+                "head's parameters cannot be named from DeepSpeed's layer files; not supported"
+            )
+        embedding = _load(ckpt / f"layer_00-model_{tp_rank:02d}-model_states.pt")
+        for lp in layout.tied_params(m):
+            module[f"tied_modules.embed.{lp.spec.name}"] = embedding[lp.spec.name]
+    for index in indices:
+        if tied and index in (0, head):
+            continue
+        for name, value in _load(ckpt / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt").items():
+            module[f"{index}.{name}"] = value
+    return module
 
 
 def read_optimizer_state(checkpoint_dir: str | Path) -> OptimizerState:
@@ -354,8 +368,9 @@ def read_optimizer_state(checkpoint_dir: str | Path) -> OptimizerState:
                 key = _key_of(name, m, expected)
                 if key is None:
                     raise ValueError(f"{ckpt}: mp_rank {mp}: parameter {name} names no layout key")
-                if seen.setdefault(key, p) != p:
-                    continue  # a tied embedding's second copy (the last stage's): take it once
+                if seen.setdefault(key, p) != p:  # a tied embedding's second copy (the last stage's):
+                    shards.same(key, t, values, f"mp_rank {mp} {name}")  # DeepSpeed keeps both equal
+                    continue
                 shards.put(key, t, values, f"mp_rank {mp} {name}")
 
     missing = sorted(trainable - shards.values.keys())
