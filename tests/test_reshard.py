@@ -18,6 +18,12 @@ from tests.training.helpers import single, torchrun, train_args, write_corpus
 
 pytestmark = pytest.mark.slow
 
+PAD = [
+    "model.hidden_size=66",
+    "model.num_attention_heads=3",
+    "model.num_kv_heads=3",
+    "model.ffn_hidden_size=130",
+]
 # name -> (processes, overrides); "dp1" is the reference every other layout is compared with
 LAYOUTS = {
     "dp1": (1, []),
@@ -33,6 +39,13 @@ LAYOUTS = {
     "dp1tied": (1, ["model.tie_embeddings=true"]),
     "pp2z0tied": (2, ["parallel.pipeline=2", "model.tie_embeddings=true"]),
     "pp2z1tied": (2, ["parallel.pipeline=2", "zero.stage=1", "model.tie_embeddings=true"]),
+    # hidden 66: the 1-D group (5 x 66 elements) is padded to 2 x DP, so the last rank's partition is short
+    "dp1pad": (1, [*PAD]),
+    "dp2z1pad": (2, ["zero.stage=1", *PAD]),
+    "dp2bf16pad": (2, ["zero.stage=1", "precision=bf16", *PAD]),
+    # DP3: ZeRO-3 pads every parameter whose size is not a multiple of 3
+    "dp3z0": (3, ["zero.stage=0", "train.global_batch_size=6"]),
+    "dp3z3": (3, ["zero.stage=3", "train.global_batch_size=6"]),
 }
 KINDS = {  # the optimizer DeepSpeed ran; the rest: torch's (ZeRO-0)
     "dp2z1": "zero",
@@ -41,6 +54,9 @@ KINDS = {  # the optimizer DeepSpeed ran; the rest: torch's (ZeRO-0)
     "dp2bf16": "bf16",
     "tp2z1": "zero",
     "pp2z1tied": "zero",
+    "dp2z1pad": "zero",
+    "dp2bf16pad": "bf16",
+    "dp3z3": "zero3",
 }
 STEPS = 2
 
@@ -100,7 +116,10 @@ def test_masters_equal_weights_and_moments_are_full(runs, name):
             assert moments[lp.key].abs().sum() > 0, lp.key
         assert (st.exp_avg_sq[lp.key] >= 0).all()
     assert st.step == STEPS and st.global_steps == STEPS
-    assert st.client_state["step"] == STEPS and st.client_state["consumed_samples"] == 8 * STEPS
+    assert (
+        st.client_state["step"] == STEPS
+        and st.client_state["consumed_samples"] == cfg.train.global_batch_size * STEPS
+    )
     assert st.lr_scheduler is not None and st.lr_scheduler["last_epoch"] == STEPS
     assert st.layout["data_parallel"] * st.layout["tensor"] * st.layout["pipeline"] == LAYOUTS[name][0]
 
@@ -127,6 +146,8 @@ OTHER_ORDER = 3e-4
         ("dp2z2", "dp2z0", OTHER_ORDER),
         ("dp2z3", "dp2z0", OTHER_ORDER),
         ("tp2", "dp1", OTHER_ORDER),
+        ("dp2z1pad", "dp1pad", OTHER_ORDER),
+        ("dp3z3", "dp3z0", OTHER_ORDER),
     ],
 )
 def test_same_moments_at_another_layout(runs, a, b, tol):
@@ -134,6 +155,13 @@ def test_same_moments_at_another_layout(runs, a, b, tol):
     for what in ("exp_avg", "exp_avg_sq"):
         worst = _rel(getattr(sa, what), getattr(sb, what))
         assert worst <= tol, f"{a} vs {b}: {what} differs by {worst:.2e} (relative to max) > {tol:.0e}"
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("dp2z1pad", ""), ("dp2bf16pad", "bf16_")])
+def test_padded_layouts_are_padded(runs, name, prefix):
+    """The pad layouts exercise what they are for: the last rank's 1-D group carries padding."""
+    path = runs.checkpoint(name) / f"{prefix}zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert torch.load(path, weights_only=False)["optimizer_state_dict"]["group_paddings"] == [0, 2]
 
 
 def test_coverage_check_names_a_removed_parameter(runs, tmp_path):
