@@ -14,6 +14,7 @@ from bigtrain.checkpoint import WeightReader
 from bigtrain.models import layout
 from bigtrain.registry import task_params
 from bigtrain.reshard import OptimizerState, read_optimizer_state
+from tests.finetune.helpers import SFT_TINY, make_tokenizer, reverse_rows, reverse_split, write_jsonl
 from tests.training.helpers import single, torchrun, train_args, write_corpus
 
 pytestmark = pytest.mark.slow
@@ -58,6 +59,13 @@ KINDS = {  # the optimizer DeepSpeed ran; the rest: torch's (ZeRO-0)
     "dp2bf16pad": "bf16",
     "dp3z3": "zero3",
 }
+# fine-tuning (python -m bigtrain.finetune, sft-tiny, DP2) with frozen parameters: LoRA trains only its
+# adapters; freeze_layers/freeze_embeddings freeze the embedding and block 1
+FINETUNE = {
+    "lora_z0": ["zero.stage=0", "finetune.lora.rank=4"],
+    "lora_z1": ["zero.stage=1", "finetune.lora.rank=4"],
+    "freeze_z0": ["zero.stage=0", "finetune.freeze_layers=1", "finetune.freeze_embeddings=true"],
+}
 STEPS = 2
 
 
@@ -69,9 +77,21 @@ class Runs:
         self.corpus = write_corpus(root / "data" / "train")
         self.states: dict[str, OptimizerState] = {}
 
+    def _finetune(self, name: str) -> None:
+        sft = self.root / "sft.jsonl"
+        if not sft.is_file():
+            make_tokenizer(self.root)
+            write_jsonl(sft, reverse_rows(reverse_split(100, 0)[0]))
+        args = ["--config", SFT_TINY, "--set", f"data.tokenizer={self.root / 'tokenizer'}",
+                f"finetune.train={sft}", "finetune.valid=null", f"train.run_dir={self.root / name}",
+                f"train.steps={STEPS}", "train.eval_interval=0", *FINETUNE[name]]  # fmt: skip
+        torchrun(2, args, module="bigtrain.finetune")
+
     def checkpoint(self, name: str) -> Path:
         ckpt = self.root / name / "checkpoints" / f"step_{STEPS:08d}"
-        if not ckpt.is_dir():
+        if not ckpt.is_dir() and name in FINETUNE:
+            self._finetune(name)
+        elif not ckpt.is_dir():
             nproc, overrides = LAYOUTS[name]
             args = train_args(self.corpus, self.root / name, *overrides, steps=STEPS)
             if nproc == 1:
@@ -148,6 +168,7 @@ OTHER_ORDER = 3e-4
         ("tp2", "dp1", OTHER_ORDER),
         ("dp2z1pad", "dp1pad", OTHER_ORDER),
         ("dp3z3", "dp3z0", OTHER_ORDER),
+        ("lora_z1", "lora_z0", SAME_ORDER),
     ],
 )
 def test_same_moments_at_another_layout(runs, a, b, tol):
@@ -155,6 +176,29 @@ def test_same_moments_at_another_layout(runs, a, b, tol):
     for what in ("exp_avg", "exp_avg_sq"):
         worst = _rel(getattr(sa, what), getattr(sb, what))
         assert worst <= tol, f"{a} vs {b}: {what} differs by {worst:.2e} (relative to max) > {tol:.0e}"
+
+
+@pytest.mark.parametrize("name", list(FINETUNE))
+def test_frozen_parameters_are_left_out(runs, name):
+    """Only what the task trains has optimizer state: LoRA's adapters, or what freezing leaves (blocks 2..
+    and the head); each is extracted like the others, the frozen keys are listed."""
+    st = runs.state(name)
+    cfg = st.config
+    params = list(layout.iter_layer_params(cfg.model, task=task_params(cfg)))
+    if cfg.finetune.lora.rank:
+        trained = [lp.key for lp in params if layout.is_added(lp.spec)]
+    else:
+        trained = [lp.key for lp in params if lp.index >= 2]
+    assert 0 < len(trained) < len(params)
+    assert sorted(st.master) == sorted(st.exp_avg) == sorted(trained)
+    assert sorted(st.frozen) == sorted(lp.key for lp in params if lp.key not in trained)
+    reader = WeightReader(runs.checkpoint(name))
+    for lp in params:
+        if lp.key in trained:
+            assert torch.equal(st.master[lp.key], reader.full(lp)), lp.key
+            assert st.exp_avg_sq[lp.key].shape == st.master[lp.key].shape, lp.key
+            assert st.exp_avg_sq[lp.key].abs().sum() > 0, lp.key
+    assert st.step == STEPS
 
 
 @pytest.mark.parametrize(("name", "prefix"), [("dp2z1pad", ""), ("dp2bf16pad", "bf16_")])
