@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bigtrain.checkpoint_files import META
-from bigtrain.config import Config
+from bigtrain.config import Config, ModelConfig
 from bigtrain.models import layout
 
 STATES = ("exp_avg", "exp_avg_sq")
@@ -66,7 +66,7 @@ def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _key_of(name: str, m: Any, expected: dict[str, layout.LayerParam]) -> str | None:
+def _key_of(name: str, m: ModelConfig, expected: dict[str, layout.LayerParam]) -> str | None:
     """The layout key of a DeepSpeed parameter name (``LlamaModel``/``BertModel`` role names, or a
     ``PipelineModule``'s numbered layers and tied module), or None if it names no table parameter."""
     head, _, rest = name.partition(".")
@@ -331,7 +331,7 @@ def read_optimizer_state(checkpoint_dir: str | Path) -> OptimizerState:
     once, full shape at the saved padded vocabulary. Raises FileNotFoundError for a missing file, and
     ValueError naming the file for what cannot be read or named: a layout key extracted twice or not at
     all (the coverage check), step counts that differ, a flat group whose size does not add up, or an
-    unsupported combination (ZeRO-0 with layer decay, ZeRO-0 + pipeline + tied embeddings, optimizers
+    unsupported combination (ZeRO-0 with layer decay, a bert pipeline at ZeRO-0, optimizers
     without Adam moments)."""
     from bigtrain.registry import task_params
     from bigtrain.resume_rules import saved_config

@@ -1,6 +1,7 @@
 """bigtrain.reshard.read_optimizer_state on real checkpoints: the tiny model trained 2 steps from the same
-seed and data at several layouts (DP2 ZeRO-0/1/2/3, TP2 ZeRO-0/1, PP2, TP2xPP2, bf16 ZeRO-1, tied
-embeddings at PP2 ZeRO-0/1), one run per layout shared by every assertion."""
+seed and data at several layouts (DP2 ZeRO-0/1/2/3, TP2 ZeRO-0/1, PP2, TP2xPP2, bf16 and fp16 ZeRO-1,
+tied embeddings at PP2 ZeRO-0/1, padded groups, DP3, frozen parameters), one run per layout shared by
+every assertion."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pipeline=2"]),
     "tp2pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "dp2bf16": (2, ["zero.stage=1", "precision=bf16"]),
+    "dp2fp16": (2, ["zero.stage=1", "precision=fp16"]),
     "tp2z1": (2, ["parallel.tensor=2", "zero.stage=1"]),
     "dp1tied": (1, ["model.tie_embeddings=true"]),
     "pp2z0tied": (2, ["parallel.pipeline=2", "model.tie_embeddings=true"]),
@@ -53,6 +55,7 @@ KINDS = {  # the optimizer DeepSpeed ran; the rest: torch's (ZeRO-0)
     "dp2z2": "zero",
     "dp2z3": "zero3",
     "dp2bf16": "bf16",
+    "dp2fp16": "zero",
     "tp2z1": "zero",
     "pp2z1tied": "zero",
     "dp2z1pad": "zero",
@@ -199,6 +202,12 @@ def test_frozen_parameters_are_left_out(runs, name):
             assert st.exp_avg_sq[lp.key].shape == st.master[lp.key].shape, lp.key
             assert st.exp_avg_sq[lp.key].abs().sum() > 0, lp.key
     assert st.step == STEPS
+
+
+def test_loss_scaler_only_where_fp16(runs):
+    scaler = runs.state("dp2fp16").loss_scaler
+    assert scaler is not None and scaler.dynamic and scaler.cur_iter == STEPS and scaler.cur_scale > 1
+    assert runs.state("dp2z1").loss_scaler is None and runs.state("dp2bf16").loss_scaler is None
 
 
 @pytest.mark.parametrize(("name", "prefix"), [("dp2z1pad", ""), ("dp2bf16pad", "bf16_")])
