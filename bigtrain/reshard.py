@@ -62,8 +62,9 @@ def _load(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path}: missing (checkpoint incomplete, or not the layout bigtrain.json names)"
         )
-    # DeepSpeed pickles its own objects (LossScaler, enums, fragment addresses): not weights_only
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # DeepSpeed pickles its own objects (LossScaler, enums, fragment addresses): not weights_only.
+    # mmap: tensors are read when used, so a large checkpoint is not loaded into memory at once.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def _key_of(name: str, m: ModelConfig, expected: dict[str, layout.LayerParam]) -> str | None:
@@ -115,7 +116,8 @@ class _Shards:
         slots = self.values.setdefault(key, [None] * self.tp)
         if slots[tp_rank] is not None:
             raise ValueError(f"{self.ckpt}: {key} appears twice for tensor rank {tp_rank} ({where})")
-        slots[tp_rank] = {name: t.detach().float().contiguous() for name, t in values.items()}
+        # a copy: the sources may be views of memory-mapped checkpoint files
+        slots[tp_rank] = {name: t.detach().to(torch.float32, copy=True) for name, t in values.items()}
 
     def same(self, key: str, tp_rank: int, values: dict[str, torch.Tensor], where: str) -> None:
         """A second copy (tied embedding) must equal the one kept, bitwise: taken once, checked."""
