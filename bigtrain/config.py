@@ -399,6 +399,14 @@ class DebugConfig:
         "SIGKILL this process at a named point inside a checkpoint save (see checkpoint.SAVE_FAULT_POINTS).",
     )
     kill_in_save_step: int = opt(0, "Only in the save of this step (0: the first save).")
+    check_reshard: bool = opt(
+        False,
+        "After a resume at another layout, read the injected masters and Adam moments back from the live "
+        "optimizer and require them bitwise equal to the checkpoint's (a collective; tests, drills).",
+    )
+    reshard_zero_moments: bool = opt(
+        False, "Wrong on purpose (test control): a resume at another layout injects zero Adam moments."
+    )
 
 
 @dataclass

@@ -56,6 +56,14 @@ class OptimizerState:
     loss_scaler: Any | None  # DeepSpeed's LossScaler (fp16 at ZeRO >= 1), else None
     client_state: dict[str, Any] = field(default_factory=dict)  # bigtrain's (step, consumed_samples, ...)
 
+    def keys(self) -> list[str]:
+        """Trainable layout keys held (table order)."""
+        return list(self.master)
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """Full fp32 ``master``, ``exp_avg`` and ``exp_avg_sq`` of one layout key (saved padded vocab)."""
+        return {"master": self.master[key], "exp_avg": self.exp_avg[key], "exp_avg_sq": self.exp_avg_sq[key]}
+
 
 def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
