@@ -295,34 +295,34 @@ def _keep_configured(engine: Any, cfg: Config, saved: Config) -> Callable[[], No
 def resume(engine: Any, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
     """Load checkpoint ``tag`` of run_dir (model, optimizer, LR schedule, loss scale, RNG); returns the
     saved training state. Hyper-parameters that ``bigtrain.resume_rules`` honours (schedule, optimizer
-    param_groups, clipping, fp16 scaling) are those of ``cfg`` afterwards, not the checkpoint's."""
+    param_groups, clipping, fp16 scaling) are those of ``cfg`` afterwards, not the checkpoint's.
+
+    A checkpoint saved at another layout (``reshard_inject.needs_reshard``) has its optimizer state
+    injected (:func:`bigtrain.reshard_inject.inject`); the engine's weights must then already be the
+    checkpoint's (``load_weights_only`` before ``deepspeed.initialize``, as ``pretrain.run`` does)."""
+    from bigtrain import reshard_inject
     from bigtrain.resume_rules import saved_config
 
     ckpt_dir = checkpoints_dir(cfg)
     meta = json.loads((ckpt_dir / tag / META).read_text())
-    saved = meta["layout"]
-    if (saved["tensor"], saved["pipeline"]) != (cfg.parallel.tensor, cfg.parallel.pipeline):
-        raise RuntimeError(layout_change_message(ckpt_dir / tag, saved, cfg))
-    restore_configured = _keep_configured(engine, cfg, saved_config(meta))
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    saved = saved_config(meta)
+    restore_configured = _keep_configured(engine, cfg, saved)
+    resharding = reshard_inject.needs_reshard(meta, saved, cfg)
+    if resharding:
+        client_state = {"bigtrain": reshard_inject.inject(engine, cfg, dist, ckpt_dir / tag)}
+    else:
+        path, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     restore_configured()
-    rng_file = ckpt_dir / tag / "rng" / f"rank{dist.rank:05d}.pt"
+    # at another layout the ranks play other roles: every rank takes saved rank 0's streams (all ranks
+    # are seeded alike; what draws from them, LoRA dropout, cannot repeat at another layout anyway)
+    rng_file = ckpt_dir / tag / "rng" / f"rank{0 if resharding else dist.rank:05d}.pt"
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=False))
     return client_state["bigtrain"]
-
-
-def layout_change_message(ckpt: Path, saved: dict[str, int], cfg: Config) -> str:
-    return (
-        f"{ckpt} was saved at parallel.tensor={saved['tensor']} parallel.pipeline={saved['pipeline']}; "
-        f"resuming its optimizer state at parallel.tensor={cfg.parallel.tensor} "
-        f"parallel.pipeline={cfg.parallel.pipeline} is not supported. Keep the saved layout, or start a new "
-        f"train.run_dir with checkpoint.load={ckpt} (weights only, any layout, fresh optimizer)."
-    )
 
 
 def _weight_files(rel: str) -> bool:

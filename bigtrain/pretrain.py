@@ -116,6 +116,16 @@ def agreed_order_change(cfg: Config, saved: int, new: int, n: int) -> int | None
     return _broadcast(built_order_change(cfg, saved, new, n))
 
 
+def resharding(cfg: Config, tag: str) -> bool:
+    """Whether checkpoint ``tag`` of run_dir was saved at a layout whose optimizer state must be resharded
+    into ``cfg``'s (:func:`bigtrain.reshard_inject.needs_reshard`)."""
+    from bigtrain.reshard_inject import needs_reshard
+    from bigtrain.resume_rules import saved_config
+
+    meta = json.loads((Path(cfg.train.run_dir) / "checkpoints" / tag / "bigtrain.json").read_text())
+    return needs_reshard(meta, saved_config(meta), cfg)
+
+
 def preflight(cfg: Config, rank: int) -> None:
     """Mismatches that would otherwise surface after start-up (or never), as ConfigError, before any
     process group exists: a checkpoint whose model shape or layout differs from the config, a resume
@@ -123,9 +133,10 @@ def preflight(cfg: Config, rank: int) -> None:
     wait for it at rendezvous) data that is missing, corrupt, out of the vocab or tokenized with another
     tokenizer, or a longer run whose data order would not continue the saved run's."""
     from bigtrain import checkpoint_files as files
-    from bigtrain.checkpoint import layout_change_message, model_shape_differences
+    from bigtrain.checkpoint import model_shape_differences
     from bigtrain.config import config_from_dict
-    from bigtrain.resume_rules import built_order_change, check_chat_template, reconcile
+    from bigtrain.reshard_inject import needs_reshard, reshard_line
+    from bigtrain.resume_rules import built_order_change, check_chat_template, reconcile, saved_config
 
     def saved_meta(ckpt: Path) -> dict:
         try:
@@ -150,14 +161,14 @@ def preflight(cfg: Config, rank: int) -> None:
     if complete:
         newest = ckpt_dir / complete[0]
         meta = saved_meta(newest)
-        saved = meta["layout"]
-        if (saved["tensor"], saved["pipeline"]) != (cfg.parallel.tensor, cfg.parallel.pipeline):
-            raise ConfigError(layout_change_message(newest, saved, cfg))
-        # every other field: refused ones stop here; run() applies and says the honoured ones
-        # (a data order megatron must build to compare: rank 0 decides, see rank0_decides_order)
+        # every field: refused ones stop here (a layout change whose optimizer state cannot be resharded
+        # among them); run() applies and says the honoured ones (a data order megatron must build to
+        # compare: rank 0 decides, see rank0_decides_order)
         order_change = built_order_change if rank == 0 else rank0_decides_order
         reconcile(copy.deepcopy(cfg), meta, str(newest), order_change)
         check_chat_template(cfg, meta, str(newest))  # SFT: the template it was trained with
+        if rank == 0 and needs_reshard(meta, saved_config(meta), cfg):
+            print(reshard_line(newest.name, meta, saved_config(meta), cfg), flush=True)
     elif cfg.checkpoint.load:
         from bigtrain.checkpoint import resolve_weights_dir
 
@@ -222,6 +233,8 @@ def run(
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         console("bigtrain resolved config:\n" + cfg.to_yaml())
     model = build_model(cfg, topology=dist.topology)  # the family and task cfg names (bigtrain.registry)
+    if tag is not None and resharding(cfg, tag):  # the optimizer state follows after initialize
+        checkpoint.load_weights_only(model, cfg, checkpoint.checkpoints_dir(cfg) / tag)
     if cfg.checkpoint.load and tag is None:
         checkpoint.load_weights_only(model, cfg, cfg.checkpoint.load)
         if dist.is_main:

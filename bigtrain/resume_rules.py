@@ -59,6 +59,13 @@ def _partitioned(saved: Config, new: Config) -> bool:
     return saved.zero.stage >= 1 or saved.precision != "fp32"
 
 
+def _not_reshardable(saved: Config, new: Config) -> bool:
+    """The saved optimizer state cannot follow a layout change (``reshard_inject.cannot_reshard``)."""
+    from bigtrain.reshard_inject import cannot_reshard
+
+    return cannot_reshard(saved) is not None
+
+
 def _both_fp16(saved: Config, new: Config) -> bool:
     return saved.precision == new.precision == "fp16"
 
@@ -77,6 +84,10 @@ def _pipelined(saved: Config, new: Config) -> bool:
 
 SHAPE = "the checkpoint's weights have the saved shape"
 LAYOUT = "the optimizer state is saved per tensor x pipeline rank"
+RESHARD = (
+    "the optimizer state is resharded to the new layout (bigtrain.reshard_inject), except Adam's-less "
+    "optimizers and layer decay at ZeRO-0, whose saved state cannot be"
+)
 SCHEDULE = "DeepSpeed restores the saved LR schedule; the new one is put in its place at the restored step"
 GROUPS = "DeepSpeed restores the saved optimizer param_groups; the new value is set on them after the load"
 BUILT = "not part of the restored state: the model/engine is built with the new value"
@@ -125,24 +136,23 @@ RULES: dict[str, Rule] = {
     **{f"model.rope_scaling.{f.name}": Rule(HONOURED, BUILT) for f in dataclasses.fields(RopeScalingConfig)},
     "model.norm_eps": Rule(HONOURED, BUILT),
     # layout
-    "parallel.tensor": Rule(REFUSED, LAYOUT),
-    "parallel.pipeline": Rule(REFUSED, LAYOUT),
+    "parallel.tensor": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
+    "parallel.pipeline": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.sequence_parallel": Rule(REFUSED, LAYOUT),
     "parallel.partition_method": Rule(
-        REFUSED, "it decides which layers (and optimizer state) each pipeline stage holds", only_if=_pipelined
+        REFUSED, RESHARD, only_if=lambda s, n: _pipelined(s, n) and _not_reshardable(s, n), otherwise=HONOURED
     ),
     DP_SIZE: Rule(
         REFUSED,
-        "the optimizer state is partitioned over the data-parallel ranks (ZeRO >= 1; bf16/fp16 run as ZeRO-1) "
-        "and cannot be re-partitioned yet",
-        only_if=_partitioned,
-        otherwise=HONOURED,  # ZeRO-0 fp32: every rank holds all of it; the data position is a global count
+        RESHARD,
+        only_if=lambda s, n: _partitioned(s, n) and _not_reshardable(s, n),
+        otherwise=HONOURED,  # resharded; ZeRO-0 fp32: every rank holds all of it; the data position is global
     ),
     "derived.world_size": Rule(FREE, "follows from the layout and the data-parallel size (classified there)"),
     "derived.grad_accum_steps": Rule(FREE, "follows from the batch sizes and the data-parallel size"),
     "derived.padded_vocab_size": Rule(FREE, "follows from model.vocab_size and parallel.tensor"),
-    "zero.stage": Rule(REFUSED, "the optimizer state's partitioning and checkpoint format"),
-    "zero.offload_optimizer": Rule(REFUSED, "the optimizer implementation (DeepSpeed's CPU Adam)"),
+    "zero.stage": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
+    "zero.offload_optimizer": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "zero.overlap_comm": Rule(FREE, TUNING),
     "zero.reduce_bucket_size": Rule(FREE, TUNING),
     "zero.allgather_bucket_size": Rule(FREE, TUNING),

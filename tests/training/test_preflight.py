@@ -1,5 +1,5 @@
 """Mismatches are caught before start-up (no process group: tests/entry_point.py --no-start-up), each
-with a one-line error naming the field or file: checkpoint shape, resume at another layout, token ids beyond the vocab, another tokenizer,
+with a one-line error naming the field or file: checkpoint shape, token ids beyond the vocab, another tokenizer,
 missing or corrupt index files."""
 
 from __future__ import annotations
@@ -59,18 +59,17 @@ def test_resume_with_another_model_shape(trained, tmp_path):
     )
 
 
-def test_resume_at_another_parallel_layout(trained, tmp_path):
+def test_resume_at_another_parallel_layout_says_so_before_start_up(trained, tmp_path):
+    """Another layout is resumed by resharding the optimizer state (tests/training/test_reshard_resume.py):
+    pre-flight says what will happen in one line before any process group (refusals: test_resume_rules)."""
+    from tests.entry_point import START_UP_REACHED
+
     corpus, run = trained
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     out = torchrun(2, train_args(corpus, copy, "parallel.tensor=2"), check=False, no_start_up=True)
-    assert_refused_before_start_up(
-        out,
-        "was saved at parallel.tensor=1 parallel.pipeline=1",
-        "checkpoint.load=",
-        "weights only, any layout",
-        returncode=None,  # torchrun's own status
-    )
+    line = "resuming step_00000002 saved at TP1 PP1 DP1 ZeRO-0 into TP2 PP1 DP1 ZeRO-0 (resharding optimizer state)"
+    assert line in out.stdout and START_UP_REACHED in out.stderr, (out.stdout[-2000:], out.stderr[-2000:])
 
 
 def test_token_ids_beyond_the_vocab(trained, tmp_path):
