@@ -6,8 +6,9 @@ One uninterrupted 20-step reference per source layout (checkpoints at 10 and 20)
 and shared by every resume from it. A resume copies the reference's run directory back to step 10 (what
 a kill after that save leaves) and relaunches it at the target layout with ``debug.check_reshard=true``:
 every rank reads the injected masters and moments back from its live optimizer and compares them
-bitwise with the checkpoint's (acceptance 2, inside the run). A control relaunch injecting zero moments
-shows the loss comparison can fail."""
+bitwise with the checkpoint's (acceptance 2, inside the run); the relaunch's step-20 optimizer state is
+then compared with the reference's. A control relaunch injecting zero moments shows both comparisons
+can fail."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from bigtrain.checkpoint import latest_tag, list_tags
 from bigtrain.checkpoint_files import set_latest
 from bigtrain.models import layout
-from bigtrain.reshard import read_optimizer_state
+from bigtrain.reshard import OptimizerState, read_optimizer_state
 from tests.finetune.helpers import SFT_TINY, make_tokenizer, reverse_rows, reverse_split, write_jsonl
 from tests.training.helpers import (
     assert_close_rel,
@@ -153,16 +154,46 @@ def test_resume_at_another_layout_continues_the_run(refs, source, nproc, overrid
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in expected], rel=1e-12)
     assert [r["consumed_samples"] for r in resumed] == [r["consumed_samples"] for r in expected]
 
+    # the step-20 checkpoint: saved at the target layout, its optimizer state the reference's (measured
+    # <= 1.3e-6 of each tensor's largest value: the new layout's reduction order; a lost moment is O(1))
+    end = read_optimizer_state(tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}")
+    sizes = re.fullmatch(r"TP(\d+) PP(\d+) DP(\d+) ZeRO-(\d+)", into)
+    assert sizes is not None
+    assert end.layout == dict(zip(("tensor", "pipeline", "data_parallel"), map(int, sizes.groups()[:3])))
+    assert end.zero_stage == int(sizes.group(4)) and end.step == STEPS
+    assert end.client_state["consumed_samples"] == resumed[-1]["consumed_samples"]
+    for what, worst in state_difference(end, refs.run_dir(source)).items():
+        print(f"  step-20 {what}: max difference {worst:.1e} of the tensor's largest value")
+        assert worst <= 1e-5, (what, worst)
+
+
+def state_difference(end: OptimizerState, reference: Path) -> dict[str, float]:
+    """Per state (master, exp_avg, exp_avg_sq): the largest difference from the reference's step-20
+    checkpoint, relative to each tensor's largest value, worst over the keys."""
+    ref = read_optimizer_state(reference / "checkpoints" / f"step_{STEPS:08d}")
+    assert end.keys() == ref.keys() and ref.step == STEPS
+    worst = dict.fromkeys(("master", "exp_avg", "exp_avg_sq"), 0.0)
+    for key in ref.keys():
+        for what, b in ref.tensors(key).items():
+            a = end.tensors(key)[what]
+            worst[what] = max(worst[what], ((a - b).abs().max() / b.abs().max()).item())
+    return worst
+
 
 def test_zeroed_moments_change_the_curve(refs, tmp_path):
     """Control: the TP2 -> TP1 DP2 relaunch injecting zero Adam moments (what a weights-only load keeps)
-    leaves steps 11-20 more than 1e-3 relative away from the reference somewhere."""
+        leaves steps 11-20 more than 1e-3 relative away from the reference somewhere, and the step-20 second
+    moments too (the state comparison above can fail)."""
     refs.resume("tp2", tmp_path / "run", 2, "debug.reshard_zero_moments=true")
     reference = {r["step"]: r["loss"] for r in metrics(refs.run_dir("tp2"))}
     resumed = resumed_rows(tmp_path / "run")
     worst = max(abs(r["loss"] - reference[r["step"]]) / reference[r["step"]] for r in resumed)
     print(f"zeroed moments: steps 11-20 max relative loss difference {worst:.1e}")
     assert worst > 1e-3, f"zeroed moments moved steps 11-20 by at most {worst:.1e} relative"
+    end = read_optimizer_state(tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}")
+    moments = state_difference(end, refs.run_dir("tp2"))
+    print(f"zeroed moments: step-20 state differences {moments}")
+    assert moments["exp_avg_sq"] > 1e-3, moments
 
 
 def test_moments_shard_and_merge_bitwise_at_the_target(refs):
