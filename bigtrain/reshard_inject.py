@@ -163,6 +163,9 @@ def inject(engine: Any, cfg: Config, dist: Dist, ckpt: Path) -> dict[str, Any]:
     from bigtrain.registry import local_parameters
 
     source = _open_source(ckpt)
+    zero3_events = hasattr(engine.optimizer, "checkpoint_event_prologue")
+    if zero3_events:  # ZeRO-3: release gathered parameters first, as DeepSpeed's own load does
+        engine.optimizer.checkpoint_event_prologue()
     base, wrapped = _base_optimizer(engine)
     _create_state(engine, base, source.step)
     if wrapped and hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
@@ -183,7 +186,9 @@ def inject(engine: Any, cfg: Config, dist: Dist, ckpt: Path) -> dict[str, Any]:
         for what, full in source.tensors(key).items():
             value = layout.shard(_repad(full, lp, cfg), lp.spec.split, tp.rank, tp.size)
             if tuple(value.shape) != shape:
-                raise ValueError(f"{ckpt}: {key} {what} shards to {tuple(value.shape)}, the parameter is {shape}")
+                raise ValueError(
+                    f"{ckpt}: {key} {what} shards to {tuple(value.shape)}, the parameter is {shape}"
+                )
             if what != "master" and cfg.debug.reshard_zero_moments:
                 value = torch.zeros_like(value)  # the wrong-on-purpose control (a weights-only load)
             local[what] = value.to(param.device)
@@ -198,6 +203,8 @@ def inject(engine: Any, cfg: Config, dist: Dist, ckpt: Path) -> dict[str, Any]:
         if cfg.debug.check_reshard:
             expected[key] = local
     _update_low_precision(engine)
+    if zero3_events:  # ZeRO-3: persistent (small, always gathered) parameters re-gathered from partitions
+        engine.optimizer.checkpoint_event_epilogue()
     _restore_counters(engine, cfg, source)
     if cfg.debug.check_reshard:
         check(engine, cfg, dist, expected, ckpt)
