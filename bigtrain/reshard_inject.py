@@ -133,16 +133,19 @@ def _base_optimizer(engine: Any) -> tuple[torch.optim.Optimizer, bool]:
     return opt, False
 
 
-def _create_state(base: torch.optim.Optimizer, step: int) -> None:
-    """Adam's state for every parameter the base optimizer holds (a ZeRO flat partition, or a model
-    parameter at ZeRO-0), zero moments at ``step``: torch creates it lazily at the first step, and
-    the moments are then overwritten per parameter."""
-    for group in base.param_groups:
-        for flat in group["params"]:
-            base.state[flat] = {
-                "step": _new_step(base, group, flat.device, step),
-                **{s: torch.zeros_like(flat, memory_format=torch.preserve_format) for s in STATES},
-            }
+def _create_state(engine: Any, base: torch.optim.Optimizer, step: int) -> None:
+    """Adam's state for every tensor the base optimizer steps (a ZeRO flat partition, or a model
+    parameter at ZeRO-0), zero moments at ``step``: torch creates it lazily at the first step, and the
+    moments are then overwritten per parameter. ZeRO-3 hands its flat sub-groups to the base optimizer
+    only during a step (``stage3.py`` ``_set_fp32_optimizer_param_groups``): taken from the wrapper."""
+    flats = [(group, flat) for group in base.param_groups for flat in group["params"]]
+    group = base.param_groups[0]
+    flats += [(group, flat) for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])]
+    for group, flat in flats:
+        base.state[flat] = {
+            "step": _new_step(base, group, flat.device, step),
+            **{s: torch.zeros_like(flat, memory_format=torch.preserve_format) for s in STATES},
+        }
 
 
 @torch.no_grad()
@@ -160,8 +163,11 @@ def inject(engine: Any, cfg: Config, dist: Dist, ckpt: Path) -> dict[str, Any]:
     from bigtrain.registry import local_parameters
 
     source = _open_source(ckpt)
+    zero3_events = hasattr(engine.optimizer, "checkpoint_event_prologue")
+    if zero3_events:  # ZeRO-3: release gathered parameters first, as DeepSpeed's own load does
+        engine.optimizer.checkpoint_event_prologue()
     base, wrapped = _base_optimizer(engine)
-    _create_state(base, source.step)
+    _create_state(engine, base, source.step)
     if wrapped and hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO-1/2 and bf16: link each parameter's fragment to the state just created (DeepSpeed does it
         # at its first step; ``safe_set_full_optimizer_state`` writes through these links)
@@ -176,11 +182,12 @@ def inject(engine: Any, cfg: Config, dist: Dist, ckpt: Path) -> dict[str, Any]:
         if key not in held:
             raise ValueError(f"{ckpt}: no optimizer state for {key}, which this run trains")
         local = {}
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the data is this rank's partition
         for what, full in source.tensors(key).items():
             value = layout.shard(_repad(full, lp, cfg), lp.spec.split, tp.rank, tp.size)
-            if tuple(value.shape) != tuple(param.shape):
+            if tuple(value.shape) != shape:
                 raise ValueError(
-                    f"{ckpt}: {key} {what} shards to {tuple(value.shape)}, the parameter is {tuple(param.shape)}"
+                    f"{ckpt}: {key} {what} shards to {tuple(value.shape)}, the parameter is {shape}"
                 )
             if what != "master" and cfg.debug.reshard_zero_moments:
                 value = torch.zeros_like(value)  # the wrong-on-purpose control (a weights-only load)
@@ -196,6 +203,8 @@ def inject(engine: Any, cfg: Config, dist: Dist, ckpt: Path) -> dict[str, Any]:
         if cfg.debug.check_reshard:
             expected[key] = local
     _update_low_precision(engine)
+    if zero3_events:  # ZeRO-3: persistent (small, always gathered) parameters re-gathered from partitions
+        engine.optimizer.checkpoint_event_epilogue()
     _restore_counters(engine, cfg, source)
     if cfg.debug.check_reshard:
         check(engine, cfg, dist, expected, ckpt)
