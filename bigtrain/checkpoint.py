@@ -220,8 +220,12 @@ def verify_distributed(ckpt: Path, dist: Dist, checksums: bool = True) -> list[s
     return list(dict.fromkeys(p for part in gathered for p in (part or [])))
 
 
-def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
-    """The newest checkpoint in run_dir that verifies. Newer bad ones are reported and moved aside."""
+def choose_resume_tag(cfg: Config, dist: Dist, refuse_none_valid: bool = False) -> str | None:
+    """The newest checkpoint in run_dir that verifies. Newer bad ones are reported and moved aside.
+
+    ``refuse_none_valid``: raise ConfigError, instead of returning None, when checkpoints existed but
+    none verifies (a relaunch must not silently start the run over from step 0)."""
+    from bigtrain.config import ConfigError
     from bigtrain.metrics import console
 
     ckpt_dir = checkpoints_dir(cfg)
@@ -229,7 +233,8 @@ def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
         removed = files.remove_stale_temporaries(ckpt_dir)
         if removed:
             console(f"removed leftovers of interrupted saves: {', '.join(removed)}")
-    for tag in _broadcast(files.candidate_tags(ckpt_dir)):
+    tags = _broadcast(files.candidate_tags(ckpt_dir))
+    for i, tag in enumerate(tags):
         problems = verify_distributed(ckpt_dir / tag, dist, cfg.checkpoint.verify_checksums)
         if not problems:
             if dist.is_main and files.latest_pointer(ckpt_dir) != tag:
@@ -239,11 +244,18 @@ def choose_resume_tag(cfg: Config, dist: Dist) -> str | None:
         barrier()
         if dist.is_main:
             moved = files.invalidate(ckpt_dir, tag)
+            then = "falling back to the previous checkpoint" if i + 1 < len(tags) else "no earlier checkpoint"
             files.warn(
                 f"checkpoint {ckpt_dir / tag} is invalid and will not be loaded ({'; '.join(problems)}); "
-                f"moved to {moved.name}, falling back to the previous checkpoint"
+                f"moved to {moved.name}, {then}"
             )
         barrier()
+    if tags and refuse_none_valid:
+        raise ConfigError(
+            f"{ckpt_dir}: no valid checkpoint left (moved aside: "
+            f"{', '.join(t + files.INVALID_SUFFIX for t in tags)}); not starting the run over from step 0 in "
+            "a run directory that had checkpoints: repair or restore them, or move checkpoints/ away to start afresh"
+        )
     return None
 
 

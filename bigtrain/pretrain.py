@@ -116,14 +116,26 @@ def agreed_order_change(cfg: Config, saved: int, new: int, n: int) -> int | None
     return _broadcast(built_order_change(cfg, saved, new, n))
 
 
+def _saved(cfg: Config, tag: str) -> tuple[dict, Config]:
+    from bigtrain.resume_rules import saved_config
+
+    meta = json.loads((Path(cfg.train.run_dir) / "checkpoints" / tag / "bigtrain.json").read_text())
+    return meta, saved_config(meta)
+
+
 def resharding(cfg: Config, tag: str) -> bool:
     """Whether checkpoint ``tag`` of run_dir was saved at a layout whose optimizer state must be resharded
     into ``cfg``'s (:func:`bigtrain.reshard_inject.needs_reshard`)."""
     from bigtrain.reshard_inject import needs_reshard
-    from bigtrain.resume_rules import saved_config
 
-    meta = json.loads((Path(cfg.train.run_dir) / "checkpoints" / tag / "bigtrain.json").read_text())
-    return needs_reshard(meta, saved_config(meta), cfg)
+    return needs_reshard(*_saved(cfg, tag), cfg)
+
+
+def resharding_line(cfg: Config, tag: str) -> str:
+    """:func:`bigtrain.reshard_inject.reshard_line` for checkpoint ``tag`` of run_dir."""
+    from bigtrain.reshard_inject import reshard_line
+
+    return reshard_line(tag, *_saved(cfg, tag), cfg)
 
 
 def preflight(cfg: Config, rank: int) -> None:
@@ -217,6 +229,7 @@ def run(
     and ``build(cfg, topology) -> model`` let other tasks (fine-tuning) reuse start-up, resume and fault
     handling unchanged."""
     from bigtrain import checkpoint
+    from bigtrain import checkpoint_files as files
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.engine import initialize_engine
     from bigtrain.metrics import console
@@ -226,8 +239,11 @@ def run(
     dist = init_distributed(cfg)
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
-    tag = checkpoint.choose_resume_tag(cfg, dist)
+    announced = next(iter(files.candidate_tags(checkpoint.checkpoints_dir(cfg))), None)  # pre-flight's
+    tag = checkpoint.choose_resume_tag(cfg, dist, refuse_none_valid=True)
     changes = checkpoint.compare_with_saved(cfg, tag, agreed_order_change) if tag is not None else []
+    if tag is not None and tag != announced and dist.is_main and resharding(cfg, tag):
+        console(f"{resharding_line(cfg, tag)} (after falling back from {announced})")
     if dist.is_main:  # after the comparison: what config.yaml records is what runs
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())

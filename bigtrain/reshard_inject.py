@@ -56,13 +56,14 @@ def needs_reshard(meta: dict[str, Any], saved: Config, cfg: Config) -> bool:
         return True
     (t0, p0, d0, z0, o0), (t1, p1, d1, z1, o1) = _layout_of(saved), _layout_of(cfg)
     same_partition = p1 == 1 or saved.parallel.partition_method == cfg.parallel.partition_method
-    return (t0, p0, z0, o0) != (t1, p1, z1, o1) or not same_partition or (d0 != d1 and z0 > 0)
+    repadded = saved.derived.padded_vocab_size != cfg.derived.padded_vocab_size
+    return (t0, p0, z0, o0) != (t1, p1, z1, o1) or not same_partition or (d0 != d1 and z0 > 0) or repadded
 
 
 def cannot_reshard(saved: Config) -> str | None:
     """Why the optimizer state a run with config ``saved`` wrote cannot be resharded, or None."""
     if saved.optim.name not in ("adamw", "adam"):
-        return f"optim.name={saved.optim.name}: only Adam's state (moments) is resharded"
+        return f"optim.name={saved.optim.name}: only Adam's state (its moments) is resharded"
     if _effective_stage(saved) == 0 and saved.optim.layer_decay != 1.0:
         return (
             f"optim.layer_decay={saved.optim.layer_decay} at zero.stage 0: the saved optimizer groups carry no "
@@ -74,21 +75,30 @@ def cannot_reshard(saved: Config) -> str | None:
     return None
 
 
-def _describe(t: int, p: int, d: int, cfg: Config) -> str:
+def _describe(t: int, p: int, d: int, cfg: Config, other: Config) -> str:
+    """``TP2 PP2 DP2 ZeRO-1``, with what else differs from ``other``: the pipeline partition, the padded
+    vocabulary, optimizer offload."""
+    pipe = (
+        f" ({cfg.parallel.partition_method})"
+        if p > 1 and cfg.parallel.partition_method != other.parallel.partition_method
+        else ""
+    )
+    vocab = cfg.derived.padded_vocab_size
+    padded = f" vocab {vocab}" if vocab != other.derived.padded_vocab_size else ""
     offload = "+offload" if cfg.zero.offload_optimizer else ""
-    return f"TP{t} PP{p} DP{d} ZeRO-{cfg.zero.stage}{offload}"
+    return f"TP{t} PP{p}{pipe} DP{d} ZeRO-{cfg.zero.stage}{offload}{padded}"
 
 
 def reshard_line(tag: str, meta: dict[str, Any], saved: Config, cfg: Config) -> str:
     """The one line pre-flight prints: ``resuming step_00000120 saved at TP2 PP2 DP2 ZeRO-1 into TP1 PP1
     DP4 ZeRO-2 (resharding optimizer state)``."""
     was = meta["layout"]
-    source = _describe(was["tensor"], was["pipeline"], was["data_parallel"], saved)
+    source = _describe(was["tensor"], was["pipeline"], was["data_parallel"], saved, cfg)
     origin = meta.get("resharded_from")
     if origin:  # written by tools/reshard_checkpoint.py: say the layout it was trained at
         source += f" (resharded offline from TP{origin['tensor']} PP{origin['pipeline']})"
     p = cfg.parallel
-    target = _describe(p.tensor, p.pipeline, cfg.derived.data_parallel_size, cfg)
+    target = _describe(p.tensor, p.pipeline, cfg.derived.data_parallel_size, cfg, saved)
     return f"resuming {tag} saved at {source} into {target} (resharding optimizer state)"
 
 
@@ -233,7 +243,11 @@ def _restore_counters(engine: Any, cfg: Config, source: Any) -> None:
     engine.global_samples = source.global_samples
     engine.skipped_steps = source.skipped_steps
     if source.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(source.lr_scheduler)
+        # the position only: the saved LambdaLR has one lambda and base LR per saved parameter group,
+        # and another layout (a pipeline stage, layer decay) has other groups; the caller rebuilds those
+        scheduler = engine.lr_scheduler
+        scheduler.last_epoch = source.lr_scheduler["last_epoch"]
+        scheduler._step_count = source.lr_scheduler["_step_count"]
     scaler, saved = getattr(engine.optimizer, "loss_scaler", None), source.loss_scaler
     if scaler is not None and saved is not None and cfg.precision == "fp16":
         for name in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis"):

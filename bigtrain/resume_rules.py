@@ -48,8 +48,11 @@ class Rule:
     only_if: Callable[[Config, Config], bool] | None = None
     otherwise: str = FREE
     value: Callable[[Config], Any] | None = None
+    free_if: Callable[[Config, Config], bool] | None = None  # checked first: the change means nothing
 
     def kind_for(self, saved: Config, new: Config) -> str:
+        if self.free_if is not None and self.free_if(saved, new):
+            return FREE
         return self.kind if self.only_if is None or self.only_if(saved, new) else self.otherwise
 
 
@@ -85,8 +88,8 @@ def _pipelined(saved: Config, new: Config) -> bool:
 SHAPE = "the checkpoint's weights have the saved shape"
 LAYOUT = "the optimizer state is saved per tensor x pipeline rank"
 RESHARD = (
-    "the optimizer state is resharded to the new layout (bigtrain.reshard_inject), except Adam's-less "
-    "optimizers and layer decay at ZeRO-0, whose saved state cannot be"
+    "the optimizer state is resharded to the new layout (bigtrain.reshard_inject) unless it cannot be: "
+    "an optimizer other than Adam, layer decay at ZeRO-0"
 )
 SCHEDULE = "DeepSpeed restores the saved LR schedule; the new one is put in its place at the restored step"
 GROUPS = "DeepSpeed restores the saved optimizer param_groups; the new value is set on them after the load"
@@ -108,7 +111,9 @@ RULES: dict[str, Rule] = {
     "model.vocab_size": Rule(REFUSED, SHAPE),
     "model.tie_embeddings": Rule(REFUSED, SHAPE),
     "model.type_vocab_size": Rule(REFUSED, SHAPE),
-    "model.make_vocab_size_divisible_by": Rule(REFUSED, "it sets the padded embedding's saved shape"),
+    "model.make_vocab_size_divisible_by": Rule(
+        REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED
+    ),
     "model.seq_length": Rule(
         REFUSED, "samples are windows of seq_length+1 tokens: the saved data position counts saved windows"
     ),
@@ -140,7 +145,11 @@ RULES: dict[str, Rule] = {
     "parallel.pipeline": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.sequence_parallel": Rule(REFUSED, LAYOUT),
     "parallel.partition_method": Rule(
-        REFUSED, RESHARD, only_if=lambda s, n: _pipelined(s, n) and _not_reshardable(s, n), otherwise=HONOURED
+        REFUSED,
+        RESHARD,
+        only_if=_not_reshardable,
+        otherwise=HONOURED,
+        free_if=lambda s, n: not _pipelined(s, n),  # no pipeline now: no partition
     ),
     DP_SIZE: Rule(
         REFUSED,
@@ -559,6 +568,12 @@ def check_chat_template(cfg: Config, meta: dict[str, Any], ckpt: str) -> None:
 
 
 def _refusal(name: str, rule: Rule, saved: Config, before: Any, after: Any, ckpt: str) -> str:
+    why = rule.why
+    if why == RESHARD:  # say which case: the saved optimizer state cannot be resharded because ...
+        from bigtrain.reshard_inject import cannot_reshard
+
+        why = f"the saved optimizer state cannot be resharded: {cannot_reshard(saved)}"
+    rule = dataclasses.replace(rule, why=why)
     what = f"{name}: checkpoint {_show(before)} vs config {_show(after)} ({rule.why})"
     if name == DP_SIZE:
         return (

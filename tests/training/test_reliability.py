@@ -110,6 +110,17 @@ def test_corrupted_then_truncated_newest_checkpoint_falls_back(corpus, tmp_path)
         assert len(losses) == 3 and max(losses) - min(losses) <= 1e-6 * abs(losses[0]), losses
     assert "resumed" not in first.stdout
 
+    # every checkpoint bad: refused (exit 2), not silently started over from step 0
+    for tag in files.candidate_tags(ckpts(run)):
+        with open(ckpts(run) / tag / "weights" / "tp00_pp00.safetensors", "r+b") as f:
+            f.truncate(8)
+    fourth = torchrun(2, args, check=False)
+    assert fourth.returncode != 0 and "step 1/" not in fourth.stdout
+    assert (
+        "no valid checkpoint left" in fourth.stderr
+        and "not starting the run over from step 0" in fourth.stderr
+    )
+
 
 # ---------------------------------------------------------------------------- 4. SIGTERM
 def test_sigterm_to_launcher_saves_the_current_step_and_exits_zero(corpus, tmp_path):
