@@ -63,7 +63,7 @@ Values = dict[str, torch.Tensor]  # "master", "exp_avg", "exp_avg_sq" -> tensor
 class _Source(Protocol):
     def keys(self) -> list[str]: ...
 
-    def read(self, key: str) -> Values: ...
+    def read(self, key: str, which: tuple[str, ...]) -> Values: ...
 
 
 @dataclass
@@ -94,20 +94,24 @@ class OptimizerState:
         assert self.source is not None
         return self.source.keys()
 
-    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+    def tensors(self, key: str, which: tuple[str, ...] = WHAT) -> dict[str, torch.Tensor]:
         """Full fp32 ``master``, ``exp_avg`` and ``exp_avg_sq`` of one layout key (saved padded vocab),
-        read from the checkpoint now (fresh tensors, not views of its files). KeyError for a key not held;
-        ValueError naming the file when the pieces do not merge (replicated shards or tied copies that
-        differ, a shape the table does not give)."""
+        read from the checkpoint now (fresh tensors, not views of its files); ``which`` picks some of
+        them (one at a time keeps one full tensor in memory). KeyError for a key not held or an unknown
+        name; ValueError naming the file when the pieces do not merge (replicated shards or tied copies
+        that differ, a shape the table does not give)."""
         assert self.source is not None
         if key not in self.keys():
             raise KeyError(
                 f"{key}: not a trainable parameter of this checkpoint (frozen: {key in self.frozen})"
             )
-        return self.source.read(key)
+        unknown = [w for w in which if w not in WHAT]
+        if unknown:
+            raise KeyError(f"{unknown}: not one of {WHAT}")
+        return self.source.read(key, tuple(which))
 
     def _all(self, what: str) -> dict[str, torch.Tensor]:
-        return {key: self.tensors(key)[what] for key in self.keys()}
+        return {key: self.tensors(key, (what,))[what] for key in self.keys()}
 
     # Every key at once (tests, small models): from read_optimizer_state these are in memory already.
     @property
@@ -153,7 +157,8 @@ class _Files:
         self.loaded.clear()  # the last references: the mappings go (checked: none left in /proc/self/maps)
 
 
-Read = Callable[[_Files], Values]  # one tensor rank's values of one key (may be views into the files)
+# one tensor rank's values of one key, for the names asked: fresh tensors (never views of the files)
+Read = Callable[[_Files, tuple[str, ...]], Values]
 
 
 @dataclass(frozen=True)
@@ -165,11 +170,11 @@ class _Pieces:
     pieces: tuple[tuple[Path, int, int, int], ...]
     vectors: Callable[[Any, int], Values]
 
-    def __call__(self, files: _Files) -> Values:
+    def __call__(self, files: _Files, which: tuple[str, ...]) -> Values:
         out = {}
-        for what in WHAT:
+        for what in which:
             parts = [self.vectors(files(path), g)[what][a:b] for path, g, a, b in self.pieces]
-            out[what] = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(self.shape)
+            out[what] = (parts[0].clone() if len(parts) == 1 else torch.cat(parts)).view(self.shape)
         return out
 
 
@@ -179,13 +184,14 @@ class _Entries:
 
     at: dict[str, tuple[Path, tuple[Any, ...]]]
 
-    def __call__(self, files: _Files) -> Values:
+    def __call__(self, files: _Files, which: tuple[str, ...]) -> Values:
         out = {}
-        for what, (path, keys) in self.at.items():
+        for what in which:
+            path, keys = self.at[what]
             value = files(path)
             for k in keys:
                 value = value[k]
-            out[what] = value
+            out[what] = value.clone()
         return out
 
 
@@ -479,30 +485,36 @@ class _DeepSpeedSource:
     def keys(self) -> list[str]:
         return [key for key in self.expected if key in self.reads]
 
-    def read(self, key: str) -> Values:
+    def read(self, key: str, which: tuple[str, ...]) -> Values:
         lp = self.expected[key]
         files = _Files()
         try:
             shards: list[Values] = []
             for t, copies in enumerate(self.reads[key]):
-                # a copy: the sources are views of memory-mapped checkpoint files
-                first = {w: v.detach().to(torch.float32, copy=True) for w, v in copies[0](files).items()}
+                first = {w: v.float() for w, v in copies[0](files, which).items()}
                 for other in copies[1:]:  # DeepSpeed keeps a tied embedding's stage copies equal
-                    if any(not torch.equal(first[w], v.float()) for w, v in other(files).items()):
+                    if any(not torch.equal(first[w], v.float()) for w, v in other(files, which).items()):
                         raise ValueError(
                             f"{self.ckpt}: the copies of {key} differ between pipeline stages (tensor rank {t})"
                         )
                 shards.append(first)
         finally:
             files.close()
-        return _merge(self.ckpt, lp, self.m, self.padded, shards)
+        return _merge(self.ckpt, lp, self.m, self.padded, shards, which)
 
 
-def _merge(where: Path, lp: layout.LayerParam, m: ModelConfig, padded: int, shards: list[Values]) -> Values:
+def _merge(
+    where: Path,
+    lp: layout.LayerParam,
+    m: ModelConfig,
+    padded: int,
+    shards: list[Values],
+    which: tuple[str, ...],
+) -> Values:
     """Tensor ranks' values of one key merged to full tensors, checked against the table's shape."""
     want = layout.full_shape(lp.spec, m, padded)
     out = {}
-    for what in WHAT:
+    for what in which:
         merged = layout.merge([s.pop(what) for s in shards], lp.spec.split, f"{lp.key} ({what})")
         if tuple(merged.shape) != want:
             raise ValueError(
@@ -538,18 +550,17 @@ class _LayoutFreeSource:
             raise FileNotFoundError(f"{path}: missing (checkpoint incomplete)")
         return path
 
-    def read(self, key: str) -> Values:
+    def read(self, key: str, which: tuple[str, ...]) -> Values:
         p = self.stage[key]
         shards = []
         for t in range(self.tp):
             values = {}
-            with safe_open(str(self._file("weights", t, p)), "pt") as sf:
-                values["master"] = sf.get_tensor(key)
-            with safe_open(str(self._file("optim", t, p)), "pt") as sf:
-                for s in STATES:
-                    values[s] = sf.get_tensor(f"{s}/{key}")
+            for what in which:
+                kind, name = ("weights", key) if what == "master" else ("optim", f"{what}/{key}")
+                with safe_open(str(self._file(kind, t, p)), "pt") as sf:
+                    values[what] = sf.get_tensor(name)
             shards.append(values)
-        return _merge(self.ckpt, self.expected[key], self.m, self.padded, shards)
+        return _merge(self.ckpt, self.expected[key], self.m, self.padded, shards, which)
 
 
 def _check_coverage(ckpt: Path, found: set[str], trainable: set[str], incomplete: list[str]) -> None:
@@ -669,8 +680,8 @@ class _InMemory:
     def keys(self) -> list[str]:
         return list(self.values)
 
-    def read(self, key: str) -> Values:
-        return self.values[key]
+    def read(self, key: str, which: tuple[str, ...]) -> Values:
+        return {what: self.values[key][what] for what in which}
 
 
 def read_optimizer_state(checkpoint_dir: str | Path) -> OptimizerState:

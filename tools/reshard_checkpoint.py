@@ -52,7 +52,15 @@ from bigtrain.checkpoint import WeightReader
 from bigtrain.checkpoint_files import META, TMP_PREFIX
 from bigtrain.config import Config, ConfigError, ModelConfig
 from bigtrain.models import layout
-from bigtrain.reshard import LAYOUT_FREE, OPTIM_STATE, SCALARS, STATES, OptimizerState, open_optimizer_state
+from bigtrain.reshard import (
+    LAYOUT_FREE,
+    OPTIM_STATE,
+    SCALARS,
+    STATES,
+    WHAT,
+    OptimizerState,
+    open_optimizer_state,
+)
 
 BACKUP_SUFFIX = ".pre_reshard"  # --in-place keeps the original here: not a step_<digits> tag, never resumed
 
@@ -152,7 +160,8 @@ class SafetensorsWriter:
             raise RuntimeError(
                 f"{self.path}: writing {name} {tuple(tensor.shape)}, the header declares {want_name} {want_shape}"
             )
-        self.file.write(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+        # the array's own buffer (no bytes copy); contiguous() copies only a column (row-split) shard
+        self.file.write(memoryview(tensor.detach().to(torch.float32).contiguous().numpy()).cast("B"))
         self.next += 1
 
     def close(self) -> None:
@@ -169,11 +178,13 @@ def write_resharded(
     cfg: Config,
     data_parallel: int,
     out: Path,
+    origin: Path,
     progress: Callable[[str], None] = lambda key: None,
 ) -> int:
     """Write the layout-free checkpoint of ``state`` (opened from ``src``) at ``cfg``'s layout into the
-    new directory ``out``, one parameter at a time; returns the number of parameters. ``progress(key)`` is
-    called after each (tests use it to interrupt a write)."""
+    new directory ``out``, one parameter at a time; returns the number of parameters. ``origin``: where
+    the source will be (``resharded_from.path``). ``progress(key)`` is called after each parameter (tests
+    use it to interrupt a write)."""
     from bigtrain.registry import task_params
 
     m, tp, pp = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
@@ -204,12 +215,13 @@ def write_resharded(
                     out / kind / f"tp{t:02d}_pp{s:02d}.safetensors", entries
                 )
         for lp in params:
-            if lp.key in trainable:
-                values = state.tensors(lp.key)
-            else:
-                assert reader is not None
-                values = {"master": reader.full(lp)}
-            for what, full in values.items():
+            # one full tensor in memory at a time: the master, then each moment
+            for what in WHAT if lp.key in trainable else ("master",):
+                if lp.key in trainable:
+                    full = state.tensors(lp.key, (what,))[what]
+                else:
+                    assert reader is not None
+                    full = reader.full(lp)
                 full = repad_vocab(full, lp, m, padded)
                 for t in range(tp):
                     piece = layout.shard(full, lp.spec.split, t, tp)
@@ -218,7 +230,8 @@ def write_resharded(
                             writers[("weights", t, s)].write(lp.key, piece)
                         else:
                             writers[("optim", t, s)].write(f"{what}/{lp.key}", piece)
-            del values
+                    del piece
+                del full
             progress(lp.key)
     finally:
         for w in writers.values():
@@ -236,7 +249,7 @@ def write_resharded(
         "pipeline": saved["pipeline"],
         "data_parallel": saved["data_parallel"],
         "zero_stage": state.config.zero.stage,
-        "path": str(src.resolve()),
+        "path": str(origin.resolve()),
     }
     meta["layout"] = {"tensor": tp, "pipeline": pp, "data_parallel": data_parallel}
     meta["config"] = cfg.to_dict()
@@ -294,7 +307,7 @@ def reshard(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_resharded(state, src, cfg, dp, tmp, progress)
+        write_resharded(state, src, cfg, dp, tmp, backup if in_place else src, progress)
         if in_place:
             _hardlink_copy(src, backup)
             files.replace_dir(tmp, final)  # crash-safe: recover_dir restores the original at start-up
