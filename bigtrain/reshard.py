@@ -173,7 +173,9 @@ class _Pieces:
     def __call__(self, files: _Files, which: tuple[str, ...]) -> Values:
         out = {}
         for what in which:
-            parts = [self.vectors(files(path), g)[what][a:b] for path, g, a, b in self.pieces]
+            # detached: DeepSpeed saves partitions that require grad, and a graph back to them would
+            # keep the file mapped as long as the result lives
+            parts = [self.vectors(files(path), g)[what].detach()[a:b] for path, g, a, b in self.pieces]
             out[what] = (parts[0].clone() if len(parts) == 1 else torch.cat(parts)).view(self.shape)
         return out
 
@@ -191,7 +193,7 @@ class _Entries:
             value = files(path)
             for k in keys:
                 value = value[k]
-            out[what] = value.clone()
+            out[what] = value.detach().clone()
         return out
 
 
