@@ -6,6 +6,8 @@ whether the peak follows the largest tensor rather than the model (issue 17, BEN
     python tools/bench_reshard.py --config configs/llama-125m.yaml --work /tmp/bench_reshard \\
         --model 125m: --model 125m-48-layers:model.num_layers=48 \\
         --model 125m-vocab-64k:model.vocab_size=64000 --json reshard.json
+    # also back from the TP2 PP2 output to TP1 PP1 (a tensor-parallel source: shards merged)
+    python tools/bench_reshard.py --model 125m: --back --json back.json
 
 Each ``--model NAME:OVERRIDES`` (comma-separated ``--set`` values) is trained and resharded once. Peak
 memory is the child's ``ru_maxrss`` (resident, including the pages of memory-mapped source files while a
@@ -56,6 +58,7 @@ def make_checkpoint(config: str, overrides: list[str], run_dir: Path) -> Path:
     sets = [
         "data.mock=true",
         "data.train=null",
+        "data.tokenizer=null",
         "precision=fp32",
         "zero.stage=1",
         "activation_checkpointing=none",
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="/tmp/bench_reshard", help="where checkpoints and outputs go")
     ap.add_argument("--tensor", type=int, default=2)
     ap.add_argument("--pipeline", type=int, default=2)
+    ap.add_argument("--back", action="store_true", help="also reshard each output back to TP1 PP1")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and outputs")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -154,15 +158,26 @@ def main(argv: list[str] | None = None) -> None:
         out = work / f"{name}-resharded" / "step_00000001"
         if out.exists():
             shutil.rmtree(out)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--src", str(src), "--out", str(out)]
-        cmd += ["--tensor", str(args.tensor), "--pipeline", str(args.pipeline)]
-        result = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
-        row = {"model": name, "overrides": overrides, **json.loads(result.stdout.strip().splitlines()[-1])}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        hops = [(src, out, args.tensor, args.pipeline)]
+        if args.back:  # the output (layout-free, sharded) merged back to TP1 PP1
+            hops.append((out, work / f"{name}-back" / "step_00000001", 1, 1))
+        for source, target, tensor, pipeline in hops:
+            if target.exists():
+                shutil.rmtree(target)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--src", str(source)]
+            cmd += ["--out", str(target), "--tensor", str(tensor), "--pipeline", str(pipeline)]
+            result = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+            row = {
+                "model": name,
+                "overrides": overrides,
+                **json.loads(result.stdout.strip().splitlines()[-1]),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         if not args.keep:
+            for _, target, _, _ in hops:
+                shutil.rmtree(target.parent)
             shutil.rmtree(work / name)
-            shutil.rmtree(out.parent)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

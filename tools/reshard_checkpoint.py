@@ -314,8 +314,10 @@ def reshard(
         else:
             os.replace(tmp, final)
             files.fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (FileNotFoundError, ValueError)):  # a source file that cannot be read, named
+            raise Refused(str(e)) from None
         raise
     return src, final, state, cfg
 
