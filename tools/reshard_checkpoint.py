@@ -161,7 +161,7 @@ class SafetensorsWriter:
                 f"{self.path}: writing {name} {tuple(tensor.shape)}, the header declares {want_name} {want_shape}"
             )
         # the array's own buffer (no bytes copy); contiguous() copies only a column (row-split) shard
-        self.file.write(memoryview(tensor.detach().to(torch.float32).contiguous().numpy()).cast("B"))
+        self.file.write(tensor.detach().to(torch.float32).contiguous().numpy().data)
         self.next += 1
 
     def close(self) -> None:
