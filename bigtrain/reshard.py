@@ -70,7 +70,9 @@ class _Source(Protocol):
 class OptimizerState:
     """What :func:`open_optimizer_state` returns: the scalars, read at open, and a per-key reader.
     Tensors are full (unsharded) fp32, shaped as ``layout.full_shape`` at ``padded_vocab_size`` (the
-    *saved* layout's padded vocabulary)."""
+    *saved* layout's padded vocabulary; for the reshard tool's output, the layout it was written for).
+    The reader reads the checkpoint directory when asked: it must stay in place while the state is used
+    (an in-place reshard of it replaces the files)."""
 
     config: Config  # the saved run's config (with its derived values)
     layout: dict[str, int]  # saved tensor / pipeline / data_parallel sizes

@@ -321,3 +321,26 @@ def test_lora_round_trip_through_the_reshard_tool(runs, tmp_path):
     for lp in frozen:
         assert torch.equal(weights.full(lp), weights_b.full(lp)), lp.key
     assert back.global_samples == source.global_samples and back.client_state == source.client_state
+
+
+def test_fp16_loss_scaler_and_schedule_survive_the_tool(runs, tmp_path):
+    """The layout-free state keeps what is not a tensor: fp16's dynamic loss scaler, the LR schedule,
+    the counters and bigtrain's client state (DP2 ZeRO-1 fp16 -> TP2 DP1)."""
+    from tools import reshard_checkpoint
+
+    out = tmp_path / "tp2"
+    argv = [str(runs.checkpoint("dp2fp16")), "--tensor", "2", "--pipeline", "1", "--data-parallel", "1"]
+    assert reshard_checkpoint.main([*argv, "--out", str(out)]) == 0
+    source, resharded = runs.state("dp2fp16"), open_optimizer_state(out)
+    a, b = source.loss_scaler, resharded.loss_scaler
+    assert b is not None and (b.cur_scale, b.cur_iter, b.dynamic) == (a.cur_scale, a.cur_iter, a.dynamic)
+    for name in ("last_epoch", "_step_count", "base_lrs", "_last_lr"):
+        assert resharded.lr_scheduler[name] == source.lr_scheduler[name], name
+    assert (resharded.step, resharded.global_steps, resharded.global_samples, resharded.skipped_steps) == (
+        source.step,
+        source.global_steps,
+        source.global_samples,
+        source.skipped_steps,
+    )
+    assert resharded.client_state == source.client_state and resharded.layout["data_parallel"] == 1
+    assert resharded.config.precision == "fp16" and resharded.config.derived.data_parallel_size == 1
