@@ -1,4 +1,4 @@
-"""bigtrain.reshard.read_optimizer_state on real checkpoints: the tiny model trained 2 steps from the same
+"""bigtrain.reshard.open_optimizer_state / read_optimizer_state on real checkpoints: the tiny model trained 2 steps from the same
 seed and data at several layouts (DP2 ZeRO-0/1/2/3, TP2 ZeRO-0/1, PP2, TP2xPP2, bf16 and fp16 ZeRO-1,
 tied embeddings at PP2 ZeRO-0/1, padded groups, DP3, frozen parameters), one run per layout shared by
 every assertion."""
@@ -14,7 +14,7 @@ import torch
 from bigtrain.checkpoint import WeightReader
 from bigtrain.models import layout
 from bigtrain.registry import task_params
-from bigtrain.reshard import OptimizerState, read_optimizer_state
+from bigtrain.reshard import WHAT, OptimizerState, open_optimizer_state, read_optimizer_state
 from tests.finetune.helpers import SFT_TINY, make_tokenizer, reverse_rows, reverse_split, write_jsonl
 from tests.training.helpers import single, torchrun, train_args, write_corpus
 
@@ -269,3 +269,78 @@ def test_missing_file_is_named(runs, tmp_path):
     (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(FileNotFoundError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"):
         read_optimizer_state(ckpt)
+
+
+def _mapped(ckpt: Path) -> list[str]:
+    """Lines of /proc/self/maps that map a file of ``ckpt``."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if str(ckpt.resolve()) in line]
+
+
+@pytest.mark.parametrize(
+    "name", ["dp2z1pad", "dp2z3", "dp3z3", "tp2pp2", "pp2z0tied", "dp2bf16pad", "lora_z1"]
+)
+def test_per_key_reads_are_independent_and_unmap_the_files(runs, name):
+    """The lazy reader, one key and one tensor at a time in reverse order, gives what reading every key
+    at once gives, bitwise; each result is a fresh tensor (no view of a file), and no checkpoint file stays
+    mapped after a read (so memory does not grow with the keys read)."""
+    eager = runs.state(name)
+    ckpt = runs.checkpoint(name)
+    lazy = open_optimizer_state(ckpt)
+    assert lazy.keys() == eager.keys() and lazy.frozen == eager.frozen and lazy.step == eager.step
+    assert _mapped(ckpt) == []
+    for key in reversed(lazy.keys()):
+        for what in reversed(WHAT):
+            (value,) = lazy.tensors(key, (what,)).values()
+            assert _mapped(ckpt) == [], key
+            assert torch.equal(value, getattr(eager, what)[key]), (key, what)
+            assert value.untyped_storage().nbytes() == value.numel() * 4, (key, what)  # its own storage
+            assert not value.requires_grad, (key, what)
+
+
+def test_lora_round_trip_through_the_reshard_tool(runs, tmp_path):
+    """A LoRA fine-tune (DP2 ZeRO-1, 16 adapters trained, the base frozen) -> TP2 (vocabulary re-padded,
+    384 -> 512) -> back to TP1: adapters' masters and moments bitwise, frozen weights carried in weights/."""
+    from tools import reshard_checkpoint
+
+    src = runs.checkpoint("lora_z1")
+    a, b = tmp_path / "tp2", tmp_path / "tp1"
+    assert reshard_checkpoint.main([str(src), "--tensor", "2", "--pipeline", "1", "--out", str(a)]) == 0
+    assert reshard_checkpoint.main([str(a), "--tensor", "1", "--pipeline", "1", "--out", str(b)]) == 0
+    source, at_tp2, back = runs.state("lora_z1"), open_optimizer_state(a), read_optimizer_state(b)
+    assert (source.padded_vocab_size, at_tp2.padded_vocab_size, back.padded_vocab_size) == (384, 512, 384)
+    assert source.keys() == at_tp2.keys() == back.keys() and source.frozen == at_tp2.frozen == back.frozen
+    for what in WHAT:  # adapters have no vocabulary rows: equal at every layout
+        for key in source.keys():
+            assert torch.equal(getattr(source, what)[key], at_tp2.tensors(key, (what,))[what]), (key, what)
+        assert all(torch.equal(getattr(source, what)[k], getattr(back, what)[k]) for k in source.keys())
+    cfg = source.config
+    m, weights, weights_b = cfg.model, WeightReader(src), WeightReader(b)
+    frozen = [lp for lp in layout.iter_layer_params(m, task=task_params(cfg)) if lp.key in source.frozen]
+    assert {lp.spec.split for lp in frozen} >= {"vocab", "qkv", "gate_up", "row", "replicated"}
+    for lp in frozen:
+        assert torch.equal(weights.full(lp), weights_b.full(lp)), lp.key
+    assert back.global_samples == source.global_samples and back.client_state == source.client_state
+
+
+def test_fp16_loss_scaler_and_schedule_survive_the_tool(runs, tmp_path):
+    """The layout-free state keeps what is not a tensor: fp16's dynamic loss scaler, the LR schedule,
+    the counters and bigtrain's client state (DP2 ZeRO-1 fp16 -> TP2 DP1)."""
+    from tools import reshard_checkpoint
+
+    out = tmp_path / "tp2"
+    argv = [str(runs.checkpoint("dp2fp16")), "--tensor", "2", "--pipeline", "1", "--data-parallel", "1"]
+    assert reshard_checkpoint.main([*argv, "--out", str(out)]) == 0
+    source, resharded = runs.state("dp2fp16"), open_optimizer_state(out)
+    a, b = source.loss_scaler, resharded.loss_scaler
+    assert b is not None and (b.cur_scale, b.cur_iter, b.dynamic) == (a.cur_scale, a.cur_iter, a.dynamic)
+    for name in ("last_epoch", "_step_count", "base_lrs", "_last_lr"):
+        assert resharded.lr_scheduler[name] == source.lr_scheduler[name], name
+    assert (resharded.step, resharded.global_steps, resharded.global_samples, resharded.skipped_steps) == (
+        source.step,
+        source.global_steps,
+        source.global_samples,
+        source.skipped_steps,
+    )
+    assert resharded.client_state == source.client_state and resharded.layout["data_parallel"] == 1
+    assert resharded.config.precision == "fp16" and resharded.config.derived.data_parallel_size == 1
