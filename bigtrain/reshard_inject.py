@@ -103,13 +103,6 @@ def reshard_line(tag: str, meta: dict[str, Any], saved: Config, cfg: Config) -> 
 
 
 # ---------------------------------------------------------------------------- injecting (in the engine)
-def _open_source(ckpt: Path) -> Any:
-    from bigtrain import reshard
-
-    opener = getattr(reshard, "open_optimizer_state", None)  # lazy, per key; else the eager reader
-    return opener(ckpt) if opener is not None else reshard.read_optimizer_state(ckpt)
-
-
 def _repad(full: torch.Tensor, lp: layout.LayerParam, cfg: Config) -> torch.Tensor:
     """A vocab-split tensor at the saved padded vocabulary, at this run's (rows past the true vocab are
     padding: never a target, their logits masked, so zero is their value and their moments)."""
@@ -171,8 +164,9 @@ def inject(engine: Any, cfg: Config, dist: Dist, ckpt: Path) -> dict[str, Any]:
 
     from bigtrain.models.parallelize import tensor_parallel
     from bigtrain.registry import local_parameters
+    from bigtrain.reshard import open_optimizer_state
 
-    source = _open_source(ckpt)
+    source = open_optimizer_state(ckpt)  # lazy: one key's tensors at a time, read when asked
     zero3_events = hasattr(engine.optimizer, "checkpoint_event_prologue")
     if zero3_events:  # ZeRO-3: release gathered parameters first, as DeepSpeed's own load does
         engine.optimizer.checkpoint_event_prologue()
