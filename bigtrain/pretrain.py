@@ -138,6 +138,22 @@ def resharding_line(cfg: Config, tag: str) -> str:
     return reshard_line(tag, *_saved(cfg, tag), cfg)
 
 
+def stages_with_nothing_to_train(cfg: Config) -> list[int]:
+    """Pipeline stages whose layers the task's freezing leaves without a trainable parameter (DeepSpeed
+    builds each stage's optimizer from its own parameters and refuses an empty list after start-up)."""
+    from bigtrain.models import layout
+    from bigtrain.registry import task_params
+    from bigtrain.reshard import trainable_keys
+
+    p, m = cfg.parallel, cfg.model
+    if p.pipeline == 1:
+        return []
+    params = {lp.key: lp for lp in layout.iter_layer_params(m, task=task_params(cfg))}
+    trained = {int(key.split(".", 1)[0]) for key in trainable_keys(cfg, params)}
+    parts = layout.pipeline_parts(m, cfg.derived.padded_vocab_size, p.tensor, p.pipeline, p.partition_method)
+    return [s for s in range(p.pipeline) if not trained & set(range(parts[s], parts[s + 1]))]
+
+
 def preflight(cfg: Config, rank: int) -> None:
     """Mismatches that would otherwise surface after start-up (or never), as ConfigError, before any
     process group exists: a checkpoint whose model shape or layout differs from the config, a resume
@@ -189,6 +205,14 @@ def preflight(cfg: Config, rank: int) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"checkpoint.load: {e}") from None
         check_shape(source, "checkpoint.load:")
+    idle = stages_with_nothing_to_train(cfg)
+    if idle:
+        raise ConfigError(
+            f"parallel.pipeline={cfg.parallel.pipeline}: pipeline stage(s) {idle} would hold no trainable parameter "
+            f"with this freezing (finetune.freeze_embeddings={cfg.finetune.freeze_embeddings}, "
+            f"freeze_layers={cfg.finetune.freeze_layers}, lora.rank={cfg.finetune.lora.rank}); DeepSpeed needs "
+            "some on every stage: freeze less, use fewer stages, or another parallel.partition_method"
+        )
     if rank == 0 and not cfg.data.mock:
         from bigtrain.data import DataError, check_same_tokenizer, validate_data
         from bigtrain.data.datasets import configured_tokenizer

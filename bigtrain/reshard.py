@@ -224,7 +224,7 @@ def _key_of(name: str, m: ModelConfig, expected: dict[str, layout.LayerParam]) -
     return None
 
 
-def _trainable(cfg: Config, params: dict[str, layout.LayerParam]) -> list[str]:
+def trainable_keys(cfg: Config, params: dict[str, layout.LayerParam]) -> list[str]:
     """Keys the task trains, by the task's own freezing rule (run on shape-less stand-ins)."""
     from bigtrain.finetune import model as finetune_model
     from bigtrain.registry import train_spec
@@ -605,7 +605,7 @@ def open_optimizer_state(checkpoint_dir: str | Path) -> OptimizerState:
     m = cfg.model
     padded = cfg.derived.padded_vocab_size
     expected = {lp.key: lp for lp in layout.iter_layer_params(m, task=task_params(cfg))}
-    trainable = set(_trainable(cfg, expected))
+    trainable = set(trainable_keys(cfg, expected))
     frozen = [k for k in expected if k not in trainable]
     stage = cfg.zero.stage if cfg.precision == "fp32" or cfg.zero.stage else 1  # engine.deepspeed_config
     saved_layout = {"tensor": tp, "pipeline": pp, "data_parallel": dp}

@@ -132,3 +132,22 @@ def test_data_from_another_tokenizer(trained, tmp_path):
     args.remove("model.vocab_size=512")  # taken from the tokenizer
     out = single(args, check=False, no_start_up=True)
     assert_refused_before_start_up(out, f"{prefix}.meta.json", "different tokenizer")
+
+
+def test_a_pipeline_stage_with_nothing_to_train_is_refused(tmp_path):
+    """Freezing that leaves a pipeline stage without a trainable parameter (DeepSpeed refuses its empty
+    optimizer after start-up, a traceback on every rank) stops in pre-flight naming the stage."""
+    from bigtrain.config import ConfigError, load_config
+    from bigtrain.pretrain import preflight, stages_with_nothing_to_train
+
+    def cfg(*extra):
+        sets = ["parallel.pipeline=2", "model.vocab_size=512", f"train.run_dir={tmp_path}", *extra]
+        return load_config("configs/classify-tiny.yaml", sets).resolve(2)
+
+    frozen = cfg("finetune.freeze_embeddings=true", "finetune.freeze_layers=1")
+    assert stages_with_nothing_to_train(frozen) == [0]
+    assert stages_with_nothing_to_train(cfg("finetune.freeze_layers=1")) == []
+    with pytest.raises(
+        ConfigError, match=r"parallel.pipeline=2: pipeline stage\(s\) \[0\] would hold no trainable"
+    ):
+        preflight(frozen, rank=1)  # rank 1: the data checks are rank 0's

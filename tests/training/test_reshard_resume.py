@@ -226,3 +226,31 @@ def test_another_shape_at_another_layout_is_refused(refs, change, needle, tmp_pa
     out = torchrun(2, args, timeout=300, check=False, no_start_up=True)
     assert_refused_before_start_up(out, needle, returncode=None)
     assert list_tags(run / "checkpoints") == [f"step_{SAVED:08d}"]
+
+
+def test_offline_reshard_tool_then_relaunch(refs, tmp_path):
+    """tools/reshard_checkpoint.py --in-place prepares the TP2 step-10 checkpoint for TP1 DP2 ahead of the
+    relaunch (the original kept beside it, not resumable); the relaunch at that layout reads the tool's
+    layout-free files (pre-flight says where they came from) and continues the reference's steps 11-20."""
+    import subprocess
+    import sys
+
+    run = refs.cut("tp2", tmp_path / "run")
+    step = run / "checkpoints" / f"step_{SAVED:08d}"
+    tool = [sys.executable, "tools/reshard_checkpoint.py", str(step), "--tensor", "1", "--pipeline", "1"]
+    done = subprocess.run([*tool, "--data-parallel", "2", "--in-place"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "checkpoints" / f"step_{SAVED:08d}.pre_reshard").is_dir()
+    assert list_tags(run / "checkpoints") == [f"step_{SAVED:08d}"]
+    out = launch(2, refs.args("tp2", run, "debug.check_reshard=true"), "tp2")
+    line = (
+        f"resuming step_{SAVED:08d} saved at TP1 PP1 DP2 ZeRO-0 (resharded offline from TP2 PP1) into "
+        "TP1 PP1 DP2 ZeRO-0 (resharding optimizer state)"
+    )
+    assert line in out.stdout and "debug.check_reshard: 15 parameters x 3 states bitwise equal" in out.stdout
+    reference = {r["step"]: r for r in metrics(refs.run_dir("tp2"))}
+    resumed = resumed_rows(run)
+    assert_close_rel([r["loss"] for r in resumed], [reference[r["step"]]["loss"] for r in resumed], 1e-5)
+    assert [r["consumed_samples"] for r in resumed] == [
+        reference[r["step"]]["consumed_samples"] for r in resumed
+    ]
