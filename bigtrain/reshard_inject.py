@@ -12,8 +12,9 @@ this rank's ZeRO fragment. ZeRO-0 has no such wrapper: the torch optimizer's sta
 The layout-free rest (LR schedule, step counters, fp16 loss scale, bigtrain's training state) comes
 from the checkpoint's rank-0 files.
 
-What a resume can reshard, and what stays refused, is decided before any process group by
-:func:`reshard_line` / :func:`cannot_reshard` (``pretrain.preflight`` and ``resume_rules``).
+Whether a resume needs resharding (:func:`needs_reshard`) and what it says (:func:`reshard_line`) are
+decided before any process group (``pretrain.preflight``); what cannot be resharded is a resume rule
+(``resume_rules.cannot_reshard``).
 """
 
 from __future__ import annotations
@@ -26,23 +27,19 @@ import torch
 from bigtrain.config import Config
 from bigtrain.distributed import Dist
 from bigtrain.models import layout
+from bigtrain.resume_rules import effective_stage
 
 STATES = ("exp_avg", "exp_avg_sq")
 
 
 # ---------------------------------------------------------------------------- deciding (no process group)
-def _effective_stage(cfg: Config) -> int:
-    """The ZeRO stage DeepSpeed runs: mixed precision at zero.stage 0 runs as 1 (engine.deepspeed_config)."""
-    return cfg.zero.stage if cfg.precision == "fp32" or cfg.zero.stage else 1
-
-
 def _layout_of(cfg: Config) -> tuple[int, int, int, int, bool]:
     p = cfg.parallel
     return (
         p.tensor,
         p.pipeline,
         cfg.derived.data_parallel_size,
-        _effective_stage(cfg),
+        effective_stage(cfg),
         cfg.zero.offload_optimizer,
     )
 
@@ -58,21 +55,6 @@ def needs_reshard(meta: dict[str, Any], saved: Config, cfg: Config) -> bool:
     same_partition = p1 == 1 or saved.parallel.partition_method == cfg.parallel.partition_method
     repadded = saved.derived.padded_vocab_size != cfg.derived.padded_vocab_size
     return (t0, p0, z0, o0) != (t1, p1, z1, o1) or not same_partition or (d0 != d1 and z0 > 0) or repadded
-
-
-def cannot_reshard(saved: Config) -> str | None:
-    """Why the optimizer state a run with config ``saved`` wrote cannot be resharded, or None."""
-    if saved.optim.name not in ("adamw", "adam"):
-        return f"optim.name={saved.optim.name}: only Adam's state (its moments) is resharded"
-    if _effective_stage(saved) == 0 and saved.optim.layer_decay != 1.0:
-        return (
-            f"optim.layer_decay={saved.optim.layer_decay} at zero.stage 0: the saved optimizer groups carry no "
-            "parameter names to rebuild them by"
-        )
-    if _effective_stage(saved) == 0 and saved.parallel.pipeline > 1 and saved.model.family != "llama":
-        if saved.model.tie_embeddings:
-            return f"model.family={saved.model.family} with a tied head in a pipeline at zero.stage 0"
-    return None
 
 
 def _describe(t: int, p: int, d: int, cfg: Config, other: Config) -> str:

@@ -62,10 +62,28 @@ def _partitioned(saved: Config, new: Config) -> bool:
     return saved.zero.stage >= 1 or saved.precision != "fp32"
 
 
-def _not_reshardable(saved: Config, new: Config) -> bool:
-    """The saved optimizer state cannot follow a layout change (``reshard_inject.cannot_reshard``)."""
-    from bigtrain.reshard_inject import cannot_reshard
+def effective_stage(cfg: Config) -> int:
+    """The ZeRO stage DeepSpeed runs: mixed precision at zero.stage 0 runs as 1 (engine.deepspeed_config)."""
+    return cfg.zero.stage if cfg.precision == "fp32" or cfg.zero.stage else 1
 
+
+def cannot_reshard(saved: Config) -> str | None:
+    """Why the optimizer state a run with config ``saved`` wrote cannot be resharded, or None."""
+    if saved.optim.name not in ("adamw", "adam"):
+        return f"optim.name={saved.optim.name}: only Adam's state (its moments) is resharded"
+    if effective_stage(saved) == 0 and saved.optim.layer_decay != 1.0:
+        return (
+            f"optim.layer_decay={saved.optim.layer_decay} at zero.stage 0: the saved optimizer groups carry no "
+            "parameter names to rebuild them by"
+        )
+    if effective_stage(saved) == 0 and saved.parallel.pipeline > 1 and saved.model.family != "llama":
+        if saved.model.tie_embeddings:
+            return f"model.family={saved.model.family} with a tied head in a pipeline at zero.stage 0"
+    return None
+
+
+def _not_reshardable(saved: Config, new: Config) -> bool:
+    """The saved optimizer state cannot follow a layout change (:func:`cannot_reshard`)."""
     return cannot_reshard(saved) is not None
 
 
@@ -570,8 +588,6 @@ def check_chat_template(cfg: Config, meta: dict[str, Any], ckpt: str) -> None:
 def _refusal(name: str, rule: Rule, saved: Config, before: Any, after: Any, ckpt: str) -> str:
     why = rule.why
     if why == RESHARD:  # say which case: the saved optimizer state cannot be resharded because ...
-        from bigtrain.reshard_inject import cannot_reshard
-
         why = f"the saved optimizer state cannot be resharded: {cannot_reshard(saved)}"
     rule = dataclasses.replace(rule, why=why)
     what = f"{name}: checkpoint {_show(before)} vs config {_show(after)} ({rule.why})"
