@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from torch import nn
@@ -151,17 +152,27 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 like HF's LlamaRMSNorm (so exports match to the last bit); with
-    ``offset`` Gemma's: scaled by ``1 + weight`` and cast back only at the end (HF's Gemma2RMSNorm)."""
+    ``offset`` Gemma's: scaled by ``1 + weight`` and cast back only at the end (HF's Gemma2RMSNorm).
 
-    def __init__(self, size: int, eps: float, offset: bool = False):
+    ``partial``: the tensor-parallel place of a norm whose (replicated) weight each rank applies to its
+    own part of the activations only (Qwen3's per-head q/k norms: this rank's heads), so each rank's
+    weight gradient is a partial sum: it is summed over the tensor-parallel group in backward
+    (megatron-core's ``copy_to_tensor_model_parallel_region``; Megatron-LM all-reduces q/k layernorm
+    gradients in ``finalize_model_grads`` instead, a step DeepSpeed does not have)."""
+
+    def __init__(self, size: int, eps: float, offset: bool = False, partial: TensorParallel | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(size) if offset else torch.ones(size))
         self.eps, self.offset = eps, offset
+        self.partial_group = partial.group if partial is not None and partial.size > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.partial_group is not None:  # identity forward, all-reduce of the gradient in backward
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.partial_group)
         if self.offset:
-            return rms_norm_offset(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+            return rms_norm_offset(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps)
 
 
 @compiled

@@ -66,8 +66,9 @@ class Attention(nn.Module):
         qkv_out = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
         self.qkv = column_parallel(m.hidden_size, qkv_out, tp, bias=m.qkv_bias)
         if m.qk_norm:
-            self.q_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset)
-            self.k_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset)
+            # one [head_dim] weight over this rank's heads: its gradient summed over tensor ranks
+            self.q_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset, partial=tp)
+            self.k_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset, partial=tp)
         self.qk_norm = m.qk_norm
         self.proj = row_parallel(m.num_attention_heads * m.head_dim, m.hidden_size, tp)
 
