@@ -25,6 +25,7 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
     optimizer_settings            | DeepSpeed's load restores the saved clip / fp16 scaler | tests/training/test_resume.py::test_data_parallel_size_and_honoured_changes_at_zero1
     scale_pipeline_loss           | PipelineEngine reads module.loss_fn on every step      | tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
     count_tied_head_params        | PipelineModule marks a whole tied module replicated    | tests/training/test_bert.py::test_bert_layouts_match_single_process
+    megatron_buffers_on           | megatron-core allocates SP buffers on the CUDA device  | tests/training/test_sequence_parallel.py::test_sequence_parallel_matches_single_process
 
 Not patches, so not here: LoRA (``bigtrain/finetune/lora.py``) swaps the class of bigtrain's own
 projection modules for a subclass of the same class (public ``forward`` only), and the tied embedding
@@ -417,3 +418,47 @@ def count_tied_head_params(module: Any) -> None:
         for name, param in tied.named_parameters():
             if name not in synced:
                 param.ds_pipe_replicated = False
+
+
+class _CudaOn:
+    """``torch.cuda`` as megatron-core's sequence-parallel code sees it: ``current_device()`` is ours."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+
+    def current_device(self) -> torch.device:
+        return self._device
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class _TorchOn:
+    """The ``torch`` module, but with :class:`_CudaOn` as its ``cuda``."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = _CudaOn(device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def megatron_buffers_on(device: torch.device) -> None:
+    """Make megatron-core's sequence-parallel collectives allocate on ``device`` (the CPU under gloo).
+
+    megatron/core/tensor_parallel/mappings.py (the sequence gather/reduce-scatter helpers),
+    tensor_parallel/layers.py (the linears' all-gather and reduce-scatter buffers) and utils.py
+    (``GlobalMemoryBuffer.get_tensor``) allocate with ``device=torch.cuda.current_device()``, which
+    raises on a host without CUDA. No upstream issue found (megatron-core supports CUDA only). The
+    name ``torch`` in those three modules is replaced by a proxy whose ``cuda.current_device()``
+    returns ``device``; everything else is torch's. A no-op on CUDA.
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_sequence_parallel.py::test_sequence_parallel_matches_single_process"""
+    if device.type == "cuda":
+        return
+    from megatron.core import utils
+    from megatron.core.tensor_parallel import layers, mappings
+
+    for module in (mappings, layers, utils):
+        module.torch = _TorchOn(device)

@@ -213,7 +213,11 @@ class ModelConfig:
 class ParallelConfig:
     tensor: int = opt(1, "Tensor-parallel size (megatron-core column/row-parallel layers).")
     pipeline: int = opt(1, "Pipeline stages (DeepSpeed PipelineModule, 1F1B).")
-    sequence_parallel: bool = opt(False, "Megatron sequence parallelism (not supported yet: must be false).")
+    sequence_parallel: bool = opt(
+        False,
+        "Megatron sequence parallelism (needs parallel.tensor > 1): norms and residuals hold seq_length / "
+        "tensor positions per rank; the tensor-parallel all-reduces become all-gather + reduce-scatter.",
+    )
     partition_method: str = opt(
         "parameters", "How DeepSpeed splits layers across stages: parameters|uniform."
     )
@@ -768,9 +772,14 @@ def validate(cfg: Config, world_size: int) -> None:
         not (p.sequence_parallel and p.tensor == 1), "parallel.sequence_parallel needs parallel.tensor > 1"
     )
     _check(
-        not p.sequence_parallel,
-        "parallel.sequence_parallel is not supported yet (norm-gradient reduction under DeepSpeed is missing); "
-        "set it to false",
+        not (p.sequence_parallel and (cfg.model.family != "llama" or cfg.finetune.task != "none")),
+        "parallel.sequence_parallel is supported for llama pretraining only so far "
+        f"(model.family {cfg.model.family}, finetune.task {cfg.finetune.task})",
+    )
+    _check(
+        not (p.sequence_parallel and cfg.model.seq_length % p.tensor),
+        f"parallel.sequence_parallel: model.seq_length {cfg.model.seq_length} must be divisible by "
+        f"parallel.tensor {p.tensor} (each tensor rank holds seq_length / tensor positions)",
     )
     _check(
         p.partition_method in ("parameters", "uniform"),

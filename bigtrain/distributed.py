@@ -199,6 +199,8 @@ def init_distributed(cfg: Config) -> Dist:
         order="tp-cp-ep-dp-pp",
         create_gloo_process_groups=False,
     )
+    if cfg.parallel.sequence_parallel:
+        compat.megatron_buffers_on(device)
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
     dist = Dist(
         rank=rank,

@@ -161,7 +161,7 @@ RULES: dict[str, Rule] = {
     # layout
     "parallel.tensor": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.pipeline": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
-    "parallel.sequence_parallel": Rule(REFUSED, LAYOUT),
+    "parallel.sequence_parallel": Rule(HONOURED, "it changes no weight: only how activations are split"),
     "parallel.partition_method": Rule(
         REFUSED,
         RESHARD,

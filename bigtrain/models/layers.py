@@ -126,8 +126,20 @@ def vocab_embedding(padded_vocab: int, hidden: int, tp: TensorParallel) -> nn.Mo
     if tp.size == 1:
         return _Embedding(padded_vocab, hidden)
     return VocabParallelEmbedding(
-        padded_vocab, hidden, init_method=_no_init, config=tp.config, tp_group=tp.group
+        padded_vocab,
+        hidden,
+        init_method=_no_init,
+        config=tp.config,
+        tp_group=tp.group,
+        # sequence parallel: reduce-scattered over the sequence (ids [b, s] in, [s/tp, b, h] out)
+        reduce_scatter_embeddings=sequence_parallel(tp),
     )
+
+
+def sequence_parallel(tp: TensorParallel) -> bool:
+    """Megatron sequence parallelism: activations outside the tensor-parallel regions hold seq / tp
+    positions per rank (``parallel.sequence_parallel``)."""
+    return tp.size > 1 and bool(tp.config.sequence_parallel)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:

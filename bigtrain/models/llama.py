@@ -37,6 +37,7 @@ from bigtrain.models.layers import (
     rotary_tables,
     rotate_half,
     row_parallel,
+    sequence_parallel,
     vocab_embedding,
 )
 from bigtrain.perf import compiled
@@ -82,8 +83,8 @@ class Attention(nn.Module):
         """x [s, b, h] -> [s, b, h]. ``cache`` (inference only): keys/values of earlier positions; x holds
         the positions after them. ``positions``/``doc_ids`` [b, s] (packed sequences): rotary positions
         restart per document and attention stays within a document (causal and same doc id)."""
-        s, b, _ = x.shape
-        qkv, _ = self.qkv(x)  # [s, b, groups*(q_per_group+2)*d]
+        qkv, _ = self.qkv(x)  # [s, b, groups*(q_per_group+2)*d] (sequence parallel: x is [s/tp, b, h])
+        s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
         # one split, not three slices: its backward is one cat, a slice's zero-fills all of qkv
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
@@ -162,14 +163,15 @@ class TransformerBlock(nn.Module):
     ):
         super().__init__()
         self.full_recompute = checkpointing == "full"
-        self.input_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
+        partial = tp if sequence_parallel(tp) else None  # norms on sequence shards: gradients summed
+        self.input_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
         self.attention = Attention(m, tp, recompute_core=checkpointing == "selective", window=window)
-        self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)  # before the MLP
+        self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
         self.mlp = SwiGLU(m, tp)
         self.sandwich = m.sandwich_norms
         if m.sandwich_norms:  # Gemma 2: the attention's and the MLP's outputs are normalized too
-            self.attention_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
-            self.mlp_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset)
+            self.attention_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
+            self.mlp_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
 
     def _forward(
         self,
@@ -205,15 +207,18 @@ class Embedding(nn.Module):
         super().__init__()
         self.word_embeddings = vocab_embedding(padded_vocab, m.hidden_size, tp)
         self.multiplier = m.hidden_size**0.5 if m.scale_embeddings else None
+        self.sequence_parallel = sequence_parallel(tp)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(tokens.t().contiguous())
+        # sequence parallel: megatron's embedding takes [b, s] and returns this rank's [s/tp, b, h]
+        x = self.word_embeddings(tokens if self.sequence_parallel else tokens.t().contiguous())
         return x if self.multiplier is None else x * torch.tensor(self.multiplier, dtype=x.dtype)
 
 
 class FinalNorm(RMSNorm):
-    def __init__(self, m: ModelConfig):
-        super().__init__(m.hidden_size, m.norm_eps, m.norm_offset)
+    def __init__(self, m: ModelConfig, tp: TensorParallel | None = None):
+        # tp: given under sequence parallelism (the norm sees a sequence shard: gradient summed)
+        super().__init__(m.hidden_size, m.norm_eps, m.norm_offset, partial=tp)
 
 
 class OutputLayer(nn.Module):
@@ -383,7 +388,8 @@ class LlamaModel(nn.Module):
         blocks = [
             LayerSpec(layers.block, m, tp, checkpointing, window=m.window_of(i)) for i in range(m.num_layers)
         ]
-        return [first, *blocks, LayerSpec(layers.final_norm, m, *layers.final_norm_args), last]
+        sp = {"tp": tp} if sequence_parallel(tp) else {}
+        return [first, *blocks, LayerSpec(layers.final_norm, m, *layers.final_norm_args, **sp), last]
 
     def outputs(
         self,
