@@ -25,7 +25,7 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
     optimizer_settings            | DeepSpeed's load restores the saved clip / fp16 scaler | tests/training/test_resume.py::test_data_parallel_size_and_honoured_changes_at_zero1
     scale_pipeline_loss           | PipelineEngine reads module.loss_fn on every step      | tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
     count_tied_head_params        | PipelineModule marks a whole tied module replicated    | tests/training/test_bert.py::test_bert_layouts_match_single_process
-    megatron_buffers_on           | megatron-core allocates SP buffers on the CUDA device  | tests/training/test_sequence_parallel.py::test_sequence_parallel_matches_single_process
+    megatron_buffers_on           | megatron-core allocates SP buffers on the CUDA device  | tests/training/test_parallel_equivalence.py::test_sequence_parallel_matches_single_process
 
 Not patches, so not here: LoRA (``bigtrain/finetune/lora.py``) swaps the class of bigtrain's own
 projection modules for a subclass of the same class (public ``forward`` only), and the tied embedding
@@ -454,7 +454,7 @@ def megatron_buffers_on(device: torch.device) -> None:
     returns ``device``; everything else is torch's. A no-op on CUDA.
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
-    Fails without it: tests/training/test_sequence_parallel.py::test_sequence_parallel_matches_single_process"""
+    Fails without it: tests/training/test_parallel_equivalence.py::test_sequence_parallel_matches_single_process"""
     if device.type == "cuda":
         return
     from megatron.core import utils

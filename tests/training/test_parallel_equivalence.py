@@ -144,3 +144,25 @@ def test_qwen3_qk_norms_at_tp2_match_single_process(corpus, tmp_path):
     single(train_args(corpus, tmp_path / "one", *qwen3))
     torchrun(2, train_args(corpus, tmp_path / "tp2", *qwen3, "parallel.tensor=2"))
     assert_close_rel(losses(tmp_path / "tp2"), losses(tmp_path / "one"), 1e-5)
+
+
+# ---------------------------------------------------------------------------- sequence parallelism
+SP = ["checkpoint.save=false", "parallel.tensor=2", "parallel.sequence_parallel=true"]
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_sequence_parallel_matches_single_process(recompute, corpus, baseline, tmp_path):
+    """Megatron sequence parallelism at TP2 (issue 18, first part), with and without full recompute."""
+    torchrun(2, train_args(corpus, tmp_path, *SP, f"activation_checkpointing={recompute}"))
+    assert_close_rel(losses(tmp_path), baseline, 1e-5)
+
+
+def test_sequence_parallel_without_device_correct_buffers_fails_on_cpu(corpus, tmp_path):
+    out = torchrun(
+        2,
+        ["--without-patch=megatron_buffers_on", "bigtrain.pretrain", *train_args(corpus, tmp_path, *SP)],
+        module="tests.entry_point",
+        check=False,
+    )
+    assert out.returncode != 0 and "step 1/" not in out.stdout
+    assert "Torch not compiled with CUDA enabled" in out.stderr  # megatron's torch.cuda.current_device()
