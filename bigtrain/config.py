@@ -221,6 +221,13 @@ class ParallelConfig:
     partition_method: str = opt(
         "parameters", "How DeepSpeed splits layers across stages: parameters|uniform."
     )
+    context: int = opt(
+        1,
+        "Context-parallel size: each sample's sequence is split over this many ranks (seq_length / context "
+        "positions each) and attention spans them with DeepSpeed-Ulysses all-to-alls over heads; the "
+        "world is tensor x context x data x pipeline, and ZeRO shards over data x context. Needs the key/"
+        "value heads per tensor rank divisible by it; llama pretraining and SFT, pipeline 1.",
+    )
 
 
 @dataclass
@@ -411,6 +418,16 @@ class DebugConfig:
     reshard_zero_moments: bool = opt(
         False, "Wrong on purpose (test control): a resume at another layout injects zero Adam moments."
     )
+    skip_norm_grad_reduce: bool = opt(
+        False,
+        "Wrong on purpose (test control): under sequence parallelism, norm weight gradients are not "
+        "summed over the tensor group (each rank keeps its sequence shard's partial gradient).",
+    )
+    skip_rotary_offset: bool = opt(
+        False,
+        "Wrong on purpose (test control): under context parallelism, every rank rotates its sequence "
+        "chunk from position 0 instead of its offset.",
+    )
 
 
 @dataclass
@@ -488,7 +505,7 @@ class Config:
         if vocab_size is not None and m.vocab_size is None:
             m.vocab_size = vocab_size
         validate(self, world_size)
-        dp = world_size // (p.tensor * p.pipeline)
+        dp = world_size // (p.tensor * p.pipeline * p.context)
         self.derived = Derived(
             world_size=world_size,
             data_parallel_size=dp,
@@ -673,6 +690,41 @@ def validate_model_variant(m: ModelConfig) -> None:
         )
 
 
+def validate_context_parallel(cfg: Config) -> None:
+    """``parallel.context`` > 1, before any process group (ConfigError naming the field): DeepSpeed-Ulysses
+    trades the sequence split for a head split, so every tensor rank's key/value heads must divide
+    evenly over the context ranks, and each rank holds an equal chunk of the sequence (under sequence
+    parallelism, again split over the tensor ranks)."""
+    m, p = cfg.model, cfg.parallel
+    cp = p.context
+    if cp == 1:
+        return
+    _check(
+        m.family == "llama" and cfg.finetune.task in ("none", "sft"),
+        f"parallel.context {cp} is supported for llama pretraining and SFT (model.family {m.family}, "
+        f"finetune.task {cfg.finetune.task})",
+    )
+    _check(
+        p.pipeline == 1,
+        f"parallel.context {cp} cannot be combined with parallel.pipeline {p.pipeline} yet: use "
+        "tensor x context x data parallelism (ZeRO shards over data x context)",
+    )
+    local_kv = m.kv_heads // p.tensor
+    _check(
+        local_kv % cp == 0,
+        f"parallel.context {cp}: the key/value heads per tensor rank (model.num_kv_heads {m.kv_heads} / "
+        f"parallel.tensor {p.tensor} = {local_kv}) must be divisible by it (Ulysses splits heads over the "
+        "context ranks)",
+    )
+    chunk = cp * (p.tensor if p.sequence_parallel else 1)
+    _check(
+        m.seq_length % chunk == 0,
+        f"parallel.context {cp}: model.seq_length {m.seq_length} must be divisible by "
+        + ("parallel.context*parallel.tensor (sequence parallel) = " if p.sequence_parallel else "")
+        + f"{chunk} (each rank holds an equal chunk of the sequence)",
+    )
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Every layout/shape inconsistency, each reported as one line."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -721,10 +773,17 @@ def validate(cfg: Config, world_size: int) -> None:
         m.vocab_size is not None and m.vocab_size > 0,
         "model.vocab_size is not set and no data.tokenizer gives it",
     )
-    _check(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
     _check(
-        world_size % (p.tensor * p.pipeline) == 0,
-        f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline = {p.tensor}*{p.pipeline}",
+        p.tensor >= 1 and p.pipeline >= 1 and p.context >= 1,
+        "parallel.tensor, parallel.pipeline and parallel.context must be >= 1",
+    )
+    model_parallel = p.tensor * p.pipeline * p.context
+    _check(
+        world_size % model_parallel == 0,
+        f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline"
+        + ("*parallel.context" if p.context > 1 else "")
+        + f" = {p.tensor}*{p.pipeline}"
+        + (f"*{p.context}" if p.context > 1 else ""),
     )
     _check(
         m.family in MODEL_FAMILIES,
@@ -785,7 +844,8 @@ def validate(cfg: Config, world_size: int) -> None:
         p.partition_method in ("parameters", "uniform"),
         "parallel.partition_method must be parameters|uniform",
     )
-    dp = world_size // (p.tensor * p.pipeline)
+    validate_context_parallel(cfg)
+    dp = world_size // model_parallel
     _check(t.micro_batch_size > 0 and t.steps >= 0, "train.micro_batch_size must be > 0 and train.steps >= 0")
     _check(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,
