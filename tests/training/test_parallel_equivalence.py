@@ -195,14 +195,14 @@ def test_sequence_parallel_without_norm_grad_reduce_fails(corpus, baseline, tmp_
         assert not torch.equal(weights[0][key], weights[1][key]), f"{key}: the tensor ranks agree"
 
 
-def initial_and_trained(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the layout-independent initial weights, the last checkpoint's full weights) by layout key."""
+def saved_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the last checkpoint's full weights, the layout-independent initial weights) by layout key."""
     reader = WeightReader(run_dir / "checkpoints")
-    cfg = config_from_dict(reader.meta["config"]).resolve(1)
-    vocab = cfg.derived.padded_vocab_size
+    cfg = config_from_dict(reader.meta["config"])
+    vocab = reader.full(next(layout.iter_layer_params(cfg.model))).shape[0]  # the padded embedding rows
     specs = list(layout.iter_layer_params(cfg.model))
     start = {lp.key: layout.init_full(lp.spec, lp.index, cfg.model, vocab, cfg.train.seed) for lp in specs}
-    return start, {lp.key: reader.full(lp) for lp in specs}
+    return {lp.key: reader.full(lp) for lp in specs}, start
 
 
 def test_sequence_parallel_step1_gradients_match_single_process(corpus, tmp_path):
@@ -215,8 +215,8 @@ def test_sequence_parallel_step1_gradients_match_single_process(corpus, tmp_path
            "optim.warmup_steps=0", "optim.lr=1000", "optim.min_lr=1"]  # fmt: skip
     single(train_args(corpus, tmp_path / "one", *sgd, steps=1))
     torchrun(2, train_args(corpus, tmp_path / "sp", *sgd, *SP, "checkpoint.save=true", steps=1))
-    start, one = initial_and_trained(tmp_path / "one")
-    _, sp = initial_and_trained(tmp_path / "sp")
+    one, start = saved_weights(tmp_path / "one")
+    sp, _ = saved_weights(tmp_path / "sp")
     assert len(one) == 15  # embedding, 2 x (2 norms, qkv, proj, gate_up, down), final norm, output layer
     worst = {}
     for key, value in one.items():
