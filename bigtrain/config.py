@@ -839,9 +839,20 @@ def validate(cfg: Config, world_size: int) -> None:
         not (p.sequence_parallel and p.tensor == 1), "parallel.sequence_parallel needs parallel.tensor > 1"
     )
     _check(
-        not (p.sequence_parallel and (cfg.model.family != "llama" or cfg.finetune.task != "none")),
-        "parallel.sequence_parallel is supported for llama pretraining only so far "
-        f"(model.family {cfg.model.family}, finetune.task {cfg.finetune.task})",
+        not (
+            p.sequence_parallel and (cfg.model.family != "llama" or cfg.finetune.task not in ("none", "sft"))
+        ),
+        "parallel.sequence_parallel is supported for llama pretraining and SFT (model.family "
+        f"{cfg.model.family}, finetune.task {cfg.finetune.task})",
+    )
+    _check(
+        not (p.sequence_parallel and cfg.finetune.lora.rank),
+        f"parallel.sequence_parallel cannot be combined with finetune.lora.rank {cfg.finetune.lora.rank} "
+        "yet (the adapters would see a sequence shard of a column-parallel projection's input)",
+    )
+    _check(
+        not (cfg.debug.skip_norm_grad_reduce and not p.sequence_parallel),
+        "debug.skip_norm_grad_reduce needs parallel.sequence_parallel (it is a control of that feature)",
     )
     _check(
         not (p.sequence_parallel and cfg.model.seq_length % p.tensor),

@@ -181,3 +181,31 @@ def test_values_no_run_can_use_are_refused_before_start_up():
         assert config_error(override).startswith(message), (override, config_error(override))
     # a constant schedule never reaches min_lr: a larger one is harmless there
     load_config(TINY, ["optim.min_lr=1e-2", "optim.decay=constant"]).resolve(1)
+
+
+def test_sequence_parallel_refusals_name_the_field():
+    """Sequence parallelism runs llama pretraining and SFT at any TP/PP/DP/ZeRO layout; what it does not
+    run (TP 1, a sequence that does not split evenly, bert, classification, LoRA, the control without
+    SP) is one line naming the field, before any process group."""
+    sp = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
+    sft = ["finetune.task=sft", "finetune.train=t.jsonl", "data.tokenizer=tok"]
+    load_config(TINY, sp).resolve(2)
+    load_config(TINY, [*sp, "parallel.pipeline=2"]).resolve(4)
+    load_config(TINY, [*sp, *sft]).resolve(2)
+    cases = {
+        "parallel.tensor=1": "parallel.sequence_parallel needs parallel.tensor > 1",
+        "model.seq_length=33": "model.seq_length 33 must be divisible by parallel.tensor 2",
+        "finetune.task=classify": "llama pretraining and SFT (model.family llama, finetune.task classify)",
+        "finetune.lora.rank=4": "parallel.sequence_parallel cannot be combined with finetune.lora.rank 4",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(TINY, [*sp, *sft, "finetune.labels=[a,b]", override]).resolve(2)
+        assert message in str(err.value), (override, str(err.value))
+    bert = REPO / "configs" / "bert-tiny.yaml"
+    with pytest.raises(
+        ConfigError, match=r"llama pretraining and SFT \(model\.family bert, finetune\.task none\)"
+    ):
+        load_config(bert, sp).resolve(2)
+    with pytest.raises(ConfigError, match=r"debug\.skip_norm_grad_reduce needs parallel\.sequence_parallel"):
+        load_config(TINY, ["parallel.tensor=2", "debug.skip_norm_grad_reduce=true"]).resolve(2)

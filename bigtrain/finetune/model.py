@@ -66,8 +66,8 @@ class PackedBlock(TransformerBlock):
 class PackedFinalNorm(FinalNorm):
     """Drops positions; keeps document ids for the classification head (which pools by them)."""
 
-    def __init__(self, m: ModelConfig, keep_doc_ids: bool = False):
-        super().__init__(m)
+    def __init__(self, m: ModelConfig, keep_doc_ids: bool = False, tp: TensorParallel | None = None):
+        super().__init__(m, tp)  # tp: under sequence parallelism (see FinalNorm)
         self.keep_doc_ids = keep_doc_ids
 
     def forward(self, inputs: torch.Tensor | Packed):

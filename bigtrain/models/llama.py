@@ -246,6 +246,21 @@ class FinalNorm(RMSNorm):
         super().__init__(m.hidden_size, m.norm_eps, m.norm_offset, partial=tp)
 
 
+def skip_norm_grad_reduce(model: nn.Module) -> int:
+    """Wrong on purpose (``debug.skip_norm_grad_reduce``, a test control): the block and final norms of
+    ``model`` (a LlamaModel or a PipelineModule of its layers) stop summing their weight gradients over
+    the tensor group, so under sequence parallelism each rank keeps its sequence shard's partial
+    gradient. Qwen3's per-head q/k norms keep their sum. Returns how many norms were changed."""
+    norms = [module for module in model.modules() if isinstance(module, FinalNorm)]
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            names = ("input_norm", "post_attention_norm", "attention_out_norm", "mlp_out_norm")
+            norms += [getattr(block, name) for name in names if hasattr(block, name)]
+    for norm in norms:
+        norm.partial_group = None
+    return len(norms)
+
+
 class OutputLayer(nn.Module):
     """hidden [s, b, h] -> this rank's vocab slice of the logits [s, b, v/tp], padding masked out; at
     tensor size 1 the logits of the true vocabulary only [s, b, vocab_size] (the padding rows are not

@@ -18,7 +18,7 @@ from bigtrain.config import Config, torch_dtype
 from bigtrain.models import layout
 from bigtrain.models.bert import BertModel
 from bigtrain.models.layers import ContextParallel, TensorParallel
-from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers
+from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers, skip_norm_grad_reduce
 from bigtrain.perf import set_compile
 
 
@@ -92,6 +92,8 @@ def build(
         compat.count_tied_head_params(model)
     else:
         model = model_cls(*args)
+    if cfg.debug.skip_norm_grad_reduce:
+        skip_norm_grad_reduce(model)
     return model
 
 

@@ -5,8 +5,9 @@ the answer (same config, data and initial weights in one process):
   base frozen), ZeRO-3 really partitioning (stage3_param_persistence_threshold=0): per-step and
   validation losses and the parameter counts match, frozen weights come out bitwise unchanged, trainable
   ones moved and equal the single process's, and RUN_DIR/best and the HF export carry them;
-- SFT at pipeline parallel 2 (packed examples, loss on assistant tokens only; tied or untied embeddings)
-  and tied embeddings at ZeRO-3: per-step and validation losses match pipeline = 1;
+- SFT at pipeline parallel 2 (packed examples, loss on assistant tokens only; tied or untied embeddings),
+  tied embeddings at ZeRO-3 and sequence parallelism at TP2: per-step and validation losses match the
+  single process;
 - LoRA dropout at tensor parallel 2: one mask over the full adapter input (LoRADropout), so with one seed
   the TP=2 forward, loss and LoRA gradients equal TP=1's, eval mode drops nothing, and a TP=2 training run
   with dropout reproduces the TP=1 run's losses."""
@@ -206,6 +207,9 @@ LAYOUTS = {
     # context parallel: each rank half of every packed sequence (its positions; doc ids whole), the
     # validation loss summed over both halves
     "cp2": (False, ["parallel.context=2"]),
+    # sequence parallelism: each tensor rank's norms see half of every packed sequence; attention,
+    # positions and document ids stay whole-sequence (issue 18)
+    "tp2-sp": (False, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
 }
 
 
