@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bigtrain import flops
 from bigtrain.config import load_config
@@ -263,3 +264,52 @@ def test_batches_prefetched_in_pinned_memory_on_cuda():
     it = batch_iterator(Items(), 0, 2, 4, 0, 1)
     assert all(t.is_pinned() for t in next(it).values())
     it.close()
+
+
+BENCH_CP = str(REPO / "tools" / "bench_context_attention.py")
+
+
+def test_bench_context_attention_cp2_matches_one_process(tmp_path):
+    """tools/bench_context_attention.py at a tiny size (2 gloo processes): every CP method that runs gives
+    the one-process SDPA output and q/k/v gradients within 1e-5 (measured: Ulysses exact, ring ~2e-7),
+    and is timed; torch's own SDPA dispatch of ring CP either fails on CPU (it handles only the CUDA
+    kernels) or, once it runs, is held to the same tolerance."""
+    from tools import bench_context_attention as cpa
+
+    out = tmp_path / "cp.json"
+    cmd = [sys.executable, BENCH_CP, "--seq", "64", "128", "--head-dim", "16", "--repeats", "2"]
+    proc = run_cmd([*cmd, "--json", str(out)], timeout=600)
+    report = json.loads(out.read_text())
+    assert "| 128 | ring CP2 |" in proc.stdout, proc.stdout
+    assert report["cp"] == 2 and report["config"]["kv_heads"] == 2 and report["config"]["heads"] == 8
+    for seq in ("64", "128"):
+        row = report["results"][seq]
+        assert len(row["single"]["seconds"]) == 2
+        ran = [m for m, r in row.items() if m != "single" and "error" not in r]
+        assert set(cpa.METHODS) <= set(ran), row
+        for method in ran:
+            r = row[method]
+            assert set(r["max_rel_error"]) == set(cpa.TENSORS)
+            assert r["max_rel_error_max"] <= 1e-5, (seq, method, r["max_rel_error"])
+            assert len(r["seconds"]) == 2 and r["median_s"] == statistics.median(r["seconds"]) > 0
+        if "error" in row["ring-dispatch"]:
+            assert "_scaled_dot_product_flash_attention_for_cpu" in row["ring-dispatch"]["error"]
+
+
+def test_bench_context_attention_error_measure_and_arguments():
+    """The correctness column tells a wrong attention apart (a non-causal output against the causal
+    reference), and shapes that CP2 cannot split are refused by name."""
+    from tools import bench_context_attention as cpa
+
+    args = cpa.parse_args(["--seq", "32", "--head-dim", "8"])
+    q, k, v, dout = cpa.make_inputs(args, 32)
+    ref = cpa.sdpa_fwd_bwd(q, k, v, dout)
+    assert cpa.max_rel_error(ref["out"], ref["out"]) == 0.0
+    wrong = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # no causal mask
+    assert cpa.max_rel_error(wrong, ref["out"]) > 1e-2
+    with pytest.raises(ValueError, match="shape"):
+        cpa.max_rel_error(ref["dk"], ref["dq"])
+    with pytest.raises(SystemExit):
+        cpa.parse_args(["--kv-heads", "3", "--heads", "9"])
+    with pytest.raises(SystemExit):
+        cpa.parse_args(["--seq", "30"])
