@@ -6,8 +6,10 @@ attention (batch 1) at each sequence length this measures, against one process r
 
 * correctness: the max relative error (``max |x - ref| / max |ref|``, over the whole tensor) of the
   forward output and the q/k/v gradients, gathered back into sequence order;
-* forward+backward time: median of ``--repeats`` timed iterations after ``--warmup`` untimed ones; a
-  distributed iteration's time is the slower rank's (both ranks start it together after a barrier).
+* forward+backward time: median of ``--repeats`` timed iterations after ``--warmup`` untimed ones, wall
+  clock and the process's CPU time (on a shared machine, wall time includes waiting for cores other
+  jobs hold; CPU time much less so); a distributed iteration's figure is the slower rank's (both ranks
+  start it together after a barrier). Speed-up: the one-process median over the method's.
 
 Methods (two processes, one thread each, gloo):
 
@@ -34,7 +36,6 @@ import argparse
 import functools
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -103,18 +104,15 @@ def max_rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).abs().max() / ref.abs().max())
 
 
-def _timed(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[float], float]) -> list[float]:
-    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones; ``sync`` turns one rank's
-    time into the iteration's (the slower rank's) and lines the ranks up before the next call."""
-    times = []
-    for i in range(warmup + repeats):
-        sync(0.0)
-        t0 = time.perf_counter()
-        fn()
-        dt = sync(time.perf_counter() - t0)
-        if i >= warmup:
-            times.append(dt)
-    return times
+def _timed(fn: Callable[[], Any], sync: Callable[[float], float]) -> tuple[float, float]:
+    """One call of ``fn``: (wall seconds, CPU seconds of this process), each turned by ``sync`` into the
+    iteration's figure (the slower rank's); ``sync`` also lines the ranks up before the call. CPU time
+    leaves out waiting for a core that other jobs hold (and gloo's blocking waits)."""
+    sync(0.0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return sync(wall), sync(cpu)
 
 
 # ---------------------------------------------------------------- workers (one per CP rank)
@@ -277,28 +275,29 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_dir: str) -> Non
                 if method != "ring-dispatch":
                     traceback.print_exc()
                 dist.barrier(group=group)
-        times: dict[str, list[float]] = {m: [] for m in steps}
+        times: dict[str, list[tuple[float, float]]] = {m: [] for m in steps}
         for i in range(args.warmup + args.repeats):
             for method, step in steps.items():
-                dt = _timed(step, 0, 1, slower_rank)[0]
+                wall_cpu = _timed(step, slower_rank)
                 if i >= args.warmup:
-                    times[method].append(dt)
-        for method, seconds in times.items():
-            row.setdefault(method, {}).update(seconds=seconds, median_s=statistics.median(seconds))
-        base = row["single"]["median_s"]
+                    times[method].append(wall_cpu)
+        for method, pairs in times.items():
+            wall, cpu = [w for w, _ in pairs], [c for _, c in pairs]
+            row.setdefault(method, {}).update(
+                seconds=wall,
+                median_s=statistics.median(wall),
+                cpu_seconds=cpu,
+                median_cpu_s=statistics.median(cpu),
+            )
+        base, base_cpu = row["single"]["median_s"], row["single"]["median_cpu_s"]
         for method in times:
             row[method]["speedup"] = base / row[method]["median_s"]
+            row[method]["cpu_speedup"] = base_cpu / row[method]["median_cpu_s"]
         report[str(seq)] = {"single": row.pop("single"), **row}
     if rank == 0:
         (Path(out_dir) / "workers.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- driver
@@ -308,6 +307,8 @@ def run(args: argparse.Namespace) -> dict:
     """Two workers (see :func:`_worker`); returns the report (see the module docstring)."""
     import deepspeed
     import torch.multiprocessing as mp
+
+    from bigtrain.distributed import _free_port
 
     with tempfile.TemporaryDirectory(prefix="bench_cp_") as tmp:
         mp.spawn(_worker, args=(_free_port(), args, tmp), nprocs=2, join=True)
@@ -331,20 +332,25 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_table(report: dict) -> str:
-    """Markdown table: per length and method, median seconds, speedup over one process, max rel error."""
+    """Markdown table: per length and method, median wall and CPU seconds of fwd+bwd, the speed-ups over
+    one process (its median / the method's), the max relative errors."""
     lines = [
-        "| seq | method | fwd+bwd median s | × one process | max rel err (out, dq, dk, dv) |",
-        "| ---: | --- | ---: | ---: | --- |",
+        "| seq | method | fwd+bwd s | speed-up | CPU s (slower rank) | CPU speed-up | max rel err (out, dq, dk, dv) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for seq, row in report["results"].items():
         for method, r in row.items():
             if "error" in r:
-                lines.append(f"| {seq} | {method} | — | — | fails: `{r['error']}` |")
-            elif method == "single":
-                lines.append(f"| {seq} | one process (SDPA) | {r['median_s']:.3f} | 1.00 | reference |")
+                lines.append(f"| {seq} | {method} | — | — | — | — | fails: `{r['error']}` |")
+                continue
+            times = (
+                f"{r['median_s']:.3f} | {r['speedup']:.2f} | {r['median_cpu_s']:.3f} | {r['cpu_speedup']:.2f}"
+            )
+            if method == "single":
+                lines.append(f"| {seq} | one process (SDPA) | {times} | reference |")
             else:
                 errs = ", ".join(f"{r['max_rel_error'][n]:.1e}" for n in TENSORS)
-                lines.append(f"| {seq} | {method} CP2 | {r['median_s']:.3f} | {r['speedup']:.2f} | {errs} |")
+                lines.append(f"| {seq} | {method} CP2 | {times} | {errs} |")
     return "\n".join(lines)
 
 
