@@ -162,6 +162,12 @@ RULES: dict[str, Rule] = {
     "parallel.tensor": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.pipeline": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.sequence_parallel": Rule(HONOURED, "it changes no weight: only how activations are split"),
+    "parallel.context": Rule(
+        REFUSED,
+        RESHARD,
+        only_if=lambda s, n: _partitioned(s, n) and _not_reshardable(s, n),
+        otherwise=HONOURED,  # no weight changes; ZeRO's data x context partition is resharded
+    ),
     "parallel.partition_method": Rule(
         REFUSED,
         RESHARD,
@@ -261,6 +267,11 @@ RULES: dict[str, Rule] = {
         )
         for f in dataclasses.fields(MaskingConfig)
     },
+    "data.document_mask": Rule(
+        HONOURED,
+        "attention and rotary positions per document from the first resumed step; the samples, their order "
+        "and the weights' shapes do not depend on it",
+    ),
     "data.cache_dir": Rule(FREE, "megatron's index maps are rebuilt identically wherever they are cached"),
     "data.train_samples": Rule(
         HONOURED,
