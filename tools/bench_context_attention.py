@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_inputs(args: argparse.Namespace, seq: int) -> tuple[torch.Tensor, ...]:
+def make_inputs(
+    args: argparse.Namespace, seq: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [1, heads, seq, head_dim], k and v [1, kv_heads, seq, head_dim], and the upstream gradient of
     the output (shaped like q); fp32, the same on every process (seeded by ``seq``)."""
     g = torch.Generator().manual_seed(seq)
@@ -118,7 +120,14 @@ def _timed(fn: Callable[[], Any], sync: Callable[[float], float]) -> tuple[float
 # ---------------------------------------------------------------- workers (one per CP rank)
 
 
-def _ulysses(group, args, q, k, v, dout) -> tuple[Callable[[], dict], Callable[[], dict]]:
+def _ulysses(
+    group: Any,
+    args: argparse.Namespace,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+) -> tuple[Callable[[], dict], Callable[[], dict]]:
     """DistributedAttention over [B, S/CP, H, D] contiguous chunks (batch_dim_idx=0: scatter heads,
     dim 2; gather sequence, dim 1); returns one forward+backward giving full-sequence tensors."""
     import torch.distributed as dist
@@ -127,7 +136,7 @@ def _ulysses(group, args, q, k, v, dout) -> tuple[Callable[[], dict], Callable[[
     class LocalSDPA(torch.nn.Module):
         """SDPA on [B, S, H_local, D] (what the all-to-all hands over), causal, GQA by KV groups."""
 
-        def forward(self, q, k, v):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
             return o.transpose(1, 2)
@@ -161,7 +170,7 @@ class _RingCPU(torch.autograd.Function):
     """torch's ring attention (the functions its CUDA SDPA dispatch calls) with the CPU flash kernel."""
 
     @staticmethod
-    def forward(ctx, group, q, k, v):
+    def forward(ctx: Any, group: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor.experimental._context_parallel._attention import (
             _templated_ring_attention,
         )
@@ -174,7 +183,7 @@ class _RingCPU(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor, torch.Tensor]:
         from torch.distributed.tensor.experimental._context_parallel._attention import (
             _templated_ring_attention_backward,
         )
@@ -197,7 +206,15 @@ class _RingCPU(torch.autograd.Function):
         return None, dq, dk, dv
 
 
-def _ring(mesh, args, q, k, v, dout, dispatch: bool) -> tuple[Callable[[], dict], Callable[[], dict]]:
+def _ring(
+    mesh: Any,
+    args: argparse.Namespace,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    dispatch: bool,
+) -> tuple[Callable[[], dict], Callable[[], dict]]:
     """Load-balanced ring CP through ``context_parallel``: the buffers (full [B, H, S, D] tensors) are
     head-tail sharded on entry; ``dispatch`` calls plain SDPA (torch's documented use), otherwise
     ``_RingCPU``. Results are put back in sequence order with ``context_parallel_unshard``."""
