@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bigtrain import flops
 from bigtrain.config import load_config
@@ -263,3 +264,92 @@ def test_batches_prefetched_in_pinned_memory_on_cuda():
     it = batch_iterator(Items(), 0, 2, 4, 0, 1)
     assert all(t.is_pinned() for t in next(it).values())
     it.close()
+
+
+BENCH_CP = str(REPO / "tools" / "bench_context_attention.py")
+
+
+def test_bench_context_attention_cp2_matches_one_process(tmp_path):
+    """tools/bench_context_attention.py at a tiny size (2 gloo processes): every CP method that runs gives
+    the one-process SDPA output and q/k/v gradients within 1e-5 (measured: Ulysses exact, ring ~2e-7),
+    and is timed; torch's own SDPA dispatch of ring CP either fails on CPU (it handles only the CUDA
+    kernels) or, once it runs, is held to the same tolerance."""
+    from tools import bench_context_attention as cpa
+
+    out = tmp_path / "cp.json"
+    cmd = [sys.executable, BENCH_CP, "--seq", "64", "128", "--head-dim", "16", "--repeats", "2"]
+    proc = run_cmd([*cmd, "--json", str(out)], timeout=600)
+    report = json.loads(out.read_text())
+    assert "| 128 | ring CP2 |" in proc.stdout, proc.stdout
+    assert report["cp"] == 2 and report["config"]["kv_heads"] == 2 and report["config"]["heads"] == 8
+    for seq in ("64", "128"):
+        row = report["results"][seq]
+        assert len(row["single"]["seconds"]) == 2 and row["single"]["speedup"] == 1.0
+        ran = [m for m, r in row.items() if m != "single" and "error" not in r]
+        assert set(cpa.METHODS) <= set(ran), row
+        for method in ran:
+            r = row[method]
+            assert set(r["max_rel_error"]) == set(cpa.TENSORS)
+            assert r["max_rel_error_max"] <= 1e-5, (seq, method, r["max_rel_error"])
+            assert len(r["seconds"]) == 2 and r["median_s"] == statistics.median(r["seconds"]) > 0
+            assert r["median_cpu_s"] == statistics.median(r["cpu_seconds"]) > 0
+            assert r["speedup"] == pytest.approx(row["single"]["median_s"] / r["median_s"])
+        if "error" in row["ring-dispatch"]:
+            assert "_scaled_dot_product_flash_attention_for_cpu" in row["ring-dispatch"]["error"]
+
+
+def test_bench_context_attention_error_measure_and_arguments():
+    """The correctness column tells a wrong attention apart (a non-causal output against the causal
+    reference), and shapes that CP2 cannot split are refused by name."""
+    from tools import bench_context_attention as cpa
+
+    args = cpa.parse_args(["--seq", "32", "--head-dim", "8"])
+    q, k, v, dout = cpa.make_inputs(args, 32)
+    ref = cpa.sdpa_fwd_bwd(q, k, v, dout)
+    assert cpa.max_rel_error(ref["out"], ref["out"]) == 0.0
+    wrong = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # no causal mask
+    assert cpa.max_rel_error(wrong, ref["out"]) > 1e-2
+    with pytest.raises(ValueError, match="shape"):
+        cpa.max_rel_error(ref["dk"], ref["dq"])
+    with pytest.raises(SystemExit):
+        cpa.parse_args(["--kv-heads", "3", "--heads", "9"])
+    with pytest.raises(SystemExit):
+        cpa.parse_args(["--seq", "30"])
+
+
+def test_bench_long_context_figures_and_budget(monkeypatch, tmp_path):
+    """tools/bench_long_context.py: layouts interleaved per length, figures against TP2 at the same
+    length, activation growth over the shortest length, and lengths past --budget-s dropped."""
+    from tools import bench_long_context as blc
+
+    calls: list = []
+    clock = [0.0]
+    peak = {"tp2": 1.0, "tp2-sp": 0.5, "cp2": 0.5}  # GiB of growth per 1k tokens
+
+    def run_one(args, layout, seq):
+        calls.append((layout, seq))
+        clock[0] += seq / 1024 * 10  # each run takes 10 s per 1k tokens
+        step = {"tp2": 1.0, "tp2-sp": 1.2, "cp2": 0.8}[layout] * seq / 1024
+        return {
+            "loss_step1": 6.0 + (1e-7 if layout == "cp2" else 0.0),
+            "step_seconds": [step, step, step],
+            "median_step_s": step,
+            "peak_rss_gib": 0.4 + peak[layout] * seq / 1024,
+            "run_seconds": 10.0,
+        }
+
+    monkeypatch.setattr(blc, "run_one", run_one)
+    monkeypatch.setattr(blc, "_now", lambda: clock[0])
+    args = blc.parse_args(["--seq", "2048", "1024", "4096", "8192", "--budget-s", "200"])
+    report = blc.run(args)
+    # 1k: 30 s, 2k: 60 s (90 s total), 4k: predicted 2 x 60 -> 210 s > 200: 4k and 8k dropped
+    assert calls == [(lay, s) for s in (1024, 2048) for lay in ("tp2", "tp2-sp", "cp2")]
+    assert report["dropped_seq"] == [4096, 8192] and list(report["results"]) == ["1024", "2048"]
+    row = report["results"]["2048"]
+    assert row["tp2"]["step_time_vs_tp2"] == 1.0 and row["cp2"]["step_time_vs_tp2"] == pytest.approx(0.8)
+    assert row["tp2-sp"]["activation_delta_gib"] == pytest.approx(0.5)
+    assert row["cp2"]["activation_tp2_over_this"] == pytest.approx(2.0)
+    assert row["cp2"]["loss_rel_diff_vs_tp2"] == pytest.approx(1e-7 / 6.0)
+    assert "activation_tp2_over_this" not in report["results"]["1024"]["cp2"]  # no growth at the shortest
+    table = blc.format_table(report)
+    assert "| 2048 | cp2 | 1.600 | 0.80 |" in table and "dropped (over --budget-s): [4096, 8192]" in table
