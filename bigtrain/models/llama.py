@@ -35,6 +35,7 @@ from bigtrain.models.layers import (
     causal_mask,
     column_parallel,
     cross_entropy,
+    document_mask,
     rotary_tables,
     rotate_half,
     row_parallel,
@@ -135,8 +136,8 @@ class Attention(nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))
         args: tuple[torch.Tensor, ...] = (q, k, v)
         if doc_ids is not None:
-            causal = causal_mask(s, s, self.window, q.device)
-            args = (*args, (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None])  # [b,1,s,s]
+            additive = None if self.softcap is not None else q.dtype  # soft-capping takes the bool form
+            args = (*args, document_mask(doc_ids, self.window, additive))  # [b, 1, s, s], one for all layers
         elif self.window is not None or self.scale is not None or self.softcap is not None:
             args = (*args, causal_mask(s, s, self.window, q.device))  # [s, s]
         core: Callable[..., torch.Tensor] = _causal_core  # no mask: SDPA's own causal kernel
