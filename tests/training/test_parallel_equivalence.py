@@ -160,7 +160,7 @@ SP = ["checkpoint.save=false", "parallel.tensor=2", "parallel.sequence_parallel=
 # partitioned pipeline transfers were turned off under SP: 3.0e-2), tp2-dp2 ZeRO-2; 5.4e-7 at ZeRO-3.
 SP_LAYOUTS = {
     "tp2": (2, []),
-    "tp2-full-recompute": (2, ["activation_checkpointing=full"]),
+    # with full recompute: tests/training/test_context_parallel.py (TP2 + SP x CP2)
     # stages exchange [s/tp, b, h] shards (engine.deepspeed_config: whole tensors per tensor rank)
     "tp2-pp2": (4, ["parallel.pipeline=2"]),
     # ZeRO-3 partitions every tensor: the norm gradients are summed over the tensor group inside
