@@ -90,11 +90,25 @@ class Layout:
     micro_batch: int = 1
     checkpointing: str = "none"
     offload: bool = False
+    sequence_parallel: bool = False  # Megatron SP over the tensor group (TP > 1)
+    context: int = 1  # context-parallel size (DeepSpeed-Ulysses): each rank holds seq / context positions
+
+    @property
+    def gpus(self) -> int:
+        """The world: tensor x context x data x pipeline."""
+        return self.tensor * self.context * self.data * self.pipeline
+
+    @property
+    def shards(self) -> int:
+        """Ranks ZeRO partitions over and the gradient reduction spans: data x context (as Megatron)."""
+        return self.data * self.context
 
     def describe(self) -> str:
         off = "+offload" if self.offload else ""
+        sp = "+SP" if self.sequence_parallel else ""
+        cp = f" CP{self.context}" if self.context > 1 else ""
         return (
-            f"TP{self.tensor} PP{self.pipeline} DP{self.data} ZeRO-{self.zero}{off} "
+            f"TP{self.tensor}{sp}{cp} PP{self.pipeline} DP{self.data} ZeRO-{self.zero}{off} "
             f"mbs{self.micro_batch} ckpt={self.checkpointing}"
         )
 
@@ -182,7 +196,7 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     m, z = cfg.model, cfg.zero
     vocab = padded_vocab_size(cfg.model, layout.tensor)
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
-    n = layout.data
+    n = layout.shards  # ZeRO partitions over data x context
     stage = layout.zero
     mixed = cfg.precision != "fp32"
     if mixed and stage == 0:
@@ -218,8 +232,25 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------- activations
-def block_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int, checkpointing: str) -> float:
-    """Bytes one transformer block saves for backward for ``tokens`` tokens of a micro-batch.
+def block_activation_bytes(
+    m: ModelConfig, tokens: int, a: int, tp: int, checkpointing: str, sp: int = 1, context: int = 1
+) -> float:
+    """Bytes one transformer block saves for backward for ``tokens`` tokens of a micro-batch (this rank's:
+    ``micro_batch x seq_length / context``).
+
+    Sequence parallelism (``sp`` = the tensor size under ``parallel.sequence_parallel``, else 1): what lies
+    outside the tensor-parallel regions holds ``tokens / sp`` positions: the two RMSNorms (their fp32
+    input copies, statistics, normalized input and output; the QKV and MLP matmuls save that output, the
+    shard megatron's linears gather again in backward), and under full recomputation the block input.
+    Attention and MLP are the tensor-parallel regions: whole sequence, ``1/tp`` of the heads and features,
+    as without SP (Korthikanti et al. 2022: ``sbh(10 + 24/t)`` -> ``sbh(34/t)`` without recomputation;
+    the measured split here is the norms' ``24h + 8`` bytes per token in fp32). So SP alone at TP2 saves
+    about a quarter without recomputation and half under full recomputation (tests/test_planner.py).
+
+    Context parallelism (``context``, DeepSpeed-Ulysses): ``tokens`` already counts this rank's
+    ``seq/context`` positions; the attention core runs on the whole sequence for ``heads/context`` of the
+    heads, ``[s, b, heads/(tp context), d]``: the same bytes as ``[s/context, b, heads/tp, d]``, so
+    every term keeps its per-token form; the rotary copies cover this rank's ``seq/context`` rows.
 
     Attention keeps SDPA's q, k, v (contiguous ``[b, heads, s, d]`` copies), its output and log-sum-exp,
     and the out-projection's input (a copy: ``[b, heads, s, d]`` -> ``[s, b, heads*d]``); the QKV input
@@ -237,26 +268,28 @@ def block_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int, checkpo
     tests/test_planner.py."""
     h, kvd, nq, f = m.hidden_size, m.kv_heads * m.head_dim, m.num_attention_heads, m.ffn_size
     if checkpointing == "full":
-        return tokens * a * h  # the block input only
+        return tokens * a * h / sp  # the block input only
     if flops.is_encoder(m):
         kept = a * (5 * h + 2 * f) / tp + 4 * nq / tp + a  # SDPA's tensors and bias, the GELU MLP
         if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
             kept -= a * h / tp + 4 * nq / tp
         return tokens * (kept + 4 * a * h + 16)  # QKV and MLP inputs, the two LayerNorms
-    norms = 2 * (4 * h + 4 + 2 * a * h)
+    norms = 2 * (4 * h + 4 + 2 * a * h) / sp
     attention = a * (3 * h + 2 * kvd) / tp + 4 * nq / tp
     if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
         attention -= a * h / tp + 4 * nq / tp
     mlp = 4 * a * f / tp
     # cos/sin: the cached fp32 tables are shared (counted once, in activation_memory); other dtypes
-    # keep a converted copy per use (q and k), i.e. 4 x [s, d] per block
-    rotary = 0 if a == 4 else 4 * m.seq_length * m.head_dim * a
+    # keep a converted copy per use (q and k), i.e. 4 x [s, d] per block, this rank's rows under CP
+    rotary = 0 if a == 4 else 4 * m.seq_length // context * m.head_dim * a
     return tokens * (norms + attention + mlp) + rotary
 
 
-def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int) -> float:
+def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int, sp: int = 1) -> float:
     """Final norm, the fp32 (log-)softmax the cross entropy keeps, loss bookkeeping. ``vocab``: the
-    rows the output layer multiplies (:func:`bigtrain.flops.output_vocab`).
+    rows the output layer multiplies (:func:`bigtrain.flops.output_vocab`). ``sp``: the final norm holds
+    ``tokens / sp`` positions under sequence parallelism (the output layer gathers the sequence: logits
+    and loss are whole-sequence, ``1/tp`` of the vocabulary).
 
     bert: the MLM head on every position keeps the transform's input (the last block's output) and output
     (the GELU input), the GELU output (the LayerNorm input) with the LayerNorm's fp32 statistics, and the
@@ -266,45 +299,52 @@ def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp:
     if flops.is_encoder(m):
         head = 4 * a * h + 8 + (2 * a * h + 8) / m.seq_length
     else:
-        head = 4 * h + 4 + 2 * a * h  # the final RMSNorm
+        head = (4 * h + 4 + 2 * a * h) / sp  # the final RMSNorm
     # + the loss's bookkeeping: int64 target ids and the float loss mask; megatron's vocab-parallel
     # cross entropy (tensor size > 1) also keeps a bool target mask: 12 or 13 bytes/token
     bookkeeping = 12 if tp == 1 else 13
     return tokens * (head + 4 * vocab / tp + bookkeeping)
 
 
-def embedding_activation_bytes(m: ModelConfig, tokens: int, a: int) -> float:
-    """Bytes the embedding keeps for ``tokens`` tokens: the int64 token ids; bert also the int64 token
-    type ids and its LayerNorm's input (the sum of the three embeddings, ``ah``) and fp32 statistics."""
+def embedding_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int = 1) -> float:
+    """Bytes the embedding keeps for ``tokens`` tokens: the int64 token ids, and at ``tp`` > 1 megatron's
+    vocab-parallel bool mask of the ids outside this rank's rows (whole sequence, also under SP); bert
+    also the int64 token type ids and its LayerNorm's input (the sum of the three embeddings, ``ah``) and
+    fp32 statistics."""
+    mask = 1 if tp > 1 else 0
     if flops.is_encoder(m):
-        return tokens * (16 + a * m.hidden_size + 8)
-    return 8 * tokens
+        return tokens * (16 + a * m.hidden_size + 8 + mask)
+    return (8 + mask) * tokens
 
 
 def activation_memory(cfg: Config, layout: Layout) -> tuple[float, float]:
-    """(saved activations, transient peak on top) in bytes on the heaviest pipeline stage."""
+    """(saved activations, transient peak on top) in bytes on the heaviest pipeline stage: this rank's
+    ``micro_batch x seq_length / context`` tokens; the sequence-parallel terms as
+    :func:`block_activation_bytes` says."""
     m = cfg.model
     a = torch_dtype(cfg.precision).itemsize
     vocab = padded_vocab_size(cfg.model, layout.tensor)
-    tokens = layout.micro_batch * m.seq_length
+    tokens = layout.micro_batch * m.seq_length // layout.context
+    sp = layout.tensor if layout.sequence_parallel else 1
     pp = layout.pipeline
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
     in_flight = min(pp, accum)  # 1F1B: the first stage holds pp micro-batches
     blocks_per_stage = math.ceil(m.num_layers / pp)
-    block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing)
-    embedding = embedding_activation_bytes(m, tokens, a)
+    block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing, sp, layout.context)
+    embedding = embedding_activation_bytes(m, tokens, a, layout.tensor)
     first = in_flight * (blocks_per_stage * block + embedding)
-    out = output_activation_bytes(m, tokens, a, flops.output_vocab(m, vocab, layout.tensor), layout.tensor)
+    out_vocab = flops.output_vocab(m, vocab, layout.tensor)
+    out = output_activation_bytes(m, tokens, a, out_vocab, layout.tensor, sp)
     last = blocks_per_stage * block + out
     saved = max(first, last) if pp > 1 else blocks_per_stage * block + out + embedding
-    if layout.checkpointing != "full" and not flops.is_encoder(
-        m
-    ):  # the cached fp32 rotary tables (inside the recompute otherwise)
+    if layout.checkpointing != "full" and not flops.is_encoder(m):
+        # the cached fp32 rotary tables of the whole sequence (inside the recompute otherwise)
         saved += 8 * m.seq_length * m.head_dim
     # transient: gradient of the logits (fp32, plus the activation-dtype copy the matmul takes)
     transient = tokens * vocab / layout.tensor * (4 + (a if a != 4 else 0))
     if layout.checkpointing == "full":
-        transient += block_activation_bytes(m, tokens, a, layout.tensor, "none")  # one block rebuilt
+        # one block rebuilt
+        transient += block_activation_bytes(m, tokens, a, layout.tensor, "none", sp, layout.context)
     return saved, transient
 
 

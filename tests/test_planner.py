@@ -510,3 +510,99 @@ def test_plan_cli_ranks_bert_large(capsys):
     assert plan.main([*args, "--only", "pipeline=2", "--explain"]) == 0
     p2p = re.search(r"pipeline p2p ([0-9.e+-]+)", capsys.readouterr().out)
     assert p2p and float(p2p.group(1)) > 0  # a PP2 layout sends activations and gradients
+
+
+# ---------------------------------------------------------------------------- sequence / context parallel
+# 12 blocks of h=128 over a 256-token vocabulary: the blocks outweigh the logits, so what SP/CP split shows
+LONG = [
+    "model.hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=256",
+    "model.seq_length=64",
+    "model.num_layers=12",
+    "model.vocab_size=256",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+]
+SPLIT_RUNS = {
+    "dp2": [],  # every rank holds the whole model and sequence: one process's activations
+    "tp2": ["parallel.tensor=2"],
+    "tp2_sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    "tp2_full": ["parallel.tensor=2", "activation_checkpointing=full"],
+    "tp2_sp_full": ["parallel.tensor=2", "parallel.sequence_parallel=true", "activation_checkpointing=full"],
+}
+
+
+def _split_layout(cfg) -> planner.Layout:
+    return planner.Layout(
+        tensor=cfg.parallel.tensor,
+        data=cfg.derived.data_parallel_size,
+        micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.activation_checkpointing,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        context=cfg.parallel.context,
+    )
+
+
+@pytest.fixture(scope="module")
+def split_activations(tmp_path_factory):
+    """{run: [saved bytes on rank 0, rank 1]} from one 2-process gloo launch (tests/activation_worker.py)."""
+    import subprocess
+
+    from tests.conftest import free_port
+
+    tmp = tmp_path_factory.mktemp("split")
+    runs = {
+        name: {"port": free_port(), "config": TINY, "set": [*LONG, *extra]}
+        for name, extra in SPLIT_RUNS.items()
+    }
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.activation_worker", str(tmp / "out"), str(tmp / "runs.json")],
+            env=cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=400)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-4000:] for o in outputs)
+    ranks = [json.loads((tmp / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {name: [ranks[0][name], ranks[1][name]] for name in SPLIT_RUNS}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_RUNS))
+def test_split_activation_prediction_matches_saved_tensors_per_rank(split_activations, name):
+    """Per rank, fp32, 2 x 64 tokens: what autograd saves at DP2 (one process's share), TP2 and TP2+SP,
+    without recomputation and with full recomputation, equals activation_memory's prediction (measured:
+    within 8 bytes: the scalar loss and its sum; the issue asks for 5 %)."""
+    cfg = load_config(TINY, [*LONG, *SPLIT_RUNS[name]]).resolve(2)
+    predicted, _ = planner.activation_memory(cfg, _split_layout(cfg))
+    for measured in split_activations[name]:
+        assert predicted == pytest.approx(measured, rel=1e-4), (name, predicted, measured)
+
+
+def test_sequence_parallel_halves_activations_where_the_paper_says(split_activations):
+    """Issue 18 acceptance 3 for SP. Measured bytes per rank (rank 0):
+    DP2 (one process) 14,539,784; TP2 9,743,620; TP2+SP 7,279,620; TP2 full 1,051,908; TP2+SP full 560,132.
+
+    SP splits only what lies outside the tensor-parallel regions (the norms; Korthikanti et al. 2022's
+    ``10 + 24/t`` -> ``34/t``), so without recomputation TP2 -> TP2+SP saves 1.34x here (Megatron's own
+    bound at t=2 is 22/17 = 1.29x; the >= 1.8x the issue asks for is out of reach by construction); under
+    full recomputation, where each block keeps only its input, it is 1.88x, and TP2+SP against one
+    process 2.0x without recomputation."""
+    m = {name: max(v) for name, v in split_activations.items()}
+    assert m["tp2_full"] / m["tp2_sp_full"] >= 1.8
+    assert m["dp2"] / m["tp2_sp"] >= 1.8
+    assert 1.25 < m["tp2"] / m["tp2_sp"] < 1.45
+    assert m["tp2_sp"] < m["tp2"] < m["dp2"]
