@@ -362,7 +362,7 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
         # DeepSpeed's bf16 optimizer reduces its fp32 gradients through the engine's all-reduce, flattened
         # in buckets of 500M elements (not zero.reduce_bucket_size), cast to the reduction's dtype; one
         # data-parallel rank skips it (compat.skip_identity_allreduce)
-        if layout.data > 1:
+        if layout.shards > 1:
             p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
             est.transient += (4 + reduce_bytes(cfg)) * min(500_000_000, p)
     elif layout.zero in (1, 2) or (cfg.precision != "fp32" and layout.zero == 0):
@@ -457,7 +457,7 @@ def offload_time(cfg: Config, layout: Layout, hw: Hardware, p: int) -> tuple[flo
     The host runs Adam on ``p/n`` parameters at ``hw.cpu_adam_params_per_s``. Adam and the copy back
     run after backward; the gradient copies are issued during backward, but no DeepSpeed option
     overlaps them with compute (``overlap_comm`` concerns the reduction), so all are counted exposed."""
-    part = p / layout.data
+    part = p / layout.shards
     w = torch_dtype(cfg.precision).itemsize
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
     host_accumulation = (2 * accum - 1) * w
@@ -497,21 +497,41 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
       attention and MLP all-reduce ``[t, h]`` forward (row-parallel outputs) and backward (column-parallel
       input gradients): 4 per block; the vocab-parallel embedding's output and the output layer's input
       gradient add one each (the one on the stage that holds it); the vocab-parallel cross entropy adds
-      three fp32 ``[t]`` (max logit, target logit, sum of exponentials) on the last stage.
+      three fp32 ``[t]`` (max logit, target logit, sum of exponentials) on the last stage. Full
+      recomputation runs each block's forward again: 2 more per block.
+    - Sequence parallelism (TP > 1): megatron-core's linears all-gather the ``[t, h]`` sequence before
+      each column-parallel matmul and reduce-scatter after each row-parallel one, in place of the
+      all-reduces (the same bytes on the wire: all-gather + reduce-scatter = all-reduce). Per block
+      ``tensor_all_gather`` 6: 2 forward, 2 in backward (the reduce-scatters' gradients) and 2 more as the
+      column-parallel linears gather their saved input shard again for the weight gradient;
+      ``tensor_reduce_scatter`` 4 (2 forward, the 2 column-parallel input gradients); full recomputation
+      adds 2 + 2. The embedding reduce-scatters its output (gathered back in backward), the output layer
+      gathers its input (forward and again for its weight gradient) and reduce-scatters its input
+      gradient. The norm weights' gradients, partial sums over sequence shards, are all-reduced over the
+      tensor group (``2L + 1`` of ``[h]`` in the parameter dtype, ``w``); the cross entropy as above.
+    - ``context_all_to_all`` (CP > 1, DeepSpeed-Ulysses): per block q, k, v go from sequence shards to head
+      shards and the attention output back, 4 all-to-alls of this rank's ``[t/cp, heads/tp * d]`` (k and v
+      at ``kv_heads``) forward, 4 backward, 4 more under full recomputation. ``data_*`` then span the
+      ``data x context`` ranks ZeRO partitions over.
 
-    Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2)."""
+    Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2, TP2+SP)."""
     m = cfg.model
-    n, tp, pp = layout.data, layout.tensor, layout.pipeline
+    n, tp, pp = layout.shards, layout.tensor, layout.pipeline
     vocab = padded_vocab_size(m, tp)
     p = stage_parameters(m, vocab, tp, pp)
     w = a = torch_dtype(cfg.precision).itemsize  # parameters and activations share the dtype
     g = reduce_bytes(cfg)
-    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * n))
+    accum = max(
+        1, cfg.train.global_batch_size // (layout.micro_batch * layout.data)
+    )  # CP ranks share samples
     out = {
         "data_all_reduce": 0.0,
         "data_reduce_scatter": 0.0,
         "data_all_gather": 0.0,
         "tensor_all_reduce": 0.0,
+        "tensor_all_gather": 0.0,
+        "tensor_reduce_scatter": 0.0,
+        "context_all_to_all": 0.0,
     }
     if n > 1:
         stage = 1 if layout.zero == 0 and cfg.precision != "fp32" else layout.zero
@@ -526,11 +546,23 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
             regathered = max(0.0, p - s - DS_MAX_REUSE_DISTANCE / 2)
             out["data_all_gather"] = (accum * (p - s + regathered) + s) * w
             out["data_reduce_scatter"] = accum * p * g
-    if tp > 1:
-        tokens = layout.micro_batch * m.seq_length
+    tokens = layout.micro_batch * m.seq_length // layout.context  # this rank's
+    blocks = math.ceil(m.num_layers / pp)
+    full = layout.checkpointing == "full"
+    th = tokens * m.hidden_size * a  # one [t, h] activation
+    if tp > 1 and not layout.sequence_parallel:
         ends = 2 if pp == 1 else 1  # embedding output, output-layer input gradient
-        activation = (4 * math.ceil(m.num_layers / pp) + ends) * tokens * m.hidden_size * a
+        activation = ((6 if full else 4) * blocks + ends) * th
         out["tensor_all_reduce"] = accum * (activation + 3 * tokens * 4)
+    elif tp > 1:
+        embedding = 1 if pp == 1 else 0  # PP > 1: the last stage (output layer, final norm, loss)
+        out["tensor_all_gather"] = accum * ((8 if full else 6) * blocks + embedding + 2) * th
+        out["tensor_reduce_scatter"] = accum * ((6 if full else 4) * blocks + embedding + 1) * th
+        norms = (2 * blocks + 1) * m.hidden_size * w
+        out["tensor_all_reduce"] = accum * (norms + 3 * tokens * 4)
+    if layout.context > 1:
+        per_block = tokens * (2 * m.num_attention_heads + 2 * m.kv_heads) * m.head_dim // tp * a
+        out["context_all_to_all"] = accum * (12 if full else 8) * blocks * per_block
     return out
 
 
@@ -554,7 +586,7 @@ def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
 
 def wire_factor(op: str, n: int) -> float:
     """Bytes each of ``n`` ranks sends per payload byte with ring algorithms: all-reduce ``2(n-1)/n``,
-    reduce-scatter and all-gather ``(n-1)/n`` (what NCCL's bus bandwidth is quoted against)."""
+    reduce-scatter, all-gather and all-to-all ``(n-1)/n`` (what NCCL's bus bandwidth is quoted against)."""
     if n <= 1:
         return 0.0
     return (2.0 if op.endswith("all_reduce") else 1.0) * (n - 1) / n
@@ -565,30 +597,41 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     bus bandwidth of its group."""
     m = cfg.model
     vocab = padded_vocab_size(cfg.model, layout.tensor)
-    gpus = layout.tensor * layout.pipeline * layout.data
+    gpus = layout.gpus
     tokens = cfg.train.global_batch_size * m.seq_length
     out_vocab = flops.output_vocab(m, vocab, layout.tensor)
+    # every rank runs 1/gpus of the step's FLOPs: context ranks each compute the attention of heads/cp over
+    # the whole sequence (flops.attention_flops_per_token counts it per token of the whole sequence)
     hw_flops = flops.hardware_flops_per_token(m, out_vocab, layout.checkpointing) * tokens
-    eff = matmul_efficiency(layout.micro_batch * m.seq_length, m.hidden_size // layout.tensor)
+    rows = layout.micro_batch * m.seq_length // layout.context  # the matmuls' rows on one rank
+    eff = matmul_efficiency(rows, m.hidden_size // layout.tensor)
     compute = hw_flops / gpus / (hw.peak_tflops * 1e12 * eff)
     accum = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
     volume = comm_bytes(cfg, layout)
     tp_bw = (hw.intra_node_gbps if layout.tensor <= hw.gpus_per_node else hw.inter_node_gbps) * 1e9
-    tp_comm = volume["tensor_all_reduce"] * wire_factor("all_reduce", layout.tensor) / tp_bw
+    tp_comm = (
+        sum(volume[k] * wire_factor(k, layout.tensor) for k in volume if k.startswith("tensor_")) / tp_bw
+    )
+    # Ulysses all-to-all: each rank sends (cp-1)/cp of its buffer, within a node when TP x CP fits one
+    cp_bw = (
+        hw.intra_node_gbps if layout.tensor * layout.context <= hw.gpus_per_node else hw.inter_node_gbps
+    ) * 1e9
+    cp_comm = volume["context_all_to_all"] * wire_factor("all_to_all", layout.context) / cp_bw
     bubble = (layout.pipeline - 1) / (accum + layout.pipeline - 1) if layout.pipeline > 1 else 0.0
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
     dp_nodes = gpus > hw.gpus_per_node
     dp_bw = (hw.inter_node_gbps if dp_nodes else hw.intra_node_gbps) * 1e9
-    dp_comm = sum(volume[k] * wire_factor(k, layout.data) for k in volume if k.startswith("data_")) / dp_bw
+    dp_comm = sum(volume[k] * wire_factor(k, layout.shards) for k in volume if k.startswith("data_")) / dp_bw
     exposed_dp = max(0.0, dp_comm - 0.5 * compute) if cfg.zero.overlap_comm else dp_comm
     zero3_overhead = 0.04 * compute if layout.zero == 3 else 0.0  # per-parameter hooks
     offload_pcie, offload_adam = offload_time(cfg, layout, hw, p) if layout.offload else (0.0, 0.0)
-    busy = compute + tp_comm
+    busy = compute + tp_comm + cp_comm
     bubble_seconds = busy / (1 - bubble) - busy
     total = busy + bubble_seconds + exposed_dp + zero3_overhead + offload_pcie + offload_adam
     return {
         "compute": compute,
         "tensor_comm": tp_comm,
+        "context_comm": cp_comm,
         "bubble_fraction": bubble,
         "bubble": bubble_seconds,
         "data_comm": dp_comm,
@@ -638,32 +681,37 @@ def layout_config(cfg: Config, layout: Layout) -> Config:
     """A copy of ``cfg`` set to ``layout`` and resolved for its world size (raises ConfigError)."""
     c = copy.deepcopy(cfg)
     c.parallel.tensor, c.parallel.pipeline = layout.tensor, layout.pipeline
+    c.parallel.sequence_parallel, c.parallel.context = layout.sequence_parallel, layout.context
     c.zero.stage, c.zero.offload_optimizer = layout.zero, layout.offload
     c.train.micro_batch_size = layout.micro_batch
     c.activation_checkpointing = layout.checkpointing
-    world = layout.tensor * layout.pipeline * layout.data
+    world = layout.gpus
     validate(c, world)
     return c.resolve(world)
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
-    """Every layout bigtrain accepts for this model on ``gpus`` GPUs (TP within a node)."""
+    """Every layout bigtrain accepts for this model on ``gpus`` GPUs: TP and TP x CP within a node (the
+    all-to-alls of Ulysses on NVLink), sequence parallelism on or off at TP > 1, context parallelism where
+    the config's validation allows it (llama, no pipeline, key/value heads per tensor rank divisible)."""
     out = []
     for tp in _powers_of_two(min(gpus, gpus_per_node)):
-        for pp in [d for d in range(1, gpus // tp + 1) if (gpus // tp) % d == 0]:
-            if gpus % (tp * pp):
-                continue
-            dp = gpus // (tp * pp)
-            for mbs in _powers_of_two(max(1, cfg.train.global_batch_size // dp)):
-                for zero in (0, 1, 2, 3):
-                    for offload in (False, True) if zero else (False,):
-                        for ckpt in CHECKPOINTING:
-                            layout = Layout(tp, pp, dp, zero, mbs, ckpt, offload)
-                            try:
-                                layout_config(cfg, layout)
-                            except ConfigError:
-                                continue
-                            out.append(layout)
+        for cp in _powers_of_two(gpus_per_node // tp):
+            for pp in [d for d in range(1, gpus // (tp * cp) + 1) if (gpus // (tp * cp)) % d == 0]:
+                if gpus % (tp * cp * pp):
+                    continue
+                dp = gpus // (tp * cp * pp)
+                for sp in (False, True) if tp > 1 else (False,):
+                    for mbs in _powers_of_two(max(1, cfg.train.global_batch_size // dp)):
+                        for zero in (0, 1, 2, 3):
+                            for offload in (False, True) if zero else (False,):
+                                for ckpt in CHECKPOINTING:
+                                    layout = Layout(tp, pp, dp, zero, mbs, ckpt, offload, sp, cp)
+                                    try:
+                                        layout_config(cfg, layout)
+                                    except ConfigError:
+                                        continue
+                                    out.append(layout)
     return out
 
 
@@ -672,7 +720,7 @@ def evaluate(cfg: Config, layout: Layout, gpu_memory_bytes: float, hw: Hardware)
     mem = estimate(c, layout)
     budget = gpu_memory_bytes * (1 - ALLOCATOR_MARGIN) - GPU_OVERHEAD_BYTES
     secs = step_time(c, layout, hw)
-    gpus = layout.tensor * layout.pipeline * layout.data
+    gpus = layout.gpus
     tokens = c.train.global_batch_size * c.model.seq_length
     tps = tokens / secs["total"] / gpus
     vocab = flops.output_vocab(c.model, c.derived.padded_vocab_size, layout.tensor)
@@ -731,6 +779,7 @@ def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
     rows = [
         ("compute", s["compute"]),
         ("tensor-parallel comm", s["tensor_comm"]),
+        ("context-parallel all-to-all", s["context_comm"]),
         (f"pipeline bubble ({s['bubble_fraction']:.0%})", s["bubble"]),
         ("data-parallel comm exposed", s["data_comm_exposed"]),
         ("ZeRO-3 overhead", s["zero3_overhead"]),

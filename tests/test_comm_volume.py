@@ -35,6 +35,7 @@ RUNS = {
         "zero.stage3_param_persistence_threshold=1000",
     ],
     "tp2": ["parallel.tensor=2", "train.global_batch_size=4"],
+    "tp2_sp": ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.global_batch_size=4"],
 }
 STEPS = {"dp2_zero3": 2}  # the step counted; the others are the same from the first step on
 KEYS = {
@@ -45,6 +46,10 @@ KEYS = {
     ("dp", "reduce_scatter_tensor"): "data_reduce_scatter",
     ("dp", "_reduce_scatter_base"): "data_reduce_scatter",
     ("tp", "all_reduce"): "tensor_all_reduce",
+    ("tp", "all_gather_into_tensor"): "tensor_all_gather",
+    ("tp", "_all_gather_base"): "tensor_all_gather",
+    ("tp", "reduce_scatter_tensor"): "tensor_reduce_scatter",
+    ("tp", "_reduce_scatter_base"): "tensor_reduce_scatter",
 }
 
 
@@ -59,6 +64,7 @@ def _layout(cfg) -> planner.Layout:
         data=cfg.derived.data_parallel_size,
         zero=cfg.zero.stage,
         micro_batch=cfg.train.micro_batch_size,
+        sequence_parallel=cfg.parallel.sequence_parallel,
     )
 
 
@@ -96,7 +102,7 @@ def _step(records: list[dict], name: str, step: int | None = None) -> list[dict]
 
 def _measured(records: list[dict]) -> tuple[dict[str, float], list[dict]]:
     """(payload bytes by comm_bytes key, the records left out), every other record an error."""
-    volume = dict.fromkeys(KEYS.values(), 0.0)
+    volume = dict.fromkeys([*KEYS.values(), "context_all_to_all"], 0.0)
     left_out, unexpected = [], []
     for r in records:
         if r["group_size"] == 1 or r["numel"] == 1:
@@ -122,6 +128,9 @@ def test_counted_collective_bytes_match_comm_bytes(counted, name):
       non-persistent elements per micro-batch, gathered once for forward and backward, + the 320 persistent
       ones after the step).
     - TP2: all-reduce 329,216 = 2 micro-batches x (10 x [64, 64] + 3 x [64]) x 4 bytes.
+    - TP2+SP: per micro-batch all-gather (6 x 2 blocks + 1 + 2) x [64, 64], reduce-scatter (4 x 2 + 1 + 1)
+      x [64, 64], all-reduce the 5 norm-weight gradients [64] and the cross entropy's 3 x [64], x 4 bytes
+      x 2 micro-batches: 491,520 + 327,680 + 4,608.
     """
     cfg = _config(name)
     predicted = planner.comm_bytes(cfg, _layout(cfg))
