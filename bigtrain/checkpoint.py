@@ -141,7 +141,7 @@ def save_checkpoint(
         written = recorder.close()
     fault("engine_files")
     weights = fp32_master_weights(engine, cfg)  # collective under ZeRO: every rank
-    if dist.dp_rank == 0:
+    if dist.writes_weights:
         (tmp / "weights").mkdir(exist_ok=True)
         path = tmp / "weights" / f"tp{dist.tp_rank:02d}_pp{dist.pp_rank:02d}.safetensors"
         save_file(weights, str(path))
@@ -159,6 +159,7 @@ def save_checkpoint(
                 "tensor": cfg.parallel.tensor,
                 "pipeline": cfg.parallel.pipeline,
                 "data_parallel": cfg.derived.data_parallel_size,
+                "context": cfg.parallel.context,
             },
             "config": cfg.to_dict(),
             # the files behind the data position, compared at resume (resume_rules.data_changes)

@@ -210,7 +210,8 @@ def compact_views(obj: Any) -> Any:
 
 
 def skip_identity_allreduce(engine: Any, data_parallel_size: int, pipeline: int) -> None:
-    """One data-parallel rank, no pipeline: turn off the engine's gradient all-reduce after backward
+    """One data-parallel rank (``data_parallel_size``: the ranks gradients are reduced over, data x
+    context), no pipeline: turn off the engine's gradient all-reduce after backward
     (``engine.enable_backward_allreduce``) where the optimizer does not depend on that path.
 
     deepspeed/runtime/engine.py ``DeepSpeedEngine.allreduce_gradients`` flattens every gradient into

@@ -80,12 +80,19 @@ class Dist:
     device: torch.device
     tp_rank: int
     pp_rank: int
-    dp_rank: int
-    topology: object  # deepspeed PipeModelDataParallelTopology
+    dp_rank: int  # among the ranks that read different samples (context-parallel ranks share one)
+    topology: object  # deepspeed PipeModelDataParallelTopology (its data axis spans data x context)
+    cp_rank: int = 0  # which chunk of each sample's sequence this rank holds (parallel.context)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def writes_weights(self) -> bool:
+        """The one rank of its tensor/pipeline place that writes the weights: data and context rank 0
+        (the others hold the same)."""
+        return self.dp_rank == 0 and self.cp_rank == 0
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -191,16 +198,19 @@ def init_distributed(cfg: Config) -> Dist:
         verbose=False,
     )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    tp, pp, cp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         distributed_timeout_minutes=cfg.train.dist_timeout_minutes,  # timedelta(minutes=...) accepts floats
         order="tp-cp-ep-dp-pp",
         create_gloo_process_groups=False,
     )
     if cfg.parallel.sequence_parallel:
         compat.megatron_buffers_on(device)
+    # DeepSpeed's data axis is megatron's data x context (context varying fastest, as in megatron's
+    # "tp-cp-ep-dp-pp" order): the ranks its ZeRO shards and reduces gradients over
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
     dist = Dist(
         rank=rank,
@@ -211,19 +221,27 @@ def init_distributed(cfg: Config) -> Dist:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         topology=topology,
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
     coord = topology.get_coord(rank)
-    if (coord.pipe, coord.data, coord.model) != (dist.pp_rank, dist.dp_rank, dist.tp_rank):
+    data = dist.dp_rank * cp + dist.cp_rank
+    if (coord.pipe, coord.data, coord.model) != (dist.pp_rank, data, dist.tp_rank):
         raise RuntimeError(
-            f"rank {rank}: megatron-core grid (pp={dist.pp_rank}, dp={dist.dp_rank}, tp={dist.tp_rank}) differs from "
-            f"DeepSpeed's topology (pp={coord.pipe}, dp={coord.data}, tp={coord.model})"
+            f"rank {rank}: megatron-core grid (pp={dist.pp_rank}, dp={dist.dp_rank}, cp={dist.cp_rank}, "
+            f"tp={dist.tp_rank}) differs from DeepSpeed's topology (pp={coord.pipe}, data={coord.data}, "
+            f"tp={coord.model})"
         )
     return dist
 
 
 class MegatronMPU:
     """The model-parallel-unit interface DeepSpeed's engine asks for, answered by megatron-core's
-    parallel_state (pipeline = 1 runs; the pipeline engine builds its own grid from the topology)."""
+    parallel_state (pipeline = 1 runs; the pipeline engine builds its own grid from the topology).
+
+    Context parallelism is DeepSpeed's "sequence parallel" (Ulysses): its engine and ZeRO shard and
+    reduce gradients over the sequence-data-parallel group (megatron's data x context group), summing
+    over the context ranks and averaging over the data ranks (``dp_world / sequence_parallel_size``);
+    so each context rank's loss is its chunk's share of the sample's (see ``Trainer.next_global_batch``)."""
 
     def __init__(self) -> None:
         from megatron.core import parallel_state
@@ -254,6 +272,24 @@ class MegatronMPU:
 
     def get_data_parallel_group(self) -> torch.distributed.ProcessGroup:
         return self.ps.get_data_parallel_group()
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.ps.get_context_parallel_rank()
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.ps.get_context_parallel_world_size()
+
+    def get_sequence_parallel_group(self) -> torch.distributed.ProcessGroup:
+        return self.ps.get_context_parallel_group()
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank(with_context_parallel=True)
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    def get_sequence_data_parallel_group(self) -> torch.distributed.ProcessGroup:
+        return self.ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return 0

@@ -63,6 +63,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         }
     if cfg.precision != "fp32":  # DeepSpeed reduces in the training precision unless told otherwise
         ds["communication_data_type"] = "fp32" if z.grad_reduce_dtype == "fp32" else cfg.precision
+        # under context parallelism DeepSpeed reduces in this one instead (its Ulysses setting)
+        ds["seq_parallel_communication_data_type"] = ds["communication_data_type"]
     if cfg.parallel.pipeline > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": 0}
     return ds
@@ -175,7 +177,9 @@ def initialize_engine(cfg: Config, model: nn.Module, dist: Dist) -> Any:  # deep
     compat.guard_torch_optimizer_step(engine.optimizer)
     compat.record_fp32_grad_norm(engine)
     compat.share_fp32_master_partitions(engine)
-    compat.skip_identity_allreduce(engine, cfg.derived.data_parallel_size, cfg.parallel.pipeline)
+    # gradients are reduced over data x context ranks (context ranks hold parts of the same samples)
+    reduced_over = cfg.derived.data_parallel_size * cfg.parallel.context
+    compat.skip_identity_allreduce(engine, reduced_over, cfg.parallel.pipeline)
     if dist.device.type == "cuda" and dist.is_main:
         _log_attention_kernel(cfg, dist.device)
     return engine

@@ -602,6 +602,7 @@ def open_optimizer_state(checkpoint_dir: str | Path) -> OptimizerState:
     if cfg.optim.name not in ("adamw", "adam"):
         raise ValueError(f"{ckpt}: optim.name={cfg.optim.name}: only Adam's moments are extracted")
     tp, pp, dp = (int(meta["layout"][k]) for k in ("tensor", "pipeline", "data_parallel"))
+    dp *= int(meta["layout"].get("context", 1))  # ZeRO partitions over data x context ranks
     m = cfg.model
     padded = cfg.derived.padded_vocab_size
     expected = {lp.key: lp for lp in layout.iter_layer_params(m, task=task_params(cfg))}

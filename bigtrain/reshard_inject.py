@@ -38,7 +38,7 @@ def _layout_of(cfg: Config) -> tuple[int, int, int, int, bool]:
     return (
         p.tensor,
         p.pipeline,
-        cfg.derived.data_parallel_size,
+        cfg.derived.data_parallel_size * p.context,  # the ranks ZeRO partitions over
         effective_stage(cfg),
         cfg.zero.offload_optimizer,
     )
@@ -57,7 +57,7 @@ def needs_reshard(meta: dict[str, Any], saved: Config, cfg: Config) -> bool:
     return (t0, p0, z0, o0) != (t1, p1, z1, o1) or not same_partition or (d0 != d1 and z0 > 0) or repadded
 
 
-def _describe(t: int, p: int, d: int, cfg: Config, other: Config) -> str:
+def _describe(t: int, p: int, d: int, cfg: Config, other: Config, c: int = 1) -> str:
     """``TP2 PP2 DP2 ZeRO-1``, with what else differs from ``other``: the pipeline partition, the padded
     vocabulary, optimizer offload."""
     pipe = (
@@ -68,19 +68,22 @@ def _describe(t: int, p: int, d: int, cfg: Config, other: Config) -> str:
     vocab = cfg.derived.padded_vocab_size
     padded = f" vocab {vocab}" if vocab != other.derived.padded_vocab_size else ""
     offload = "+offload" if cfg.zero.offload_optimizer else ""
-    return f"TP{t} PP{p}{pipe} DP{d} ZeRO-{cfg.zero.stage}{offload}{padded}"
+    context = f" CP{c}" if c > 1 else ""
+    return f"TP{t} PP{p}{pipe} DP{d}{context} ZeRO-{cfg.zero.stage}{offload}{padded}"
 
 
 def reshard_line(tag: str, meta: dict[str, Any], saved: Config, cfg: Config) -> str:
     """The one line pre-flight prints: ``resuming step_00000120 saved at TP2 PP2 DP2 ZeRO-1 into TP1 PP1
     DP4 ZeRO-2 (resharding optimizer state)``."""
     was = meta["layout"]
-    source = _describe(was["tensor"], was["pipeline"], was["data_parallel"], saved, cfg)
+    source = _describe(
+        was["tensor"], was["pipeline"], was["data_parallel"], saved, cfg, was.get("context", 1)
+    )
     origin = meta.get("resharded_from")
     if origin:  # written by tools/reshard_checkpoint.py: say the layout it was trained at
         source += f" (resharded offline from TP{origin['tensor']} PP{origin['pipeline']})"
     p = cfg.parallel
-    target = _describe(p.tensor, p.pipeline, cfg.derived.data_parallel_size, cfg, saved)
+    target = _describe(p.tensor, p.pipeline, cfg.derived.data_parallel_size, cfg, saved, p.context)
     return f"resuming {tag} saved at {source} into {target} (resharding optimizer state)"
 
 

@@ -162,6 +162,12 @@ RULES: dict[str, Rule] = {
     "parallel.tensor": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.pipeline": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.sequence_parallel": Rule(HONOURED, "it changes no weight: only how activations are split"),
+    "parallel.context": Rule(
+        REFUSED,
+        RESHARD,
+        only_if=lambda s, n: _partitioned(s, n) and _not_reshardable(s, n),
+        otherwise=HONOURED,  # no weight changes; ZeRO's data x context partition is resharded
+    ),
     "parallel.partition_method": Rule(
         REFUSED,
         RESHARD,

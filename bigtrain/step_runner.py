@@ -39,18 +39,47 @@ class GlobalBatch:
     )  # tokens / (micro-batches x DP ranks), fp32, on the device; None: own mean
 
 
+# the entries [b, s] that context parallelism splits along the sequence; the rest stay whole (doc_ids:
+# the attention core sees whole sequences, see llama.Attention)
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "positions")
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
+    """This rank's part of a micro-batch, on ``device``: under context parallelism (``parallel.context``
+    = c > 1), its chunk [b, s/c] of each of ``SEQUENCE_KEYS`` (rank r: positions [r*s/c, (r+1)*s/c)).
+    The loss normalizer still counts the whole samples' tokens (each context rank's loss is its chunk's
+    share; DeepSpeed sums gradients over context ranks, see ``distributed.MegatronMPU``)."""
+    from megatron.core import parallel_state
+
+    if (
+        parallel_state.model_parallel_is_initialized()
+        and parallel_state.get_context_parallel_world_size() > 1
+    ):
+        rank, size = (
+            parallel_state.get_context_parallel_rank(),
+            parallel_state.get_context_parallel_world_size(),
+        )
+        batch = {k: v.chunk(size, dim=1)[rank] if k in SEQUENCE_KEYS else v for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _dp_mean(value: torch.Tensor) -> float:
-    """Mean of a 0-dim device tensor over data-parallel ranks, read on the host (one sync)."""
+def data_parallel_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every rank holding a different part of the data: the data-parallel ranks
+    and, under context parallelism, the context ranks of each (megatron's data x context group)."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value = value / parallel_state.get_data_parallel_world_size()
-    return float(value)
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        torch.distributed.all_reduce(value, group=group)
+    return value
+
+
+def _dp_mean(value: torch.Tensor) -> float:
+    """A 0-dim device tensor's mean over data-parallel ranks, summed over context ranks (each holds
+    its chunk's share of the loss), read on the host (one sync)."""
+    from megatron.core import parallel_state
+
+    return float(data_parallel_sum(value) / parallel_state.get_data_parallel_world_size())
 
 
 class MicroBatchRunner:

@@ -20,7 +20,7 @@ from bigtrain.hooks import Hook, Validation
 from bigtrain.metrics import console, entity_scores
 from bigtrain.models.layers import TensorParallel
 from bigtrain.models.parallelize import tensor_parallel
-from bigtrain.step_runner import StepRunner, to_device
+from bigtrain.step_runner import StepRunner, data_parallel_sum, to_device
 from bigtrain.trainer import StepResult, Trainer, TrainState
 
 if TYPE_CHECKING:
@@ -285,10 +285,8 @@ def evaluate_all(trainer: Trainer, valid_items: list[Batch]) -> dict[str, Any] |
                         labels.append(row_y[row_m].tolist())
     finally:
         trainer.engine.train()
-    totals = torch.stack([loss_sum, weight])
+    totals = data_parallel_sum(torch.stack([loss_sum, weight]))  # context ranks: their chunks' sums
     dp_group = parallel_state.get_data_parallel_group()
-    if parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(totals, group=dp_group)
     out: dict[str, Any] = {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
     if classify or tagging:
         if parallel_state.get_data_parallel_world_size() > 1:
@@ -368,7 +366,7 @@ def save_best(
         (tmp / "weights").mkdir(parents=True)
     torch.distributed.barrier()
     weights = fp32_master_weights(trainer.engine, cfg)  # a collective under ZeRO
-    if dist.dp_rank == 0:
+    if dist.writes_weights:
         save_file(weights, str(tmp / "weights" / f"tp{dist.tp_rank:02d}_pp{dist.pp_rank:02d}.safetensors"))
     torch.distributed.barrier()
     if dist.is_main:

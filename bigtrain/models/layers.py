@@ -39,16 +39,35 @@ def _plain_config() -> ModelParallelConfig:
 
 
 @dataclass(frozen=True)
+class ContextParallel:
+    """Where a rank's chunk of each sequence sits (``parallel.context``): rank r of ``size`` holds
+    positions [r*s/size, (r+1)*s/size) of every sample; attention spans ``group`` (DeepSpeed-Ulysses).
+    ``rotary_offset`` False is the wrong-on-purpose control (``debug.skip_rotary_offset``)."""
+
+    rank: int = 0
+    size: int = 1
+    group: torch.distributed.ProcessGroup | None = None
+    rotary_offset: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size > 1 and self.group is None:
+            raise ValueError(f"context-parallel size {self.size} needs its process group")
+
+
+@dataclass(frozen=True)
 class TensorParallel:
     """Where a layer sits in the tensor-parallel group (see :func:`bigtrain.models.parallelize.tensor_parallel`).
 
     ``group``: the tensor-parallel process group (None only in a process without one, at size 1);
-    ``config``: megatron-core's ``ModelParallelConfig`` for its layers (used when ``size > 1``)."""
+    ``config``: megatron-core's ``ModelParallelConfig`` for its layers (used when ``size > 1``);
+    ``context``: the context-parallel group the layer's attention spans (size 1: none), carried here
+    so that every layer constructor keeps one "model-parallel place" argument."""
 
     rank: int = 0
     size: int = 1
     group: torch.distributed.ProcessGroup | None = None
     config: ModelParallelConfig = field(default_factory=_plain_config)
+    context: ContextParallel = field(default_factory=ContextParallel)
 
     def __post_init__(self) -> None:
         if self.size > 1 and self.group is None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from deepspeed.sequence.layer import DistributedAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -72,6 +73,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(m.head_dim, m.norm_eps, m.norm_offset, partial=tp)
         self.qk_norm = m.qk_norm
         self.proj = row_parallel(m.num_attention_heads * m.head_dim, m.hidden_size, tp)
+        self.context = tp.context
+        if tp.context.size > 1:
+            # Ulysses (Jacobs et al. 2023): all-to-all from sequence chunks to head slices and back, so
+            # the core sees whole sequences (causal, document and window masks as at one rank)
+            self.ulysses = DistributedAttention(self._attend, tp.context.group, scatter_idx=2, gather_idx=0)
 
     def forward(
         self,
@@ -82,7 +88,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [s, b, h] -> [s, b, h]. ``cache`` (inference only): keys/values of earlier positions; x holds
         the positions after them. ``positions``/``doc_ids`` [b, s] (packed sequences): rotary positions
-        restart per document and attention stays within a document (causal and same doc id)."""
+        restart per document and attention stays within a document (causal and same doc id).
+
+        Under context parallelism x, ``positions`` and the output hold this rank's chunk of the sequence
+        (s = S/context), rotated at its offset; ``doc_ids`` stay whole [b, S]."""
         qkv, _ = self.qkv(x)  # [s, b, groups*(q_per_group+2)*d] (sequence parallel: x is [s/tp, b, h])
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
@@ -93,35 +102,51 @@ class Attention(nn.Module):
         if self.qk_norm:  # over each head's d features, before rotary (as HF's Qwen3Attention)
             q, k = self.q_norm(q), self.k_norm(k)
         start = 0 if cache is None else cache.length
-        cos, sin = rotary_tables(start + s, self.rotary, x.device)
+        first = start  # the first position of x: after the cache, or at this rank's chunk
+        if self.context.size > 1 and self.context.rotary_offset:
+            first = self.context.rank * s
+        cos, sin = rotary_tables(first + s, self.rotary, x.device)
         if positions is None:
-            q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
+            q, k = apply_rotary(q, cos[first:], sin[first:]), apply_rotary(k, cos[first:], sin[first:])
         else:  # per-sample positions (they restart below s)
             pos = positions.t()  # [s, b]
             cos, sin = cos[pos][:, :, None].to(x.dtype), sin[pos][:, :, None].to(x.dtype)  # [s, b, 1, d]
             q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+        if start:  # decoding after cached positions
+            q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))  # [b, heads, s, d]
+            k, v = cache.append(k, v)  # type: ignore[union-attr]
+            out = KVCache.attend(q, k, v, self.window, self.scale, self.softcap).permute(2, 0, 1, 3)
+        elif cache is not None:  # the prompt: attended like training, its keys/values kept
+            cache.append(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))  # copied into its buffer
+            out = self._attend(q, k, v, doc_ids)
+        elif self.context.size > 1:  # [s, b, heads/cp, d] chunks -> [S, b, heads/cp, d] -> back
+            out = self.ulysses(q, k, v, 1, None, doc_ids)
+        else:
+            out = self._attend(q, k, v, doc_ids)
+        return self.proj(out.reshape(s, b, -1))[0]  # [s, b, heads*d] -> [s, b, h]
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The attention core over whole sequences: q [S, b, heads, d], k/v [S, b, groups, d] ->
+        [S, b, heads, d]; causal, within documents (``doc_ids`` [b, S]) and the window."""
+        s = q.shape[0]
         # [b, heads, s, d], contiguous: SDPA's CPU flash kernel runs ~6% faster than on the strided views
         q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))
-        if cache is not None:
-            k, v = cache.append(k, v)
-        if start:
-            out = KVCache.attend(q, k, v, self.window, self.scale, self.softcap)
+        args: tuple[torch.Tensor, ...] = (q, k, v)
+        if doc_ids is not None:
+            causal = causal_mask(s, s, self.window, q.device)
+            args = (*args, (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None])  # [b,1,s,s]
+        elif self.window is not None or self.scale is not None or self.softcap is not None:
+            args = (*args, causal_mask(s, s, self.window, q.device))  # [s, s]
+        core: Callable[..., torch.Tensor] = _causal_core  # no mask: SDPA's own causal kernel
+        if len(args) == 4:  # a mask (documents, window) or Gemma's scale / soft-capping
+            core = functools.partial(attention_core, scale=self.scale, softcap=self.softcap)
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(core, *args, use_reentrant=False)
         else:
-            args: tuple[torch.Tensor, ...] = (q, k, v)
-            if doc_ids is not None:
-                causal = causal_mask(s, s, self.window, x.device)
-                args = (*args, (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None])  # [b,1,s,s]
-            elif self.window is not None or self.scale is not None or self.softcap is not None:
-                args = (*args, causal_mask(s, s, self.window, x.device))  # [s, s]
-            core: Callable[..., torch.Tensor] = _causal_core  # no mask: SDPA's own causal kernel
-            if len(args) == 4:  # a mask (documents, window) or Gemma's scale / soft-capping
-                core = functools.partial(attention_core, scale=self.scale, softcap=self.softcap)
-            if self.recompute_core and torch.is_grad_enabled():
-                out = checkpoint(core, *args, use_reentrant=False)
-            else:
-                out = core(*args)
-        out = out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, heads*d]
-        return self.proj(out)[0]
+            out = core(*args)
+        return out.permute(2, 0, 1, 3)  # [s, b, heads, d]
 
 
 def _causal_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

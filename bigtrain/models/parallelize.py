@@ -17,7 +17,7 @@ from bigtrain import compat
 from bigtrain.config import Config, torch_dtype
 from bigtrain.models import layout
 from bigtrain.models.bert import BertModel
-from bigtrain.models.layers import TensorParallel
+from bigtrain.models.layers import ContextParallel, TensorParallel
 from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers
 from bigtrain.perf import set_compile
 
@@ -38,10 +38,12 @@ def megatron_config(cfg: Config) -> ModelParallelConfig:
 
 
 def tensor_parallel(cfg: Config) -> TensorParallel:
-    """This rank's tensor-parallel place: from megatron-core's ``parallel_state`` once it is
-    initialized, else (a unit test, a tool without a process group) rank 0 of 1.
+    """This rank's tensor-parallel place (and its context-parallel one, ``TensorParallel.context``):
+    from megatron-core's ``parallel_state`` once it is initialized, else (a unit test, a tool without a
+    process group) rank 0 of 1.
 
     Raises ValueError when ``parallel.tensor`` is not the group's size (or > 1 without a group)."""
+    context = ContextParallel()
     if parallel_state.model_parallel_is_initialized():
         size = parallel_state.get_tensor_model_parallel_world_size()
         if size != cfg.parallel.tensor:
@@ -50,11 +52,18 @@ def tensor_parallel(cfg: Config) -> TensorParallel:
             )
         group = parallel_state.get_tensor_model_parallel_group()
         rank = parallel_state.get_tensor_model_parallel_rank()
+        if parallel_state.get_context_parallel_world_size() > 1:
+            context = ContextParallel(
+                parallel_state.get_context_parallel_rank(),
+                parallel_state.get_context_parallel_world_size(),
+                parallel_state.get_context_parallel_group(),
+                rotary_offset=not cfg.debug.skip_rotary_offset,
+            )
     elif cfg.parallel.tensor == 1:
         rank, size, group = 0, 1, None
     else:
         raise ValueError(f"parallel.tensor={cfg.parallel.tensor} needs an initialized process group")
-    return TensorParallel(rank, size, group, megatron_config(cfg))
+    return TensorParallel(rank, size, group, megatron_config(cfg), context)
 
 
 def build(
