@@ -5,8 +5,8 @@ PATH, "set": [overrides...]}}``; each run initializes bigtrain's process groups 
 (``bigtrain.registry.build_model``), feeds it this rank's part of one fixed micro-batch and records the bytes
 autograd saves (``bigtrain.memory.saved_activation_bytes``, parameters excluded), then tears the groups
 down for the next run. Tensor ranks see the whole sequence; context ranks their contiguous
-``seq_length / context`` chunk of tokens, labels and loss mask (``bigtrain.batch``'s slicing, when the
-layout has one). Each rank writes ``OUT_DIR/rank{R}.json``: ``{name: saved bytes}``."""
+``seq_length / context`` chunk of tokens, labels and loss mask, as training cuts them
+(``bigtrain.step_runner.to_device``). Each rank writes ``OUT_DIR/rank{R}.json``: ``{name: saved bytes}``."""
 
 from __future__ import annotations
 
@@ -18,34 +18,27 @@ from pathlib import Path
 import torch
 
 
-def _context_slice(cfg, dist, t: torch.Tensor) -> torch.Tensor:
-    """This context rank's chunk of a ``[b, s]`` tensor (the whole tensor without context parallelism)."""
-    cp = getattr(cfg.parallel, "context", 1)
-    if cp == 1:
-        return t
-    from megatron.core import parallel_state
-
-    rank = parallel_state.get_context_parallel_rank()
-    chunk = t.shape[1] // cp
-    return t[:, rank * chunk : (rank + 1) * chunk].contiguous()
-
-
 def measure(config: str, overrides: list[str]) -> int:
     from bigtrain.config import load_config
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.memory import saved_activation_bytes
     from bigtrain.registry import build_model
+    from bigtrain.step_runner import to_device
 
     cfg = load_config(config, overrides).resolve(int(os.environ["WORLD_SIZE"]))
     dist = init_distributed(cfg)
     try:
         model = build_model(cfg, topology=dist.topology)
         b, s = cfg.train.micro_batch_size, cfg.model.seq_length
-        # the same tokens on every rank (a fixed generator), as a data-parallel group of one reads them
+        # the same tokens on every rank (a fixed generator); to_device keeps this context rank's chunk
         tokens = torch.randint(0, cfg.model.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
-        tokens = _context_slice(cfg, dist, tokens)
-        mask = torch.ones(tokens.shape)
-        return saved_activation_bytes(model, lambda: model(tokens, tokens, mask))
+        batch = to_device({"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, s)}, dist.device)
+        # a chunk is a view of the whole [b, s] batch on CPU (to a GPU it is copied into its own tensor):
+        # compact it, so that the loss's saved mask counts this rank's chunk, not the batch it came from
+        batch = {k: v.contiguous() for k, v in batch.items()}
+        return saved_activation_bytes(
+            model, lambda: model(batch["tokens"], batch["labels"], batch["loss_mask"])
+        )
     finally:
         shutdown()
 
