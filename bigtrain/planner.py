@@ -510,11 +510,12 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
       gradient. The norm weights' gradients, partial sums over sequence shards, are all-reduced over the
       tensor group (``2L + 1`` of ``[h]`` in the parameter dtype, ``w``); the cross entropy as above.
     - ``context_all_to_all`` (CP > 1, DeepSpeed-Ulysses): per block q, k, v go from sequence shards to head
-      shards and the attention output back, 4 all-to-alls of this rank's ``[t/cp, heads/tp * d]`` (k and v
-      at ``kv_heads``) forward, 4 backward, 4 more under full recomputation. ``data_*`` then span the
-      ``data x context`` ranks ZeRO partitions over.
+      shards and the attention output back: 4 all-to-alls of this rank's ``[t/cp, b, heads/tp, d]`` (k
+      and v at ``kv_heads``) forward, the same 4 backward, 4 more under full recomputation. ``data_*``
+      then span the ``data x context`` ranks ZeRO partitions over; ``t`` counts this rank's tokens.
 
-    Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2, TP2+SP)."""
+    Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2, TP2+SP, CP2 with and
+    without full recomputation)."""
     m = cfg.model
     n, tp, pp = layout.shards, layout.tensor, layout.pipeline
     vocab = padded_vocab_size(m, tp)
@@ -562,7 +563,7 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
         out["tensor_all_reduce"] = accum * (norms + 3 * tokens * 4)
     if layout.context > 1:
         per_block = tokens * (2 * m.num_attention_heads + 2 * m.kv_heads) * m.head_dim // tp * a
-        out["context_all_to_all"] = accum * (12 if full else 8) * blocks * per_block
+        out["context_all_to_all"] = accum * (3 if full else 2) * blocks * per_block
     return out
 
 

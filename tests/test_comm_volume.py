@@ -36,6 +36,8 @@ RUNS = {
     ],
     "tp2": ["parallel.tensor=2", "train.global_batch_size=4"],
     "tp2_sp": ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.global_batch_size=4"],
+    "cp2": ["parallel.context=2", "train.global_batch_size=4"],
+    "cp2_full": ["parallel.context=2", "train.global_batch_size=4", "activation_checkpointing=full"],
 }
 STEPS = {"dp2_zero3": 2}  # the step counted; the others are the same from the first step on
 KEYS = {
@@ -50,6 +52,7 @@ KEYS = {
     ("tp", "_all_gather_base"): "tensor_all_gather",
     ("tp", "reduce_scatter_tensor"): "tensor_reduce_scatter",
     ("tp", "_reduce_scatter_base"): "tensor_reduce_scatter",
+    ("cp", "all_to_all_single"): "context_all_to_all",
 }
 
 
@@ -64,7 +67,9 @@ def _layout(cfg) -> planner.Layout:
         data=cfg.derived.data_parallel_size,
         zero=cfg.zero.stage,
         micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.activation_checkpointing,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        context=cfg.parallel.context,
     )
 
 
@@ -102,7 +107,7 @@ def _step(records: list[dict], name: str, step: int | None = None) -> list[dict]
 
 def _measured(records: list[dict]) -> tuple[dict[str, float], list[dict]]:
     """(payload bytes by comm_bytes key, the records left out), every other record an error."""
-    volume = dict.fromkeys([*KEYS.values(), "context_all_to_all"], 0.0)
+    volume = dict.fromkeys(KEYS.values(), 0.0)
     left_out, unexpected = [], []
     for r in records:
         if r["group_size"] == 1 or r["numel"] == 1:
@@ -131,6 +136,10 @@ def test_counted_collective_bytes_match_comm_bytes(counted, name):
     - TP2+SP: per micro-batch all-gather (6 x 2 blocks + 1 + 2) x [64, 64], reduce-scatter (4 x 2 + 1 + 1)
       x [64, 64], all-reduce the 5 norm-weight gradients [64] and the cross entropy's 3 x [64], x 4 bytes
       x 2 micro-batches: 491,520 + 327,680 + 4,608.
+    - CP2 (Ulysses, 16 of the 32 positions per rank): per micro-batch and block q and the attention output
+      ([16, 2, 4 heads, 16]) and k, v ([16, 2, 2, 16]) all-to-all'd forward and backward, x 2 blocks x 2
+      micro-batches x 4 bytes: 196,608 (full recomputation: forward again, 294,912); the gradient
+      all-reduce 558,336 over data x context.
     """
     cfg = _config(name)
     predicted = planner.comm_bytes(cfg, _layout(cfg))
