@@ -692,12 +692,13 @@ def layout_config(cfg: Config, layout: Layout) -> Config:
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
-    """Every layout bigtrain accepts for this model on ``gpus`` GPUs: TP and TP x CP within a node (the
-    all-to-alls of Ulysses on NVLink), sequence parallelism on or off at TP > 1, context parallelism where
-    the config's validation allows it (llama, no pipeline, key/value heads per tensor rank divisible)."""
+    """Every layout bigtrain accepts for this model on ``gpus`` GPUs: TP within a node, sequence parallelism
+    on or off at TP > 1, context parallelism where the config's validation allows it (llama, no pipeline,
+    key/value heads per tensor rank divisible by it), also across nodes (its all-to-alls then over the
+    inter-node bandwidth, :func:`step_time`)."""
     out = []
     for tp in _powers_of_two(min(gpus, gpus_per_node)):
-        for cp in _powers_of_two(gpus_per_node // tp):
+        for cp in _powers_of_two(gpus // tp):
             for pp in [d for d in range(1, gpus // (tp * cp) + 1) if (gpus // (tp * cp)) % d == 0]:
                 if gpus % (tp * cp * pp):
                     continue
@@ -745,7 +746,12 @@ def explain(
     if s["bubble_fraction"]:
         parts.append(f"pipeline bubble {s['bubble_fraction']:.0%}")
     if s["tensor_comm"]:
-        parts.append(f"tensor-parallel all-reduces {s['tensor_comm'] / s['total']:.0%} of the step")
+        ops = "all-gathers and reduce-scatters" if best.layout.sequence_parallel else "all-reduces"
+        parts.append(f"tensor-parallel {ops} {s['tensor_comm'] / s['total']:.0%} of the step")
+    if best.layout.sequence_parallel:
+        parts.append("sequence parallelism splits the norms' activations over the tensor ranks")
+    if best.layout.context > 1:
+        parts.append(_why_context(best, ranked))
     if best.layout.checkpointing != "none":
         parts.append(f"{best.layout.checkpointing} recomputation because nothing cheaper fits")
     demoted = sum(c.demoted for c in ranked)
@@ -770,6 +776,29 @@ def explain(
             f"micro-batch {larger[0].layout.micro_batch} would need {larger[0].memory.total / GIB:.1f} GiB"
         )
     return "; ".join(parts)
+
+
+def _why_context(best: Candidate, ranked: list[Candidate]) -> str:
+    """Why ``best`` splits the sequence: nothing fits without context parallelism, or the best layout
+    without it is predicted slower (and by how much)."""
+    cp = best.layout.context
+    s = best.seconds
+    share = f"the Ulysses all-to-alls {s['context_comm'] / s['total']:.0%} of the step"
+    plain = [c for c in ranked if c.layout.context == 1]
+    fitting = [c for c in plain if c.fits]
+    if not fitting:
+        smallest = min((c.memory.total for c in plain), default=math.inf)
+        return (
+            f"context parallelism CP{cp} because no layout without it fits (the smallest needs "
+            f"{smallest / GIB:.1f} GiB); {share}"
+        )
+    other = fitting[0]
+    slower = best.tokens_per_sec_per_gpu / other.tokens_per_sec_per_gpu - 1
+    return (
+        f"context parallelism CP{cp}: each rank holds seq/{cp} positions; the best layout without it "
+        f"({other.layout.describe()}, {other.memory.total / GIB:.1f} GiB) is predicted {slower:.0%} slower; "
+        f"{share}"
+    )
 
 
 def breakdown(cand: Candidate, cfg: Config | None = None) -> str:

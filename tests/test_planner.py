@@ -616,3 +616,110 @@ def test_sequence_and_context_parallel_split_activations_where_the_paper_says(sp
         assert 1.25 < m["tp2"] / m[split] < 1.45, split
         assert m[split] < m["tp2"] < m["dp2"]
     assert m["cp2_full"] < m["cp2_selective"] < m["cp2"]
+
+
+# ---------------------------------------------------------------------------- long-context presets
+LONG_PRESETS = {"llama-8b-32k": (8, 32768), "llama-8b-128k": (64, 131072)}
+
+
+def _preset_layout(cfg) -> planner.Layout:
+    p = cfg.parallel
+    return planner.Layout(
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        data=cfg.derived.data_parallel_size,
+        zero=cfg.zero.stage,
+        micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.activation_checkpointing,
+        offload=cfg.zero.offload_optimizer,
+        sequence_parallel=p.sequence_parallel,
+        context=p.context,
+    )
+
+
+@pytest.mark.parametrize("name", list(LONG_PRESETS))
+def test_long_context_presets_validate_and_fit_80gb(name):
+    """The Llama-3-8B long-context presets: the model's shape (8.0B parameters, GQA 32/8, rope theta
+    500000, 128,256 tokens), validated on their world size with sequence and context parallelism, and
+    predicted to fit an 80 GB GPU in the layout they set (the planner's activation, state and transient
+    terms; measured per rank on CPU above)."""
+    gpus, seq = LONG_PRESETS[name]
+    cfg = load_config(REPO / "configs" / f"{name}.yaml").resolve(gpus)
+    m, p = cfg.model, cfg.parallel
+    assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.kv_heads, m.ffn_size) == (
+        4096,
+        32,
+        32,
+        8,
+        14336,
+    )
+    assert (m.vocab_size, m.rope_theta, m.seq_length, m.tie_embeddings) == (128256, 500000.0, seq, False)
+    assert flops.num_parameters(m, m.vocab_size) == pytest.approx(8.03e9, rel=0.01)
+    assert p.sequence_parallel and p.context > 1 and p.tensor * p.context <= m.kv_heads
+    layout = _preset_layout(cfg)
+    assert layout.gpus == gpus
+    base = load_config(REPO / "configs" / f"{name}.yaml")
+    cand = planner.evaluate(base, layout, 80 * planner.GIB, planner.Hardware())
+    assert cand.fits, cand.memory.as_dict()
+    # predicted: 32k 51.0 GiB (99.0 without recomputation; 70.2 as TP2 x DP4 without SP and CP), 128k
+    # 43.7 GiB (140.7 without recomputation; 104.1 as TP4 x DP16, which does not fit); the saved
+    # activations without SP and CP (their ranks as data ranks) are 2.7x (32k) and 4.2x (128k) larger
+    bare = planner.replace(layout, checkpointing="none")
+    assert not planner.evaluate(base, bare, 80 * planner.GIB, planner.Hardware()).fits
+    plain = planner.replace(layout, context=1, data=layout.data * layout.context, sequence_parallel=False)
+    ratio = planner.activation_memory(cfg, plain)[0] / cand.memory.activations
+    assert ratio > 2.5, ratio
+    if name == "llama-8b-128k":
+        assert not planner.evaluate(base, plain, 80 * planner.GIB, planner.Hardware()).fits
+
+
+def test_plan_recommends_context_parallelism_at_128k(capsys):
+    """tools/plan.py on the 128k preset over 8 nodes of 8 x 80 GB: the choice splits the sequence over
+    context ranks and says why (the best layout without it, and how much slower it is predicted), and the
+    settings carry parallel.context."""
+    from tools import plan
+
+    args = ["--config", str(REPO / "configs" / "llama-8b-128k.yaml"), "--gpus", "64", "--nodes", "8"]
+    assert plan.main([*args, "--gpu-memory-gib", "80", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    choice = next(line for line in out.splitlines() if line.startswith("choice: "))
+    assert " CP" in choice.split(":")[1] and "context parallelism CP" in choice, choice
+    assert "the best layout without it (TP" in choice and "slower" in choice, choice
+    settings = next(line for line in out.splitlines() if line.startswith("settings: "))
+    context = int(settings.split("parallel.context=")[1].split()[0])
+    assert context > 1
+    assert (
+        plan.main(
+            [*args, "--gpu-memory-gib", "80", "--only", "context=1", "sequence_parallel=true", "--top", "1"]
+        )
+        == 0
+    )
+    choice = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("choice: "))
+    assert choice.startswith("choice: TP") and "+SP PP" in choice and "context parallelism" not in choice
+
+
+def test_plan_chooses_context_parallelism_when_nothing_fits_without_it():
+    """A 1M-token sequence of the 7B model (32 key/value heads) on 64 x 80 GB: no layout without context
+    parallelism fits (tensor parallelism stops at a node), so the choice uses it and says so."""
+    cfg = load_config(
+        REPO / "configs" / "llama-7b.yaml", ["model.seq_length=1048576", "train.global_batch_size=4"]
+    )
+    ranked = planner.plan(cfg, gpus=64, gpu_memory_gib=80, nodes=8)
+    assert not any(c.fits for c in ranked if c.layout.context == 1)
+    best = ranked[0]
+    assert best.fits and best.layout.context > 1
+    assert f"context parallelism CP{best.layout.context} because no layout without it fits" in best.why
+
+
+def test_zero_shards_over_data_and_context():
+    """ZeRO partitions optimizer state (and ZeRO-2's gradients) over data x context ranks, as Megatron and
+    bigtrain's DeepSpeed MPU do: CP2 x DP2 holds what DP4 holds; activations fall with CP."""
+    cfg = load_config(REPO / "configs" / "llama-8b-32k.yaml").resolve(8)
+    cp = planner.Layout(tensor=2, data=2, zero=2, checkpointing="full", sequence_parallel=True, context=2)
+    dp = planner.replace(cp, data=4, context=1)
+    assert cp.shards == dp.shards == 4 and cp.gpus == 8
+    assert planner.state_memory(cfg, cp) == planner.state_memory(cfg, dp)
+    acts = {
+        n: planner.activation_memory(cfg, planner.replace(cp, context=n, data=4 // n))[0] for n in (1, 2, 4)
+    }
+    assert acts[1] / acts[2] == pytest.approx(2, rel=0.02) and acts[2] / acts[4] == pytest.approx(2, rel=0.02)
