@@ -58,7 +58,6 @@ re-gather beyond DeepSpeed's reuse distance, which a model this small never reac
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -679,13 +678,19 @@ def _powers_of_two(limit: int) -> list[int]:
 
 
 def layout_config(cfg: Config, layout: Layout) -> Config:
-    """A copy of ``cfg`` set to ``layout`` and resolved for its world size (raises ConfigError)."""
-    c = copy.deepcopy(cfg)
-    c.parallel.tensor, c.parallel.pipeline = layout.tensor, layout.pipeline
-    c.parallel.sequence_parallel, c.parallel.context = layout.sequence_parallel, layout.context
-    c.zero.stage, c.zero.offload_optimizer = layout.zero, layout.offload
-    c.train.micro_batch_size = layout.micro_batch
-    c.activation_checkpointing = layout.checkpointing
+    """A copy of ``cfg`` set to ``layout`` and resolved for its world size (raises ConfigError). The
+    sections the layout sets are copied; the others (model, data, ...) are shared with ``cfg``, read only
+    (a deep copy per layout was most of a plan's time once SP and CP multiplied the layouts)."""
+    p = replace(
+        cfg.parallel,
+        tensor=layout.tensor,
+        pipeline=layout.pipeline,
+        sequence_parallel=layout.sequence_parallel,
+        context=layout.context,
+    )
+    z = replace(cfg.zero, stage=layout.zero, offload_optimizer=layout.offload)
+    t = replace(cfg.train, micro_batch_size=layout.micro_batch)
+    c = replace(cfg, parallel=p, zero=z, train=t, activation_checkpointing=layout.checkpointing)
     world = layout.gpus
     validate(c, world)
     return c.resolve(world)
