@@ -7,7 +7,7 @@ one forward of bigtrain's model (none/selective/full).
 
 - **States** (held from one step to the next, at the end of the backward pass): parameters,
   gradients (or this rank's gradient partition), optimizer states (fp32 masters + Adam moments,
-  partitioned over data-parallel ranks from ZeRO-1 on), and ZeRO-3's gradient bucket
+  partitioned over the data x context ranks from ZeRO-1 on), and ZeRO-3's gradient bucket
   (``reduce_bucket_size`` elements, allocated once) and its always-gathered small parameters.
 - **Activations** (saved for backward, per micro-batch, summed over the micro-batches a pipeline
   stage holds in flight under 1F1B). Per block and token, with ``a`` bytes per activation element:
@@ -19,7 +19,11 @@ one forward of bigtrain's model (none/selective/full).
   attention core, dropping its output and log-sum-exp; with fused SDPA there is no ``seq x seq``
   matrix to drop, so it saves little. ``full`` keeps only each block's input (``ah``). The output
   layer adds the fp32 (log-)softmax of the logits (``4V/tp``, V the rows it multiplies) and the final
-  norm. Verified on CPU in fp32 and bf16 (tests/test_planner.py).
+  norm. Verified on CPU in fp32 and bf16 (tests/test_planner.py). Per rank under sequence parallelism the
+  norms (and full recomputation's block inputs) hold ``s/tp`` positions; under context parallelism
+  (Ulysses) every term holds this rank's ``s/cp`` positions, the attention core's ``[s, heads/cp]``
+  being the same bytes; the all-to-alls save nothing. Measured per rank on 2 gloo processes (DP2, TP2,
+  TP2+SP, CP2; tests/activation_worker.py) within 8 bytes.
 - **Transient** (alive only around the peak): full recompute rebuilds one block in backward; the
   logits' gradient (fp32, plus a bf16 copy under bf16); the gathered parameters of ZeRO-3; the
   gradient reduction buckets of ZeRO-1/2.
@@ -41,14 +45,15 @@ GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allo
 Throughput is a model too, for ranking layouts; it does not replace a measurement (``tools/bench.py``).
 Seconds per optimizer step (:func:`step_time`): compute at a matmul efficiency that grows with tokens
 per micro-batch, the 1F1B bubble ``(pp-1)/(m+pp-1)``, the collectives' payload (:func:`comm_bytes`:
-DP gradient all-reduces, reduce-scatters and parameter all-gathers, ZeRO-3's gathers, TP all-reduces)
+DP gradient all-reduces, reduce-scatters and parameter all-gathers, ZeRO-3's gathers, TP all-reduces
+or, under SP, all-gathers and reduce-scatters, CP's Ulysses all-to-alls)
 times the ring factor over a bus bandwidth, DP traffic partly hidden by overlap, and for optimizer
 offload the gradient and parameter copies over the host link plus Adam on the host's cores
 (:func:`offload_time`). :func:`rank` orders the layouts and demotes offload where a layout fits without
 it (``OFFLOAD_MARGIN``).
 
 Validated on CPU: the collective volumes, byte for byte, against the ``torch.distributed`` calls of real
-2-rank gloo pretraining steps (DP2 ZeRO-0/1/2/3, TP2; tests/test_comm_volume.py), and the CPU-Adam rate
+2-rank gloo pretraining steps (DP2 ZeRO-0/1/2/3, TP2, TP2+SP, CP2; tests/test_comm_volume.py), and the CPU-Adam rate
 against DeepSpeedCPUAdam timed here (tests/test_planner.py::test_cpu_adam_default_matches_a_measurement_here).
 Awaiting a GPU: the bandwidths (NVLink/InfiniBand bus bandwidth, host link), how much DP traffic overlap
 hides, the matmul efficiency curve, the ZeRO-3 hook overhead, pipeline p2p (its payload is
