@@ -234,3 +234,30 @@ def test_comm_bytes_terms_by_hand():
     assert planner.wire_factor("all_reduce", 1) == 0.0
     tp_time = planner.step_time(cfg, tp, hw)["tensor_comm"]
     assert tp_time == pytest.approx(planner.comm_bytes(cfg, tp)["tensor_all_reduce"] * 2 * 7 / 8 / 100e9)
+
+
+def test_sequence_and_context_parallel_terms_by_hand():
+    """The 128k preset (TP4+SP x CP2 x DP8, bf16, full recompute), per rank and step, by hand: each rank
+    holds t = 65,536 positions; 16 samples over 8 data ranks: 2 micro-batches."""
+    cfg = load_config(REPO / "configs" / "llama-8b-128k.yaml").resolve(64)
+    m = cfg.model
+    layout = planner.Layout(tensor=4, data=8, zero=1, checkpointing="full", sequence_parallel=True, context=2)
+    volume = planner.comm_bytes(cfg, layout)
+    accum, t, h, L = 2, 65536, 4096, 32
+    th = t * h * 2
+    assert volume["tensor_all_gather"] == accum * (8 * L + 3) * th  # 6 + 2 recomputed per block, ends
+    assert volume["tensor_reduce_scatter"] == accum * (6 * L + 2) * th
+    assert volume["tensor_all_reduce"] == accum * ((2 * L + 1) * h * 2 + 3 * t * 4)  # norm grads, loss
+    # q (32/4 heads) and the output, k and v (8/4 heads) of 128 features, forward, backward, recomputed
+    assert volume["context_all_to_all"] == accum * 3 * L * t * (2 * 8 + 2 * 2) * 128 * 2
+    # ZeRO-1 over data x context = 16 ranks: the fp32 gradient all-reduce and the bf16 parameter gather
+    p = planner.stage_parameters(m, cfg.derived.padded_vocab_size, 4, 1)
+    assert (volume["data_all_reduce"], volume["data_all_gather"]) == (4 * p, 2 * p)
+    hw = planner.Hardware(intra_node_gbps=100.0)
+    s = planner.step_time(cfg, layout, hw)
+    tensor = (volume["tensor_all_gather"] + volume["tensor_reduce_scatter"]) * 3 / 4
+    tensor += volume["tensor_all_reduce"] * 2 * 3 / 4
+    assert s["tensor_comm"] == pytest.approx(tensor / 100e9)
+    assert s["context_comm"] == pytest.approx(volume["context_all_to_all"] / 2 / 100e9)  # TP x CP in a node
+    without = planner.step_time(cfg, planner.replace(layout, context=1, data=16), hw)
+    assert without["context_comm"] == 0 and without["data_comm"] == pytest.approx(s["data_comm"])
