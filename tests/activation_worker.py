@@ -19,7 +19,7 @@ import torch
 
 
 def measure(config: str, overrides: list[str]) -> int:
-    from bigtrain.config import load_config
+    from bigtrain.config import load_config, torch_dtype
     from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.memory import saved_activation_bytes
     from bigtrain.registry import build_model
@@ -28,7 +28,8 @@ def measure(config: str, overrides: list[str]) -> int:
     cfg = load_config(config, overrides).resolve(int(os.environ["WORLD_SIZE"]))
     dist = init_distributed(cfg)
     try:
-        model = build_model(cfg, topology=dist.topology)
+        # in the training precision, as DeepSpeed casts it (bf16: the activations are bf16)
+        model = build_model(cfg, topology=dist.topology).to(torch_dtype(cfg.precision))
         b, s = cfg.train.micro_batch_size, cfg.model.seq_length
         # the same tokens on every rank (a fixed generator); to_device keeps this context rank's chunk
         tokens = torch.randint(0, cfg.model.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))

@@ -536,6 +536,8 @@ SPLIT_RUNS = {
     "cp2": ["parallel.context=2"],
     "cp2_selective": ["parallel.context=2", "activation_checkpointing=selective"],
     "cp2_full": ["parallel.context=2", "activation_checkpointing=full"],
+    "tp2_sp_bf16": ["parallel.tensor=2", "parallel.sequence_parallel=true", "precision=bf16"],
+    "cp2_bf16": ["parallel.context=2", "precision=bf16"],
 }
 
 
@@ -563,25 +565,26 @@ def split_activations(tmp_path_factory):
         for name, extra in SPLIT_RUNS.items()
     }
     (tmp / "runs.json").write_text(json.dumps(runs))
+    logs = [(tmp / f"rank{rank}.log").open("w") for rank in (0, 1)]  # files: a full pipe would block a rank
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.activation_worker", str(tmp / "out"), str(tmp / "runs.json")],
-            env=cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"),
+            env=cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1"),
             cwd=REPO,
-            stdout=subprocess.PIPE,
+            stdout=logs[rank],
             stderr=subprocess.STDOUT,
-            text=True,
         )
         for rank in (0, 1)
     ]
-    outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=400)[0])
+            proc.wait(timeout=400)
     finally:
-        for proc in procs:
+        for proc, log in zip(procs, logs):
             proc.kill()
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-4000:] for o in outputs)
+            log.close()
+    outputs = [(tmp / f"rank{rank}.log").read_text()[-4000:] for rank in (0, 1)]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(outputs)
     ranks = [json.loads((tmp / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     return {name: [ranks[0][name], ranks[1][name]] for name in SPLIT_RUNS}
 
@@ -592,11 +595,15 @@ def test_split_activation_prediction_matches_saved_tensors_per_rank(split_activa
     CP2 (Ulysses), without recomputation, selective (CP2) and full, equals activation_memory's prediction
     for the heaviest rank (measured: within 8 bytes, the scalar loss and its sum; the issue asks for
     5 %). Under CP the ranks differ by the cached fp32 rotary tables only: each builds them up to the end
-    of its chunk, so context rank 0 holds half of them (8 KiB less here)."""
+    of its chunk, so context rank 0 holds half of them (8 KiB less here; bf16 saves copies of its own rows
+    only). bf16: TP2+SP 4,281,348 and CP2 4,181,512 bytes per rank, predicted 0.38 % / 0.39 % over (the
+    single-process bf16 test above: 0.31 %)."""
     cfg = load_config(TINY, [*LONG, *SPLIT_RUNS[name]]).resolve(2)
     predicted, _ = planner.activation_memory(cfg, _split_layout(cfg))
-    assert predicted == pytest.approx(max(split_activations[name]), rel=1e-4), (name, predicted)
-    tables = 8 * cfg.model.seq_length * cfg.model.head_dim // 2 if name in ("cp2", "cp2_selective") else 0
+    rel = 5e-3 if cfg.precision == "bf16" else 1e-4  # bf16: as the single-process test above
+    assert predicted == pytest.approx(max(split_activations[name]), rel=rel), (name, predicted)
+    cached = name.startswith("cp2") and cfg.activation_checkpointing != "full" and cfg.precision == "fp32"
+    tables = 8 * cfg.model.seq_length * cfg.model.head_dim // 2 if cached else 0
     assert max(split_activations[name]) - min(split_activations[name]) == tables, split_activations[name]
 
 
