@@ -370,6 +370,14 @@ class DataConfig:
         "epochs): pin it at the start to extend train.steps freely later; a new value on resume rebuilds the "
         "shuffle (said whether it keeps the saved order).",
     )
+    document_mask: bool = opt(
+        False,
+        "Pretraining (llama): attention stays within each document of a packed sample and rotary positions "
+        "restart at 0 at each document (a document ends with, and includes, its EOD token; a sample's first "
+        "document may be the tail of one cut by the previous sample). Megatron's reset_attention_mask + "
+        "reset_position_ids, as per-token document ids instead of a dense mask. For long model.seq_length "
+        "over corpora of short documents; off: plain causal attention over the whole sample.",
+    )
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
@@ -873,6 +881,11 @@ def validate(cfg: Config, world_size: int) -> None:
         not (cfg.data.mock and cfg.data.train is not None and cfg.finetune.task == "none"),
         f"data.mock=true trains on random tokens and ignores data.train={cfg.data.train}: set data.mock=false "
         "(or drop data.train)",
+    )
+    _check(
+        not cfg.data.document_mask or (m.family == "llama" and cfg.finetune.task == "none"),
+        f"data.document_mask is for llama pretraining (model.family {m.family}, finetune.task "
+        f"{cfg.finetune.task}); fine-tuning masks per example with finetune.packing",
     )
     _check(
         cfg.data.mock or cfg.data.train is not None or cfg.finetune.task != "none",

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bigtrain.batch import BERT_BATCH, LM_BATCH, BatchAdapter
-from bigtrain.config import MODEL_FAMILIES, Config
+from bigtrain.batch import BERT_BATCH, LM_BATCH, PACKED_BATCH, BatchAdapter
+from bigtrain.config import MODEL_FAMILIES, Config, ConfigError
 from bigtrain.finetune import lora
 from bigtrain.finetune import model as finetune_model
 from bigtrain.finetune import params as finetune_params
@@ -48,6 +48,8 @@ class TrainSpec:
     transforms: tuple[Transform, ...] = ()  # after the build, before the init (e.g. LoRA)
     finalize: tuple[Transform, ...] = ()  # after the init (e.g. which parameters train)
     batch: BatchAdapter = LM_BATCH  # what the pretraining trainer feeds the model (fine-tuning: its own)
+    # with data.document_mask (its layers(cfg) then take packed inputs); None: not supported
+    document_batch: BatchAdapter | None = None
 
 
 _SPECS: dict[tuple[str, str], TrainSpec] = {}
@@ -64,13 +66,21 @@ def register(spec: TrainSpec) -> None:
 
 
 def train_spec(cfg: Config) -> TrainSpec:
-    """The entry for ``cfg.model.family`` x ``cfg.finetune.task``; ValueError naming what exists."""
+    """The entry for ``cfg.model.family`` x ``cfg.finetune.task``; ValueError naming what exists. With
+    ``data.document_mask`` its batch adapter is the entry's ``document_batch`` (ConfigError if it has none)."""
     key = (cfg.model.family, cfg.finetune.task)
     if key not in _SPECS:
         raise ValueError(
             f"no model is registered for model.family={key[0]} finetune.task={key[1]}; have {sorted(_SPECS)}"
         )
-    return _SPECS[key]
+    spec = _SPECS[key]
+    if cfg.data.document_mask:
+        if spec.document_batch is None:
+            raise ConfigError(
+                f"data.document_mask is not supported for model.family={key[0]} finetune.task={key[1]}"
+            )
+        return dataclasses.replace(spec, batch=spec.document_batch)
+    return spec
 
 
 def task_params(cfg: Config) -> layout.TaskParams:
@@ -109,8 +119,31 @@ def _freeze(model: nn.Module, cfg: Config, tp: TensorParallel) -> None:
     finetune_model.freeze(model, cfg, local_parameters(model, cfg))
 
 
+# data.document_mask: pretraining's layers fed (tokens, positions, doc_ids) as SFT's packed sequences
+# (attention within a document, rotary positions per document); the same parameters as LM_LAYERS
+PACKED_LM_LAYERS = dataclasses.replace(
+    LM_LAYERS,
+    embedding=finetune_model.PackedEmbedding,
+    tied_embedding=finetune_model.PackedTiedEmbedding,
+    block=finetune_model.PackedBlock,
+    final_norm=finetune_model.PackedFinalNorm,
+    packed=True,
+)
+
+
+def _lm_layers(cfg: Config) -> TaskLayers:
+    return PACKED_LM_LAYERS if cfg.data.document_mask else LM_LAYERS
+
+
 register(
-    TrainSpec("llama", "none", model=LlamaModel, layers=lambda cfg: LM_LAYERS, params=lambda cfg: layout.LM)
+    TrainSpec(
+        "llama",
+        "none",
+        model=LlamaModel,
+        layers=_lm_layers,
+        params=lambda cfg: layout.LM,
+        document_batch=PACKED_BATCH,
+    )
 )
 for _task in ("sft", "classify"):
     register(

@@ -267,6 +267,11 @@ RULES: dict[str, Rule] = {
         )
         for f in dataclasses.fields(MaskingConfig)
     },
+    "data.document_mask": Rule(
+        HONOURED,
+        "attention and rotary positions per document from the first resumed step; the samples, their order "
+        "and the weights' shapes do not depend on it",
+    ),
     "data.cache_dir": Rule(FREE, "megatron's index maps are rebuilt identically wherever they are cached"),
     "data.train_samples": Rule(
         HONOURED,

@@ -97,22 +97,44 @@ class TokenizerInfo:
         )
 
 
+def document_ids(positions: torch.Tensor) -> torch.Tensor:
+    """Per-token document ids [..., s] (int64, 0 for the sample's first document) from positions that
+    restart at 0 at every document, as megatron-core's ``reset_position_ids`` makes them: a document
+    starts wherever the position is 0, so the EOD ending a document keeps its id and the token after it
+    starts the next. Derived from the positions rather than scanned for EODs again, so the two can never
+    disagree. ValueError when ``positions`` does not start at 0 (not per-document positions)."""
+    if positions.shape[-1] and bool((positions[..., 0] != 0).any()):
+        raise ValueError("positions must start at 0 (per-document positions from reset_position_ids)")
+    return (positions == 0).long().cumsum(-1) - 1
+
+
 class SampleDataset(MegatronSamples):
     """A megatron-core top-level dataset of GPT windows with our item format.
 
     Items are megatron's GPT dict (``tokens``, ``labels``, ``loss_mask``, ``position_ids``) plus
     ``sample_id`` (the index asked for: the sample's place in the global order, what resume and tests
     compare) and ``corpus_id`` (which blend member it came from, for mix checks and per-corpus metrics).
+    ``documents`` (``data.document_mask``; megatron built with ``reset_position_ids``): also ``positions``
+    (megatron's per-document ``position_ids``) and ``doc_ids`` (:func:`document_ids`), both [s] int64, what
+    the packed model's attention and rotary embedding take (``bigtrain.batch.PACKED_BATCH``).
     """
 
-    def __init__(self, dataset: Any, corpus_of_dataset: Sequence[int], corpora: Sequence[Corpus], split: str):
+    def __init__(
+        self,
+        dataset: Any,
+        corpus_of_dataset: Sequence[int],
+        corpora: Sequence[Corpus],
+        split: str,
+        documents: bool = False,
+    ):
         super().__init__(dataset, corpus_of_dataset, corpora, split)
         compat.uncache_gpt_masks(self.gpt_datasets)  # megatron-core 0.16's mask cache (Megatron-LM#1711)
+        self.documents = documents
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         idx = int(idx)
         item, corpus = self.read(idx)
-        return {
+        out = {
             "tokens": item["tokens"],
             "labels": item["labels"],
             "loss_mask": item["loss_mask"],
@@ -120,6 +142,9 @@ class SampleDataset(MegatronSamples):
             "sample_id": idx,
             "corpus_id": corpus,
         }
+        if self.documents:
+            out |= {"positions": item["position_ids"], "doc_ids": document_ids(item["position_ids"])}
+        return out
 
     @property
     def gpt_datasets(self) -> list[Any]:
@@ -239,15 +264,37 @@ def _check_split(corpora: Sequence[Corpus], split: str, documents: bool = False)
 
 
 def _gpt_options(cfg: Config, info: TokenizerInfo, path_to_cache: str | None) -> dict[str, Any]:
-    """GPTDatasetConfig fields shared by real and mock data: plain causal windows, no per-document
-    position/attention resets and no materialized attention mask (the model builds its causal mask)."""
+    """GPTDatasetConfig fields shared by real and mock data. Positions restart after every EOD with
+    ``data.document_mask`` (megatron's ``reset_position_ids``; :func:`document_ids` derives the documents
+    from them). Never a materialized attention mask: megatron's is a dense [1, s, s] per sample (4 GiB
+    of floats while built at s = 32k); the model builds its mask from the document ids instead, so
+    ``reset_attention_mask`` (which only edits that dense mask) stays off. The EOD's own prediction
+    (the next document's first token) keeps its loss, as Megatron's default ``eod_mask_loss``."""
     return dict(
         **dataset_options(cfg, info, path_to_cache),
-        reset_position_ids=False,
+        reset_position_ids=cfg.data.document_mask,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+
+
+def _check_sample_fits(datasets: Sequence[Any], seq_length: int) -> None:
+    """Each training member's part of its shard must hold one whole sample of ``seq_length + 1`` tokens:
+    megatron builds as many epochs as the samples need, so a smaller part would fill each sample with its
+    own documents repeated over and over (at long context, a corpus of a few thousand tokens silently
+    trains on 32k-token copies of itself). DataError naming the shard, its part and both sizes. Not
+    asked of validation parts: a split's few-percent part of a small shard is often shorter, and
+    repeating it changes no weight."""
+    window = seq_length + 1
+    for gpt in datasets:
+        tokens = int(np.sum(gpt.dataset.sequence_lengths[gpt.indices], dtype=np.int64))
+        if tokens < window:
+            raise DataError(
+                f"{gpt.dataset_path}: its {gpt.index_split.name} part holds {tokens} tokens, fewer than one "
+                f"sample of model.seq_length+1 = {window} (megatron would repeat its documents within a "
+                "sample); use more data, fewer and larger shards, or a shorter model.seq_length"
+            )
 
 
 def _mock_datasets(
@@ -270,7 +317,8 @@ def _mock_datasets(
         train, valid, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
     finally:
         quiet.setLevel(level)
-    return SampleDataset(train, [], [], "train"), SampleDataset(valid, [], [], "valid")
+    documents = cfg.data.document_mask
+    return SampleDataset(train, [], [], "train", documents), SampleDataset(valid, [], [], "valid", documents)
 
 
 def build_datasets(cfg: Config, tokenizer: Any = None, sizes: list[int] | None = None) -> tuple[Any, Any]:
@@ -341,8 +389,14 @@ def build_datasets(cfg: Config, tokenizer: Any = None, sizes: list[int] | None =
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     with compat.single_process_rank():
         train_ds, valid_ds, _ = builder.build()
-    train = SampleDataset(train_ds, train_corpus_of, train_corpora, "train")
-    valid = SampleDataset(valid_ds, valid_corpus_of, valid_corpora, "valid") if valid_ds is not None else None
+    _check_sample_fits(list(getattr(train_ds, "datasets", [train_ds])), cfg.model.seq_length)
+    documents = d.document_mask
+    train = SampleDataset(train_ds, train_corpus_of, train_corpora, "train", documents)
+    valid = (
+        SampleDataset(valid_ds, valid_corpus_of, valid_corpora, "valid", documents)
+        if valid_ds is not None
+        else None
+    )
     return train, valid
 
 

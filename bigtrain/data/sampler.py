@@ -85,8 +85,9 @@ def stack(items: Sequence[Mapping[str, Any]], keys: Iterable[str] | None = None)
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in keys or items[0]}
 
 
-# what the bert family's items add (bigtrain.data.bert): stacked as they come, 0-dim values to [b]
-EXTRA_KEYS = ("token_types", "attention_mask", "nsp_labels")
+# what the bert family's items add (bigtrain.data.bert), and GPT items with data.document_mask
+# (SampleDataset): stacked as they come, 0-dim values to [b]
+EXTRA_KEYS = ("token_types", "attention_mask", "nsp_labels", "positions", "doc_ids")
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> Batch:

@@ -203,6 +203,9 @@ LAYOUTS = {
     "pp2-tied": (True, ["parallel.pipeline=2"]),  # the tied embedding lives on both stages
     # ZeRO-3 gathers the tied weight for the output layer too (validation calls the module directly)
     "dp2-zero3-tied": (True, ["zero.stage=3", "zero.stage3_param_persistence_threshold=0"]),
+    # context parallel: each rank half of every packed sequence (its positions; doc ids whole), the
+    # validation loss summed over both halves
+    "cp2": (False, ["parallel.context=2"]),
 }
 
 

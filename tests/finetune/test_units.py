@@ -303,7 +303,7 @@ def test_save_best_crash_at_any_moment_never_loses_best(tmp_path: Path, monkeypa
     cfg = load_config(
         None, ["finetune.task=classify", "finetune.train=unused", "data.tokenizer=unused", "model.vocab_size=100", f"train.run_dir={tmp_path}"]
     ).resolve(1)  # fmt: skip
-    dist = SimpleNamespace(is_main=True, dp_rank=0, tp_rank=0, pp_rank=0)
+    dist = SimpleNamespace(is_main=True, writes_weights=True, dp_rank=0, tp_rank=0, pp_rank=0)
     trainer = SimpleNamespace(cfg=cfg, dist=dist, engine=None, state=SimpleNamespace(consumed_samples=0))
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
     monkeypatch.setattr(
