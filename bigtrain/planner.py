@@ -574,7 +574,8 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
 def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
     """Bytes a pipeline rank sends to its neighbour stages per optimizer step (0 at PP=1): per micro-batch
     the ``[t, h]`` activations forward and their gradient backward, both in the activation dtype; an inner
-    stage sends both (``2 accum t h a``), the first and the last one each (``accum t h a``). bert also
+    stage sends both (``2 accum t h a``), the first and the last one each (``accum t h a``); under
+    sequence parallelism each tensor rank sends its ``t/tp`` positions. bert also
     forwards its padding mask (assumed bool ``[b, s]``: ``t`` bytes, no gradient) with the activations.
     Reported, not timed by :func:`step_time` (point-to-point over NVLink, small beside compute at the
     layouts the planner ranks first; awaiting a measurement)."""
@@ -584,7 +585,8 @@ def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
     m = cfg.model
     tokens = layout.micro_batch * m.seq_length
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
-    hidden = tokens * m.hidden_size * torch_dtype(cfg.precision).itemsize
+    sp = layout.tensor if layout.sequence_parallel else 1  # stages exchange [t/tp, h] under SP
+    hidden = tokens // sp * m.hidden_size * torch_dtype(cfg.precision).itemsize
     mask = tokens if flops.is_encoder(m) else 0
     return accum * ((2 if pp > 2 else 1) * hidden + mask)
 
