@@ -14,6 +14,16 @@ the count: bigtrain applies it as an SDPA mask, so the kernel still computes eve
 (as with the causal mask), and MFU stays comparable with the full-attention model.
 The counts are exact against ``torch.utils.flop_counter`` on bigtrain's model (tests/test_flops.py).
 
+Per token, the counts do not depend on the layout. Sequence parallelism moves no matmul. Under context
+parallelism (DeepSpeed-Ulysses) each of the ``context`` ranks holds ``seq/context`` positions and runs the
+attention core over the whole sequence for ``heads/context`` of the heads: exactly ``1/context`` of the
+square term (tests/test_flops.py). So per-GPU FLOPs are the step's tokens times the per-token count divided
+by the world (tensor x context x data x pipeline), as ``hooks.log_step`` and ``planner.step_time`` do;
+MFU needs no CP term. The square term grows with the sequence: for Llama-3-8B at 128k tokens it is
+about 80 % of the count, and since this convention does not halve it for the causal mask (while flash
+kernels skip the masked tiles), MFU at long sequences reads higher than the fraction of peak the kernels
+actually run.
+
 The bert family (``model.family: bert``, HF ``BertForPreTraining``): per block the fused QKV ``3h^2``, the
 output projection ``h^2`` and a plain GELU MLP ``2 h f`` (no gate); attention is bidirectional and its
 kernel computes every score, so the same full-square term as the decoder's (which does not discount the

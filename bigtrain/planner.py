@@ -7,7 +7,7 @@ one forward of bigtrain's model (none/selective/full).
 
 - **States** (held from one step to the next, at the end of the backward pass): parameters,
   gradients (or this rank's gradient partition), optimizer states (fp32 masters + Adam moments,
-  partitioned over data-parallel ranks from ZeRO-1 on), and ZeRO-3's gradient bucket
+  partitioned over the data x context ranks from ZeRO-1 on), and ZeRO-3's gradient bucket
   (``reduce_bucket_size`` elements, allocated once) and its always-gathered small parameters.
 - **Activations** (saved for backward, per micro-batch, summed over the micro-batches a pipeline
   stage holds in flight under 1F1B). Per block and token, with ``a`` bytes per activation element:
@@ -19,7 +19,11 @@ one forward of bigtrain's model (none/selective/full).
   attention core, dropping its output and log-sum-exp; with fused SDPA there is no ``seq x seq``
   matrix to drop, so it saves little. ``full`` keeps only each block's input (``ah``). The output
   layer adds the fp32 (log-)softmax of the logits (``4V/tp``, V the rows it multiplies) and the final
-  norm. Verified on CPU in fp32 and bf16 (tests/test_planner.py).
+  norm. Verified on CPU in fp32 and bf16 (tests/test_planner.py). Per rank under sequence parallelism the
+  norms (and full recomputation's block inputs) hold ``s/tp`` positions; under context parallelism
+  (Ulysses) every term holds this rank's ``s/cp`` positions, the attention core's ``[s, heads/cp]``
+  being the same bytes; the all-to-alls save nothing. Measured per rank on 2 gloo processes (DP2, TP2,
+  TP2+SP, CP2; tests/activation_worker.py) within 8 bytes.
 - **Transient** (alive only around the peak): full recompute rebuilds one block in backward; the
   logits' gradient (fp32, plus a bf16 copy under bf16); the gathered parameters of ZeRO-3; the
   gradient reduction buckets of ZeRO-1/2.
@@ -41,14 +45,15 @@ GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allo
 Throughput is a model too, for ranking layouts; it does not replace a measurement (``tools/bench.py``).
 Seconds per optimizer step (:func:`step_time`): compute at a matmul efficiency that grows with tokens
 per micro-batch, the 1F1B bubble ``(pp-1)/(m+pp-1)``, the collectives' payload (:func:`comm_bytes`:
-DP gradient all-reduces, reduce-scatters and parameter all-gathers, ZeRO-3's gathers, TP all-reduces)
+DP gradient all-reduces, reduce-scatters and parameter all-gathers, ZeRO-3's gathers, TP all-reduces
+or, under SP, all-gathers and reduce-scatters, CP's Ulysses all-to-alls)
 times the ring factor over a bus bandwidth, DP traffic partly hidden by overlap, and for optimizer
 offload the gradient and parameter copies over the host link plus Adam on the host's cores
 (:func:`offload_time`). :func:`rank` orders the layouts and demotes offload where a layout fits without
 it (``OFFLOAD_MARGIN``).
 
 Validated on CPU: the collective volumes, byte for byte, against the ``torch.distributed`` calls of real
-2-rank gloo pretraining steps (DP2 ZeRO-0/1/2/3, TP2; tests/test_comm_volume.py), and the CPU-Adam rate
+2-rank gloo pretraining steps (DP2 ZeRO-0/1/2/3, TP2, TP2+SP, CP2; tests/test_comm_volume.py), and the CPU-Adam rate
 against DeepSpeedCPUAdam timed here (tests/test_planner.py::test_cpu_adam_default_matches_a_measurement_here).
 Awaiting a GPU: the bandwidths (NVLink/InfiniBand bus bandwidth, host link), how much DP traffic overlap
 hides, the matmul efficiency curve, the ZeRO-3 hook overhead, pipeline p2p (its payload is
@@ -58,7 +63,6 @@ re-gather beyond DeepSpeed's reuse distance, which a model this small never reac
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -90,11 +94,25 @@ class Layout:
     micro_batch: int = 1
     checkpointing: str = "none"
     offload: bool = False
+    sequence_parallel: bool = False  # Megatron SP over the tensor group (TP > 1)
+    context: int = 1  # context-parallel size (DeepSpeed-Ulysses): each rank holds seq / context positions
+
+    @property
+    def gpus(self) -> int:
+        """The world: tensor x context x data x pipeline."""
+        return self.tensor * self.context * self.data * self.pipeline
+
+    @property
+    def shards(self) -> int:
+        """Ranks ZeRO partitions over and the gradient reduction spans: data x context (as Megatron)."""
+        return self.data * self.context
 
     def describe(self) -> str:
         off = "+offload" if self.offload else ""
+        sp = "+SP" if self.sequence_parallel else ""
+        cp = f" CP{self.context}" if self.context > 1 else ""
         return (
-            f"TP{self.tensor} PP{self.pipeline} DP{self.data} ZeRO-{self.zero}{off} "
+            f"TP{self.tensor}{sp}{cp} PP{self.pipeline} DP{self.data} ZeRO-{self.zero}{off} "
             f"mbs{self.micro_batch} ckpt={self.checkpointing}"
         )
 
@@ -182,7 +200,7 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     m, z = cfg.model, cfg.zero
     vocab = padded_vocab_size(cfg.model, layout.tensor)
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
-    n = layout.data
+    n = layout.shards  # ZeRO partitions over data x context
     stage = layout.zero
     mixed = cfg.precision != "fp32"
     if mixed and stage == 0:
@@ -218,8 +236,25 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------- activations
-def block_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int, checkpointing: str) -> float:
-    """Bytes one transformer block saves for backward for ``tokens`` tokens of a micro-batch.
+def block_activation_bytes(
+    m: ModelConfig, tokens: int, a: int, tp: int, checkpointing: str, sp: int = 1, context: int = 1
+) -> float:
+    """Bytes one transformer block saves for backward for ``tokens`` tokens of a micro-batch (this rank's:
+    ``micro_batch x seq_length / context``).
+
+    Sequence parallelism (``sp`` = the tensor size under ``parallel.sequence_parallel``, else 1): what lies
+    outside the tensor-parallel regions holds ``tokens / sp`` positions: the two RMSNorms (their fp32
+    input copies, statistics, normalized input and output; the QKV and MLP matmuls save that output, the
+    shard megatron's linears gather again in backward), and under full recomputation the block input.
+    Attention and MLP are the tensor-parallel regions: whole sequence, ``1/tp`` of the heads and features,
+    as without SP (Korthikanti et al. 2022: ``sbh(10 + 24/t)`` -> ``sbh(34/t)`` without recomputation;
+    the measured split here is the norms' ``24h + 8`` bytes per token in fp32). So SP alone at TP2 saves
+    about a quarter without recomputation and half under full recomputation (tests/test_planner.py).
+
+    Context parallelism (``context``, DeepSpeed-Ulysses): ``tokens`` already counts this rank's
+    ``seq/context`` positions; the attention core runs on the whole sequence for ``heads/context`` of the
+    heads, ``[s, b, heads/(tp context), d]``: the same bytes as ``[s/context, b, heads/tp, d]``, so
+    every term keeps its per-token form; the rotary copies cover this rank's ``seq/context`` rows.
 
     Attention keeps SDPA's q, k, v (contiguous ``[b, heads, s, d]`` copies), its output and log-sum-exp,
     and the out-projection's input (a copy: ``[b, heads, s, d]`` -> ``[s, b, heads*d]``); the QKV input
@@ -237,26 +272,28 @@ def block_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int, checkpo
     tests/test_planner.py."""
     h, kvd, nq, f = m.hidden_size, m.kv_heads * m.head_dim, m.num_attention_heads, m.ffn_size
     if checkpointing == "full":
-        return tokens * a * h  # the block input only
+        return tokens * a * h / sp  # the block input only
     if flops.is_encoder(m):
         kept = a * (5 * h + 2 * f) / tp + 4 * nq / tp + a  # SDPA's tensors and bias, the GELU MLP
         if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
             kept -= a * h / tp + 4 * nq / tp
         return tokens * (kept + 4 * a * h + 16)  # QKV and MLP inputs, the two LayerNorms
-    norms = 2 * (4 * h + 4 + 2 * a * h)
+    norms = 2 * (4 * h + 4 + 2 * a * h) / sp
     attention = a * (3 * h + 2 * kvd) / tp + 4 * nq / tp
     if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
         attention -= a * h / tp + 4 * nq / tp
     mlp = 4 * a * f / tp
     # cos/sin: the cached fp32 tables are shared (counted once, in activation_memory); other dtypes
-    # keep a converted copy per use (q and k), i.e. 4 x [s, d] per block
-    rotary = 0 if a == 4 else 4 * m.seq_length * m.head_dim * a
+    # keep a converted copy per use (q and k), i.e. 4 x [s, d] per block, this rank's rows under CP
+    rotary = 0 if a == 4 else 4 * m.seq_length // context * m.head_dim * a
     return tokens * (norms + attention + mlp) + rotary
 
 
-def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int) -> float:
+def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int, sp: int = 1) -> float:
     """Final norm, the fp32 (log-)softmax the cross entropy keeps, loss bookkeeping. ``vocab``: the
-    rows the output layer multiplies (:func:`bigtrain.flops.output_vocab`).
+    rows the output layer multiplies (:func:`bigtrain.flops.output_vocab`). ``sp``: the final norm holds
+    ``tokens / sp`` positions under sequence parallelism (the output layer gathers the sequence: logits
+    and loss are whole-sequence, ``1/tp`` of the vocabulary).
 
     bert: the MLM head on every position keeps the transform's input (the last block's output) and output
     (the GELU input), the GELU output (the LayerNorm input) with the LayerNorm's fp32 statistics, and the
@@ -266,45 +303,52 @@ def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp:
     if flops.is_encoder(m):
         head = 4 * a * h + 8 + (2 * a * h + 8) / m.seq_length
     else:
-        head = 4 * h + 4 + 2 * a * h  # the final RMSNorm
+        head = (4 * h + 4 + 2 * a * h) / sp  # the final RMSNorm
     # + the loss's bookkeeping: int64 target ids and the float loss mask; megatron's vocab-parallel
     # cross entropy (tensor size > 1) also keeps a bool target mask: 12 or 13 bytes/token
     bookkeeping = 12 if tp == 1 else 13
     return tokens * (head + 4 * vocab / tp + bookkeeping)
 
 
-def embedding_activation_bytes(m: ModelConfig, tokens: int, a: int) -> float:
-    """Bytes the embedding keeps for ``tokens`` tokens: the int64 token ids; bert also the int64 token
-    type ids and its LayerNorm's input (the sum of the three embeddings, ``ah``) and fp32 statistics."""
+def embedding_activation_bytes(m: ModelConfig, tokens: int, a: int, tp: int = 1) -> float:
+    """Bytes the embedding keeps for ``tokens`` tokens: the int64 token ids, and at ``tp`` > 1 megatron's
+    vocab-parallel bool mask of the ids outside this rank's rows (whole sequence, also under SP); bert
+    also the int64 token type ids and its LayerNorm's input (the sum of the three embeddings, ``ah``) and
+    fp32 statistics."""
+    mask = 1 if tp > 1 else 0
     if flops.is_encoder(m):
-        return tokens * (16 + a * m.hidden_size + 8)
-    return 8 * tokens
+        return tokens * (16 + a * m.hidden_size + 8 + mask)
+    return (8 + mask) * tokens
 
 
 def activation_memory(cfg: Config, layout: Layout) -> tuple[float, float]:
-    """(saved activations, transient peak on top) in bytes on the heaviest pipeline stage."""
+    """(saved activations, transient peak on top) in bytes on the heaviest pipeline stage: this rank's
+    ``micro_batch x seq_length / context`` tokens; the sequence-parallel terms as
+    :func:`block_activation_bytes` says."""
     m = cfg.model
     a = torch_dtype(cfg.precision).itemsize
     vocab = padded_vocab_size(cfg.model, layout.tensor)
-    tokens = layout.micro_batch * m.seq_length
+    tokens = layout.micro_batch * m.seq_length // layout.context
+    sp = layout.tensor if layout.sequence_parallel else 1
     pp = layout.pipeline
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
     in_flight = min(pp, accum)  # 1F1B: the first stage holds pp micro-batches
     blocks_per_stage = math.ceil(m.num_layers / pp)
-    block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing)
-    embedding = embedding_activation_bytes(m, tokens, a)
+    block = block_activation_bytes(m, tokens, a, layout.tensor, layout.checkpointing, sp, layout.context)
+    embedding = embedding_activation_bytes(m, tokens, a, layout.tensor)
     first = in_flight * (blocks_per_stage * block + embedding)
-    out = output_activation_bytes(m, tokens, a, flops.output_vocab(m, vocab, layout.tensor), layout.tensor)
+    out_vocab = flops.output_vocab(m, vocab, layout.tensor)
+    out = output_activation_bytes(m, tokens, a, out_vocab, layout.tensor, sp)
     last = blocks_per_stage * block + out
     saved = max(first, last) if pp > 1 else blocks_per_stage * block + out + embedding
-    if layout.checkpointing != "full" and not flops.is_encoder(
-        m
-    ):  # the cached fp32 rotary tables (inside the recompute otherwise)
+    if layout.checkpointing != "full" and not flops.is_encoder(m):
+        # the cached fp32 rotary tables of the whole sequence (inside the recompute otherwise)
         saved += 8 * m.seq_length * m.head_dim
     # transient: gradient of the logits (fp32, plus the activation-dtype copy the matmul takes)
     transient = tokens * vocab / layout.tensor * (4 + (a if a != 4 else 0))
     if layout.checkpointing == "full":
-        transient += block_activation_bytes(m, tokens, a, layout.tensor, "none")  # one block rebuilt
+        # one block rebuilt
+        transient += block_activation_bytes(m, tokens, a, layout.tensor, "none", sp, layout.context)
     return saved, transient
 
 
@@ -322,7 +366,7 @@ def estimate(cfg: Config, layout: Layout) -> MemoryEstimate:
         # DeepSpeed's bf16 optimizer reduces its fp32 gradients through the engine's all-reduce, flattened
         # in buckets of 500M elements (not zero.reduce_bucket_size), cast to the reduction's dtype; one
         # data-parallel rank skips it (compat.skip_identity_allreduce)
-        if layout.data > 1:
+        if layout.shards > 1:
             p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
             est.transient += (4 + reduce_bytes(cfg)) * min(500_000_000, p)
     elif layout.zero in (1, 2) or (cfg.precision != "fp32" and layout.zero == 0):
@@ -417,7 +461,7 @@ def offload_time(cfg: Config, layout: Layout, hw: Hardware, p: int) -> tuple[flo
     The host runs Adam on ``p/n`` parameters at ``hw.cpu_adam_params_per_s``. Adam and the copy back
     run after backward; the gradient copies are issued during backward, but no DeepSpeed option
     overlaps them with compute (``overlap_comm`` concerns the reduction), so all are counted exposed."""
-    part = p / layout.data
+    part = p / layout.shards
     w = torch_dtype(cfg.precision).itemsize
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
     host_accumulation = (2 * accum - 1) * w
@@ -457,21 +501,42 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
       attention and MLP all-reduce ``[t, h]`` forward (row-parallel outputs) and backward (column-parallel
       input gradients): 4 per block; the vocab-parallel embedding's output and the output layer's input
       gradient add one each (the one on the stage that holds it); the vocab-parallel cross entropy adds
-      three fp32 ``[t]`` (max logit, target logit, sum of exponentials) on the last stage.
+      three fp32 ``[t]`` (max logit, target logit, sum of exponentials) on the last stage. Full
+      recomputation runs each block's forward again: 2 more per block.
+    - Sequence parallelism (TP > 1): megatron-core's linears all-gather the ``[t, h]`` sequence before
+      each column-parallel matmul and reduce-scatter after each row-parallel one, in place of the
+      all-reduces (the same bytes on the wire: all-gather + reduce-scatter = all-reduce). Per block
+      ``tensor_all_gather`` 6: 2 forward, 2 in backward (the reduce-scatters' gradients) and 2 more as the
+      column-parallel linears gather their saved input shard again for the weight gradient;
+      ``tensor_reduce_scatter`` 4 (2 forward, the 2 column-parallel input gradients); full recomputation
+      adds 2 + 2. The embedding reduce-scatters its output (gathered back in backward), the output layer
+      gathers its input (forward and again for its weight gradient) and reduce-scatters its input
+      gradient. The norm weights' gradients, partial sums over sequence shards, are all-reduced over the
+      tensor group (``2L + 1`` of ``[h]`` in the parameter dtype, ``w``); the cross entropy as above.
+    - ``context_all_to_all`` (CP > 1, DeepSpeed-Ulysses): per block q, k, v go from sequence shards to head
+      shards and the attention output back: 4 all-to-alls of this rank's ``[t/cp, b, heads/tp, d]`` (k
+      and v at ``kv_heads``) forward, the same 4 backward, 4 more under full recomputation. ``data_*``
+      then span the ``data x context`` ranks ZeRO partitions over; ``t`` counts this rank's tokens.
 
-    Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2)."""
+    Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2, TP2+SP, CP2 with and
+    without full recomputation)."""
     m = cfg.model
-    n, tp, pp = layout.data, layout.tensor, layout.pipeline
+    n, tp, pp = layout.shards, layout.tensor, layout.pipeline
     vocab = padded_vocab_size(m, tp)
     p = stage_parameters(m, vocab, tp, pp)
     w = a = torch_dtype(cfg.precision).itemsize  # parameters and activations share the dtype
     g = reduce_bytes(cfg)
-    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * n))
+    accum = max(
+        1, cfg.train.global_batch_size // (layout.micro_batch * layout.data)
+    )  # CP ranks share samples
     out = {
         "data_all_reduce": 0.0,
         "data_reduce_scatter": 0.0,
         "data_all_gather": 0.0,
         "tensor_all_reduce": 0.0,
+        "tensor_all_gather": 0.0,
+        "tensor_reduce_scatter": 0.0,
+        "context_all_to_all": 0.0,
     }
     if n > 1:
         stage = 1 if layout.zero == 0 and cfg.precision != "fp32" else layout.zero
@@ -486,18 +551,31 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
             regathered = max(0.0, p - s - DS_MAX_REUSE_DISTANCE / 2)
             out["data_all_gather"] = (accum * (p - s + regathered) + s) * w
             out["data_reduce_scatter"] = accum * p * g
-    if tp > 1:
-        tokens = layout.micro_batch * m.seq_length
+    tokens = layout.micro_batch * m.seq_length // layout.context  # this rank's
+    blocks = math.ceil(m.num_layers / pp)
+    full = layout.checkpointing == "full"
+    th = tokens * m.hidden_size * a  # one [t, h] activation
+    if tp > 1 and not layout.sequence_parallel:
         ends = 2 if pp == 1 else 1  # embedding output, output-layer input gradient
-        activation = (4 * math.ceil(m.num_layers / pp) + ends) * tokens * m.hidden_size * a
+        activation = ((6 if full else 4) * blocks + ends) * th
         out["tensor_all_reduce"] = accum * (activation + 3 * tokens * 4)
+    elif tp > 1:
+        embedding = 1 if pp == 1 else 0  # PP > 1: the last stage (output layer, final norm, loss)
+        out["tensor_all_gather"] = accum * ((8 if full else 6) * blocks + embedding + 2) * th
+        out["tensor_reduce_scatter"] = accum * ((6 if full else 4) * blocks + embedding + 1) * th
+        norms = (2 * blocks + 1) * m.hidden_size * w
+        out["tensor_all_reduce"] = accum * (norms + 3 * tokens * 4)
+    if layout.context > 1:
+        per_block = tokens * (2 * m.num_attention_heads + 2 * m.kv_heads) * m.head_dim // tp * a
+        out["context_all_to_all"] = accum * (3 if full else 2) * blocks * per_block
     return out
 
 
 def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
     """Bytes a pipeline rank sends to its neighbour stages per optimizer step (0 at PP=1): per micro-batch
     the ``[t, h]`` activations forward and their gradient backward, both in the activation dtype; an inner
-    stage sends both (``2 accum t h a``), the first and the last one each (``accum t h a``). bert also
+    stage sends both (``2 accum t h a``), the first and the last one each (``accum t h a``); under
+    sequence parallelism each tensor rank sends its ``t/tp`` positions. bert also
     forwards its padding mask (assumed bool ``[b, s]``: ``t`` bytes, no gradient) with the activations.
     Reported, not timed by :func:`step_time` (point-to-point over NVLink, small beside compute at the
     layouts the planner ranks first; awaiting a measurement)."""
@@ -507,14 +585,15 @@ def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
     m = cfg.model
     tokens = layout.micro_batch * m.seq_length
     accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
-    hidden = tokens * m.hidden_size * torch_dtype(cfg.precision).itemsize
+    sp = layout.tensor if layout.sequence_parallel else 1  # stages exchange [t/tp, h] under SP
+    hidden = tokens // sp * m.hidden_size * torch_dtype(cfg.precision).itemsize
     mask = tokens if flops.is_encoder(m) else 0
     return accum * ((2 if pp > 2 else 1) * hidden + mask)
 
 
 def wire_factor(op: str, n: int) -> float:
     """Bytes each of ``n`` ranks sends per payload byte with ring algorithms: all-reduce ``2(n-1)/n``,
-    reduce-scatter and all-gather ``(n-1)/n`` (what NCCL's bus bandwidth is quoted against)."""
+    reduce-scatter, all-gather and all-to-all ``(n-1)/n`` (what NCCL's bus bandwidth is quoted against)."""
     if n <= 1:
         return 0.0
     return (2.0 if op.endswith("all_reduce") else 1.0) * (n - 1) / n
@@ -525,30 +604,41 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     bus bandwidth of its group."""
     m = cfg.model
     vocab = padded_vocab_size(cfg.model, layout.tensor)
-    gpus = layout.tensor * layout.pipeline * layout.data
+    gpus = layout.gpus
     tokens = cfg.train.global_batch_size * m.seq_length
     out_vocab = flops.output_vocab(m, vocab, layout.tensor)
+    # every rank runs 1/gpus of the step's FLOPs: context ranks each compute the attention of heads/cp over
+    # the whole sequence (flops.attention_flops_per_token counts it per token of the whole sequence)
     hw_flops = flops.hardware_flops_per_token(m, out_vocab, layout.checkpointing) * tokens
-    eff = matmul_efficiency(layout.micro_batch * m.seq_length, m.hidden_size // layout.tensor)
+    rows = layout.micro_batch * m.seq_length // layout.context  # the matmuls' rows on one rank
+    eff = matmul_efficiency(rows, m.hidden_size // layout.tensor)
     compute = hw_flops / gpus / (hw.peak_tflops * 1e12 * eff)
     accum = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
     volume = comm_bytes(cfg, layout)
     tp_bw = (hw.intra_node_gbps if layout.tensor <= hw.gpus_per_node else hw.inter_node_gbps) * 1e9
-    tp_comm = volume["tensor_all_reduce"] * wire_factor("all_reduce", layout.tensor) / tp_bw
+    tp_comm = (
+        sum(volume[k] * wire_factor(k, layout.tensor) for k in volume if k.startswith("tensor_")) / tp_bw
+    )
+    # Ulysses all-to-all: each rank sends (cp-1)/cp of its buffer, within a node when TP x CP fits one
+    cp_bw = (
+        hw.intra_node_gbps if layout.tensor * layout.context <= hw.gpus_per_node else hw.inter_node_gbps
+    ) * 1e9
+    cp_comm = volume["context_all_to_all"] * wire_factor("all_to_all", layout.context) / cp_bw
     bubble = (layout.pipeline - 1) / (accum + layout.pipeline - 1) if layout.pipeline > 1 else 0.0
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
     dp_nodes = gpus > hw.gpus_per_node
     dp_bw = (hw.inter_node_gbps if dp_nodes else hw.intra_node_gbps) * 1e9
-    dp_comm = sum(volume[k] * wire_factor(k, layout.data) for k in volume if k.startswith("data_")) / dp_bw
+    dp_comm = sum(volume[k] * wire_factor(k, layout.shards) for k in volume if k.startswith("data_")) / dp_bw
     exposed_dp = max(0.0, dp_comm - 0.5 * compute) if cfg.zero.overlap_comm else dp_comm
     zero3_overhead = 0.04 * compute if layout.zero == 3 else 0.0  # per-parameter hooks
     offload_pcie, offload_adam = offload_time(cfg, layout, hw, p) if layout.offload else (0.0, 0.0)
-    busy = compute + tp_comm
+    busy = compute + tp_comm + cp_comm
     bubble_seconds = busy / (1 - bubble) - busy
     total = busy + bubble_seconds + exposed_dp + zero3_overhead + offload_pcie + offload_adam
     return {
         "compute": compute,
         "tensor_comm": tp_comm,
+        "context_comm": cp_comm,
         "bubble_fraction": bubble,
         "bubble": bubble_seconds,
         "data_comm": dp_comm,
@@ -595,35 +685,47 @@ def _powers_of_two(limit: int) -> list[int]:
 
 
 def layout_config(cfg: Config, layout: Layout) -> Config:
-    """A copy of ``cfg`` set to ``layout`` and resolved for its world size (raises ConfigError)."""
-    c = copy.deepcopy(cfg)
-    c.parallel.tensor, c.parallel.pipeline = layout.tensor, layout.pipeline
-    c.zero.stage, c.zero.offload_optimizer = layout.zero, layout.offload
-    c.train.micro_batch_size = layout.micro_batch
-    c.activation_checkpointing = layout.checkpointing
-    world = layout.tensor * layout.pipeline * layout.data
+    """A copy of ``cfg`` set to ``layout`` and resolved for its world size (raises ConfigError). The
+    sections the layout sets are copied; the others (model, data, ...) are shared with ``cfg``, read only
+    (a deep copy per layout was most of a plan's time once SP and CP multiplied the layouts)."""
+    p = replace(
+        cfg.parallel,
+        tensor=layout.tensor,
+        pipeline=layout.pipeline,
+        sequence_parallel=layout.sequence_parallel,
+        context=layout.context,
+    )
+    z = replace(cfg.zero, stage=layout.zero, offload_optimizer=layout.offload)
+    t = replace(cfg.train, micro_batch_size=layout.micro_batch)
+    c = replace(cfg, parallel=p, zero=z, train=t, activation_checkpointing=layout.checkpointing)
+    world = layout.gpus
     validate(c, world)
     return c.resolve(world)
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
-    """Every layout bigtrain accepts for this model on ``gpus`` GPUs (TP within a node)."""
+    """Every layout bigtrain accepts for this model on ``gpus`` GPUs: TP within a node, sequence parallelism
+    on or off at TP > 1, context parallelism where the config's validation allows it (llama, no pipeline,
+    key/value heads per tensor rank divisible by it), also across nodes (its all-to-alls then over the
+    inter-node bandwidth, :func:`step_time`)."""
     out = []
     for tp in _powers_of_two(min(gpus, gpus_per_node)):
-        for pp in [d for d in range(1, gpus // tp + 1) if (gpus // tp) % d == 0]:
-            if gpus % (tp * pp):
-                continue
-            dp = gpus // (tp * pp)
-            for mbs in _powers_of_two(max(1, cfg.train.global_batch_size // dp)):
-                for zero in (0, 1, 2, 3):
-                    for offload in (False, True) if zero else (False,):
-                        for ckpt in CHECKPOINTING:
-                            layout = Layout(tp, pp, dp, zero, mbs, ckpt, offload)
-                            try:
-                                layout_config(cfg, layout)
-                            except ConfigError:
-                                continue
-                            out.append(layout)
+        for cp in _powers_of_two(gpus // tp):
+            for pp in [d for d in range(1, gpus // (tp * cp) + 1) if (gpus // (tp * cp)) % d == 0]:
+                if gpus % (tp * cp * pp):
+                    continue
+                dp = gpus // (tp * cp * pp)
+                for sp in (False, True) if tp > 1 else (False,):
+                    for mbs in _powers_of_two(max(1, cfg.train.global_batch_size // dp)):
+                        for zero in (0, 1, 2, 3):
+                            for offload in (False, True) if zero else (False,):
+                                for ckpt in CHECKPOINTING:
+                                    layout = Layout(tp, pp, dp, zero, mbs, ckpt, offload, sp, cp)
+                                    try:
+                                        layout_config(cfg, layout)
+                                    except ConfigError:
+                                        continue
+                                    out.append(layout)
     return out
 
 
@@ -632,7 +734,7 @@ def evaluate(cfg: Config, layout: Layout, gpu_memory_bytes: float, hw: Hardware)
     mem = estimate(c, layout)
     budget = gpu_memory_bytes * (1 - ALLOCATOR_MARGIN) - GPU_OVERHEAD_BYTES
     secs = step_time(c, layout, hw)
-    gpus = layout.tensor * layout.pipeline * layout.data
+    gpus = layout.gpus
     tokens = c.train.global_batch_size * c.model.seq_length
     tps = tokens / secs["total"] / gpus
     vocab = flops.output_vocab(c.model, c.derived.padded_vocab_size, layout.tensor)
@@ -656,7 +758,12 @@ def explain(
     if s["bubble_fraction"]:
         parts.append(f"pipeline bubble {s['bubble_fraction']:.0%}")
     if s["tensor_comm"]:
-        parts.append(f"tensor-parallel all-reduces {s['tensor_comm'] / s['total']:.0%} of the step")
+        ops = "all-gathers and reduce-scatters" if best.layout.sequence_parallel else "all-reduces"
+        parts.append(f"tensor-parallel {ops} {s['tensor_comm'] / s['total']:.0%} of the step")
+    if best.layout.sequence_parallel:
+        parts.append("sequence parallelism splits the norms' activations over the tensor ranks")
+    if best.layout.context > 1:
+        parts.append(_why_context(best, ranked))
     if best.layout.checkpointing != "none":
         parts.append(f"{best.layout.checkpointing} recomputation because nothing cheaper fits")
     demoted = sum(c.demoted for c in ranked)
@@ -683,6 +790,29 @@ def explain(
     return "; ".join(parts)
 
 
+def _why_context(best: Candidate, ranked: list[Candidate]) -> str:
+    """Why ``best`` splits the sequence: nothing fits without context parallelism, or the best layout
+    without it is predicted slower (and by how much)."""
+    cp = best.layout.context
+    s = best.seconds
+    share = f"the Ulysses all-to-alls {s['context_comm'] / s['total']:.0%} of the step"
+    plain = [c for c in ranked if c.layout.context == 1]
+    fitting = [c for c in plain if c.fits]
+    if not fitting:
+        smallest = min((c.memory.total for c in plain), default=math.inf)
+        return (
+            f"context parallelism CP{cp} because no layout without it fits (the smallest needs "
+            f"{smallest / GIB:.1f} GiB); {share}"
+        )
+    other = fitting[0]
+    slower = best.tokens_per_sec_per_gpu / other.tokens_per_sec_per_gpu - 1
+    return (
+        f"context parallelism CP{cp}: each rank holds seq/{cp} positions; the best layout without it "
+        f"({other.layout.describe()}, {other.memory.total / GIB:.1f} GiB) is predicted {slower:.0%} slower; "
+        f"{share}"
+    )
+
+
 def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
     """Seconds per optimizer step by term for one layout (``tools/plan.py --explain``); the exposed
     terms add up to ``total``. With ``cfg``, also the collective payload per rank (:func:`comm_bytes`) and
@@ -691,6 +821,7 @@ def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
     rows = [
         ("compute", s["compute"]),
         ("tensor-parallel comm", s["tensor_comm"]),
+        ("context-parallel all-to-all", s["context_comm"]),
         (f"pipeline bubble ({s['bubble_fraction']:.0%})", s["bubble"]),
         ("data-parallel comm exposed", s["data_comm_exposed"]),
         ("ZeRO-3 overhead", s["zero3_overhead"]),

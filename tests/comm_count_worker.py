@@ -71,8 +71,8 @@ def _payload(args: tuple, kwargs: dict) -> tuple[int, int, str]:
 
 
 def _group_name(group: Any) -> str:
-    """Which of megatron-core's groups ``group`` is (``tp``, ``dp`` (with or without context), ``pp``, ``mp``),
-    else ``world``/``other``."""
+    """Which of megatron-core's groups ``group`` is (``tp``, ``dp`` (with or without context), ``cp``, ``pp``,
+    ``mp``), else ``world``/``other``."""
     from megatron.core import parallel_state as ps
 
     if group is None or group is c10d.GroupMember.WORLD:
@@ -82,6 +82,7 @@ def _group_name(group: Any) -> str:
     for name, get in (
         ("tp", ps.get_tensor_model_parallel_group),
         ("dp", ps.get_data_parallel_group),
+        ("cp", ps.get_context_parallel_group),
         # DeepSpeed reduces over the data x context group (the same ranks without context parallelism)
         ("dp", lambda: ps.get_data_parallel_group(with_context_parallel=True)),
         ("pp", ps.get_pipeline_model_parallel_group),

@@ -35,6 +35,9 @@ RUNS = {
         "zero.stage3_param_persistence_threshold=1000",
     ],
     "tp2": ["parallel.tensor=2", "train.global_batch_size=4"],
+    "tp2_sp": ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.global_batch_size=4"],
+    "cp2": ["parallel.context=2", "train.global_batch_size=4"],
+    "cp2_full": ["parallel.context=2", "train.global_batch_size=4", "activation_checkpointing=full"],
 }
 STEPS = {"dp2_zero3": 2}  # the step counted; the others are the same from the first step on
 KEYS = {
@@ -45,6 +48,11 @@ KEYS = {
     ("dp", "reduce_scatter_tensor"): "data_reduce_scatter",
     ("dp", "_reduce_scatter_base"): "data_reduce_scatter",
     ("tp", "all_reduce"): "tensor_all_reduce",
+    ("tp", "all_gather_into_tensor"): "tensor_all_gather",
+    ("tp", "_all_gather_base"): "tensor_all_gather",
+    ("tp", "reduce_scatter_tensor"): "tensor_reduce_scatter",
+    ("tp", "_reduce_scatter_base"): "tensor_reduce_scatter",
+    ("cp", "all_to_all_single"): "context_all_to_all",
 }
 
 
@@ -59,6 +67,9 @@ def _layout(cfg) -> planner.Layout:
         data=cfg.derived.data_parallel_size,
         zero=cfg.zero.stage,
         micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.activation_checkpointing,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        context=cfg.parallel.context,
     )
 
 
@@ -122,6 +133,13 @@ def test_counted_collective_bytes_match_comm_bytes(counted, name):
       non-persistent elements per micro-batch, gathered once for forward and backward, + the 320 persistent
       ones after the step).
     - TP2: all-reduce 329,216 = 2 micro-batches x (10 x [64, 64] + 3 x [64]) x 4 bytes.
+    - TP2+SP: per micro-batch all-gather (6 x 2 blocks + 1 + 2) x [64, 64], reduce-scatter (4 x 2 + 1 + 1)
+      x [64, 64], all-reduce the 5 norm-weight gradients [64] and the cross entropy's 3 x [64], x 4 bytes
+      x 2 micro-batches: 491,520 + 327,680 + 4,608.
+    - CP2 (Ulysses, 16 of the 32 positions per rank): per micro-batch and block q and the attention output
+      ([16, 2, 4 heads, 16]) and k, v ([16, 2, 2, 16]) all-to-all'd forward and backward, x 2 blocks x 2
+      micro-batches x 4 bytes: 196,608 (full recomputation: forward again, 294,912); the gradient
+      all-reduce 558,336 over data x context.
     """
     cfg = _config(name)
     predicted = planner.comm_bytes(cfg, _layout(cfg))
@@ -216,3 +234,30 @@ def test_comm_bytes_terms_by_hand():
     assert planner.wire_factor("all_reduce", 1) == 0.0
     tp_time = planner.step_time(cfg, tp, hw)["tensor_comm"]
     assert tp_time == pytest.approx(planner.comm_bytes(cfg, tp)["tensor_all_reduce"] * 2 * 7 / 8 / 100e9)
+
+
+def test_sequence_and_context_parallel_terms_by_hand():
+    """The 128k preset (TP4+SP x CP2 x DP8, bf16, full recompute), per rank and step, by hand: each rank
+    holds t = 65,536 positions; 16 samples over 8 data ranks: 2 micro-batches."""
+    cfg = load_config(REPO / "configs" / "llama-8b-128k.yaml").resolve(64)
+    m = cfg.model
+    layout = planner.Layout(tensor=4, data=8, zero=1, checkpointing="full", sequence_parallel=True, context=2)
+    volume = planner.comm_bytes(cfg, layout)
+    accum, t, h, L = 2, 65536, 4096, 32
+    th = t * h * 2
+    assert volume["tensor_all_gather"] == accum * (8 * L + 3) * th  # 6 + 2 recomputed per block, ends
+    assert volume["tensor_reduce_scatter"] == accum * (6 * L + 2) * th
+    assert volume["tensor_all_reduce"] == accum * ((2 * L + 1) * h * 2 + 3 * t * 4)  # norm grads, loss
+    # q (32/4 heads) and the output, k and v (8/4 heads) of 128 features, forward, backward, recomputed
+    assert volume["context_all_to_all"] == accum * 3 * L * t * (2 * 8 + 2 * 2) * 128 * 2
+    # ZeRO-1 over data x context = 16 ranks: the fp32 gradient all-reduce and the bf16 parameter gather
+    p = planner.stage_parameters(m, cfg.derived.padded_vocab_size, 4, 1)
+    assert (volume["data_all_reduce"], volume["data_all_gather"]) == (4 * p, 2 * p)
+    hw = planner.Hardware(intra_node_gbps=100.0)
+    s = planner.step_time(cfg, layout, hw)
+    tensor = (volume["tensor_all_gather"] + volume["tensor_reduce_scatter"]) * 3 / 4
+    tensor += volume["tensor_all_reduce"] * 2 * 3 / 4
+    assert s["tensor_comm"] == pytest.approx(tensor / 100e9)
+    assert s["context_comm"] == pytest.approx(volume["context_all_to_all"] / 2 / 100e9)  # TP x CP in a node
+    without = planner.step_time(cfg, planner.replace(layout, context=1, data=16), hw)
+    assert without["context_comm"] == 0 and without["data_comm"] == pytest.approx(s["data_comm"])

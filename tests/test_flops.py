@@ -217,3 +217,30 @@ def test_bert_base_flops_by_hand():
     assert flops.forward_flops_per_token(decoder.model, 30522) == (
         2 * 12 * (4 * 768 * 768 + 3 * 768 * 3072) + 18_874_368 + 2 * 768 * 30522
     )
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_context_parallel_rank_runs_its_share_of_attention_flops(cp):
+    """DeepSpeed-Ulysses hands each of ``cp`` context ranks the whole sequence for heads/cp of the query
+    and key/value heads: the attention core one rank runs (bigtrain's own ``Attention._attend`` at those
+    shapes, counted by torch's FlopCounterMode on the math path) is 1/cp of the whole layer's, i.e.
+    ``attention_flops_per_token / num_layers`` times the ``b x seq / cp`` tokens the rank holds. So per-rank
+    FLOPs divide by the world (tensor x context x data) as hooks.log_step and planner.step_time divide
+    them, and MFU is unchanged by the split."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bigtrain.models.layers import TensorParallel
+    from bigtrain.models.llama import Attention
+
+    cfg = tiny_cfg("model.num_attention_heads=8", "model.num_kv_heads=4", "model.seq_length=64")
+    m = cfg.model
+    b, s, d = 2, m.seq_length, m.head_dim
+    attention = Attention(m, TensorParallel(), recompute_core=False)
+    q = torch.randn(s, b, m.num_attention_heads // cp, d)  # the whole sequence, this rank's heads
+    k, v = (torch.randn(s, b, m.kv_heads // cp, d) for _ in range(2))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = attention._attend(q, k, v, None)
+    assert out.shape == q.shape
+    per_layer_token = flops.attention_flops_per_token(m) / m.num_layers
+    assert counter.get_total_flops() == per_layer_token * b * s / cp

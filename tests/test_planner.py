@@ -367,7 +367,9 @@ def test_plan_cli_only_filters_and_explains_the_filtered_choice(capsys):
     assert plan_tool.main([*base, "--only", "tensor=2", "zero=1", "--top", "3"]) == 0
     out = capsys.readouterr().out
     choice = next(line for line in out.splitlines() if line.startswith("choice: "))
-    assert choice.startswith("choice: TP2 ") and "ZeRO-1 " in choice and "GiB of" in choice, choice
+    assert (
+        choice.startswith(("choice: TP2 ", "choice: TP2+SP ")) and "ZeRO-1 " in choice and "GiB of" in choice
+    ), choice
     assert plan_tool.main([*base, "--only", "offload=true", "--top", "1"]) == 0
     choice = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("choice: "))
     assert "+offload" in choice and "GiB of" in choice and "offload demoted" in choice, choice
@@ -510,3 +512,223 @@ def test_plan_cli_ranks_bert_large(capsys):
     assert plan.main([*args, "--only", "pipeline=2", "--explain"]) == 0
     p2p = re.search(r"pipeline p2p ([0-9.e+-]+)", capsys.readouterr().out)
     assert p2p and float(p2p.group(1)) > 0  # a PP2 layout sends activations and gradients
+
+
+# ---------------------------------------------------------------------------- sequence / context parallel
+# 12 blocks of h=128 over a 256-token vocabulary: the blocks outweigh the logits, so what SP/CP split shows
+LONG = [
+    "model.hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=256",
+    "model.seq_length=64",
+    "model.num_layers=12",
+    "model.vocab_size=256",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+]
+SPLIT_RUNS = {
+    "dp2": [],  # every rank holds the whole model and sequence: one process's activations
+    "tp2": ["parallel.tensor=2"],
+    "tp2_sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    "tp2_full": ["parallel.tensor=2", "activation_checkpointing=full"],
+    "tp2_sp_full": ["parallel.tensor=2", "parallel.sequence_parallel=true", "activation_checkpointing=full"],
+    "cp2": ["parallel.context=2"],
+    "cp2_selective": ["parallel.context=2", "activation_checkpointing=selective"],
+    "cp2_full": ["parallel.context=2", "activation_checkpointing=full"],
+    "tp2_sp_bf16": ["parallel.tensor=2", "parallel.sequence_parallel=true", "precision=bf16"],
+    "cp2_bf16": ["parallel.context=2", "precision=bf16"],
+}
+
+
+def _split_layout(cfg) -> planner.Layout:
+    return planner.Layout(
+        tensor=cfg.parallel.tensor,
+        data=cfg.derived.data_parallel_size,
+        micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.activation_checkpointing,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        context=cfg.parallel.context,
+    )
+
+
+@pytest.fixture(scope="module")
+def split_activations(tmp_path_factory):
+    """{run: [saved bytes on rank 0, rank 1]} from one 2-process gloo launch (tests/activation_worker.py)."""
+    import subprocess
+
+    from tests.conftest import free_port
+
+    tmp = tmp_path_factory.mktemp("split")
+    runs = {
+        name: {"port": free_port(), "config": TINY, "set": [*LONG, *extra]}
+        for name, extra in SPLIT_RUNS.items()
+    }
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    logs = [(tmp / f"rank{rank}.log").open("w") for rank in (0, 1)]  # files: a full pipe would block a rank
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.activation_worker", str(tmp / "out"), str(tmp / "runs.json")],
+            env=cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1"),
+            cwd=REPO,
+            stdout=logs[rank],
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        for proc in procs:
+            proc.wait(timeout=400)
+    finally:
+        for proc, log in zip(procs, logs):
+            proc.kill()
+            log.close()
+    outputs = [(tmp / f"rank{rank}.log").read_text()[-4000:] for rank in (0, 1)]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(outputs)
+    ranks = [json.loads((tmp / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {name: [ranks[0][name], ranks[1][name]] for name in SPLIT_RUNS}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_RUNS))
+def test_split_activation_prediction_matches_saved_tensors_per_rank(split_activations, name):
+    """Per rank, fp32, 2 x 64 tokens: what autograd saves at DP2 (one process's share), TP2, TP2+SP and
+    CP2 (Ulysses), without recomputation, selective (CP2) and full, equals activation_memory's prediction
+    for the heaviest rank (measured: within 8 bytes, the scalar loss and its sum; the issue asks for
+    5 %). Under CP the ranks differ by the cached fp32 rotary tables only: each builds them up to the end
+    of its chunk, so context rank 0 holds half of them (8 KiB less here; bf16 saves copies of its own rows
+    only). bf16: TP2+SP 4,281,348 and CP2 4,181,512 bytes per rank, predicted 0.38 % / 0.39 % over (the
+    single-process bf16 test above: 0.31 %)."""
+    cfg = load_config(TINY, [*LONG, *SPLIT_RUNS[name]]).resolve(2)
+    predicted, _ = planner.activation_memory(cfg, _split_layout(cfg))
+    rel = 5e-3 if cfg.precision == "bf16" else 1e-4  # bf16: as the single-process test above
+    assert predicted == pytest.approx(max(split_activations[name]), rel=rel), (name, predicted)
+    cached = name.startswith("cp2") and cfg.activation_checkpointing != "full" and cfg.precision == "fp32"
+    tables = 8 * cfg.model.seq_length * cfg.model.head_dim // 2 if cached else 0
+    assert max(split_activations[name]) - min(split_activations[name]) == tables, split_activations[name]
+
+
+def test_sequence_and_context_parallel_split_activations_where_the_paper_says(split_activations):
+    """Issue 18 acceptance 3. Measured bytes per rank (the heavier rank):
+    DP2 (one process) 14,539,784; TP2 9,743,620; TP2+SP 7,279,620; CP2 7,278,088;
+    full recomputation: TP2 1,051,908; TP2+SP 560,132; CP2 558,600.
+
+    SP splits only what lies outside the tensor-parallel regions (the norms; Korthikanti et al. 2022's
+    ``10 + 24/t`` -> ``34/t``), and CP2 against TP2 only adds the same split (both already halve attention
+    and MLP), so without recomputation TP2 -> TP2+SP and TP2 -> CP2 save 1.34x here (Megatron's own bound
+    at t=2 is 22/17 = 1.29x: the >= 1.8x the issue asks for is out of reach there by construction). Under
+    full recomputation, where each block keeps only its input, both are 1.88x; against one process, TP2+SP
+    and CP2 are 2.0x without recomputation."""
+    m = {name: max(v) for name, v in split_activations.items()}
+    for split in ("tp2_sp", "cp2"):
+        assert m["tp2_full"] / m[f"{split}_full"] >= 1.8, split
+        assert m["dp2"] / m[split] >= 1.8, split
+        assert 1.25 < m["tp2"] / m[split] < 1.45, split
+        assert m[split] < m["tp2"] < m["dp2"]
+    assert m["cp2_full"] < m["cp2_selective"] < m["cp2"]
+
+
+# ---------------------------------------------------------------------------- long-context presets
+LONG_PRESETS = {"llama-8b-32k": (8, 32768), "llama-8b-128k": (64, 131072)}
+
+
+def _preset_layout(cfg) -> planner.Layout:
+    p = cfg.parallel
+    return planner.Layout(
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        data=cfg.derived.data_parallel_size,
+        zero=cfg.zero.stage,
+        micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.activation_checkpointing,
+        offload=cfg.zero.offload_optimizer,
+        sequence_parallel=p.sequence_parallel,
+        context=p.context,
+    )
+
+
+@pytest.mark.parametrize("name", list(LONG_PRESETS))
+def test_long_context_presets_validate_and_fit_80gb(name):
+    """The Llama-3-8B long-context presets: the model's shape (8.0B parameters, GQA 32/8, rope theta
+    500000, 128,256 tokens), validated on their world size with sequence and context parallelism, and
+    predicted to fit an 80 GB GPU in the layout they set (the planner's activation, state and transient
+    terms; measured per rank on CPU above)."""
+    gpus, seq = LONG_PRESETS[name]
+    cfg = load_config(REPO / "configs" / f"{name}.yaml").resolve(gpus)
+    m, p = cfg.model, cfg.parallel
+    assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.kv_heads, m.ffn_size) == (
+        4096,
+        32,
+        32,
+        8,
+        14336,
+    )
+    assert (m.vocab_size, m.rope_theta, m.seq_length, m.tie_embeddings) == (128256, 500000.0, seq, False)
+    assert flops.num_parameters(m, m.vocab_size) == pytest.approx(8.03e9, rel=0.01)
+    assert p.sequence_parallel and p.context > 1 and p.tensor * p.context <= m.kv_heads
+    layout = _preset_layout(cfg)
+    assert layout.gpus == gpus
+    base = load_config(REPO / "configs" / f"{name}.yaml")
+    cand = planner.evaluate(base, layout, 80 * planner.GIB, planner.Hardware())
+    assert cand.fits, cand.memory.as_dict()
+    # predicted: 32k 51.0 GiB (99.0 without recomputation; 70.2 as TP2 x DP4 without SP and CP), 128k
+    # 43.7 GiB (140.7 without recomputation; 104.1 as TP4 x DP16, which does not fit); the saved
+    # activations without SP and CP (their ranks as data ranks) are 2.7x (32k) and 4.2x (128k) larger
+    bare = planner.replace(layout, checkpointing="none")
+    assert not planner.evaluate(base, bare, 80 * planner.GIB, planner.Hardware()).fits
+    plain = planner.replace(layout, context=1, data=layout.data * layout.context, sequence_parallel=False)
+    ratio = planner.activation_memory(cfg, plain)[0] / cand.memory.activations
+    assert ratio > 2.5, ratio
+    if name == "llama-8b-128k":
+        assert not planner.evaluate(base, plain, 80 * planner.GIB, planner.Hardware()).fits
+
+
+def test_plan_recommends_context_parallelism_at_128k(capsys):
+    """tools/plan.py on the 128k preset over 8 nodes of 8 x 80 GB: the choice splits the sequence over
+    context ranks and says why (the best layout without it, and how much slower it is predicted), and the
+    settings carry parallel.context."""
+    from tools import plan
+
+    args = ["--config", str(REPO / "configs" / "llama-8b-128k.yaml"), "--gpus", "64", "--nodes", "8"]
+    assert plan.main([*args, "--gpu-memory-gib", "80", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    choice = next(line for line in out.splitlines() if line.startswith("choice: "))
+    assert " CP" in choice.split(":")[1] and "context parallelism CP" in choice, choice
+    assert "the best layout without it (TP" in choice and "slower" in choice, choice
+    settings = next(line for line in out.splitlines() if line.startswith("settings: "))
+    context = int(settings.split("parallel.context=")[1].split()[0])
+    assert context > 1
+    assert (
+        plan.main(
+            [*args, "--gpu-memory-gib", "80", "--only", "context=1", "sequence_parallel=true", "--top", "1"]
+        )
+        == 0
+    )
+    choice = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("choice: "))
+    assert choice.startswith("choice: TP") and "+SP PP" in choice and "context parallelism" not in choice
+
+
+def test_plan_chooses_context_parallelism_when_nothing_fits_without_it():
+    """A 1M-token sequence of the 7B model (32 key/value heads) on 64 x 80 GB: no layout without context
+    parallelism fits (tensor parallelism stops at a node), so the choice uses it and says so."""
+    cfg = load_config(
+        REPO / "configs" / "llama-7b.yaml", ["model.seq_length=1048576", "train.global_batch_size=4"]
+    )
+    ranked = planner.plan(cfg, gpus=64, gpu_memory_gib=80, nodes=8)
+    assert not any(c.fits for c in ranked if c.layout.context == 1)
+    best = ranked[0]
+    assert best.fits and best.layout.context > 1
+    assert f"context parallelism CP{best.layout.context} because no layout without it fits" in best.why
+
+
+def test_zero_shards_over_data_and_context():
+    """ZeRO partitions optimizer state (and ZeRO-2's gradients) over data x context ranks, as Megatron and
+    bigtrain's DeepSpeed MPU do: CP2 x DP2 holds what DP4 holds; activations fall with CP."""
+    cfg = load_config(REPO / "configs" / "llama-8b-32k.yaml").resolve(8)
+    cp = planner.Layout(tensor=2, data=2, zero=2, checkpointing="full", sequence_parallel=True, context=2)
+    dp = planner.replace(cp, data=4, context=1)
+    assert cp.shards == dp.shards == 4 and cp.gpus == 8
+    assert planner.state_memory(cfg, cp) == planner.state_memory(cfg, dp)
+    acts = {
+        n: planner.activation_memory(cfg, planner.replace(cp, context=n, data=4 // n))[0] for n in (1, 2, 4)
+    }
+    assert acts[1] / acts[2] == pytest.approx(2, rel=0.02) and acts[2] / acts[4] == pytest.approx(2, rel=0.02)

@@ -5,10 +5,14 @@
     python tools/plan.py --config configs/llama-1.3b.yaml --gpus 8 --gpu-memory-gib 80 --only tensor=1 zero=1
     python tools/plan.py --config configs/llama-7b.yaml --gpus 8 --gpu-memory-gib 80 --only offload=true --explain
     python tools/plan.py --config configs/bert-large.yaml --gpus 8 --gpu-memory-gib 80
+    python tools/plan.py --config configs/llama-8b-128k.yaml --gpus 64 --nodes 8 --gpu-memory-gib 80
 
-Layouts: tensor × pipeline × data parallel sizes, ZeRO stage (and optimizer offload), micro-batch size
-and activation checkpointing, as bigtrain's config validation accepts them (the global batch size
-is kept). Memory and throughput come from bigtrain.planner; see its docstring for what is counted (the
+Layouts: tensor (with or without sequence parallelism) × context × pipeline × data parallel sizes, ZeRO
+stage (and optimizer offload), micro-batch size and activation checkpointing, as bigtrain's config
+validation accepts them (the global batch size is kept). Context parallelism (DeepSpeed-Ulysses) is
+offered where the model allows it (llama, no pipeline, key/value heads per tensor rank divisible by it);
+when the choice uses it, the choice line says why: nothing fits without it, or how much slower the best
+layout without it is predicted to be. Memory and throughput come from bigtrain.planner; see its docstring for what is counted (the
 decoder families and the bert encoder: model.family).
 Prints the ranking and the settings to use (``--set`` overrides for bigtrain.pretrain); ``--explain [RANK]``
 prints one layout's seconds per step by term (compute, TP comm, bubble, exposed DP comm, ZeRO-3
@@ -39,6 +43,8 @@ def overrides_for(layout: planner.Layout) -> list[str]:
         f"zero.offload_optimizer={str(layout.offload).lower()}",
         f"train.micro_batch_size={layout.micro_batch}",
         f"activation_checkpointing={layout.checkpointing}",
+        f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
+        f"parallel.context={layout.context}",
     ]
 
 
@@ -116,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         f"global batch {cfg.train.global_batch_size}; {args.gpus} GPUs x {args.gpu_memory_gib:g} GiB"
         f" on {args.nodes} node(s); {len(ranked)} valid layouts, {sum(c.fits for c in ranked)} fit"
     )
-    print(f"{'#':>3} {'layout':<46} {'GiB/GPU':>8} {'fits':>5} {'tok/s/GPU':>10} {'MFU':>5}")
+    print(f"{'#':>3} {'layout':<54} {'GiB/GPU':>8} {'fits':>5} {'tok/s/GPU':>10} {'MFU':>5}")
     for i, c in enumerate(ranked[: args.top], 1):
         print(
-            f"{i:>3} {c.layout.describe():<46} {c.memory.total / planner.GIB:>8.1f} {'yes' if c.fits else 'no':>5} "
+            f"{i:>3} {c.layout.describe():<54} {c.memory.total / planner.GIB:>8.1f} {'yes' if c.fits else 'no':>5} "
             f"{c.tokens_per_sec_per_gpu:>10,.0f} {c.mfu:>5.0%}{' *' if c.demoted else ''}"
         )
     if any(c.demoted for c in ranked[: args.top]):
