@@ -121,3 +121,38 @@ def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], torch.T
         loss = forward()
     del loss
     return saved.bytes
+
+
+def rank_saved_activation_bytes(config: str, overrides: list[str]) -> int:
+    """Bytes of activations this rank saves for one micro-batch of the config at ``config`` (with
+    ``overrides``) in a real process group (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set): bigtrain's
+    process groups (``init_distributed``) and model (``build_model``) in the training precision, fed this
+    rank's part of one fixed micro-batch (tensor ranks the whole sequence, context ranks their chunk, as
+    training cuts it: ``step_runner.to_device``); the groups are torn down after. What
+    :func:`bigtrain.planner.activation_memory` predicts per rank (tests/test_planner.py,
+    tools/bench_activation_memory.py)."""
+    import os
+
+    from bigtrain.config import load_config, torch_dtype
+    from bigtrain.distributed import init_distributed, shutdown
+    from bigtrain.registry import build_model
+    from bigtrain.step_runner import to_device
+
+    cfg = load_config(config, overrides).resolve(int(os.environ["WORLD_SIZE"]))
+    dist = init_distributed(cfg)
+    try:
+        # in the training precision, as DeepSpeed casts it (bf16: the activations are bf16)
+        model = build_model(cfg, topology=dist.topology).to(torch_dtype(cfg.precision))
+        b, s = cfg.train.micro_batch_size, cfg.model.seq_length
+        assert cfg.model.vocab_size is not None
+        # the same tokens on every rank (a fixed generator); to_device keeps this context rank's chunk
+        tokens = torch.randint(0, cfg.model.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+        batch = to_device({"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, s)}, dist.device)
+        # a chunk is a view of the whole [b, s] batch on CPU (to a GPU it is copied into its own tensor):
+        # compact it, so that the loss's saved mask counts this rank's chunk, not the batch it came from
+        batch = {k: v.contiguous() for k, v in batch.items()}
+        return saved_activation_bytes(
+            model, lambda: model(batch["tokens"], batch["labels"], batch["loss_mask"])
+        )
+    finally:
+        shutdown()

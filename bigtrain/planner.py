@@ -23,7 +23,7 @@ one forward of bigtrain's model (none/selective/full).
   norms (and full recomputation's block inputs) hold ``s/tp`` positions; under context parallelism
   (Ulysses) every term holds this rank's ``s/cp`` positions, the attention core's ``[s, heads/cp]``
   being the same bytes; the all-to-alls save nothing. Measured per rank on 2 gloo processes (DP2, TP2,
-  TP2+SP, CP2; tests/activation_worker.py) within 8 bytes.
+  TP2+SP, CP2; tools/bench_activation_memory.py) within 8 bytes.
 - **Transient** (alive only around the peak): full recompute rebuilds one block in backward; the
   logits' gradient (fp32, plus a bf16 copy under bf16); the gathered parameters of ZeRO-3; the
   gradient reduction buckets of ZeRO-1/2.

@@ -554,7 +554,7 @@ def _split_layout(cfg) -> planner.Layout:
 
 @pytest.fixture(scope="module")
 def split_activations(tmp_path_factory):
-    """{run: [saved bytes on rank 0, rank 1]} from one 2-process gloo launch (tests/activation_worker.py)."""
+    """{run: [saved bytes on rank 0, rank 1]} from one 2-process gloo launch (tools/bench_activation_memory.py --worker)."""
     import subprocess
 
     from tests.conftest import free_port
@@ -568,7 +568,13 @@ def split_activations(tmp_path_factory):
     logs = [(tmp / f"rank{rank}.log").open("w") for rank in (0, 1)]  # files: a full pipe would block a rank
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.activation_worker", str(tmp / "out"), str(tmp / "runs.json")],
+            [
+                sys.executable,
+                str(REPO / "tools" / "bench_activation_memory.py"),
+                "--worker",
+                str(tmp / "out"),
+                str(tmp / "runs.json"),
+            ],  # fmt: skip
             env=cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1"),
             cwd=REPO,
             stdout=logs[rank],
