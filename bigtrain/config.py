@@ -226,7 +226,7 @@ class ParallelConfig:
         "Context-parallel size: each sample's sequence is split over this many ranks (seq_length / context "
         "positions each) and attention spans them with DeepSpeed-Ulysses all-to-alls over heads; the "
         "world is tensor x context x data x pipeline, and ZeRO shards over data x context. Needs the key/"
-        "value heads per tensor rank divisible by it; llama pretraining and SFT, pipeline 1.",
+        "value heads per tensor rank divisible by it; llama pretraining and SFT, pipeline 1, zero.stage 0-2.",
     )
 
 
