@@ -187,8 +187,11 @@ def evaluate(cfg: Config, data_path: str) -> dict[str, float]:
             real = index < n
             batch = _window_batch(windows[min(index, n - 1)], dist.device, real)
             tokens = batch["loss_mask"].sum()
-            # normalizer None: each window's own mean; a padding window (no trained token) counts 0
-            total += runner.run(GlobalBatch([batch], tokens, None), train=False) * dp  # DP mean -> sum
+            # each window's own mean, a padding window (no trained token) counting 0; the whole window's
+            # tokens, not the None default (a rank's own): context ranks each hold a chunk and their
+            # losses are summed, which gave context x the mean
+            normalizer = tokens.clamp(min=1).float()
+            total += runner.run(GlobalBatch([batch], tokens, normalizer), train=False) * dp  # DP mean -> sum
         mean = float(total) / n
         return {"loss": mean, "perplexity": math.exp(mean), "windows": n, "tokens": n * cfg.model.seq_length}
     finally:

@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 
 
 def single_process_config(saved: dict, device: str = "cpu") -> Config:
-    """A checkpoint's config rewritten for one process: tensor = pipeline = 1, no ZeRO, no recomputation."""
+    """A checkpoint's config rewritten for one process: tensor = pipeline = context = 1, no sequence
+    parallelism (neither changes a weight), no ZeRO, no recomputation."""
     cfg = config_from_dict(saved)
-    cfg.parallel.tensor = cfg.parallel.pipeline = 1
+    cfg.parallel.tensor = cfg.parallel.pipeline = cfg.parallel.context = 1
+    cfg.parallel.sequence_parallel = False
     cfg.zero.stage, cfg.zero.offload_optimizer = 0, False
     cfg.activation_checkpointing = "none"
     cfg.train.micro_batch_size = cfg.train.global_batch_size = 1

@@ -73,6 +73,7 @@ def _resolve(world: int, *overrides: str):
         (4, ["parallel.context=2", "parallel.pipeline=2"], ["parallel.pipeline 2"]),
         (3, ["parallel.context=2"], ["world size 3", "parallel.context"]),
         (2, ["parallel.context=2", "model.family=bert"], ["model.family bert"]),
+        (2, ["parallel.context=2", "zero.stage=3"], ["parallel.context 2", "zero.stage 3"]),
         (
             4,
             [
