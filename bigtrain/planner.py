@@ -97,6 +97,22 @@ class Layout:
     sequence_parallel: bool = False  # Megatron SP over the tensor group (TP > 1)
     context: int = 1  # context-parallel size (DeepSpeed-Ulysses): each rank holds seq / context positions
 
+    @classmethod
+    def of(cls, cfg: Config) -> Layout:
+        """The layout ``cfg`` (resolved) trains at."""
+        p = cfg.parallel
+        return cls(
+            tensor=p.tensor,
+            pipeline=p.pipeline,
+            data=cfg.derived.data_parallel_size,
+            zero=cfg.zero.stage,
+            micro_batch=cfg.train.micro_batch_size,
+            checkpointing=cfg.activation_checkpointing,
+            offload=cfg.zero.offload_optimizer,
+            sequence_parallel=p.sequence_parallel,
+            context=p.context,
+        )
+
     @property
     def gpus(self) -> int:
         """The world: tensor x context x data x pipeline."""

@@ -60,19 +60,6 @@ def _config(name: str):
     return load_config(TINY, [*COMMON, *RUNS[name]]).resolve(2)
 
 
-def _layout(cfg) -> planner.Layout:
-    return planner.Layout(
-        tensor=cfg.parallel.tensor,
-        pipeline=cfg.parallel.pipeline,
-        data=cfg.derived.data_parallel_size,
-        zero=cfg.zero.stage,
-        micro_batch=cfg.train.micro_batch_size,
-        checkpointing=cfg.activation_checkpointing,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        context=cfg.parallel.context,
-    )
-
-
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
     """{run: {rank: [its records]}} from one 2-rank launch (~20-110 s on 2 busy cores)."""
@@ -142,7 +129,7 @@ def test_counted_collective_bytes_match_comm_bytes(counted, name):
       all-reduce 558,336 over data x context.
     """
     cfg = _config(name)
-    predicted = planner.comm_bytes(cfg, _layout(cfg))
+    predicted = planner.comm_bytes(cfg, planner.Layout.of(cfg))
     per_rank = {}
     for rank, everything in counted[name].items():
         records = _step(everything, name)
@@ -188,7 +175,7 @@ def test_zero3_first_step_gathers_more_than_the_steady_state(counted):
     cfg = _config("dp2_zero3")
     assert (
         gathered[1]
-        == planner.comm_bytes(cfg, _layout(cfg))["data_all_gather"]
+        == planner.comm_bytes(cfg, planner.Layout.of(cfg))["data_all_gather"]
         == (2 * (139_584 - 320) + 320) * 4
     )
     assert gathered[0] > 1.5 * gathered[1]  # measured: 2,102,272 vs 1,115,392 bytes

@@ -541,58 +541,13 @@ SPLIT_RUNS = {
 }
 
 
-def _split_layout(cfg) -> planner.Layout:
-    return planner.Layout(
-        tensor=cfg.parallel.tensor,
-        data=cfg.derived.data_parallel_size,
-        micro_batch=cfg.train.micro_batch_size,
-        checkpointing=cfg.activation_checkpointing,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        context=cfg.parallel.context,
-    )
-
-
 @pytest.fixture(scope="module")
-def split_activations(tmp_path_factory):
-    """{run: [saved bytes on rank 0, rank 1]} from one 2-process gloo launch (tools/bench_activation_memory.py --worker)."""
-    import subprocess
+def split_activations():
+    """{run: [saved bytes on rank 0, rank 1]} from one 2-process gloo launch
+    (tools/bench_activation_memory.py: its ``--worker`` ranks)."""
+    from tools.bench_activation_memory import measure
 
-    from tests.conftest import free_port
-
-    tmp = tmp_path_factory.mktemp("split")
-    runs = {
-        name: {"port": free_port(), "config": TINY, "set": [*LONG, *extra]}
-        for name, extra in SPLIT_RUNS.items()
-    }
-    (tmp / "runs.json").write_text(json.dumps(runs))
-    logs = [(tmp / f"rank{rank}.log").open("w") for rank in (0, 1)]  # files: a full pipe would block a rank
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "tools" / "bench_activation_memory.py"),
-                "--worker",
-                str(tmp / "out"),
-                str(tmp / "runs.json"),
-            ],  # fmt: skip
-            env=cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1"),
-            cwd=REPO,
-            stdout=logs[rank],
-            stderr=subprocess.STDOUT,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        for proc in procs:
-            proc.wait(timeout=400)
-    finally:
-        for proc, log in zip(procs, logs):
-            proc.kill()
-            log.close()
-    outputs = [(tmp / f"rank{rank}.log").read_text()[-4000:] for rank in (0, 1)]
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(outputs)
-    ranks = [json.loads((tmp / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return {name: [ranks[0][name], ranks[1][name]] for name in SPLIT_RUNS}
+    return measure({name: [*LONG, *extra] for name, extra in SPLIT_RUNS.items()}, TINY, 400, env=cpu_env())
 
 
 @pytest.mark.parametrize("name", list(SPLIT_RUNS))
@@ -605,7 +560,7 @@ def test_split_activation_prediction_matches_saved_tensors_per_rank(split_activa
     only). bf16: TP2+SP 4,281,348 and CP2 4,181,512 bytes per rank, predicted 0.38 % / 0.39 % over (the
     single-process bf16 test above: 0.31 %)."""
     cfg = load_config(TINY, [*LONG, *SPLIT_RUNS[name]]).resolve(2)
-    predicted, _ = planner.activation_memory(cfg, _split_layout(cfg))
+    predicted, _ = planner.activation_memory(cfg, planner.Layout.of(cfg))
     rel = 5e-3 if cfg.precision == "bf16" else 1e-4  # bf16: as the single-process test above
     assert predicted == pytest.approx(max(split_activations[name]), rel=rel), (name, predicted)
     cached = name.startswith("cp2") and cfg.activation_checkpointing != "full" and cfg.precision == "fp32"
@@ -637,21 +592,6 @@ def test_sequence_and_context_parallel_split_activations_where_the_paper_says(sp
 LONG_PRESETS = {"llama-8b-32k": (8, 32768), "llama-8b-128k": (64, 131072)}
 
 
-def _preset_layout(cfg) -> planner.Layout:
-    p = cfg.parallel
-    return planner.Layout(
-        tensor=p.tensor,
-        pipeline=p.pipeline,
-        data=cfg.derived.data_parallel_size,
-        zero=cfg.zero.stage,
-        micro_batch=cfg.train.micro_batch_size,
-        checkpointing=cfg.activation_checkpointing,
-        offload=cfg.zero.offload_optimizer,
-        sequence_parallel=p.sequence_parallel,
-        context=p.context,
-    )
-
-
 @pytest.mark.parametrize("name", list(LONG_PRESETS))
 def test_long_context_presets_validate_and_fit_80gb(name):
     """The Llama-3-8B long-context presets: the model's shape (8.0B parameters, GQA 32/8, rope theta
@@ -671,7 +611,7 @@ def test_long_context_presets_validate_and_fit_80gb(name):
     assert (m.vocab_size, m.rope_theta, m.seq_length, m.tie_embeddings) == (128256, 500000.0, seq, False)
     assert flops.num_parameters(m, m.vocab_size) == pytest.approx(8.03e9, rel=0.01)
     assert p.sequence_parallel and p.context > 1 and p.tensor * p.context <= m.kv_heads
-    layout = _preset_layout(cfg)
+    layout = planner.Layout.of(cfg)
     assert layout.gpus == gpus
     base = load_config(REPO / "configs" / f"{name}.yaml")
     cand = planner.evaluate(base, layout, 80 * planner.GIB, planner.Hardware())

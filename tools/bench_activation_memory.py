@@ -50,18 +50,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure(runs: dict[str, list[str]], config: str, timeout: float) -> dict[str, list[int]]:
-    """{name: [rank 0 bytes, rank 1 bytes]} from one launch of two ranks. Raises SystemExit with the end
-    of a failing rank's log."""
+def measure(
+    runs: dict[str, list[str]], config: str, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, list[int]]:
+    """{name: [rank 0 bytes, rank 1 bytes]} from one launch of two ranks (``runs``: name -> overrides of
+    ``config``; ``env``: the ranks' base environment, default this process's). Raises SystemExit with the
+    end of a failing rank's log."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {
             name: {"port": _free_port(), "config": config, "set": overrides}
             for name, overrides in runs.items()
         }
         (Path(tmp) / "runs.json").write_text(json.dumps(spec))
-        env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
+        env = {**(os.environ if env is None else env), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
         env.setdefault("DS_ACCELERATOR", "cpu")
-        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
         logs = [Path(tmp) / f"rank{r}.log" for r in (0, 1)]
         procs = []
         for r in (0, 1):
@@ -87,15 +90,7 @@ def predicted(config: str, overrides: list[str]) -> int:
     from bigtrain.config import load_config
 
     cfg = load_config(config, overrides).resolve(2)
-    layout = planner.Layout(
-        tensor=cfg.parallel.tensor,
-        data=cfg.derived.data_parallel_size,
-        micro_batch=cfg.train.micro_batch_size,
-        checkpointing=cfg.activation_checkpointing,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        context=cfg.parallel.context,
-    )
-    return planner.activation_memory(cfg, layout)[0]
+    return planner.activation_memory(cfg, planner.Layout.of(cfg))[0]
 
 
 def main(argv: list[str] | None = None) -> None:
