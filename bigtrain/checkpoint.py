@@ -445,6 +445,7 @@ def load_weights_only(model: torch.nn.Module, cfg: Config, path: str | Path) -> 
             resized[:n] = full[:n]
             full = resized
         value = layout.shard(full, lp.spec.split, tp.rank, tp.size)
+        value = layout.expert_shard(value, lp.spec, tp.expert.rank, tp.expert.size)
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"{reader.dir}: {key} has shape {tuple(full.shape)}, the model needs another")
         param.copy_(value.to(param.dtype))

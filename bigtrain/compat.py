@@ -26,6 +26,7 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
     scale_pipeline_loss           | PipelineEngine reads module.loss_fn on every step      | tests/training/test_reliability.py::test_nonfinite_skip_leaves_parameters_bitwise_unchanged
     count_tied_head_params        | PipelineModule marks a whole tied module replicated    | tests/training/test_bert.py::test_bert_layouts_match_single_process
     megatron_buffers_on           | megatron-core allocates SP buffers on the CUDA device  | tests/training/test_parallel_equivalence.py::test_sequence_parallel_matches_single_process
+    megatron_moe_on               | megatron-core's MoE dispatcher needs CUDA streams      | tests/models/test_moe.py::test_megatron_moe_needs_the_patch_on_cpu
 
 Not patches, so not here: LoRA (``bigtrain/finetune/lora.py``) swaps the class of bigtrain's own
 projection modules for a subclass of the same class (public ``forward`` only), and the tied embedding
@@ -463,3 +464,90 @@ def megatron_buffers_on(device: torch.device) -> None:
 
     for module in (mappings, layers, utils):
         module.torch = _TorchOn(device)
+
+
+class _NoStream:
+    """A CUDA stream/event stand-in for a host without CUDA: every wait and synchronize is a no-op
+    (CPU work is already ordered)."""
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self) -> _NoStream:
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args: Any) -> None:
+        pass
+
+
+class _CudaStreamsOn(_CudaOn):
+    """:class:`_CudaOn` plus streams that do nothing (megatron's dispatcher overlaps its device-to-host
+    copies of the split sizes on a side stream)."""
+
+    _stream = _NoStream()
+
+    def Stream(self, *args: Any, **kwargs: Any) -> _NoStream:  # noqa: N802 (torch.cuda's name)
+        return self._stream
+
+    def current_stream(self, *args: Any) -> _NoStream:
+        return self._stream
+
+    def stream(self, stream: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+class _TorchStreamsOn(_TorchOn):
+    def __init__(self, device: torch.device):
+        self.cuda = _CudaStreamsOn(device)
+
+
+def megatron_moe_on(device: torch.device) -> None:
+    """Make megatron-core's MoE layer (router, all-to-all token dispatcher) run on ``device`` (the CPU).
+
+    Three upstream assumptions of CUDA, none with an upstream issue found (megatron-core supports CUDA
+    only):
+    - transformer/moe/token_dispatcher.py (``MoEAlltoAllTokenDispatcher``) creates a ``torch.cuda.Stream``
+      and synchronizes on it, and router.py allocates with ``torch.cuda.current_device()``: those modules
+      see a proxy of ``torch`` whose streams are no-ops and whose current device is ``device``;
+    - ``moe_utils.maybe_move_tensor_to_cpu(t, as_numpy=True)`` returns a CPU tensor unchanged instead of
+      as numpy, and ``all_to_all_single`` then refuses the tensor split sizes: on the CPU it converts;
+    - moe_utils.py reads the module global ``te_general_gemm`` that only a Transformer Engine import
+      defines (``NameError`` in ``RouterGatingLinearFunction`` without it): it is set to None, megatron's
+      own "not available" value;
+    - in a process without torch.distributed (a unit test, a conversion tool) tensor_parallel/mappings.py's
+      ``get_tensor_model_parallel_group_if_none`` turns the explicit group of one the MoE layer passes
+      (``bigtrain.models.moe.process_groups``) into None and then asserts it is not None: there it keeps
+      the explicit group.
+
+    A no-op on CUDA (but for te_general_gemm).
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/models/test_moe.py::test_megatron_moe_needs_the_patch_on_cpu"""
+    from megatron.core import utils
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, router, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    def group_if_none(group: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if group is not None and not torch.distributed.is_initialized():
+            return group
+        return utils.get_tensor_model_parallel_group_if_none(group, *args, **kwargs)
+
+    mappings.get_tensor_model_parallel_group_if_none = group_if_none
+    if device.type == "cuda":
+        return
+    token_dispatcher.torch = _TorchStreamsOn(device)
+    router.torch = _TorchStreamsOn(device)
+    original = getattr(moe_utils.maybe_move_tensor_to_cpu, "__wrapped__", moe_utils.maybe_move_tensor_to_cpu)
+
+    @functools.wraps(original)
+    def to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy, record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host

@@ -95,6 +95,54 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts (``bigtrain.models.moe``): megatron-core's router and all-to-all token dispatcher
+    around bigtrain's stacked SwiGLU experts (HF Mixtral / Qwen2-MoE semantics)."""
+
+    num_experts: int = opt(0, "Routed experts per MoE block; 0: every block has the dense MLP.")
+    top_k: int = opt(2, "Experts each token is sent to (HF num_experts_per_tok).")
+    ffn_hidden_size: int | None = opt(
+        None, "Inner width of one routed expert (HF moe_intermediate_size); default: model.ffn_hidden_size."
+    )
+    layer_freq: int = opt(
+        1,
+        "Block i (0-based) is a MoE block when (i+1) is a multiple of this (HF Qwen2-MoE decoder_sparse_step); "
+        "1: every block.",
+    )
+    norm_topk_prob: bool = opt(
+        True,
+        "Renormalize the top-k routing weights to sum to 1 (Mixtral: true; Qwen2-MoE and OLMoE: false). The "
+        "router is softmax over all experts, then top-k, in fp32.",
+    )
+    shared_expert_ffn_size: int = opt(
+        0,
+        "Inner width of an always-on shared SwiGLU expert added to the routed output (HF Qwen2-MoE "
+        "shared_expert_intermediate_size); 0: none.",
+    )
+    shared_expert_gate: bool = opt(
+        False, "Scale the shared expert's output by sigmoid(x . w) (HF Qwen2-MoE shared_expert_gate)."
+    )
+    aux_loss_coeff: float = opt(
+        0.01,
+        "Coefficient of each MoE block's load-balancing loss E * sum_e f_e * P_e (Switch/GShard; f_e: "
+        "fraction of the block's top-k slots routed to expert e, P_e: its mean router probability; HF's "
+        "value for one block). Added to the gradients, reported apart from the loss. 0: off.",
+    )
+    z_loss_coeff: float = opt(
+        0.0, "Coefficient of the router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022, ST-MoE); 0: off."
+    )
+    capacity_factor: float | None = opt(
+        None,
+        "Expert capacity = factor * tokens * top_k / experts; tokens past it are dropped (lowest "
+        "probability first) and pass through the residual only. null: dropless (no token dropped).",
+    )
+
+    def is_moe_block(self, block: int) -> bool:
+        """Whether block ``block`` (0-based) has the experts in place of the dense MLP."""
+        return self.num_experts > 0 and (block + 1) % self.layer_freq == 0
+
+
+@dataclass
 class ModelConfig:
     family: str = opt(
         "llama",
@@ -175,11 +223,25 @@ class ModelConfig:
         "null: every block uses rope_theta and rope_scaling.",
     )
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     hf_model_type: str = opt(
         "llama",
         "HF model_type the export writes (import sets it): llama | mistral | qwen2 | qwen3 | phi3 (fused "
         "qkv_proj/gate_up_proj tensors) | gemma2 | gemma3_text | bert (the bert family's).",
     )
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.moe.num_experts > 0 and self.moe.shared_expert_ffn_size > 0
+
+    @property
+    def has_shared_expert_gate(self) -> bool:
+        return self.has_shared_expert and self.moe.shared_expert_gate
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """The inner width of one routed expert (``moe.ffn_hidden_size``, else the dense MLP's)."""
+        return self.moe.ffn_hidden_size or self.ffn_size
 
     @property
     def kv_heads(self) -> int:
@@ -227,6 +289,13 @@ class ParallelConfig:
         "positions each) and attention spans them with DeepSpeed-Ulysses all-to-alls over heads; the "
         "world is tensor x context x data x pipeline, and ZeRO shards over data x context. Needs the key/"
         "value heads per tensor rank divisible by it; llama pretraining and SFT, pipeline 1, zero.stage 0-2.",
+    )
+    expert: int = opt(
+        1,
+        "Expert-parallel size (model.moe): the experts are split over this many data-parallel ranks and "
+        "tokens reach them by all-to-all (megatron-core's dispatcher); expert weights are reduced over the "
+        "data ranks that hold the same experts, dense weights over all. Divides the data-parallel size and "
+        "moe.num_experts; zero.stage 0-2, pipeline 1.",
     )
 
 
@@ -743,6 +812,75 @@ def validate_context_parallel(cfg: Config) -> None:
     )
 
 
+def validate_moe(cfg: Config, data_parallel: int) -> None:
+    """``model.moe`` and ``parallel.expert`` (ConfigError naming the field)."""
+    m, e, p = cfg.model, cfg.model.moe, cfg.parallel
+    _check(p.expert >= 1, f"parallel.expert must be >= 1, got {p.expert}")
+    _check(e.num_experts >= 0, f"model.moe.num_experts must be >= 0, got {e.num_experts}")
+    if e.num_experts == 0:
+        _check(p.expert == 1, f"parallel.expert {p.expert} needs model.moe.num_experts > 0")
+        return
+    _check(
+        m.family == "llama",
+        f"model.moe is a decoder option (model.family llama), got model.family {m.family}",
+    )
+    _check(
+        1 <= e.top_k <= e.num_experts,
+        f"model.moe.top_k must be in [1, model.moe.num_experts={e.num_experts}], got {e.top_k}",
+    )
+    _check(e.layer_freq >= 1, f"model.moe.layer_freq must be >= 1, got {e.layer_freq}")
+    _check(
+        e.layer_freq <= m.num_layers,
+        f"model.moe.layer_freq {e.layer_freq} > model.num_layers {m.num_layers}: no block would be a MoE block",
+    )
+    _check(
+        e.ffn_hidden_size is None or e.ffn_hidden_size > 0,
+        f"model.moe.ffn_hidden_size must be > 0 or null, got {e.ffn_hidden_size}",
+    )
+    _check(e.shared_expert_ffn_size >= 0, "model.moe.shared_expert_ffn_size must be >= 0")
+    _check(
+        not e.shared_expert_gate or e.shared_expert_ffn_size > 0,
+        "model.moe.shared_expert_gate needs model.moe.shared_expert_ffn_size > 0",
+    )
+    _check(e.aux_loss_coeff >= 0, f"model.moe.aux_loss_coeff must be >= 0, got {e.aux_loss_coeff}")
+    _check(e.z_loss_coeff >= 0, f"model.moe.z_loss_coeff must be >= 0, got {e.z_loss_coeff}")
+    _check(
+        e.capacity_factor is None or e.capacity_factor > 0,
+        f"model.moe.capacity_factor must be > 0 or null (dropless), got {e.capacity_factor}",
+    )
+    _check(
+        m.activation == "silu",
+        f"model.moe: the experts are SwiGLU (model.activation silu), got {m.activation!r}",
+    )
+    # megatron-core's MoE layer refuses to train under tensor parallelism without sequence parallelism
+    # (megatron/core/transformer/moe/moe_layer.py, MoELayer.forward)
+    _check(
+        p.tensor == 1 or p.sequence_parallel,
+        f"model.moe with parallel.tensor {p.tensor} needs parallel.sequence_parallel true (megatron-core's MoE "
+        "layer routes sequence shards)",
+    )
+    _check(p.context == 1, f"model.moe cannot be combined with parallel.context {p.context} yet")
+    _check(
+        e.num_experts % p.expert == 0,
+        f"parallel.expert {p.expert} must divide model.moe.num_experts {e.num_experts}",
+    )
+    if p.expert > 1:
+        _check(
+            data_parallel % p.expert == 0,
+            f"parallel.expert {p.expert} must divide the data-parallel size {data_parallel} (experts are split "
+            "over data-parallel ranks)",
+        )
+        _check(
+            cfg.zero.stage <= 2,
+            f"parallel.expert {p.expert} needs zero.stage 0-2 (DeepSpeed shards expert weights over their "
+            "expert-data-parallel group at stages 1-2 and refuses MoE at stage 3)",
+        )
+        _check(
+            p.pipeline == 1,
+            f"parallel.expert {p.expert} cannot be combined with parallel.pipeline {p.pipeline} yet",
+        )
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Every layout/shape inconsistency, each reported as one line."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -875,6 +1013,7 @@ def validate(cfg: Config, world_size: int) -> None:
     )
     validate_context_parallel(cfg)
     dp = world_size // model_parallel
+    validate_moe(cfg, dp)
     _check(t.micro_batch_size > 0 and t.steps >= 0, "train.micro_batch_size must be > 0 and train.steps >= 0")
     _check(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,

@@ -203,12 +203,16 @@ def init_distributed(cfg: Config) -> Dist:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        expert_model_parallel_size=cfg.parallel.expert,
+        expert_tensor_parallel_size=tp,
         distributed_timeout_minutes=cfg.train.dist_timeout_minutes,  # timedelta(minutes=...) accepts floats
         order="tp-cp-ep-dp-pp",
         create_gloo_process_groups=False,
     )
     if cfg.parallel.sequence_parallel:
         compat.megatron_buffers_on(device)
+    if cfg.model.moe.num_experts:
+        compat.megatron_moe_on(device)
     # DeepSpeed's data axis is megatron's data x context (context varying fastest, as in megatron's
     # "tp-cp-ep-dp-pp" order): the ranks its ZeRO shards and reduces gradients over
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))

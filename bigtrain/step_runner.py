@@ -21,6 +21,7 @@ import torch
 
 from bigtrain import compat
 from bigtrain.config import Config
+from bigtrain.models.moe import set_aux_loss_scale
 
 if TYPE_CHECKING:
     from bigtrain.distributed import Dist
@@ -96,6 +97,8 @@ class MicroBatchRunner:
         over the global batch's trained tokens, the same on every rank. ``multiplier`` scales the
         trained loss (debug injections: NaN, spikes)."""
         total = torch.zeros((), device=self.device)
+        if train:
+            scale_aux_losses(self.engine)
         for b in gb.micro_batches:
             b = to_device(b, self.device)
             micro_loss = self.engine(*self.adapter.model_inputs(b), *self.adapter.targets(b), gb.normalizer)
@@ -146,6 +149,7 @@ class PipelineRunner:
             n = len(gb.micro_batches)
             return float(self.engine.eval_batch(data_iter=self._items(gb), num_micro_batches=n))
         self.multiplier = multiplier
+        scale_aux_losses(self.engine)
         try:
             return float(self.engine.train_batch(data_iter=self._items(gb)))
         finally:
@@ -168,6 +172,14 @@ class PipelineRunner:
 
 
 StepRunner = MicroBatchRunner | PipelineRunner
+
+
+def scale_aux_losses(engine: Any) -> None:
+    """Give the MoE aux losses' gradients (``bigtrain.models.moe``) the factor DeepSpeed's backward gives
+    the loss: 1/gradient-accumulation steps, times the fp16 loss scale."""
+    from bigtrain.hooks import fp16_loss_scale
+
+    set_aux_loss_scale((fp16_loss_scale(engine) or 1.0) / engine.gradient_accumulation_steps())
 
 
 def _runner_class(cfg: Config) -> type[StepRunner]:

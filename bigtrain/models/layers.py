@@ -16,6 +16,7 @@ import functools
 import math
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +57,37 @@ class ContextParallel:
 
 
 @dataclass(frozen=True)
+class ExpertParallel:
+    """Where a rank's experts sit (``parallel.expert``): rank r of ``size`` holds experts
+    [r*E/size, (r+1)*E/size) of every MoE block. ``groups``: megatron-core's process groups for its MoE
+    layer (``megatron.core.process_groups_config.ProcessGroupCollection``), None in a process without
+    torch.distributed (then size 1)."""
+
+    rank: int = 0
+    size: int = 1
+    groups: Any = None
+
+    def __post_init__(self) -> None:
+        if self.size > 1 and self.groups is None:
+            raise ValueError(f"expert-parallel size {self.size} needs its process groups")
+
+
+@dataclass(frozen=True)
 class TensorParallel:
     """Where a layer sits in the tensor-parallel group (see :func:`bigtrain.models.parallelize.tensor_parallel`).
 
     ``group``: the tensor-parallel process group (None only in a process without one, at size 1);
     ``config``: megatron-core's ``ModelParallelConfig`` for its layers (used when ``size > 1``);
-    ``context``: the context-parallel group the layer's attention spans (size 1: none), carried here
-    so that every layer constructor keeps one "model-parallel place" argument."""
+    ``context``: the context-parallel group the layer's attention spans (size 1: none), and ``expert``:
+    where the MoE blocks' experts sit (size 1: all here), carried here so that every layer constructor
+    keeps one "model-parallel place" argument."""
 
     rank: int = 0
     size: int = 1
     group: torch.distributed.ProcessGroup | None = None
     config: ModelParallelConfig = field(default_factory=_plain_config)
     context: ContextParallel = field(default_factory=ContextParallel)
+    expert: ExpertParallel = field(default_factory=ExpertParallel)
 
     def __post_init__(self) -> None:
         if self.size > 1 and self.group is None:

@@ -12,6 +12,9 @@ Layouts (full, unsharded, as bigtrain stores them):
   bias (Qwen2) is laid out and split the same way, as the weight's output rows.
 - ``gate_up``: ``[gate (ffn rows); up (ffn rows)]``; rank r holds ``[gate_r; up_r]``.
 - ``vocab``/``col``: split on dim 0; ``row``: split on dim 1; ``replicated``: identical on every rank.
+- ``expert_gate_up`` [experts, 2*f, h] / ``expert_row`` [experts, h, f]: a MoE block's stacked experts
+  (``bigtrain.models.moe``): each expert split as ``gate_up`` / ``row`` over tensor ranks, and the expert
+  dimension split over expert-parallel ranks (:func:`expert_shard`). Weight files hold every expert.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class ParamSpec:
     """One parameter of one layer kind."""
 
     name: str  # name inside the layer module
-    split: str  # vocab | col | row | qkv | gate_up | replicated
+    split: str  # vocab | col | row | qkv | gate_up | replicated | expert_gate_up | expert_row
     init: str  # normal | scaled_normal | ones | zeros | lora_a
     hf: tuple[str, ...]  # HF name templates ({i} = block index); several for fused tensors
     shape: tuple[int, ...] | None = None  # full shape of fine-tuning additions (LoRA, classifier)
@@ -118,6 +121,75 @@ LAYER_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
     FINAL_NORM: (ParamSpec("weight", "replicated", "ones", ("model.norm.weight",)),),
     HEAD: (ParamSpec("weight", "vocab", "normal", ("lm_head.weight",)),),
 }
+
+
+# A MoE block's MLP (``model.moe``) in place of ``mlp.gate_up`` / ``mlp.down``; HF Qwen2-MoE names ({e}: the
+# expert), Mixtral's in HF_RENAMED
+_MOE = "model.layers.{i}.mlp."
+MOE_MLP_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("mlp.router.weight", "replicated", "normal", (f"{_MOE}gate.weight",), dims=("experts", "h")),
+    ParamSpec(
+        "mlp.experts.gate_up",
+        "expert_gate_up",
+        "normal",
+        (f"{_MOE}experts.{{e}}.gate_proj.weight", f"{_MOE}experts.{{e}}.up_proj.weight"),
+        dims=("experts", "2*expert_ffn", "h"),
+    ),
+    ParamSpec(
+        "mlp.experts.down",
+        "expert_row",
+        "scaled_normal",
+        (f"{_MOE}experts.{{e}}.down_proj.weight",),
+        dims=("experts", "h", "expert_ffn"),
+    ),
+    ParamSpec(
+        "mlp.shared_expert.gate_up.weight",
+        "gate_up",
+        "normal",
+        (f"{_MOE}shared_expert.gate_proj.weight", f"{_MOE}shared_expert.up_proj.weight"),
+        when="has_shared_expert",
+        dims=("2*shared_ffn", "h"),
+    ),
+    ParamSpec(
+        "mlp.shared_expert.down.weight",
+        "row",
+        "scaled_normal",
+        (f"{_MOE}shared_expert.down_proj.weight",),
+        when="has_shared_expert",
+        dims=("h", "shared_ffn"),
+    ),
+    ParamSpec(
+        "mlp.shared_expert_gate.weight",
+        "replicated",
+        "normal",
+        (f"{_MOE}shared_expert_gate.weight",),
+        when="has_shared_expert_gate",
+        dims=("1", "h"),
+    ),
+)
+DENSE_MLP = ("mlp.gate_up.weight", "mlp.down.weight")
+
+
+def block_specs(m: ModelConfig, block: int) -> tuple[ParamSpec, ...]:
+    """The table's parameters of block ``block`` (0-based): a MoE block's experts replace the dense MLP."""
+    specs = specs_of(BLOCK, m)
+    if not m.moe.is_moe_block(block):
+        return specs
+    moe = tuple(spec for spec in MOE_MLP_PARAMS if spec.when is None or getattr(m, spec.when))
+    return tuple(spec for spec in specs if spec.name not in DENSE_MLP) + moe
+
+
+def is_expert(spec: ParamSpec) -> bool:
+    """A stacked-experts parameter: split over expert-parallel ranks on dim 0."""
+    return spec.split.startswith("expert_")
+
+
+def expert_shard(value: torch.Tensor, spec: ParamSpec, rank: int, size: int) -> torch.Tensor:
+    """This expert-parallel rank's experts of a (tensor-sharded) parameter: rank r of ``size`` holds
+    experts [r*E/size, (r+1)*E/size); any other parameter is whole on every expert rank."""
+    if size == 1 or not is_expert(spec):
+        return value
+    return value.chunk(size, dim=0)[rank]
 
 
 # The bert family (HF ``BertForPreTraining`` names). The list's slots: embedding, blocks, the pooler in the
@@ -208,6 +280,12 @@ def _dims(m: ModelConfig, padded_vocab: int) -> dict[str, int]:
         "positions": m.context_length,
         "types": m.type_vocab_size,
         "2": 2,
+        "1": 1,
+        "experts": m.moe.num_experts,
+        "expert_ffn": m.expert_ffn_size,
+        "2*expert_ffn": 2 * m.expert_ffn_size,
+        "shared_ffn": m.moe.shared_expert_ffn_size,
+        "2*shared_ffn": 2 * m.moe.shared_expert_ffn_size,
     }
 
 
@@ -289,6 +367,11 @@ def shard(full: torch.Tensor, split: str, rank: int, size: int) -> torch.Tensor:
     if split == "gate_up":
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    if split == "expert_gate_up":  # [experts, 2f, h]: each expert's [gate_r; up_r]
+        gate, up = full.chunk(2, dim=1)
+        return torch.cat([gate.chunk(size, dim=1)[rank], up.chunk(size, dim=1)[rank]], dim=1)
+    if split == "expert_row":  # [experts, h, f]
+        return full.chunk(size, dim=2)[rank]
     raise KeyError(split)
 
 
@@ -306,6 +389,11 @@ def merge(shards: list[torch.Tensor], split: str, name: str = "") -> torch.Tenso
     if split == "gate_up":
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    if split == "expert_gate_up":
+        halves = [s.chunk(2, dim=1) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)
+    if split == "expert_row":
+        return torch.cat(shards, dim=2)
     raise KeyError(split)
 
 
@@ -352,7 +440,7 @@ def iter_layer_params(
             continue
         if kind == HEAD and m.tie_embeddings and m.family == "llama":  # the output layer is the embedding
             continue
-        for spec in specs_of(kind, m):
+        for spec in block_specs(m, index - 1) if kind == BLOCK else specs_of(kind, m):
             yield LayerParam(index, spec)
         if kind == BLOCK:
             for spec in task.block:
@@ -707,8 +795,10 @@ def local_shape(spec: ParamSpec, m: ModelConfig, padded_vocab: int, tp: int) -> 
     shape = list(full_shape(spec, m, padded_vocab))
     if spec.split in ("vocab", "col", "qkv", "gate_up"):
         shape[0] //= tp
-    elif spec.split == "row":
+    elif spec.split in ("row", "expert_gate_up"):
         shape[1] //= tp
+    elif spec.split == "expert_row":
+        shape[2] //= tp
     return tuple(shape)
 
 
@@ -718,7 +808,7 @@ def list_layer_param_counts(m: ModelConfig, padded_vocab: int, tp: int) -> list[
     counts = []
     for index in range(num_list_layers(m)):
         kind = layer_kind(index, m.num_layers)
-        specs = specs_of(kind, m)
+        specs = block_specs(m, index - 1) if kind == BLOCK else specs_of(kind, m)
         if kind == HEAD and m.tie_embeddings:  # the tied module: the embedding again (llama) or a head
             own = specs if m.family != "llama" else ()  # that holds its copy of the word embedding (bert)
             specs = (*own, *(lp.spec for lp in tied_params(m)))

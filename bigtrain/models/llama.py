@@ -42,6 +42,7 @@ from bigtrain.models.layers import (
     sequence_parallel,
     vocab_embedding,
 )
+from bigtrain.models.moe import MoE
 from bigtrain.perf import compiled
 
 
@@ -182,10 +183,16 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class TransformerBlock(nn.Module):
     """Pre-norm block; ``checkpointing``: none | full (recompute the block) | selective (attention core);
-    ``window``: this block's sliding window (``ModelConfig.window_of``), None for the full context."""
+    ``window``: this block's sliding window (``ModelConfig.window_of``), None for the full context;
+    ``block``: its 0-based index (``model.moe.is_moe_block``: the experts replace the dense MLP)."""
 
     def __init__(
-        self, m: ModelConfig, tp: TensorParallel, checkpointing: str = "none", window: int | None = None
+        self,
+        m: ModelConfig,
+        tp: TensorParallel,
+        checkpointing: str = "none",
+        window: int | None = None,
+        block: int = 0,
     ):
         super().__init__()
         self.full_recompute = checkpointing == "full"
@@ -193,7 +200,7 @@ class TransformerBlock(nn.Module):
         self.input_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
         self.attention = Attention(m, tp, recompute_core=checkpointing == "selective", window=window)
         self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
-        self.mlp = SwiGLU(m, tp)
+        self.mlp: nn.Module = MoE(m, tp, block) if m.moe.is_moe_block(block) else SwiGLU(m, tp)
         self.sandwich = m.sandwich_norms
         if m.sandwich_norms:  # Gemma 2: the attention's and the MLP's outputs are normalized too
             self.attention_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
@@ -427,7 +434,8 @@ class LlamaModel(nn.Module):
             first = LayerSpec(layers.embedding, m, tp, padded_vocab)
             last = LayerSpec(OutputLayer, m, tp, padded_vocab)
         blocks = [
-            LayerSpec(layers.block, m, tp, checkpointing, window=m.window_of(i)) for i in range(m.num_layers)
+            LayerSpec(layers.block, m, tp, checkpointing, window=m.window_of(i), block=i)
+            for i in range(m.num_layers)
         ]
         sp = {"tp": tp} if sequence_parallel(tp) else {}
         return [first, *blocks, LayerSpec(layers.final_norm, m, *layers.final_norm_args, **sp), last]

@@ -17,7 +17,7 @@ from bigtrain import compat
 from bigtrain.config import Config, torch_dtype
 from bigtrain.models import layout
 from bigtrain.models.bert import BertModel
-from bigtrain.models.layers import ContextParallel, TensorParallel
+from bigtrain.models.layers import ContextParallel, ExpertParallel, TensorParallel
 from bigtrain.models.llama import LM_LAYERS, LlamaModel, TaskLayers, skip_norm_grad_reduce
 from bigtrain.perf import set_compile
 
@@ -63,7 +63,28 @@ def tensor_parallel(cfg: Config) -> TensorParallel:
         rank, size, group = 0, 1, None
     else:
         raise ValueError(f"parallel.tensor={cfg.parallel.tensor} needs an initialized process group")
-    return TensorParallel(rank, size, group, megatron_config(cfg), context)
+    return TensorParallel(rank, size, group, megatron_config(cfg), context, expert_parallel(cfg))
+
+
+def expert_parallel(cfg: Config) -> ExpertParallel:
+    """This rank's expert-parallel place (``parallel.expert``), with megatron-core's process groups for
+    its MoE layers once ``parallel_state`` is initialized; rank 0 of 1 without a process group.
+
+    Raises ValueError when ``parallel.expert`` is not the group's size (or > 1 without a group)."""
+    if not cfg.model.moe.num_experts:
+        return ExpertParallel()
+    if not parallel_state.model_parallel_is_initialized():
+        if cfg.parallel.expert > 1:
+            raise ValueError(f"parallel.expert={cfg.parallel.expert} needs an initialized process group")
+        return ExpertParallel()
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if size != cfg.parallel.expert:
+        raise ValueError(
+            f"parallel.expert={cfg.parallel.expert}, but the process group's expert size is {size}"
+        )
+    return ExpertParallel(parallel_state.get_expert_model_parallel_rank(), size, get_default_pg_collection())
 
 
 def build(
@@ -116,6 +137,7 @@ def initialize_weights(model: nn.Module, cfg: Config, task: layout.TaskParams = 
     for lp, param in local_parameters(model, cfg, task).values():
         full = layout.init_full(lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, cfg.train.seed)
         value = layout.shard(full, lp.spec.split, tp.rank, tp.size)
+        value = layout.expert_shard(value, lp.spec, tp.expert.rank, tp.expert.size)
         if tuple(param.shape) != tuple(value.shape):
             raise ValueError(
                 f"{lp.key}: shape {tuple(value.shape)} does not fit parameter {tuple(param.shape)}"
@@ -128,4 +150,5 @@ def _mark_tensor_parallel(param: nn.Parameter, split: str, size: int) -> None:
     """megatron's attributes that DeepSpeed's grad-norm uses to count a sharded tensor on every rank
     (megatron only sets them when it initializes weights itself, which we skip; biases it always marks)."""
     if split != "replicated" and size > 1 and not hasattr(param, "tensor_model_parallel"):
-        set_tensor_model_parallel_attributes(param, True, 1 if split == "row" else 0, 1)
+        dim = {"row": 1, "expert_gate_up": 1, "expert_row": 2}.get(split, 0)
+        set_tensor_model_parallel_attributes(param, True, dim, 1)
