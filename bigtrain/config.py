@@ -542,6 +542,11 @@ class FinetuneConfig:
     )
     freeze_embeddings: bool = opt(False, "Keep the input embedding fixed.")
     freeze_layers: int = opt(0, "Keep the first N transformer blocks fixed.")
+    freeze_router: bool = opt(
+        False,
+        "MoE models (model.moe): keep every block's router fixed while the rest trains, so tokens keep going "
+        "to the experts pretraining sent them to (LoRA freezes the routers with the whole base).",
+    )
     metric: str = opt("val_loss", "Early stopping / best checkpoint metric: val_loss|val_accuracy|val_f1|...")
     patience: int = opt(0, "Stop after this many validations without improvement (0: never).")
     min_delta: float = opt(0.0, "Smallest change that counts as an improvement.")
@@ -1081,8 +1086,18 @@ def validate_finetune(cfg: Config) -> None:
     bad = [t for t in lora.targets if t not in ("qkv", "proj", "gate_up", "down")]
     _check(not bad and bool(lora.targets), f"finetune.lora.targets: unknown {bad} (qkv|proj|gate_up|down)")
     _check(
-        not (lora.rank and (f.freeze_layers or f.freeze_embeddings)),
+        not (lora.rank and (f.freeze_layers or f.freeze_embeddings or f.freeze_router)),
         "finetune.lora freezes the whole base model already; drop finetune.freeze_*",
+    )
+    _check(
+        not f.freeze_router or cfg.model.moe.num_experts > 0,
+        "finetune.freeze_router needs a MoE model (model.moe.num_experts > 0)",
+    )
+    dense = [t for t in lora.targets if t in ("gate_up", "down")]
+    _check(
+        not (lora.rank and dense and cfg.model.moe.num_experts),
+        f"finetune.lora.targets {dense}: a MoE model's blocks route to experts, which take no LoRA adapters yet; "
+        "target the attention (qkv, proj)",
     )
 
 

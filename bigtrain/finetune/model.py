@@ -224,11 +224,14 @@ def eval_stats(
 
 
 def freeze(model: nn.Module, cfg: Config, params: dict) -> None:
-    """LoRA: only adapters (and a classification head) train. Otherwise freeze_embeddings and the
-    first freeze_layers blocks. ``params``: the model's local parameters by layout key."""
+    """LoRA: only adapters (and a classification head) train. Otherwise freeze_embeddings, the
+    first freeze_layers blocks and (MoE) freeze_router. ``params``: the model's local parameters by
+    layout key."""
     f = cfg.finetune
     for lp, param in params.values():
         if f.lora.rank:
             param.requires_grad = layout.is_added(lp.spec)
         elif (f.freeze_embeddings and lp.index == 0) or 1 <= lp.index <= f.freeze_layers:
+            param.requires_grad = False
+        elif f.freeze_router and lp.spec.name == "mlp.router.weight":
             param.requires_grad = False
