@@ -153,3 +153,27 @@ def test_megatron_moe_needs_the_patch_on_cpu() -> None:
     assert runs["off"].returncode != 0
     # the first CUDA assumption met: the dispatcher's side stream
     assert "torch.cuda.Stream requires CUDA support" in runs["off"].stderr
+
+
+def test_capacity_factor_drops_tokens_past_each_experts_capacity() -> None:
+    """capacity = factor * tokens * top_k / experts (megatron rounds up): no expert computes more tokens
+    than that, and a token whose every choice was dropped gets no routed output (residual only)."""
+    torch.manual_seed(2)
+    tokens = 28  # [s=14, b=2]
+    m = _model(capacity_factor=0.25)  # 0.25 * 28 * 2 / 8 = 1.75 -> 2 tokens per expert
+    layer = MoE(m, TensorParallel(), block=0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    seen: list[list[int]] = []
+    layer.experts.register_forward_hook(lambda mod, args, out: seen.append(args[1].tolist()))
+    out = layer(torch.randn(14, 2, H)).reshape(tokens, H)
+    capacity = 2
+    assert max(seen[0]) <= capacity and sum(seen[0]) <= E * capacity < tokens * K
+    silent = (out.abs().sum(-1) == 0).sum().item()
+    assert silent >= tokens - E * capacity  # at most E * capacity tokens can keep any expert
+    dropless = MoE(_model(), TensorParallel(), block=0)
+    dropless.load_state_dict(layer.state_dict())
+    seen.clear()
+    dropless.experts.register_forward_hook(lambda mod, args, out: seen.append(args[1].tolist()))
+    dropless(torch.randn(14, 2, H))
+    assert sum(seen[0]) == tokens * K  # dropless: every token reaches its top-k experts
