@@ -46,7 +46,12 @@ class RoutingStats:
     def __init__(self, m: ModelConfig, model: torch.nn.Module, tensor: int = 1):
         from bigtrain.models.moe import MoE
 
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
         self.m, self.tensor = m, tensor
+        # megatron's tracker is a process global sized by the first model that records into it: a new
+        # run in the same process (tests) starts it afresh at this model's number of blocks
+        get_moe_layer_wise_logging_tracker().clear()
         self.blocks = [i for i in range(m.num_layers) if m.moe.is_moe_block(i)]
         self.layers = {mod.layer_number - 1: mod for mod in model.modules() if isinstance(mod, MoE)}
         e = m.moe.num_experts
