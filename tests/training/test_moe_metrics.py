@@ -101,6 +101,7 @@ def write_zipf_corpus(prefix: Path, documents: int = 400, seed: int = 0) -> Path
     idle."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
     for _ in range(documents):
