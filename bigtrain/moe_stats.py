@@ -44,9 +44,9 @@ class RoutingStats:
     ``tensor``: the tensor-parallel size (to undo the sum of z-loss values over tensor ranks)."""
 
     def __init__(self, m: ModelConfig, model: torch.nn.Module, tensor: int = 1):
-        from bigtrain.models.moe import MoE
-
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        from bigtrain.models.moe import MoE
 
         self.m, self.tensor = m, tensor
         # megatron's tracker is a process global sized by the first model that records into it: a new
@@ -107,7 +107,9 @@ class RoutingStats:
 
         calls = torch.tensor(self.calls, dtype=torch.float64, device=device)
         # [5n + n E]: aux sums, z sums, router calls, routed tokens, slots per expert
-        flat = torch.cat([tracked("load_balancing_loss"), tracked("z_loss"), calls, self.tokens, self.counts.flatten()])
+        flat = torch.cat(
+            [tracked("load_balancing_loss"), tracked("z_loss"), calls, self.tokens, self.counts.flatten()]
+        )
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flat)
         aux, z, calls, tokens, counts = flat.split([n, n, n, n, n * m.moe.num_experts])
@@ -119,7 +121,9 @@ class RoutingStats:
         if m.moe.z_loss_coeff > 0:
             out["moe_z_loss"] = float((z[self.blocks] / calls).mean())
         routed = counts.sum(1, keepdim=True)  # [moe blocks, 1]
-        out["moe_expert_fraction"] = [[round(f, 6) for f in row] for row in (counts / routed.clamp(min=1)).tolist()]
+        out["moe_expert_fraction"] = [
+            [round(f, 6) for f in row] for row in (counts / routed.clamp(min=1)).tolist()
+        ]
         low = counts.min(1).values
         ratio = float((counts.max(1).values / low).max()) if bool((low > 0).all()) else math.inf
         out["moe_load_ratio"] = ratio if math.isfinite(ratio) else None

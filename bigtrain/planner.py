@@ -65,8 +65,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from itertools import product
 from dataclasses import asdict, dataclass, fields, replace
+from itertools import product
 from typing import Any
 
 from bigtrain import flops
@@ -227,12 +227,12 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     vocab = padded_vocab_size(cfg.model, layout.tensor)
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline, layout.expert)
     # ZeRO partitions over data x context; a rank's experts (num_experts / expert of them, EP needs one
-    # pipeline stage) over the data / expert ranks holding the same ones: p / n counts them as
-    # ``p_e`` / (data / expert) elements
-    n = layout.shards
+    # pipeline stage) over the data / expert ranks holding the same ones: ``n`` is the one partition
+    # count giving the same partition, p / n = (p - p_e) / shards + p_e / expert_shards
+    n: float = layout.shards
     if layout.expert > 1:
         p_e = flops.expert_parameters(m, layout.tensor, layout.expert)
-        n = p / ((p - p_e) / n + p_e / layout.expert_shards)  # the same partition size as one n
+        n = p / ((p - p_e) / layout.shards + p_e / layout.expert_shards)
     stage = layout.zero
     mixed = cfg.precision != "fp32"
     if mixed and stage == 0:
@@ -785,7 +785,9 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
     inter-node bandwidth, :func:`step_time`)."""
     out = []
     # MoE: expert-parallel sizes dividing the experts (validation keeps those dividing data)
-    experts = [e for e in _powers_of_two(cfg.model.moe.num_experts) if cfg.model.moe.num_experts % e == 0] or [1]
+    experts = [
+        e for e in _powers_of_two(cfg.model.moe.num_experts) if cfg.model.moe.num_experts % e == 0
+    ] or [1]
     for tp in _powers_of_two(min(gpus, gpus_per_node)):
         for cp in _powers_of_two(gpus // tp):
             for pp in [d for d in range(1, gpus // (tp * cp) + 1) if (gpus // (tp * cp)) % d == 0]:

@@ -250,11 +250,20 @@ def test_context_parallel_rank_runs_its_share_of_attention_flops(cp):
     "moe",
     [
         # Mixtral-like: every block, top-2 of 4, full recomputation (the experts run again in backward)
-        ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=48", "activation_checkpointing=full"),
+        (
+            "model.moe.num_experts=4",
+            "model.moe.top_k=2",
+            "model.moe.ffn_hidden_size=48",
+            "activation_checkpointing=full",
+        ),
         # Qwen2-MoE-like: every other block, top-1 of 3, a gated shared expert
         (
             *("model.moe.num_experts=3", "model.moe.top_k=1", "model.moe.layer_freq=2", "model.num_layers=4"),
-            *("model.moe.shared_expert_ffn_size=40", "model.moe.shared_expert_gate=true", "model.moe.norm_topk_prob=false"),
+            *(
+                "model.moe.shared_expert_ffn_size=40",
+                "model.moe.shared_expert_gate=true",
+                "model.moe.norm_topk_prob=false",
+            ),
         ),
     ],
 )
@@ -283,7 +292,9 @@ def test_moe_flops_count_active_experts(world_of_one, moe):  # noqa: F811
     moe_block = attention + e.num_experts * h + e.top_k * 3 * h * m.expert_ffn_size + shared
     dense_block = attention + 3 * h * 96
     n_moe = sum(e.is_moe_block(i) for i in range(m.num_layers))
-    assert flops.matmul_params(m, vocab) == n_moe * moe_block + (m.num_layers - n_moe) * dense_block + h * vocab
+    assert (
+        flops.matmul_params(m, vocab) == n_moe * moe_block + (m.num_layers - n_moe) * dense_block + h * vocab
+    )
     idle = n_moe * (e.num_experts - e.top_k) * 3 * h * m.expert_ffn_size
     assert flops.active_parameters(m, padded) == params - idle
     assert idle > 0

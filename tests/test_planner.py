@@ -732,7 +732,9 @@ def test_expert_all_to_all_volume_by_hand():
     full = planner.comm_bytes(cfg, planner.Layout(data=4, micro_batch=2, expert=2, checkpointing="full"))
     assert full["expert_all_to_all"] == 1.5 * volume["expert_all_to_all"]
     sp = load_config(MOE_TINY, ["parallel.tensor=2", "parallel.sequence_parallel=true"]).resolve(4)
-    tp2 = planner.comm_bytes(sp, planner.Layout(tensor=2, data=2, micro_batch=2, expert=2, sequence_parallel=True))
+    tp2 = planner.comm_bytes(
+        sp, planner.Layout(tensor=2, data=2, micro_batch=2, expert=2, sequence_parallel=True)
+    )
     assert tp2["expert_all_to_all"] == (8 // (2 * 2)) * 2 * 4 * (t // 2) * 2 * 64 * 4
     assert planner.comm_bytes(cfg, planner.Layout(data=4, micro_batch=2))["expert_all_to_all"] == 0
     dense = load_config(TINY).resolve(4)

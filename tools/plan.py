@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     m = cfg.model
     params = flops.num_parameters(m, padded_vocab_size(m, 1))
     active = flops.active_parameters(m, padded_vocab_size(m, 1))
-    moe = f" ({active / 1e6:,.0f}M active, {m.moe.num_experts} experts top-{m.moe.top_k})" if m.moe.num_experts else ""
+    moe = (
+        f" ({active / 1e6:,.0f}M active, {m.moe.num_experts} experts top-{m.moe.top_k})"
+        if m.moe.num_experts
+        else ""
+    )
     print(
         f"{args.config}: {m.family}, {params / 1e6:,.0f}M parameters{moe}, {m.num_layers} layers, h={m.hidden_size}, seq {m.seq_length}, {cfg.precision}, "
         f"global batch {cfg.train.global_batch_size}; {args.gpus} GPUs x {args.gpu_memory_gib:g} GiB"
