@@ -26,11 +26,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tools.bench_long_context import torchrun_2
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = {"ep1": ["parallel.expert=1"], "ep2": ["parallel.expert=2"]}
@@ -95,8 +96,6 @@ def worker(argv: list[str]) -> None:
 def run_one(args: argparse.Namespace, layout: str, repeat: int) -> dict[str, Any]:
     """One 2-rank run; its per-step tokens/s and all-to-all share (rank 0). SystemExit with the end of
     the log if the run fails or logs too few steps."""
-    from bigtrain.distributed import _free_port
-
     run_dir = Path(args.work_dir) / f"{layout}-{repeat}"
     sets = [
         f"train.steps={args.warmup + args.steps}",
@@ -109,22 +108,8 @@ def run_one(args: argparse.Namespace, layout: str, repeat: int) -> dict[str, Any
         *LAYOUTS[layout],
         *args.set,
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-    ]
-    cmd += ["-m", "tools.bench_moe", "--worker", "--config", args.config, "--set", *sets]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    metrics = run_dir / "metrics.jsonl"
-    records = []
-    if metrics.exists():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    records = [r for r in records if "step_seconds" in r]
+    module = ["tools.bench_moe", "--worker", "--config", args.config, "--set", *sets]
+    proc, records = torchrun_2(module, run_dir, args.timeout)
     a2a_file = run_dir / A2A_FILE.format(rank=0)
     if proc.returncode != 0 or len(records) < args.warmup + args.steps or not a2a_file.exists():
         log = (proc.stdout + proc.stderr).splitlines()
