@@ -22,6 +22,8 @@ def _run(run_dir: Path, *overrides: str, steps: int = 3) -> list[dict]:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if "model.moe.num_experts=0" not in overrides:  # the start-up line: all experts vs one token's
+        assert "model: 189,248 parameters, 140,096 active per token (top-2 experts)" in proc.stdout
     return metrics(run_dir)
 
 
