@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO
 from tests.models.test_layout import world_of_one  # noqa: F401  (fixture)
-from tests.training.helpers import VOCAB, metrics, single
+from tests.training.helpers import VOCAB, metrics, single, torchrun
 
 MOE_TINY = str(REPO / "configs" / "moe-tiny.yaml")
 
@@ -95,6 +95,29 @@ def test_routing_counted_once_per_training_forward(world_of_one):  # noqa: F811
     assert recomputed["moe_expert_fraction"] == plain["moe_expert_fraction"]
     assert recomputed["moe_aux_loss"] == pytest.approx(plain["moe_aux_loss"], rel=1e-6)
     assert recomputed["moe_z_loss"] == pytest.approx(plain["moe_z_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [("parallel.tensor=1",), ("parallel.tensor=2", "parallel.sequence_parallel=true")],
+    ids=["dp2", "tp2-sp"],
+)
+def test_routing_metrics_are_global_under_data_and_tensor_parallelism(tmp_path, layout):
+    """2 ranks, DP2 (each rank routes half the samples) or TP2+SP (each routes half the positions): the
+    logged fractions equal the single-process run's exactly (the same tokens, weights and routing), the
+    aux loss (summed over tensor ranks by megatron's convention) and z-loss (averaged) within 1e-6."""
+    sets = ["--config", MOE_TINY, "--set", "train.steps=3", "checkpoint.save=false"]
+    one = _run(tmp_path / "one", "checkpoint.save=false")
+    proc = torchrun(2, [*sets, f"train.run_dir={tmp_path / 'two'}", *layout], timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["moe_expert_fraction"] == a["moe_expert_fraction"]
+        assert b["moe_load_ratio"] == pytest.approx(a["moe_load_ratio"], rel=1e-9)
+        assert b["moe_aux_loss"] == pytest.approx(a["moe_aux_loss"], rel=1e-6)
+        assert b["moe_z_loss"] == pytest.approx(a["moe_z_loss"], rel=1e-6)
 
 
 def write_zipf_corpus(prefix: Path, documents: int = 400, seed: int = 0) -> Path:
