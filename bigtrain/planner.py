@@ -40,6 +40,16 @@ until bigtrain's own encoder can be measured: ``BertForPreTraining``'s parameter
 bytes one fp32 ``BertLayer`` saves exactly, less the out-projection input copy HF's ``[b, s, h]`` layout
 does not make (tests/test_planner.py).
 
+Mixture of experts (``model.moe``, :class:`Layout` ``expert``): parameters per rank hold
+``num_experts / expert`` experts of each MoE block (:func:`bigtrain.flops.layer_parameters`); ZeRO-1/2
+partition the experts' gradients and optimizer state over their expert-data-parallel group (``data /
+expert`` ranks, :attr:`Layout.expert_shards`), the dense ones over all data ranks (checked by hand against
+bigtrain's model in tests/test_planner.py). The MoE MLP's activations are an estimate
+(:func:`moe_mlp_activation_bytes`, not yet held to saved-tensor accounting), and the dispatcher's
+all-to-alls are ``expert_all_to_all`` in :func:`comm_bytes` (timed over the intra-node bandwidth when
+tensor x expert fits a node). The expert gradients' reduction over the smaller expert-data group is
+counted with the dense ones (``data_*``), not apart.
+
 GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allocator margin.
 
 Throughput is a model too, for ranking layouts; it does not replace a measurement (``tools/bench.py``).
