@@ -14,6 +14,13 @@ the count: bigtrain applies it as an SDPA mask, so the kernel still computes eve
 (as with the causal mask), and MFU stays comparable with the full-attention model.
 The counts are exact against ``torch.utils.flop_counter`` on bigtrain's model (tests/test_flops.py).
 
+Mixture of experts (``model.moe``): a MoE block's MLP counts what each token runs through (the active
+parameters): the router ``E h``, its ``top_k`` routed SwiGLU experts ``3 h fe`` each, the shared expert
+``3 h fs`` and its gate ``h``; not all ``E`` experts. Dropless routing sends every token to exactly
+``top_k`` experts, so this is exact (tests/test_flops.py); with a capacity factor, dropped slots make it
+an upper bound. Parameter counts (:func:`num_parameters`) hold every expert; :func:`active_parameters`
+the ones a token uses. The router's softmax/top-k and the aux losses are not matmuls.
+
 Per token, the counts do not depend on the layout. Sequence parallelism moves no matmul. Under context
 parallelism (DeepSpeed-Ulysses) each of the ``context`` ranks holds ``seq/context`` positions and runs the
 attention core over the whole sequence for ``heads/context`` of the heads: exactly ``1/context`` of the
@@ -66,12 +73,13 @@ def is_encoder(m: ModelConfig) -> bool:
     return m.family == "bert"
 
 
-def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
-    """Elements of each parameter of one transformer block on one of ``tp`` tensor ranks, in module
+def block_parameters(m: ModelConfig, tp: int = 1, block: int = 0, ep: int = 1) -> tuple[int, ...]:
+    """Elements of each parameter of block ``block`` (0-based) on one of ``tp`` tensor ranks, in module
     order: input norm, fused QKV, [its bias (qkv_bias)], [q norm, k norm (qk_norm)], attention output,
-    post-attention norm, fused ``[gate; up]``, down projection, [attention and MLP output norms
-    (sandwich_norms)]. Norms are replicated over tensor ranks,
-    the matmul weights and the QKV bias split (exactly: ``validate``).
+    post-attention norm, the MLP (:func:`mlp_parameters`: fused ``[gate; up]`` and down projection, or a
+    MoE block's router, experts and shared expert), [attention and MLP output norms (sandwich_norms)].
+    Norms are replicated over tensor ranks, the matmul weights and the QKV bias split (exactly:
+    ``validate``); a MoE block's experts split over the ``ep`` expert-parallel ranks too.
 
     bert: fused QKV weight and bias, output projection weight and bias, LayerNorm weight and bias, MLP
     ``h -> f`` weight and bias, ``f -> h`` weight and bias, LayerNorm weight and bias (HF ``BertLayer``'s
@@ -90,15 +98,48 @@ def block_parameters(m: ModelConfig, tp: int = 1) -> tuple[int, ...]:
     if m.qk_norm:
         attention += (d, d)
     out_norms = (h, h) if m.sandwich_norms else ()
-    return (h, *attention, nq * d * h // tp, h, 2 * h * f // tp, h * f // tp, *out_norms)
+    return (h, *attention, nq * d * h // tp, h, *mlp_parameters(m, tp, block, ep), *out_norms)
 
 
-def block_matmul_params(m: ModelConfig) -> int:
-    """Weights of one transformer block that take part in a matmul (no norm, no bias): QKV, output
-    projection, MLP (``3hf`` gated, ``2hf`` for the bert family's plain GELU MLP)."""
+def mlp_parameters(m: ModelConfig, tp: int = 1, block: int = 0, ep: int = 1) -> tuple[int, ...]:
+    """Elements of each MLP parameter of decoder block ``block`` on one of ``tp`` tensor and ``ep``
+    expert-parallel ranks (bigtrain.models.moe names): dense, ``gate_up`` [2f/tp, h] and ``down``
+    [h, f/tp]; a MoE block (``model.moe.is_moe_block``), ``router.weight`` [E, h] (replicated),
+    ``experts.gate_up`` [E/ep, 2fe/tp, h], ``experts.down`` [E/ep, h, fe/tp], and with a shared expert
+    its ``gate_up`` [2fs/tp, h], ``down`` [h, fs/tp] and ``shared_expert_gate`` [1, h] (replicated)."""
+    h = m.hidden_size
+    if not m.moe.is_moe_block(block):
+        return (2 * h * m.ffn_size // tp, h * m.ffn_size // tp)
+    e, fe, fs = m.moe.num_experts, m.expert_ffn_size, m.moe.shared_expert_ffn_size
+    experts = (e * h, e // ep * 2 * fe // tp * h, e // ep * h * fe // tp)
+    shared = (2 * h * fs // tp, h * fs // tp) if m.has_shared_expert else ()
+    return (*experts, *shared, *((h,) if m.has_shared_expert_gate else ()))
+
+
+def expert_parameters(m: ModelConfig, tp: int = 1, ep: int = 1) -> int:
+    """Routed experts' parameters of the whole model on one of ``tp`` x ``ep`` ranks (the ones ZeRO
+    shards over the expert-data-parallel group; 0 for a dense model)."""
+    per_block = m.moe.num_experts // ep * 3 * m.expert_ffn_size // tp * m.hidden_size
+    return sum(per_block for i in range(m.num_layers) if m.moe.is_moe_block(i))
+
+
+def block_matmul_params(m: ModelConfig, block: int = 0) -> int:
+    """Weights of block ``block`` that take part in a matmul per token (no norm, no bias): QKV, output
+    projection, MLP (``3hf`` gated, ``2hf`` for the bert family's plain GELU MLP). A MoE block counts
+    what one token runs through: the router ``Eh``, its ``top_k`` experts ``3h fe`` each, the shared
+    expert ``3h fs`` and its gate ``h`` (the active parameters, not all experts)."""
     h, d, nq, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.ffn_size
-    mlp = (2 if is_encoder(m) else 3) * h * f
-    return h * (nq + 2 * m.kv_heads) * d + nq * d * h + mlp
+    attention = h * (nq + 2 * m.kv_heads) * d + nq * d * h
+    if not is_encoder(m) and m.moe.is_moe_block(block):
+        e = m.moe
+        shared = 3 * h * e.shared_expert_ffn_size + (h if m.has_shared_expert_gate else 0)
+        return attention + e.num_experts * h + e.top_k * 3 * h * m.expert_ffn_size + shared
+    return attention + (2 if is_encoder(m) else 3) * h * f
+
+
+def blocks_matmul_params(m: ModelConfig) -> int:
+    """:func:`block_matmul_params` summed over the blocks."""
+    return sum(block_matmul_params(m, i) for i in range(m.num_layers))
 
 
 def embedding_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> tuple[int, ...]:
@@ -123,8 +164,9 @@ def head_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> tuple[int, 
     return (h * h, h, h * h, h, h, h, vocab_size // tp, 2 * h, 2)
 
 
-def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
-    """Parameters of each entry of the layer list on one of ``tp`` tensor ranks: embedding, blocks,
+def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1, ep: int = 1) -> list[int]:
+    """Parameters of each entry of the layer list on one of ``tp`` tensor (and ``ep`` expert-parallel)
+    ranks: embedding, blocks,
     final norm, output layer (0 when tied: it reuses the embedding on the last stage). bert: embedding
     (word, position, token type, LayerNorm), blocks, pooler, heads (:func:`head_parameters`; the tied MLM
     decoder weight is the word embedding, held again by the last stage at PP > 1)."""
@@ -134,7 +176,8 @@ def layer_parameters(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
         ends = head_parameters(m, vocab_size, tp)  # the pooler's two tensors, then the heads'
         return [sum(embedding_parameters(m, vocab_size, tp)), *blocks, sum(ends[:2]), sum(ends[2:])]
     output = 0 if m.tie_embeddings else vocab_size * h // tp
-    return [vocab_size * h // tp, *[sum(block_parameters(m, tp))] * m.num_layers, h, output]
+    blocks = [sum(block_parameters(m, tp, i, ep)) for i in range(m.num_layers)]
+    return [vocab_size * h // tp, *blocks, h, output]
 
 
 def end_tensors(m: ModelConfig, vocab_size: int, tp: int = 1) -> list[int]:
@@ -154,12 +197,19 @@ def output_matmul_params(m: ModelConfig, vocab_size: int) -> int:
 def matmul_params(m: ModelConfig, vocab_size: int) -> int:
     """Parameters that take part in a matmul per token (embedding lookup excluded, output layer included;
     bert: the MLM head, not the pooler and NSP layers, which run once per sequence)."""
-    return m.num_layers * block_matmul_params(m) + output_matmul_params(m, vocab_size)
+    return blocks_matmul_params(m) + output_matmul_params(m, vocab_size)
 
 
 def num_parameters(m: ModelConfig, vocab_size: int) -> int:
     """Every parameter of the model: embedding, blocks (with their two norms), final norm, output layer."""
     return sum(layer_parameters(m, vocab_size))
+
+
+def active_parameters(m: ModelConfig, vocab_size: int) -> int:
+    """Parameters one token runs through: :func:`num_parameters` less, in each MoE block, the
+    ``num_experts - top_k`` routed experts it is not sent to (= num_parameters for a dense model)."""
+    idle = (m.moe.num_experts - m.moe.top_k) * 3 * m.hidden_size * m.expert_ffn_size
+    return num_parameters(m, vocab_size) - idle * sum(m.moe.is_moe_block(i) for i in range(m.num_layers))
 
 
 def attention_flops_per_token(m: ModelConfig) -> float:
@@ -188,7 +238,7 @@ def train_flops_per_token(m: ModelConfig, vocab_size: int) -> float:
 def recompute_flops_per_token(m: ModelConfig, vocab_size: int, checkpointing: str) -> float:
     """Forward FLOPs run again in the backward pass by activation checkpointing."""
     if checkpointing == "full":  # every block re-runs its forward; the output layer (bert: heads) does not
-        return 2 * m.num_layers * block_matmul_params(m) + attention_flops_per_token(m)
+        return 2 * blocks_matmul_params(m) + attention_flops_per_token(m)
     if checkpointing == "selective":  # only the attention core (one fused kernel re-run on GPU)
         return attention_flops_per_token(m)
     return 0.0

@@ -18,6 +18,7 @@ import torch
 
 from bigtrain import flops
 from bigtrain.metrics import console, format_duration
+from bigtrain.moe_stats import RoutingStats
 from bigtrain.reliability import (
     SpikeDetector,
     TrainingError,
@@ -37,6 +38,10 @@ class Hook:
     state lives in a checkpoint (None: nothing to save)."""
 
     state_key: str | None = None
+
+    def attach(self, trainer: Trainer) -> None:
+        """Called once by the trainer before the first step (a hook that watches the model registers
+        its module hooks here)."""
 
     def __call__(self, trainer: Trainer, r: StepResult) -> None:
         raise NotImplementedError
@@ -117,12 +122,39 @@ def fp16_loss_scale(engine: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------------- logging
+def logged(trainer: Trainer, r: StepResult) -> bool:
+    """Whether this step goes to metrics.jsonl: every ``train.log_interval`` steps, the last step and
+    every skipped update (the same on every rank)."""
+    return trainer.due(trainer.cfg.train.log_interval) or not r.applied
+
+
+class MoERouting(Hook):
+    """Mixture-of-experts routing metrics (:mod:`bigtrain.moe_stats`) added to the step's record
+    (``r.extra``) on logged steps; runs before :class:`StepLog`. Counts cover one step: they and
+    megatron's aux-loss tracker are cleared after every step."""
+
+    def __init__(self) -> None:
+        self.stats: RoutingStats | None = None
+
+    def attach(self, trainer: Trainer) -> None:
+        module = getattr(trainer.engine, "module", trainer.engine)
+        self.stats = RoutingStats(trainer.cfg.model, module, trainer.cfg.parallel.tensor)
+        self.stats.reset()  # nothing recorded before the first step counts
+
+    def __call__(self, trainer: Trainer, r: StepResult) -> None:
+        if self.stats is None:
+            raise RuntimeError("MoERouting: the trainer did not attach the hook to its model")
+        if logged(trainer, r):
+            r.extra.update(self.stats.record())
+        self.stats.reset()
+
+
 class StepLog(Hook):
     """metrics.jsonl and the console line, every ``train.log_interval`` steps, at the last step and at
     every skipped update."""
 
     def __call__(self, trainer: Trainer, r: StepResult) -> None:
-        if trainer.due(trainer.cfg.train.log_interval) or not r.applied:
+        if logged(trainer, r):
             log_step(trainer, r)
 
 
@@ -148,6 +180,7 @@ def log_step(trainer: Trainer, r: StepResult) -> None:
         "consumed_samples": state.consumed_samples,
         "step_seconds": r.seconds,
     }
+    record.update(r.extra)  # other hooks' values for this step (MoE routing)
     if not r.applied:
         record["skipped"] = True
     if cfg.precision == "fp16":
@@ -308,8 +341,10 @@ class FaultInjection(Hook):
 def default_hooks(cfg: Config) -> list[Hook]:
     """Pretraining's hooks, in the order they run."""
     t = cfg.train
+    moe: list[Hook] = [MoERouting()] if cfg.model.moe.num_experts else []
     return [
         NonFinitePolicy(),
+        *moe,
         StepLog(),
         Consensus(
             [

@@ -39,8 +39,9 @@ class MetricsWriter:
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+                if key != "step":
+                    for tag, scalar in _scalars(f"{prefix}/{key}", value):
+                        self.tb.add_scalar(tag, scalar, step)
 
     def close(self) -> None:
         if not self.enabled:
@@ -48,6 +49,17 @@ class MetricsWriter:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _scalars(tag: str, value: Any) -> list[tuple[str, float]]:
+    """TensorBoard scalars of one record value: a number as it is, a (nested) list one scalar per
+    entry tagged with its indices (``train/moe_expert_fraction/0/3``: block 0, expert 3); other values
+    (strings, booleans, null) none."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(tag, value)]
+    if isinstance(value, list):
+        return [pair for i, v in enumerate(value) for pair in _scalars(f"{tag}/{i}", v)]
+    return []
 
 
 def console(line: str) -> None:

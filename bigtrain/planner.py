@@ -40,6 +40,16 @@ until bigtrain's own encoder can be measured: ``BertForPreTraining``'s parameter
 bytes one fp32 ``BertLayer`` saves exactly, less the out-projection input copy HF's ``[b, s, h]`` layout
 does not make (tests/test_planner.py).
 
+Mixture of experts (``model.moe``, :class:`Layout` ``expert``): parameters per rank hold
+``num_experts / expert`` experts of each MoE block (:func:`bigtrain.flops.layer_parameters`); ZeRO-1/2
+partition the experts' gradients and optimizer state over their expert-data-parallel group (``data /
+expert`` ranks, :attr:`Layout.expert_shards`), the dense ones over all data ranks (checked by hand against
+bigtrain's model in tests/test_planner.py). The MoE MLP's activations are an estimate
+(:func:`moe_mlp_activation_bytes`, not yet held to saved-tensor accounting), and the dispatcher's
+all-to-alls are ``expert_all_to_all`` in :func:`comm_bytes` (timed over the intra-node bandwidth when
+tensor x expert fits a node). The expert gradients' reduction over the smaller expert-data group is
+counted with the dense ones (``data_*``), not apart.
+
 GPU plans also reserve a fixed overhead (CUDA context, NCCL buffers) and an allocator margin.
 
 Throughput is a model too, for ranking layouts; it does not replace a measurement (``tools/bench.py``).
@@ -66,6 +76,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from itertools import product
 from typing import Any
 
 from bigtrain import flops
@@ -96,6 +107,7 @@ class Layout:
     offload: bool = False
     sequence_parallel: bool = False  # Megatron SP over the tensor group (TP > 1)
     context: int = 1  # context-parallel size (DeepSpeed-Ulysses): each rank holds seq / context positions
+    expert: int = 1  # expert-parallel size (MoE): each rank holds num_experts / expert experts, within data
 
     @classmethod
     def of(cls, cfg: Config) -> Layout:
@@ -111,11 +123,12 @@ class Layout:
             offload=cfg.zero.offload_optimizer,
             sequence_parallel=p.sequence_parallel,
             context=p.context,
+            expert=p.expert,
         )
 
     @property
     def gpus(self) -> int:
-        """The world: tensor x context x data x pipeline."""
+        """The world: tensor x context x data x pipeline (expert parallelism is carved out of data)."""
         return self.tensor * self.context * self.data * self.pipeline
 
     @property
@@ -123,12 +136,19 @@ class Layout:
         """Ranks ZeRO partitions over and the gradient reduction spans: data x context (as Megatron)."""
         return self.data * self.context
 
+    @property
+    def expert_shards(self) -> int:
+        """Ranks holding the same experts (the expert-data-parallel group): ZeRO partitions the expert
+        parameters' optimizer state and gradients over these, data / expert."""
+        return self.shards // self.expert
+
     def describe(self) -> str:
         off = "+offload" if self.offload else ""
         sp = "+SP" if self.sequence_parallel else ""
         cp = f" CP{self.context}" if self.context > 1 else ""
+        ep = f" EP{self.expert}" if self.expert > 1 else ""
         return (
-            f"TP{self.tensor}{sp}{cp} PP{self.pipeline} DP{self.data} ZeRO-{self.zero}{off} "
+            f"TP{self.tensor}{sp}{cp} PP{self.pipeline} DP{self.data}{ep} ZeRO-{self.zero}{off} "
             f"mbs{self.micro_batch} ckpt={self.checkpointing}"
         )
 
@@ -177,9 +197,9 @@ def _balanced_max(weights: list[int], parts: int) -> int:
     return lo
 
 
-def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int) -> int:
-    """Parameters on the heaviest pipeline stage of one tensor rank."""
-    layers = flops.layer_parameters(m, vocab, tp)
+def stage_parameters(m: ModelConfig, vocab: int, tp: int, pp: int, ep: int = 1) -> int:
+    """Parameters on the heaviest pipeline stage of one tensor (and ``ep`` expert-parallel) rank."""
+    layers = flops.layer_parameters(m, vocab, tp, ep)
     heaviest = _balanced_max(layers, pp)
     if pp > 1 and m.tie_embeddings:  # the last stage holds a copy of the tied word embedding (DeepSpeed's
         # TiedLayerSpec: the decoder's whole embedding module; bert's tied head owns the word embedding
@@ -215,8 +235,14 @@ def state_memory(cfg: Config, layout: Layout) -> MemoryEstimate:
     """Parameters, gradients, optimizer states and ZeRO buffers per GPU (heaviest rank)."""
     m, z = cfg.model, cfg.zero
     vocab = padded_vocab_size(cfg.model, layout.tensor)
-    p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
-    n = layout.shards  # ZeRO partitions over data x context
+    p = stage_parameters(m, vocab, layout.tensor, layout.pipeline, layout.expert)
+    # ZeRO partitions over data x context; a rank's experts (num_experts / expert of them, EP needs one
+    # pipeline stage) over the data / expert ranks holding the same ones: ``n`` is the one partition
+    # count giving the same partition, p / n = (p - p_e) / shards + p_e / expert_shards
+    n: float = layout.shards
+    if layout.expert > 1:
+        p_e = flops.expert_parameters(m, layout.tensor, layout.expert)
+        n = p / ((p - p_e) / layout.shards + p_e / layout.expert_shards)
     stage = layout.zero
     mixed = cfg.precision != "fp32"
     if mixed and stage == 0:
@@ -299,10 +325,23 @@ def block_activation_bytes(
     if checkpointing == "selective":  # the core is recomputed: its output and log-sum-exp
         attention -= a * h / tp + 4 * nq / tp
     mlp = 4 * a * f / tp
+    if m.moe.num_experts:  # the mean over blocks of the MoE blocks' and the dense ones' MLP terms
+        share = sum(m.moe.is_moe_block(i) for i in range(m.num_layers)) / m.num_layers
+        mlp = share * moe_mlp_activation_bytes(m, a, tp) + (1 - share) * mlp
     # cos/sin: the cached fp32 tables are shared (counted once, in activation_memory); other dtypes
     # keep a converted copy per use (q and k), i.e. 4 x [s, d] per block, this rank's rows under CP
     rotary = 0 if a == 4 else 4 * m.seq_length // context * m.head_dim * a
     return tokens * (norms + attention + mlp) + rotary
+
+
+def moe_mlp_activation_bytes(m: ModelConfig, a: int, tp: int) -> float:
+    """Bytes per token a MoE block's MLP saves (an estimate, not yet held to saved-tensor accounting):
+    each of the token's ``top_k`` expert copies keeps what a SwiGLU of width ``fe`` keeps (``4 a fe/tp``),
+    the dispatcher's permuted input and the experts' output before combining (``2 k a h``), the router's
+    fp32 logits, probabilities and routing weights (``12 E``); a shared expert as the dense SwiGLU."""
+    e = m.moe
+    experts = e.top_k * (4 * a * m.expert_ffn_size / tp + 2 * a * m.hidden_size)
+    return experts + 12 * e.num_experts + 4 * a * e.shared_expert_ffn_size / tp
 
 
 def output_activation_bytes(m: ModelConfig, tokens: int, a: int, vocab: int, tp: int, sp: int = 1) -> float:
@@ -495,7 +534,7 @@ def offload_time(cfg: Config, layout: Layout, hw: Hardware, p: int) -> tuple[flo
 DS_MAX_REUSE_DISTANCE = 1_000_000_000
 
 
-def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
+def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:  # noqa: C901 - one term per group
     """Collective payload bytes per rank per optimizer step, by group and operation, as bigtrain (DeepSpeed
     0.19, megatron-core 0.16) issues them. Payload: the full buffer a rank passes (all-reduce: the tensor;
     reduce-scatter: its input; all-gather: its output); :func:`wire_factor` turns it into bytes each rank
@@ -534,12 +573,20 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
       and v at ``kv_heads``) forward, the same 4 backward, 4 more under full recomputation. ``data_*``
       then span the ``data x context`` ranks ZeRO partitions over; ``t`` counts this rank's tokens.
 
+    - ``expert_all_to_all`` (MoE models only): megatron's all-to-all token dispatcher, per MoE block and
+      micro-batch, sends each of this rank's routed tokens' ``top_k`` copies ``[t k, h]`` to their
+      experts' ranks (dispatch) and back (combine), forward, and both again for the gradients in
+      backward: 4 all-to-alls of ``t k h a`` (full recomputation: 6), ``t`` the tokens the router sees
+      (``t/tp`` under sequence parallelism). Over the expert-parallel group (0 at EP1): with balanced
+      routing ``(ep-1)/ep`` of each leaves the rank (:func:`wire_factor`). Expert tensor parallelism's
+      gathers inside the dispatcher are not counted.
+
     Measured exactly with gloo by tests/test_comm_volume.py (DP2 ZeRO-0/1/2/3, TP2, TP2+SP, CP2 with and
     without full recomputation)."""
     m = cfg.model
     n, tp, pp = layout.shards, layout.tensor, layout.pipeline
     vocab = padded_vocab_size(m, tp)
-    p = stage_parameters(m, vocab, tp, pp)
+    p = stage_parameters(m, vocab, tp, pp, layout.expert)
     w = a = torch_dtype(cfg.precision).itemsize  # parameters and activations share the dtype
     g = reduce_bytes(cfg)
     accum = max(
@@ -584,7 +631,22 @@ def comm_bytes(cfg: Config, layout: Layout) -> dict[str, float]:
     if layout.context > 1:
         per_block = tokens * (2 * m.num_attention_heads + 2 * m.kv_heads) * m.head_dim // tp * a
         out["context_all_to_all"] = accum * (3 if full else 2) * blocks * per_block
+    if m.moe.num_experts:
+        out["expert_all_to_all"] = expert_all_to_all_bytes(cfg, layout) if layout.expert > 1 else 0.0
     return out
+
+
+def expert_all_to_all_bytes(cfg: Config, layout: Layout) -> float:
+    """Payload of the MoE token dispatcher's all-to-alls per rank and step (see :func:`comm_bytes`):
+    ``accum x moe_blocks x (4, full recomputation 6) x t k h a``."""
+    m = cfg.model
+    sp = layout.tensor if layout.sequence_parallel else 1
+    tokens = layout.micro_batch * m.seq_length // layout.context // sp  # the router's
+    accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.data))
+    moe_blocks = sum(m.moe.is_moe_block(i) for i in range(m.num_layers))
+    moe_blocks = math.ceil(moe_blocks / layout.pipeline)
+    per = tokens * m.moe.top_k * m.hidden_size * torch_dtype(cfg.precision).itemsize
+    return accum * moe_blocks * (6 if layout.checkpointing == "full" else 4) * per
 
 
 def pipeline_p2p_bytes(cfg: Config, layout: Layout) -> float:
@@ -640,6 +702,11 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
         hw.intra_node_gbps if layout.tensor * layout.context <= hw.gpus_per_node else hw.inter_node_gbps
     ) * 1e9
     cp_comm = volume["context_all_to_all"] * wire_factor("all_to_all", layout.context) / cp_bw
+    # expert parallelism: ranks tp apart in the data dimension, within a node when TP x EP fits one
+    ep_bw = (
+        hw.intra_node_gbps if layout.tensor * layout.expert <= hw.gpus_per_node else hw.inter_node_gbps
+    ) * 1e9
+    ep_comm = volume.get("expert_all_to_all", 0.0) * wire_factor("all_to_all", layout.expert) / ep_bw
     bubble = (layout.pipeline - 1) / (accum + layout.pipeline - 1) if layout.pipeline > 1 else 0.0
     p = stage_parameters(m, vocab, layout.tensor, layout.pipeline)
     dp_nodes = gpus > hw.gpus_per_node
@@ -648,13 +715,14 @@ def step_time(cfg: Config, layout: Layout, hw: Hardware) -> dict[str, float]:
     exposed_dp = max(0.0, dp_comm - 0.5 * compute) if cfg.zero.overlap_comm else dp_comm
     zero3_overhead = 0.04 * compute if layout.zero == 3 else 0.0  # per-parameter hooks
     offload_pcie, offload_adam = offload_time(cfg, layout, hw, p) if layout.offload else (0.0, 0.0)
-    busy = compute + tp_comm + cp_comm
+    busy = compute + tp_comm + cp_comm + ep_comm
     bubble_seconds = busy / (1 - bubble) - busy
     total = busy + bubble_seconds + exposed_dp + zero3_overhead + offload_pcie + offload_adam
     return {
         "compute": compute,
         "tensor_comm": tp_comm,
         "context_comm": cp_comm,
+        "expert_comm": ep_comm,
         "bubble_fraction": bubble,
         "bubble": bubble_seconds,
         "data_comm": dp_comm,
@@ -710,6 +778,7 @@ def layout_config(cfg: Config, layout: Layout) -> Config:
         pipeline=layout.pipeline,
         sequence_parallel=layout.sequence_parallel,
         context=layout.context,
+        expert=layout.expert,
     )
     z = replace(cfg.zero, stage=layout.zero, offload_optimizer=layout.offload)
     t = replace(cfg.train, micro_batch_size=layout.micro_batch)
@@ -725,6 +794,10 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
     key/value heads per tensor rank divisible by it), also across nodes (its all-to-alls then over the
     inter-node bandwidth, :func:`step_time`)."""
     out = []
+    # MoE: expert-parallel sizes dividing the experts (validation keeps those dividing data)
+    experts = [
+        e for e in _powers_of_two(cfg.model.moe.num_experts) if cfg.model.moe.num_experts % e == 0
+    ] or [1]
     for tp in _powers_of_two(min(gpus, gpus_per_node)):
         for cp in _powers_of_two(gpus // tp):
             for pp in [d for d in range(1, gpus // (tp * cp) + 1) if (gpus // (tp * cp)) % d == 0]:
@@ -735,8 +808,8 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
                     for mbs in _powers_of_two(max(1, cfg.train.global_batch_size // dp)):
                         for zero in (0, 1, 2, 3):
                             for offload in (False, True) if zero else (False,):
-                                for ckpt in CHECKPOINTING:
-                                    layout = Layout(tp, pp, dp, zero, mbs, ckpt, offload, sp, cp)
+                                for ckpt, ep in product(CHECKPOINTING, experts):
+                                    layout = Layout(tp, pp, dp, zero, mbs, ckpt, offload, sp, cp, ep)
                                     try:
                                         layout_config(cfg, layout)
                                     except ConfigError:
@@ -838,6 +911,7 @@ def breakdown(cand: Candidate, cfg: Config | None = None) -> str:
         ("compute", s["compute"]),
         ("tensor-parallel comm", s["tensor_comm"]),
         ("context-parallel all-to-all", s["context_comm"]),
+        ("expert-parallel all-to-all", s["expert_comm"]),
         (f"pipeline bubble ({s['bubble_fraction']:.0%})", s["bubble"]),
         ("data-parallel comm exposed", s["data_comm_exposed"]),
         ("ZeRO-3 overhead", s["zero3_overhead"]),

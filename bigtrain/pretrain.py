@@ -273,6 +273,14 @@ def run(
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         console("bigtrain resolved config:\n" + cfg.to_yaml())
     model = build_model(cfg, topology=dist.topology)  # the family and task cfg names (bigtrain.registry)
+    if dist.is_main and cfg.model.moe.num_experts:  # what MFU counts (bigtrain.flops) next to the total
+        from bigtrain import flops
+
+        vocab = cfg.derived.padded_vocab_size
+        total, active = flops.num_parameters(cfg.model, vocab), flops.active_parameters(cfg.model, vocab)
+        console(
+            f"model: {total:,} parameters, {active:,} active per token (top-{cfg.model.moe.top_k} experts)"
+        )
     if tag is not None and resharding(cfg, tag):  # the optimizer state follows after initialize
         checkpoint.load_weights_only(model, cfg, checkpoint.checkpoints_dir(cfg) / tag)
     if cfg.checkpoint.load and tag is None:

@@ -93,6 +93,8 @@ class Trainer:
             cfg.train.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard
         )
         self.hooks: list[Hook] = default_hooks(cfg) if hooks is None else hooks
+        for hook in self._stateful_hooks():
+            hook.attach(self)
         self.protect: tuple[str, ...] = ()  # checkpoint tags retention must keep (the one resumed from)
         self.last_saved_step: int | None = None
         self.last_save_seconds = 0.0  # how long the last checkpoint save took (0: none yet)

@@ -244,3 +244,71 @@ def test_context_parallel_rank_runs_its_share_of_attention_flops(cp):
     assert out.shape == q.shape
     per_layer_token = flops.attention_flops_per_token(m) / m.num_layers
     assert counter.get_total_flops() == per_layer_token * b * s / cp
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        # Mixtral-like: every block, top-2 of 4, full recomputation (the experts run again in backward)
+        (
+            "model.moe.num_experts=4",
+            "model.moe.top_k=2",
+            "model.moe.ffn_hidden_size=48",
+            "activation_checkpointing=full",
+        ),
+        # Qwen2-MoE-like: every other block, top-1 of 3, a gated shared expert
+        (
+            *("model.moe.num_experts=3", "model.moe.top_k=1", "model.moe.layer_freq=2", "model.num_layers=4"),
+            *(
+                "model.moe.shared_expert_ffn_size=40",
+                "model.moe.shared_expert_gate=true",
+                "model.moe.norm_topk_prob=false",
+            ),
+        ),
+    ],
+)
+def test_moe_flops_count_active_experts(world_of_one, moe):  # noqa: F811
+    """Dropless routing: every token runs the router and exactly top_k experts' SwiGLU (+ the shared
+    expert), whatever experts it picks: FlopCounterMode on the model equals the active-parameter count;
+    the parameter count holds every expert."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from bigtrain.distributed import init_distributed
+
+    get_moe_layer_wise_logging_tracker().clear()  # megatron sizes it by the first model's layers
+    cfg = tiny_cfg("model.ffn_hidden_size=96", *moe)
+    init_distributed(cfg)
+    m, padded = cfg.model, cfg.derived.padded_vocab_size
+    vocab = flops.output_vocab(m, padded, cfg.parallel.tensor)
+    fwd, bwd, params = _count(cfg)
+    tokens = 2 * m.seq_length
+    assert fwd == flops.forward_flops_per_token(m, vocab) * tokens
+    assert fwd + bwd == flops.hardware_flops_per_token(m, vocab, cfg.activation_checkpointing) * tokens
+    assert params == flops.num_parameters(m, padded)
+    # by hand: attention 2*(h*(nq+2kv)d + nq d h) + per MoE block router E h + top_k * 3 h fe (+ shared)
+    h, e = m.hidden_size, m.moe
+    attention = h * (4 + 2 * 2) * 16 + 4 * 16 * h
+    shared = 3 * h * e.shared_expert_ffn_size + (h if e.shared_expert_gate else 0)
+    moe_block = attention + e.num_experts * h + e.top_k * 3 * h * m.expert_ffn_size + shared
+    dense_block = attention + 3 * h * 96
+    n_moe = sum(e.is_moe_block(i) for i in range(m.num_layers))
+    assert (
+        flops.matmul_params(m, vocab) == n_moe * moe_block + (m.num_layers - n_moe) * dense_block + h * vocab
+    )
+    idle = n_moe * (e.num_experts - e.top_k) * 3 * h * m.expert_ffn_size
+    assert flops.active_parameters(m, padded) == params - idle
+    assert idle > 0
+
+
+def test_moe_parameters_split_over_expert_ranks():
+    """Expert weights split over ep (and tp) ranks; the router and norms stay whole: the per-rank
+    counts add back to the model's."""
+    cfg = tiny_cfg("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=48")
+    m, v = cfg.model, cfg.derived.padded_vocab_size
+    one = flops.layer_parameters(m, v, 1, 1)
+    two = flops.layer_parameters(m, v, 1, 2)
+    experts = flops.expert_parameters(m)
+    assert experts == m.num_layers * 4 * 3 * 48 * m.hidden_size
+    assert flops.expert_parameters(m, 1, 2) == experts // 2
+    assert sum(one) - sum(two) == experts // 2
+    assert sum(flops.layer_parameters(m, v, 2, 2)) < sum(two)

@@ -678,3 +678,65 @@ def test_zero_shards_over_data_and_context():
         n: planner.activation_memory(cfg, planner.replace(cp, context=n, data=4 // n))[0] for n in (1, 2, 4)
     }
     assert acts[1] / acts[2] == pytest.approx(2, rel=0.02) and acts[2] / acts[4] == pytest.approx(2, rel=0.02)
+
+
+# ---------------------------------------------------------------------------- mixture of experts
+MOE_TINY = str(REPO / "configs" / "moe-tiny.yaml")
+
+
+def test_moe_presets_load_and_count_like_the_published_models():
+    """Mixtral-8x7B's shapes give its published 46.7B parameters, 12.9B active; the 8x1B preset ~1B
+    active; both validate on their layouts (64 and 8 GPUs) and the planner fits them in 80 GB."""
+    mixtral = load_config(REPO / "configs" / "mixtral-8x7b.yaml").resolve(64)
+    m, v = mixtral.model, mixtral.derived.padded_vocab_size
+    assert round(flops.num_parameters(m, 32000) / 1e9, 1) == 46.7
+    assert round(flops.active_parameters(m, 32000) / 1e9, 1) == 12.9
+    small = load_config(REPO / "configs" / "moe-8x1b.yaml").resolve(8)
+    assert 0.9e9 < flops.active_parameters(small.model, small.model.vocab_size) < 1.1e9
+    for cfg in (mixtral, small):
+        layout = planner.Layout.of(cfg)
+        budget = 80 * planner.GIB * (1 - planner.ALLOCATOR_MARGIN) - planner.GPU_OVERHEAD_BYTES
+        assert planner.estimate(cfg, layout).total < budget, layout.describe()
+    assert planner.Layout.of(mixtral).expert == 4 and v == 32000
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_expert_state_per_rank_by_hand(world_of_one, ep):  # noqa: F811
+    """fp32 ZeRO-1 at DP4: each rank holds the dense parameters and num_experts/ep experts (counted on
+    bigtrain's model); Adam's 8 bytes per parameter are split over the 4 data ranks for the dense ones
+    and over the data/ep ranks holding the same experts for the expert ones."""
+    from bigtrain.distributed import init_distributed
+    from bigtrain.registry import build_model
+
+    cfg = load_config(MOE_TINY, ["zero.stage=1"]).resolve(1)
+    init_distributed(cfg)
+    named = dict(build_model(cfg).named_parameters())
+    experts = sum(p.numel() for n, p in named.items() if ".mlp.experts." in n)
+    dense = sum(p.numel() for p in named.values()) - experts
+    assert experts == flops.expert_parameters(cfg.model)
+    layout = planner.Layout(data=4, zero=1, expert=ep)
+    est = planner.state_memory(cfg, layout)
+    assert est.parameters == 4 * (dense + experts // ep)
+    assert est.gradients == pytest.approx(4 * (dense / 4 + experts / ep / (4 / ep)), rel=1e-12)
+    assert est.optimizer == pytest.approx(8 * (dense / 4 + experts / ep / (4 / ep)), rel=1e-12)
+
+
+def test_expert_all_to_all_volume_by_hand():
+    """Per MoE block and micro-batch: dispatch and combine of t*top_k rows of h, forward and backward
+    (full recomputation: forward again); t is the router's tokens (seq/tp under sequence parallelism);
+    nothing at EP1; the wire carries (ep-1)/ep of it."""
+    cfg = load_config(MOE_TINY).resolve(4)  # 2 MoE blocks, h 64, seq 32, top-2, fp32, global batch 8
+    volume = planner.comm_bytes(cfg, planner.Layout(data=4, micro_batch=2, expert=2))
+    accum, t = 8 // (2 * 4), 2 * 32
+    assert volume["expert_all_to_all"] == accum * 2 * 4 * t * 2 * 64 * 4
+    full = planner.comm_bytes(cfg, planner.Layout(data=4, micro_batch=2, expert=2, checkpointing="full"))
+    assert full["expert_all_to_all"] == 1.5 * volume["expert_all_to_all"]
+    sp = load_config(MOE_TINY, ["parallel.tensor=2", "parallel.sequence_parallel=true"]).resolve(4)
+    tp2 = planner.comm_bytes(
+        sp, planner.Layout(tensor=2, data=2, micro_batch=2, expert=2, sequence_parallel=True)
+    )
+    assert tp2["expert_all_to_all"] == (8 // (2 * 2)) * 2 * 4 * (t // 2) * 2 * 64 * 4
+    assert planner.comm_bytes(cfg, planner.Layout(data=4, micro_batch=2))["expert_all_to_all"] == 0
+    dense = load_config(TINY).resolve(4)
+    assert "expert_all_to_all" not in planner.comm_bytes(dense, planner.Layout(data=4))
+    assert planner.wire_factor("expert_all_to_all", 2) == 0.5

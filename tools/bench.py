@@ -371,6 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads or torch.get_num_threads(),
         "versions": versions(),
         "parameters": flops.num_parameters(m, vocab),
+        "active_parameters": flops.active_parameters(m, vocab),  # MoE: top_k experts per token
         "precision": cfg.precision,
         "activation_checkpointing": cfg.activation_checkpointing,
         "micro_batch_size": cfg.train.micro_batch_size,

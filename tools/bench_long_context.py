@@ -70,11 +70,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def torchrun_2(module_args: list[str], run_dir: Path, timeout: float) -> tuple[Any, list[dict[str, Any]]]:
+    """``torchrun --nproc_per_node=2 -m MODULE_ARGS`` on CPU (gloo, one thread per rank, this checkout
+    first on the path): the finished process and the step records of ``run_dir/metrics.jsonl``."""
+    from bigtrain.distributed import _free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [*cmd, "-m", *module_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    metrics = run_dir / "metrics.jsonl"
+    records = []
+    if metrics.exists():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return proc, [r for r in records if "step_seconds" in r]
+
+
 def run_one(args: argparse.Namespace, layout: str, seq: int) -> dict[str, Any]:
     """One torchrun of bigtrain.pretrain; returns its step-1 loss, step times and rank 0's peak RSS.
     Raises SystemExit with the end of the log if the run fails or logs too few steps."""
-    from bigtrain.distributed import _free_port
-
     run_dir = Path(args.work_dir) / f"{layout}-{seq}"
     sets = [
         *MODEL,
@@ -90,24 +112,11 @@ def run_one(args: argparse.Namespace, layout: str, seq: int) -> dict[str, Any]:
         *LAYOUTS[layout],
         *args.set,
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-    ]
-    cmd += ["-m", "bigtrain.pretrain", "--config", args.config, "--set", *sets]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc, records = torchrun_2(
+        ["bigtrain.pretrain", "--config", args.config, "--set", *sets], run_dir, args.timeout
+    )
     wall = time.perf_counter() - t0
-    metrics = run_dir / "metrics.jsonl"
-    records = []
-    if metrics.exists():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    records = [r for r in records if "step_seconds" in r]
     if proc.returncode != 0 or len(records) < args.warmup + args.steps:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise SystemExit(f"bench_long_context: {layout} seq {seq} failed (exit {proc.returncode}):\n{tail}")

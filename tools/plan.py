@@ -45,6 +45,7 @@ def overrides_for(layout: planner.Layout) -> list[str]:
         f"activation_checkpointing={layout.checkpointing}",
         f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
         f"parallel.context={layout.context}",
+        f"parallel.expert={layout.expert}",
     ]
 
 
@@ -117,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     m = cfg.model
     params = flops.num_parameters(m, padded_vocab_size(m, 1))
+    active = flops.active_parameters(m, padded_vocab_size(m, 1))
+    moe = (
+        f" ({active / 1e6:,.0f}M active, {m.moe.num_experts} experts top-{m.moe.top_k})"
+        if m.moe.num_experts
+        else ""
+    )
     print(
-        f"{args.config}: {m.family}, {params / 1e6:,.0f}M parameters, {m.num_layers} layers, h={m.hidden_size}, seq {m.seq_length}, {cfg.precision}, "
+        f"{args.config}: {m.family}, {params / 1e6:,.0f}M parameters{moe}, {m.num_layers} layers, h={m.hidden_size}, seq {m.seq_length}, {cfg.precision}, "
         f"global batch {cfg.train.global_batch_size}; {args.gpus} GPUs x {args.gpu_memory_gib:g} GiB"
         f" on {args.nodes} node(s); {len(ranked)} valid layouts, {sum(c.fits for c in ranked)} fit"
     )
