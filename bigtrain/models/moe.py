@@ -31,7 +31,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_size
 from torch import nn
@@ -159,6 +159,11 @@ class MoE(MoELayer):
         experts = MoESubmodules(experts=ModuleSpec(module=GroupedExperts))
         super().__init__(transformer_config(m, tp), experts, block + 1, pg_collection=process_groups(tp))
         self.set_layer_number(block + 1)  # also the router's, which labels the aux losses it records
+        # megatron's aux-loss tracker is a process global sized by the first model recording into it: a
+        # deeper model built later in the same process (tests, tools) would index past its end
+        tracker = get_moe_layer_wise_logging_tracker()
+        for name in [n for n, v in tracker.items() if v["values"].numel() < m.num_layers]:
+            del tracker[name]
         self.shared_expert: nn.Module | None = None
         self.shared_expert_gate: nn.Module | None = None
         if m.moe.shared_expert_ffn_size:
