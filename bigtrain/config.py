@@ -124,12 +124,15 @@ class MoEConfig:
     )
     aux_loss_coeff: float = opt(
         0.01,
-        "Coefficient of each MoE block's load-balancing loss E * sum_e f_e * P_e (Switch/GShard; f_e: "
-        "fraction of the block's top-k slots routed to expert e, P_e: its mean router probability; HF's "
-        "value for one block). Added to the gradients, reported apart from the loss. 0: off.",
+        "Coefficient of the load-balancing loss: the mean over MoE blocks of E * sum_e f_e * P_e (Switch/"
+        "GShard; f_e: fraction of the block's top-k slots routed to expert e, P_e: its mean router "
+        "probability; HF's value for one block, and HF's router_aux_loss_coef). Added to the gradients, "
+        "reported apart from the loss (moe_aux_loss). 0: off.",
     )
     z_loss_coeff: float = opt(
-        0.0, "Coefficient of the router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022, ST-MoE); 0: off."
+        0.0,
+        "Coefficient of the router z-loss, the mean over MoE blocks of mean(logsumexp(logits)^2) (Zoph et al. "
+        "2022, ST-MoE); 0: off.",
     )
     capacity_factor: float | None = opt(
         None,
@@ -237,6 +240,11 @@ class ModelConfig:
     @property
     def has_shared_expert_gate(self) -> bool:
         return self.has_shared_expert and self.moe.shared_expert_gate
+
+    @property
+    def num_moe_blocks(self) -> int:
+        """How many blocks have experts (``model.moe.layer_freq``)."""
+        return sum(self.moe.is_moe_block(i) for i in range(self.num_layers))
 
     @property
     def expert_ffn_size(self) -> int:

@@ -68,10 +68,13 @@ def process_groups(tp: TensorParallel) -> ProcessGroupCollection:
 def transformer_config(m: ModelConfig, tp: TensorParallel) -> TransformerConfig:
     """megatron-core's config of one MoE layer: ``tp.config``'s parallel settings plus ``model.moe``.
 
-    megatron's aux-loss coefficient multiplies HF's per-block value divided by top-k
-    (``switch_load_balancing_loss_func`` normalizes the slot counts by top-k), so it is given
-    ``aux_loss_coeff * top_k``: the gradient is ``aux_loss_coeff`` times HF's block value's."""
+    The coefficients apply to the mean over the MoE blocks (HF pools every block's router logits into
+    one loss of about one block's size; megatron would sum the blocks), so each block's megatron
+    coefficient is divided by their number. megatron's aux loss is HF's per-block value divided by top-k
+    (``switch_load_balancing_loss_func`` normalizes the slot counts by top-k): it is given
+    ``aux_loss_coeff * top_k / blocks``."""
     e = m.moe
+    blocks = m.num_moe_blocks
     parallel = {f.name: getattr(tp.config, f.name) for f in dataclasses.fields(ModelParallelConfig)}
     parallel.update(
         tensor_model_parallel_size=tp.size,
@@ -99,8 +102,8 @@ def transformer_config(m: ModelConfig, tp: TensorParallel) -> TransformerConfig:
         moe_router_pre_softmax=not e.norm_topk_prob,
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=e.aux_loss_coeff * e.top_k,
-        moe_z_loss_coeff=e.z_loss_coeff or None,
+        moe_aux_loss_coeff=e.aux_loss_coeff * e.top_k / blocks,
+        moe_z_loss_coeff=e.z_loss_coeff / blocks or None,
         moe_expert_capacity_factor=e.capacity_factor,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,
