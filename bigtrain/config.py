@@ -500,6 +500,11 @@ class DebugConfig:
         "Wrong on purpose (test control): under sequence parallelism, norm weight gradients are not "
         "summed over the tensor group (each rank keeps its sequence shard's partial gradient).",
     )
+    rotate_expert_ranks: bool = opt(
+        False,
+        "Wrong on purpose (test control): under expert parallelism, expert rank r holds (and computes with) "
+        "the experts of rank r+1, so every routed token reaches another rank's experts.",
+    )
     skip_rotary_offset: bool = opt(
         False,
         "Wrong on purpose (test control): under context parallelism, every rank rotates its sequence "

@@ -161,6 +161,11 @@ RULES: dict[str, Rule] = {
     # layout
     "parallel.tensor": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.pipeline": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
+    "parallel.expert": Rule(
+        REFUSED,
+        "the optimizer state of the experts is saved per expert-parallel rank (DeepSpeed's expp_rank files, "
+        "ZeRO shards over the expert-data-parallel group); it is not resharded to another expert-parallel size",
+    ),
     "parallel.sequence_parallel": Rule(HONOURED, "it changes no weight: only how activations are split"),
     "parallel.context": Rule(
         REFUSED,
