@@ -288,14 +288,23 @@ def deepspeed_expert_groups(experts: list[torch.nn.Parameter], size: int) -> Ite
 
     name = expert_group_name(size)
     for group, ranks, found in (
-        (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS, parallel_state.get_expert_model_parallel_group()),
-        (groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS, parallel_state.get_expert_data_parallel_group()),
+        (
+            groups._EXPERT_PARALLEL_GROUP,
+            groups._EXPERT_PARALLEL_GROUP_RANKS,
+            parallel_state.get_expert_model_parallel_group(),
+        ),
+        (
+            groups._EXPERT_DATA_PARALLEL_GROUP,
+            groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+            parallel_state.get_expert_data_parallel_group(),
+        ),
     ):
         group[name] = found
         ranks[name] = torch.distributed.get_process_group_ranks(found)
     for param in experts:
-        param.allreduce = False  # deepspeed.moe.utils.is_moe_param
-        param.group_name = name
+        # the attributes deepspeed.moe.utils.is_moe_param and DeepSpeed's reductions read
+        setattr(param, "allreduce", False)  # noqa: B010 (not declared on Parameter)
+        setattr(param, "group_name", name)  # noqa: B010
     original = DeepSpeedEngine._configure_distributed_model
 
     def configure(engine: Any, model: Any) -> None:
@@ -647,7 +656,9 @@ def _uneven_first_dim_collectives(mappings: Any) -> None:
     )
 
     @functools.wraps(gather)
-    def gather_uneven(input_: Any, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False) -> Any:
+    def gather_uneven(
+        input_: Any, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> Any:
         if output_split_sizes is None or group.size() == 1:
             return gather(input_, group, output_split_sizes, use_global_buffer)
         most = max(output_split_sizes)
@@ -658,7 +669,9 @@ def _uneven_first_dim_collectives(mappings: Any) -> None:
         return torch.cat([chunk[:n] for chunk, n in zip(chunks, output_split_sizes)])
 
     @functools.wraps(scatter)
-    def scatter_uneven(input_: Any, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False) -> Any:
+    def scatter_uneven(
+        input_: Any, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> Any:
         if input_split_sizes is None or group.size() == 1:
             return scatter(input_, group, input_split_sizes, use_global_buffer)
         total = input_.contiguous().clone()
