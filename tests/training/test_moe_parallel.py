@@ -1,10 +1,11 @@
 """Issue 19, expert parallelism end to end through ``bigtrain.pretrain`` (configs/moe-tiny.yaml, fp32,
-gloo): per-step losses over 10 steps at EP2 (DP2), EP2 x TP2 with sequence parallelism, EP2 x EDP2 at
-ZeRO-2 (world 4: expert optimizer state sharded over the expert-data-parallel group), PP2 and DP2 ZeRO-2
-equal the single-process run within 1e-5 relative, with gradient accumulation everywhere (micro batch
-1, global 8); a control whose expert ranks hold each other's experts breaks the bound. A run killed at
-step 7 resumes exactly (1e-6) at EP2 from step 5; a resume at another expert-parallel size is refused;
-the weights files hold every expert. The aux loss reaches training (coefficient 0 vs 0.01 differ).
+gloo): per-step losses over 10 steps at EP2 (DP2; ZeRO-0 and 1), EP2 x TP2 with sequence parallelism,
+EP2 x EDP2 at ZeRO-2 (world 4: expert optimizer state sharded over the expert-data-parallel group), PP2
+and DP2 ZeRO-2 equal the single-process run within 1e-5 relative, with gradient accumulation everywhere
+(micro batch 1, global 8); a control whose expert ranks hold each other's experts breaks the bound. A
+run killed at step 7 resumes exactly (1e-6) at EP2 from step 5 (ZeRO-0 and 1); a resume at another
+expert-parallel size is refused; the weights files hold every expert. The aux loss reaches training
+(coefficient 0 vs 0.01 differ).
 
 One launch per layout, shared by the assertions that read it."""
 
@@ -53,11 +54,24 @@ def baseline(baseline_run):
 
 
 @pytest.fixture(scope="module")
-def ep2_run(corpus, tmp_path_factory):
-    """EP2 x DP2 at ZeRO-0 (the engine's own expert gradient reduction), saving at steps 5 and 10."""
-    run = tmp_path_factory.mktemp("ep2")
-    torchrun(2, train_args(corpus, run, "parallel.expert=2", *SAVE))
-    return run
+def ep2_runs(corpus, tmp_path_factory):
+    """ZeRO stage -> an EP2 x DP2 run saving at steps 5 and 10 (run on first use). ZeRO-0: the engine's
+    own expert gradient reduction, the optimizer state per expert rank; ZeRO-1: expert optimizer groups
+    (over an expert-data-parallel group of one)."""
+    runs = {}
+
+    def get(zero: int):
+        if zero not in runs:
+            runs[zero] = tmp_path_factory.mktemp(f"ep2-zero{zero}")
+            torchrun(2, train_args(corpus, runs[zero], "parallel.expert=2", f"zero.stage={zero}", *SAVE))
+        return runs[zero]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def ep2_run(ep2_runs):
+    return ep2_runs(0)
 
 
 NO_SAVE = "checkpoint.save=false"
@@ -91,12 +105,14 @@ def assert_same_weights(run, baseline_run) -> float:
     return worst
 
 
-def test_expert_parallel_matches_single_process(ep2_run, baseline_run, baseline):
+@pytest.mark.parametrize("zero", [0, 1])
+def test_expert_parallel_matches_single_process(zero, ep2_runs, baseline_run, baseline):
     """Losses, and the gradient norm (clipping's input), which sums every expert rank's experts."""
-    worst = assert_close_rel(losses(ep2_run), baseline, TOLERANCE)
-    print(f"ep2: max relative loss difference {worst:.1e}")
-    norms = [[r["grad_norm"] for r in metrics(run)] for run in (ep2_run, baseline_run)]
-    print(f"ep2: max relative grad-norm difference {assert_close_rel(*norms, TOLERANCE):.1e}")
+    run = ep2_runs(zero)
+    worst = assert_close_rel(losses(run), baseline, TOLERANCE)
+    print(f"ep2 zero{zero}: max relative loss difference {worst:.1e}")
+    norms = [[r["grad_norm"] for r in metrics(r)] for r in (run, baseline_run)]
+    print(f"ep2 zero{zero}: max relative grad-norm difference {assert_close_rel(*norms, TOLERANCE):.1e}")
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -131,18 +147,23 @@ def test_weights_files_hold_every_expert(ep2_run, baseline_run):
     assert meta["layout"]["expert"] == 2
 
 
-def test_kill9_at_ep2_then_relaunch_continues_the_same_curve(corpus, ep2_run, tmp_path):
+@pytest.mark.parametrize("zero", [0, 1])
+def test_kill9_at_ep2_then_relaunch_continues_the_same_curve(zero, corpus, ep2_runs, tmp_path):
+    """Expert rank 1 is killed after step 7; the relaunch resumes from step 5 with its own experts and
+    their optimizer state (ZeRO-0: DeepSpeed's per-expert-rank optimizer file, experts from the weights
+    files; ZeRO-1: the rank's shards) and steps 6-10 equal the uninterrupted run's."""
+    layout = ["parallel.expert=2", f"zero.stage={zero}", *SAVE]
     kill = ["debug.crash_at_step=7", "debug.fault_rank=1"]
-    crashed = torchrun(2, train_args(corpus, tmp_path, "parallel.expert=2", *SAVE, *kill), check=False)
+    crashed = torchrun(2, train_args(corpus, tmp_path, *layout, *kill), check=False)
     assert crashed.returncode != 0
     assert latest_tag(tmp_path / "checkpoints") == "step_00000005"
-    out = torchrun(2, train_args(corpus, tmp_path, "parallel.expert=2", *SAVE))
+    out = torchrun(2, train_args(corpus, tmp_path, *layout))
     assert "resumed from step 5" in out.stdout
-    uninterrupted = {r["step"]: r["loss"] for r in metrics(ep2_run)}
+    uninterrupted = {r["step"]: r["loss"] for r in metrics(ep2_runs(zero))}
     resumed = [r for r in metrics(tmp_path) if r["step"] > 5][-5:]
     assert [r["step"] for r in resumed] == list(range(6, 11))
     worst = assert_close_rel([r["loss"] for r in resumed], [uninterrupted[r["step"]] for r in resumed], 1e-6)
-    print(f"ep2 resumed at step 5: max relative loss difference {worst:.1e}")
+    print(f"ep2 zero{zero} resumed at step 5: max relative loss difference {worst:.1e}")
 
 
 def test_resume_at_another_expert_parallel_size_is_refused(corpus, ep2_run, tmp_path):
