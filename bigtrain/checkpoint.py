@@ -78,9 +78,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def fp32_master_weights(engine: Any, cfg: Config) -> dict[str, torch.Tensor]:
-    """This rank's (tensor x pipeline) shards as fp32 masters, keyed by layout key.
+    """This rank's (tensor x pipeline) shards as fp32 masters, keyed by layout key; stacked expert
+    weights hold all experts (gathered over the expert-parallel group, dim 0), so the files do not
+    depend on ``parallel.expert``.
 
-    A collective over the data-parallel group under ZeRO (every rank must call it)."""
+    A collective over the data-parallel group under ZeRO and over the expert-parallel group (every rank
+    must call it)."""
     from deepspeed.runtime.zero import GatheredParameters
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_get_full_fp32_param
@@ -88,7 +91,8 @@ def fp32_master_weights(engine: Any, cfg: Config) -> dict[str, torch.Tensor]:
     from bigtrain.registry import local_parameters
 
     out = {}
-    for key, (_, param) in local_parameters(engine.module, cfg).items():
+    experts = cfg.parallel.expert
+    for key, (lp, param) in local_parameters(engine.module, cfg).items():
         full = safe_get_full_fp32_param(param)  # ZeRO and the bf16 optimizer map parameters to masters
         if full is None and getattr(param, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE:
             # ZeRO-3 keeps no master of a frozen (requires_grad=False) parameter, and its data is this
@@ -97,7 +101,14 @@ def fp32_master_weights(engine: Any, cfg: Config) -> dict[str, torch.Tensor]:
                 full = param.detach().clone()
         if full is None:
             full = param.detach()  # fp32 without ZeRO: the parameter is the master; or a frozen one
-        out[key] = full.float().cpu().contiguous()
+        full = full.float().contiguous()
+        if experts > 1 and layout.is_expert(lp.spec):
+            from megatron.core import parallel_state
+
+            chunks = [torch.empty_like(full) for _ in range(experts)]
+            torch.distributed.all_gather(chunks, full, group=parallel_state.get_expert_model_parallel_group())
+            full = torch.cat(chunks)  # [experts, ...]: rank r held experts [r*E/ep, (r+1)*E/ep)
+        out[key] = full.cpu()
     return out
 
 
@@ -160,6 +171,7 @@ def save_checkpoint(
                 "pipeline": cfg.parallel.pipeline,
                 "data_parallel": cfg.derived.data_parallel_size,
                 "context": cfg.parallel.context,
+                "expert": cfg.parallel.expert,
             },
             "config": cfg.to_dict(),
             # the files behind the data position, compared at resume (resume_rules.data_changes)
@@ -321,6 +333,14 @@ def resume(engine: Any, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
     saved = saved_config(meta)
     restore_configured = _keep_configured(engine, cfg, saved)
     resharding = reshard_inject.needs_reshard(meta, saved, cfg)
+    if resharding and max(saved.parallel.expert, cfg.parallel.expert) > 1:
+        from bigtrain.config import ConfigError
+
+        raise ConfigError(
+            f"{ckpt_dir / tag}: saved at parallel.expert={saved.parallel.expert}; resuming it at another tensor, "
+            "pipeline, ZeRO or data-parallel layout needs the expert optimizer state resharded, which is not "
+            "implemented: resume at the saved layout, or start a new train.run_dir with checkpoint.load"
+        )
     if resharding:
         client_state = {"bigtrain": reshard_inject.inject(engine, cfg, dist, ckpt_dir / tag)}
     else:
@@ -329,6 +349,8 @@ def resume(engine: Any, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        if cfg.parallel.expert > 1:
+            _load_experts(engine, cfg, ckpt_dir / tag)
     restore_configured()
     # at another layout the ranks play other roles: every rank takes saved rank 0's streams (all ranks
     # are seeded alike; what draws from them, LoRA dropout, cannot repeat at another layout anyway)
@@ -336,6 +358,25 @@ def resume(engine: Any, cfg: Config, dist: Dist, tag: str) -> dict[str, Any]:
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=False))
     return client_state["bigtrain"]
+
+
+@torch.no_grad()
+def _load_experts(engine: Any, cfg: Config, ckpt: Path) -> None:
+    """Put this rank's experts back from the checkpoint's weights files (fp32 masters, all experts).
+
+    DeepSpeed's model file holds data-parallel rank 0's parameters, so under expert parallelism the
+    other expert ranks would get rank 0's experts: at ZeRO-0, where the parameters are the masters, the
+    EP2 resume test's losses then drift 2.9e-3 from the uninterrupted run's (ZeRO-1/2 restore them from
+    the rank's own optimizer shards as well)."""
+    from bigtrain.models.parallelize import tensor_parallel
+    from bigtrain.registry import local_parameters
+
+    reader = WeightReader(ckpt)
+    tp = tensor_parallel(cfg)
+    for lp, param in local_parameters(engine.module, cfg).values():
+        if layout.is_expert(lp.spec):
+            value = layout.shard(reader.full(lp), lp.spec.split, tp.rank, tp.size)
+            param.copy_(layout.expert_shard(value, lp.spec, tp.expert.rank, tp.expert.size).to(param.dtype))
 
 
 def _weight_files(rel: str) -> bool:

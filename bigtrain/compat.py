@@ -27,6 +27,7 @@ Patch table (``tests/test_compat.py`` parses it: every row's test must exist)::
     count_tied_head_params        | PipelineModule marks a whole tied module replicated    | tests/training/test_bert.py::test_bert_layouts_match_single_process
     megatron_buffers_on           | megatron-core allocates SP buffers on the CUDA device  | tests/training/test_parallel_equivalence.py::test_sequence_parallel_matches_single_process
     megatron_moe_on               | megatron-core's MoE dispatcher needs CUDA streams      | tests/models/test_moe.py::test_megatron_moe_needs_the_patch_on_cpu
+    deepspeed_expert_groups       | DeepSpeed sees MoE only in its own deepspeed.moe layer | tests/training/test_moe_parallel.py::test_expert_parallel_matches_single_process
 
 Not patches, so not here: LoRA (``bigtrain/finetune/lora.py``) swaps the class of bigtrain's own
 projection modules for a subclass of the same class (public ``forward`` only), and the tied embedding
@@ -110,12 +111,14 @@ def record_fp32_grad_norm(engine: Any) -> None:
     model-parallel rank 0, so under a pipeline only the first stage's. This uses what DeepSpeed's ZeRO
     and bf16 optimizers use: ``get_global_norm_of_tensors`` over the gradients of tensor-parallel
     parameters on every TP rank plus the others on TP rank 0 of every stage, tied pipeline copies
-    (``ds_pipe_replicated``) left out. No upstream issue found for the dropped norm
+    (``ds_pipe_replicated``) left out; expert weights (``deepspeed_expert_groups``) summed over the
+    expert-parallel group, whose ranks hold different experts. No upstream issue found for the dropped norm
     (deepspeedai/DeepSpeed#6767: maintainers confirm clipping lives in the optimizers).
 
     Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
     Fails without it: tests/test_compat.py::test_fp32_grad_norm_is_recorded_and_a_nonfinite_one_skips_the_step
     (``get_global_grad_norm()`` is None)."""
+    from deepspeed.moe.utils import is_moe_param
     from deepspeed.runtime.utils import (
         clip_tensors_by_global_norm,
         get_global_norm_of_tensors,
@@ -128,12 +131,17 @@ def record_fp32_grad_norm(engine: Any) -> None:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         params = [p for p in engine.module.parameters() if p.grad is not None]
         counted = [
-            p.grad
+            p
             for p in params
             if not getattr(p, "ds_pipe_replicated", False)
             and (is_model_parallel_parameter(p) or tp_rank == 0)
         ]
-        norm = get_global_norm_of_tensors(counted, mpu=engine.mpu)
+        norm = get_global_norm_of_tensors([p.grad for p in counted if not is_moe_param(p)], mpu=engine.mpu)
+        experts = [p.grad for p in counted if is_moe_param(p)]
+        if experts:  # expert ranks hold different experts: their squares are summed over the expert group
+            squares = get_global_norm_of_tensors(experts, mpu=engine.mpu) ** 2
+            torch.distributed.all_reduce(squares, group=parallel_state.get_expert_model_parallel_group())
+            norm = norm if is_invalid_grad_norm(norm) else (norm**2 + squares).sqrt()
         if hasattr(engine.optimizer, "overflow"):
             engine.optimizer.overflow = is_invalid_grad_norm(norm)
         if not getattr(engine.optimizer, "overflow", False):
@@ -232,6 +240,82 @@ def skip_identity_allreduce(engine: Any, data_parallel_size: int, pipeline: int)
     plain = isinstance(opt, BF16_Optimizer) or not isinstance(opt, ZeROOptimizer)
     if data_parallel_size == 1 and pipeline == 1 and plain:
         engine.enable_backward_allreduce = False
+
+
+def expert_group_name(size: int) -> str:
+    """DeepSpeed's name of the expert-parallel groups of ``size`` ranks (deepspeed/utils/groups.py)."""
+    return f"ep_size_{size}"
+
+
+@contextlib.contextmanager
+def deepspeed_expert_groups(experts: list[torch.nn.Parameter], size: int) -> Iterator[None]:
+    """Make DeepSpeed reduce, shard, broadcast and checkpoint ``experts`` (this rank's stacked expert
+    weights) as expert parameters of megatron-core's expert-parallel groups of ``size`` ranks; DeepSpeed
+    engines built inside the block see MoE layers (``has_moe_layers``). ``size`` 1: a no-op.
+
+    deepspeed/runtime/engine.py ``DeepSpeedEngine._configure_distributed_model`` sets
+    ``has_moe_layers`` only for its own ``deepspeed.moe.layer.MoE`` modules::
+
+        for _, module in self.module.named_modules():
+            if isinstance(module, MoE):
+                self.has_moe_layers = True
+
+    and everything else keys on that flag plus two parameter attributes (``allreduce=False``,
+    ``group_name``) and the groups registered in deepspeed/utils/groups.py's ``_EXPERT_PARALLEL_GROUP``
+    and ``_EXPERT_DATA_PARALLEL_GROUP`` dicts (private, filled by ``_create_expert_and_data_parallel``
+    with groups of its own rank order): ``_broadcast_model`` broadcasts expert weights over the
+    expert-data-parallel group only, ``_reduce_expert_gradients`` (ZeRO-0) and ZeRO-1/2 reduce their
+    gradients over it and divide by the full data-parallel size (each rank's experts got every rank's
+    tokens through the all-to-all), ZeRO-1/2 shard their optimizer groups (``'moe': True``, see
+    ``bigtrain.engine.build_optimizer``) over it, and ``save_checkpoint`` writes the ZeRO-0 optimizer
+    state per expert rank (``expp_rank_R_mp_rank_XX_optim_states.pt``). bigtrain's experts are
+    megatron-core's (``bigtrain.models.moe``), so here megatron's expert-parallel and expert-data-parallel
+    groups are registered under DeepSpeed's name (``ep_size_{size}``), the parameters marked, and the
+    engine class's ``_configure_distributed_model`` wrapped while the block runs to set the flag.
+    DeepSpeed's model file still holds rank 0's experts only: ``bigtrain.checkpoint.resume`` reads them
+    from bigtrain's weights files (all experts). No upstream issue found (DeepSpeed's AutoEP covers HF
+    models only).
+
+    Checked: deepspeed 0.19.8, megatron-core 0.16.1, torch 2.13.0.
+    Fails without it: tests/training/test_moe_parallel.py::test_expert_parallel_matches_single_process
+    (DeepSpeed broadcasts rank 0's experts to every rank: the step-1 loss is already 1.4e-4 off)."""
+    if size == 1:
+        yield
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups
+    from megatron.core import parallel_state
+
+    name = expert_group_name(size)
+    for group, ranks, found in (
+        (
+            groups._EXPERT_PARALLEL_GROUP,
+            groups._EXPERT_PARALLEL_GROUP_RANKS,
+            parallel_state.get_expert_model_parallel_group(),
+        ),
+        (
+            groups._EXPERT_DATA_PARALLEL_GROUP,
+            groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+            parallel_state.get_expert_data_parallel_group(),
+        ),
+    ):
+        group[name] = found
+        ranks[name] = torch.distributed.get_process_group_ranks(found)
+    for param in experts:
+        # the attributes deepspeed.moe.utils.is_moe_param and DeepSpeed's reductions read
+        setattr(param, "allreduce", False)  # noqa: B010 (not declared on Parameter)
+        setattr(param, "group_name", name)  # noqa: B010
+    original = DeepSpeedEngine._configure_distributed_model
+
+    def configure(engine: Any, model: Any) -> None:
+        original(engine, model)
+        engine.has_moe_layers = True
+
+    DeepSpeedEngine._configure_distributed_model = configure
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = original
 
 
 class EngineFileRecorder:
@@ -507,7 +591,7 @@ class _TorchStreamsOn(_TorchOn):
 def megatron_moe_on(device: torch.device) -> None:
     """Make megatron-core's MoE layer (router, all-to-all token dispatcher) run on ``device`` (the CPU).
 
-    Three upstream assumptions of CUDA, none with an upstream issue found (megatron-core supports CUDA
+    Upstream assumptions of CUDA, none with an upstream issue found (megatron-core supports CUDA
     only):
     - transformer/moe/token_dispatcher.py (``MoEAlltoAllTokenDispatcher``) creates a ``torch.cuda.Stream``
       and synchronizes on it, and router.py allocates with ``torch.cuda.current_device()``: those modules
@@ -517,6 +601,11 @@ def megatron_moe_on(device: torch.device) -> None:
     - moe_utils.py reads the module global ``te_general_gemm`` that only a Transformer Engine import
       defines (``NameError`` in ``RouterGatingLinearFunction`` without it): it is set to None, megatron's
       own "not available" value;
+    - at expert parallelism > 1 the dispatcher gathers the routing map over the tensor x expert group
+      with tensor_parallel/mappings.py's gather, which allocates on ``torch.cuda.current_device()``:
+      :func:`megatron_buffers_on` applies; under tensor x expert parallelism it gathers and
+      reduce-scatters tokens with uneven per-rank sizes, which gloo cannot (allgather needs equal sizes,
+      no reduce_scatter): on the CPU those two helpers pad and all-gather, or all-reduce and slice;
     - in a process without torch.distributed (a unit test, a conversion tool) tensor_parallel/mappings.py's
       ``get_tensor_model_parallel_group_if_none`` turns the explicit group of one the MoE layer passes
       (``bigtrain.models.moe.process_groups``) into None and then asserts it is not None: there it keeps
@@ -542,6 +631,10 @@ def megatron_moe_on(device: torch.device) -> None:
         return
     token_dispatcher.torch = _TorchStreamsOn(device)
     router.torch = _TorchStreamsOn(device)
+    # the dispatcher gathers routing maps over the tensor x expert group with megatron's sequence-parallel
+    # helpers (tensor_parallel/mappings.py), which allocate on torch.cuda.current_device()
+    megatron_buffers_on(device)
+    _uneven_first_dim_collectives(mappings)
     original = getattr(moe_utils.maybe_move_tensor_to_cpu, "__wrapped__", moe_utils.maybe_move_tensor_to_cpu)
 
     @functools.wraps(original)
@@ -551,3 +644,40 @@ def megatron_moe_on(device: torch.device) -> None:
         return original(tensor, as_numpy, record_stream)
 
     token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
+def _uneven_first_dim_collectives(mappings: Any) -> None:
+    """megatron's gather / reduce-scatter along dim 0 with per-rank sizes (``output_split_sizes``,
+    ``input_split_sizes``), which gloo cannot do (its allgather needs equal sizes, it has no
+    reduce_scatter): padded to the largest size and all-gathered; all-reduced and sliced."""
+    gather = getattr(mappings._gather_along_first_dim, "__wrapped__", mappings._gather_along_first_dim)
+    scatter = getattr(
+        mappings._reduce_scatter_along_first_dim, "__wrapped__", mappings._reduce_scatter_along_first_dim
+    )
+
+    @functools.wraps(gather)
+    def gather_uneven(
+        input_: Any, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> Any:
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        most = max(output_split_sizes)
+        padded = input_.new_zeros((most, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        chunks = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(chunks, padded, group=group)
+        return torch.cat([chunk[:n] for chunk, n in zip(chunks, output_split_sizes)])
+
+    @functools.wraps(scatter)
+    def scatter_uneven(
+        input_: Any, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> Any:
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start : start + input_split_sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven

@@ -508,6 +508,11 @@ class DebugConfig:
         "Wrong on purpose (test control): under sequence parallelism, norm weight gradients are not "
         "summed over the tensor group (each rank keeps its sequence shard's partial gradient).",
     )
+    rotate_expert_ranks: bool = opt(
+        False,
+        "Wrong on purpose (test control): under expert parallelism, expert rank r holds (and computes with) "
+        "the experts of rank r+1, so every routed token reaches another rank's experts.",
+    )
     skip_rotary_offset: bool = opt(
         False,
         "Wrong on purpose (test control): under context parallelism, every rank rotates its sequence "
@@ -829,6 +834,10 @@ def validate_moe(cfg: Config, data_parallel: int) -> None:
     """``model.moe`` and ``parallel.expert`` (ConfigError naming the field)."""
     m, e, p = cfg.model, cfg.model.moe, cfg.parallel
     _check(p.expert >= 1, f"parallel.expert must be >= 1, got {p.expert}")
+    _check(
+        not (cfg.debug.rotate_expert_ranks and p.expert == 1),
+        "debug.rotate_expert_ranks needs parallel.expert > 1 (it is a control of that feature)",
+    )
     _check(e.num_experts >= 0, f"model.moe.num_experts must be >= 0, got {e.num_experts}")
     if e.num_experts == 0:
         _check(p.expert == 1, f"parallel.expert {p.expert} needs model.moe.num_experts > 0")

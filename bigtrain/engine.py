@@ -141,12 +141,34 @@ def layer_lr_scales(model: nn.Module, cfg: Config) -> dict[int, float]:
     return scales
 
 
+def expert_parameters(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+    """This rank's stacked expert weights (``layout.is_expert``); none without ``model.moe``."""
+    from bigtrain.models import layout
+    from bigtrain.registry import local_parameters
+
+    if not cfg.model.moe.num_experts:
+        return []
+    return [param for lp, param in local_parameters(model, cfg).values() if layout.is_expert(lp.spec)]
+
+
+def split_expert_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``groups`` with the expert parameters DeepSpeed knows (``allreduce=False``, set by
+    ``compat.deepspeed_expert_groups``) moved into groups of their own (``'moe': True``, ``'name'``: the
+    expert group's), which ZeRO-1/2 shard over the expert-data-parallel ranks; unchanged without them."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    if not any(is_moe_param(p) for g in groups for p in g["params"]):
+        return groups
+    named = [{**g, "name": f"group{i}"} for i, g in enumerate(groups)]
+    return split_params_into_different_moe_groups_for_optimizer(named)
+
+
 def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW/Adam: DeepSpeed's CPU Adam under optimizer offload, DeepSpeed's fused Adam on GPU, torch's on
     CPU; SGD (momentum) and RMSprop: torch's. Only trainable parameters are given to the optimizer."""
     o = cfg.optim
     scales = layer_lr_scales(model, cfg) if o.layer_decay != 1.0 else None
-    groups = param_groups(model, o.weight_decay, o.lr, scales)
+    groups = split_expert_groups(param_groups(model, o.weight_decay, o.lr, scales))
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     if o.name == "rmsprop":
@@ -169,16 +191,18 @@ def initialize_engine(cfg: Config, model: nn.Module, dist: Dist) -> Any:  # deep
     import deepspeed
 
     model.to(dist.device)
-    optimizer = build_optimizer(cfg, model, dist.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
-        mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
-        dist_init_required=False,
-    )
+    # expert parallelism: expert weights are reduced and sharded over their expert-data-parallel group
+    with compat.deepspeed_expert_groups(expert_parameters(model, cfg), cfg.parallel.expert):
+        optimizer = build_optimizer(cfg, model, dist.device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg),
+            mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
+            dist_init_required=False,
+        )
     # framework patches (bigtrain/compat.py lists each one with its upstream cause and test)
     compat.guard_torch_optimizer_step(engine.optimizer)
     compat.record_fp32_grad_norm(engine)

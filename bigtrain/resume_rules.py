@@ -158,9 +158,24 @@ RULES: dict[str, Rule] = {
     "model.final_logit_softcapping": Rule(HONOURED, BUILT),
     **{f"model.rope_scaling.{f.name}": Rule(HONOURED, BUILT) for f in dataclasses.fields(RopeScalingConfig)},
     "model.norm_eps": Rule(HONOURED, BUILT),
+    # mixture of experts: which weights exist and their shapes; routing and the aux losses are built
+    "model.moe.num_experts": Rule(REFUSED, SHAPE),
+    "model.moe.ffn_hidden_size": Rule(REFUSED, SHAPE, value=lambda c: c.model.expert_ffn_size),
+    "model.moe.layer_freq": Rule(REFUSED, SHAPE),
+    "model.moe.shared_expert_ffn_size": Rule(REFUSED, SHAPE),
+    "model.moe.shared_expert_gate": Rule(REFUSED, SHAPE),
+    **{
+        f"model.moe.{name}": Rule(HONOURED, BUILT)
+        for name in ("top_k", "norm_topk_prob", "aux_loss_coeff", "z_loss_coeff", "capacity_factor")
+    },
     # layout
     "parallel.tensor": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
     "parallel.pipeline": Rule(REFUSED, RESHARD, only_if=_not_reshardable, otherwise=HONOURED),
+    "parallel.expert": Rule(
+        REFUSED,
+        "the optimizer state of the experts is saved per expert-parallel rank (DeepSpeed's expp_rank files, "
+        "ZeRO shards over the expert-data-parallel group); it is not resharded to another expert-parallel size",
+    ),
     "parallel.sequence_parallel": Rule(HONOURED, "it changes no weight: only how activations are split"),
     "parallel.context": Rule(
         REFUSED,

@@ -209,3 +209,13 @@ def test_sequence_parallel_refusals_name_the_field():
         load_config(bert, sp).resolve(2)
     with pytest.raises(ConfigError, match=r"debug\.skip_norm_grad_reduce needs parallel\.sequence_parallel"):
         load_config(TINY, ["parallel.tensor=2", "debug.skip_norm_grad_reduce=true"]).resolve(2)
+
+
+def test_expert_rank_control_needs_expert_parallelism():
+    moe = REPO / "configs" / "moe-tiny.yaml"
+    with pytest.raises(ConfigError, match=r"debug\.rotate_expert_ranks needs parallel\.expert > 1"):
+        load_config(moe, ["debug.rotate_expert_ranks=true"]).resolve(2)
+    assert (
+        load_config(moe, ["debug.rotate_expert_ranks=true", "parallel.expert=2"]).resolve(2).parallel.expert
+        == 2
+    )

@@ -134,10 +134,13 @@ def local_parameters(
 def initialize_weights(model: nn.Module, cfg: Config, task: layout.TaskParams = layout.LM) -> None:
     """Fill every local parameter with its shard of the layout-independent full init."""
     tp = tensor_parallel(cfg)
+    expert_rank = tp.expert.rank
+    if cfg.debug.rotate_expert_ranks:  # a control: tokens reach the next rank's experts
+        expert_rank = (expert_rank + 1) % tp.expert.size
     for lp, param in local_parameters(model, cfg, task).values():
         full = layout.init_full(lp.spec, lp.index, cfg.model, cfg.derived.padded_vocab_size, cfg.train.seed)
         value = layout.shard(full, lp.spec.split, tp.rank, tp.size)
-        value = layout.expert_shard(value, lp.spec, tp.expert.rank, tp.expert.size)
+        value = layout.expert_shard(value, lp.spec, expert_rank, tp.expert.size)
         if tuple(param.shape) != tuple(value.shape):
             raise ValueError(
                 f"{lp.key}: shape {tuple(value.shape)} does not fit parameter {tuple(param.shape)}"

@@ -11,6 +11,7 @@ import numpy as np
 from tests.conftest import REPO, cpu_env, run_with_port
 
 TINY = str(REPO / "configs" / "tiny.yaml")
+MOE_TINY = str(REPO / "configs" / "moe-tiny.yaml")
 VOCAB = 512
 
 
@@ -88,10 +89,12 @@ def write_bert_corpus(out: Path, documents: int = 1000) -> tuple[Path, Path, Pat
     return text, tok, prefix
 
 
-def train_args(corpus: Path, run_dir: Path, *overrides: str, steps: int = 10) -> list[str]:
+def train_args(
+    corpus: Path, run_dir: Path, *overrides: str, steps: int = 10, config: str = TINY
+) -> list[str]:
     return [
         "--config",
-        TINY,
+        config,
         "--set",
         f"data.train={corpus}",
         "data.mock=false",

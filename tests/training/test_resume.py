@@ -259,4 +259,10 @@ def test_data_parallel_size_change_of_whole_optimizer_state_is_honoured(tmp_path
     out = single(train_args(corpus, run, *common, steps=4))
     assert "derived.data_parallel_size: 2 → 1 from step 3" in out.stdout
     assert_close_rel([r["loss"] for r in metrics(run)], [r["loss"] for r in metrics(reference)], 1e-6)
-    assert meta(run, 4)["layout"] == {"tensor": 1, "pipeline": 1, "data_parallel": 1, "context": 1}
+    assert meta(run, 4)["layout"] == {
+        "tensor": 1,
+        "pipeline": 1,
+        "data_parallel": 1,
+        "context": 1,
+        "expert": 1,
+    }
