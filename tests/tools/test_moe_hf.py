@@ -10,7 +10,7 @@ gets random weights saved by transformers, and then:
   equals transformers' ``generate``, and the router in eval mode records no aux loss;
 - checkpoints trained by ``bigtrain.pretrain`` export to both classes: logits within 1e-4, and
   ``tools/generate.py`` on the checkpoint and on the export give the same greedy tokens;
-- one 2-process run imports all three at TP2 (sequence parallel) and gives transformers' logits (slow);
+- imports at TP2 (sequence parallel) and PP2 give transformers' logits (slow: one 2-process run each);
 - what bigtrain cannot express is refused, naming the key (OLMoE's all-head q/k norm included).
 """
 
@@ -209,9 +209,12 @@ def test_trained_checkpoint_exports_with_equal_logits_and_generations(kind, tmp_
 
 
 @pytest.mark.slow
-def test_tensor2_import_logits_equal_transformers(families, tmp_path):
-    """One 2-process run over the three imports at TP2 (sequence parallel, as megatron's MoE layer needs:
-    experts split by their rows / columns, the router and shared-expert gate whole on each rank)."""
+@pytest.mark.parametrize(("layout", "tensor", "pipeline"), [("TP2", 2, 1), ("PP2", 1, 2)])
+def test_parallel_import_logits_equal_transformers(layout, tensor, pipeline, families, tmp_path):
+    """One 2-process run over the three imports at one layout: TP2 (sequence parallel, as megatron's MoE
+    layer needs: experts split by their rows / columns, the router and shared-expert gate whole on each
+    rank), PP2 (stages cut by DeepSpeed's partitioner from the table's per-block parameter counts, which
+    differ between dense and sparse blocks)."""
     from bigtrain.checkpoint import WeightReader
     from tools.convert_from_hf import convert
 
@@ -219,15 +222,15 @@ def test_tensor2_import_logits_equal_transformers(families, tmp_path):
     torch.save(ids, tmp_path / "tokens.pt")
     args, expected = ["--tokens", str(tmp_path / "tokens.pt")], {}
     for name, (hf_dir, hf, _) in families.items():
-        ckpt = convert(hf_dir, tmp_path / name, tensor=2, progress=False)
-        assert WeightReader(ckpt).meta["config"]["parallel"]["sequence_parallel"] is True
+        ckpt = convert(hf_dir, tmp_path / name, tensor=tensor, pipeline=pipeline, progress=False)
+        assert WeightReader(ckpt).meta["config"]["parallel"]["sequence_parallel"] is (tensor > 1)
         args += ["--checkpoint", str(ckpt), "--output", str(tmp_path / f"{name}.pt")]
         with torch.no_grad():
             expected[name] = hf(ids).logits
     torchrun(2, args, module="tests.tools.pipeline_logits_probe")
     for name, theirs in expected.items():
         diff = float((torch.load(tmp_path / f"{name}.pt") - theirs).abs().max())
-        print(f"{name}: TP2 (sequence parallel) max abs logits diff {diff:.2e}")
+        print(f"{name}: {layout} max abs logits diff {diff:.2e}")
         assert diff <= 1e-4, name
 
 
