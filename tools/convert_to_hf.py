@@ -239,6 +239,13 @@ def export(
             f"{'|'.join(layout.MOE_HF_TYPES)} (Mixtral: no shared expert; Qwen2-MoE: a gated shared expert)"
         )
     check_complete(reader, cfg)
+    if cfg.model.moe.num_experts and cfg.model.moe.capacity_factor is not None:
+        print(
+            f"convert_to_hf: warning: model.moe.capacity_factor {cfg.model.moe.capacity_factor}: HF's "
+            f"{layout.HF_ARCHITECTURES[cfg.model.hf_model_type]} routes every token (dropless); its outputs "
+            "differ from bigtrain's wherever bigtrain drops tokens past an expert's capacity",
+            file=sys.stderr,
+        )
     out = Path(output).resolve()
     _prepare_output(out)
     tokenizer_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None

@@ -80,6 +80,8 @@ PUBLISHED: dict[str, dict] = {
         "use_sliding_window": False,
     },
 }
+# Mixtral with a window shorter than the sequences compared (Mistral's rule: every block)
+PUBLISHED["mixtral-window"] = {**PUBLISHED["mixtral-8x7b"], "sliding_window": 16}
 # Qwen2-MoE with dense MLPs between the sparse blocks (model.moe.layer_freq 2: blocks 1 and 3 sparse)
 PUBLISHED["qwen2-moe-step2"] = {
     **PUBLISHED["qwen1.5-moe-a2.7b"],
@@ -125,6 +127,8 @@ def test_import_logits_equal_transformers_and_permuted_experts_fail(name, famili
         dense = [i for i, block in enumerate(model.model.blocks) if isinstance(block.mlp, SwiGLU)]
         assert sparse == ([1, 3] if name == "qwen2-moe-step2" else list(range(m.num_layers)))
         assert dense == sorted(set(range(m.num_layers)) - set(sparse))
+        window = getattr(hf.config, "sliding_window", None) if name.startswith("mixtral") else None
+        assert [block.attention.window for block in model.model.blocks] == [window] * m.num_layers
         theirs = hf(ids).logits
         diff = float((model.logits(ids) - theirs).abs().max())
         assert permute_experts(model.model) == len(sparse)
