@@ -229,7 +229,8 @@ IMPORT_SEQ_LENGTH = 4096
 
 def bigtrain_config(hf: dict, tensor: int, pipeline: int, partition_method: str) -> Config:
     """A resolved bigtrain config whose model section is the HF architecture (raises ConfigError);
-    ``model.seq_length`` is the declared context capped at :data:`IMPORT_SEQ_LENGTH`."""
+    ``model.seq_length`` is the declared context capped at :data:`IMPORT_SEQ_LENGTH`; a MoE model at
+    ``tensor`` > 1 gets ``parallel.sequence_parallel`` (what megatron-core's MoE layer needs there)."""
     model = layout.model_values_from_hf(hf)
     if "max_position_embeddings" in model:
         model["seq_length"] = min(int(model["max_position_embeddings"]), IMPORT_SEQ_LENGTH)  # type: ignore[call-overload]
