@@ -170,7 +170,12 @@ def test_greedy_generation_with_kv_cache_equals_transformers_and_records_no_aux_
 
 
 TRAINED = {  # hf_model_type -> overrides of configs/tiny.yaml
-    "mixtral": ["model.hf_model_type=mixtral", "model.moe.ffn_hidden_size=48"],
+    # a capacity no expert can exceed (2 x the tokens): nothing dropped, but the export warns
+    "mixtral": [
+        "model.hf_model_type=mixtral",
+        "model.moe.ffn_hidden_size=48",
+        "model.moe.capacity_factor=4.0",
+    ],
     "qwen2_moe": [
         "model.hf_model_type=qwen2_moe",
         "model.qkv_bias=true",
@@ -185,7 +190,7 @@ TRAINED = {  # hf_model_type -> overrides of configs/tiny.yaml
 
 
 @pytest.mark.parametrize("kind", sorted(TRAINED))
-def test_trained_checkpoint_exports_with_equal_logits_and_generations(kind, tmp_path):
+def test_trained_checkpoint_exports_with_equal_logits_and_generations(kind, tmp_path, capsys):
     """3 steps of ``bigtrain.pretrain`` (aux and z-loss on), then the export: transformers' logits within
     1e-4 of bigtrain's, and ``tools/generate.py`` greedy on the checkpoint equals it on the export."""
     from transformers import AutoModelForCausalLM
@@ -198,6 +203,8 @@ def test_trained_checkpoint_exports_with_equal_logits_and_generations(kind, tmp_
     single(train_args(corpus, tmp_path / "run", *moe, *TRAINED[kind], steps=3))
     ckpt = tmp_path / "run" / "checkpoints"
     out = export(ckpt, tmp_path / "hf", progress=False)
+    warned = "routes every token (dropless)" in capsys.readouterr().err
+    assert warned == (kind == "mixtral")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.model_type == kind
     ids = tokens(hf.config.vocab_size)
