@@ -53,7 +53,17 @@ MODEL_FAMILIES = ("llama", "bert")  # each has entries in bigtrain.registry
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 # what the export writes (bigtrain.models.layout)
-DECODER_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+DECODER_HF_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "mixtral",
+    "qwen2_moe",
+)
 HF_MODEL_TYPES = (*DECODER_HF_TYPES, "bert")
 GEMMA = ("gemma2", "gemma3_text")
 FINETUNE_TASKS = ("none", "sft", "classify", "token_classify")
@@ -230,7 +240,8 @@ class ModelConfig:
     hf_model_type: str = opt(
         "llama",
         "HF model_type the export writes (import sets it): llama | mistral | qwen2 | qwen3 | phi3 (fused "
-        "qkv_proj/gate_up_proj tensors) | gemma2 | gemma3_text | bert (the bert family's).",
+        "qkv_proj/gate_up_proj tensors) | gemma2 | gemma3_text | mixtral | qwen2_moe (model.moe) | bert (the "
+        "bert family's).",
     )
 
     @property
@@ -713,7 +724,10 @@ def validate_model_variant(m: ModelConfig) -> None:
         m.head_dim % 2 == 0, f"model head width {m.head_dim} must be even (rotary pairs; model.kv_channels)"
     )
     # HF's other families put a bias on the output projection too (attention_bias), which bigtrain has not
-    _check(not m.qkv_bias or m.hf_model_type == "qwen2", "model.qkv_bias needs model.hf_model_type qwen2")
+    _check(
+        not m.qkv_bias or m.hf_model_type in ("qwen2", "qwen2_moe"),
+        "model.qkv_bias needs model.hf_model_type qwen2|qwen2_moe",
+    )
     _check(
         not m.qk_norm or m.hf_model_type in ("qwen3", "gemma3_text"),
         "model.qk_norm needs model.hf_model_type qwen3|gemma3_text",
@@ -726,14 +740,21 @@ def validate_model_variant(m: ModelConfig) -> None:
         m.sliding_window is None or m.hf_model_type != "llama",
         "model.sliding_window: HF's llama has no sliding window (set model.hf_model_type mistral|qwen2|qwen3)",
     )
+    # HF's Qwen2-MoE windows every other block below max_window_layers: not bigtrain's window rule
+    _check(
+        m.sliding_window is None or m.hf_model_type != "qwen2_moe",
+        "model.sliding_window: HF's qwen2_moe windows other blocks than bigtrain would (set it to null)",
+    )
     _check(
         m.full_attention_layers >= 0,
         f"model.full_attention_layers must be >= 0, got {m.full_attention_layers}",
     )
     _check(
-        m.full_attention_layers == 0 or m.hf_model_type in ("qwen2", "qwen3"),
-        "model.full_attention_layers is HF Qwen's max_window_layers: needs model.hf_model_type qwen2|qwen3",
+        m.full_attention_layers == 0 or m.hf_model_type in ("qwen2", "qwen3", "qwen2_moe"),
+        "model.full_attention_layers is HF Qwen's max_window_layers: needs model.hf_model_type "
+        "qwen2|qwen3|qwen2_moe",
     )
+    validate_moe_hf_type(m)
     _check(
         m.activation in ACTIVATIONS, f"model.activation must be {'|'.join(ACTIVATIONS)}, got {m.activation!r}"
     )
@@ -828,6 +849,31 @@ def validate_context_parallel(cfg: Config) -> None:
         + ("parallel.context*parallel.tensor (sequence parallel) = " if p.sequence_parallel else "")
         + f"{chunk} (each rank holds an equal chunk of the sequence)",
     )
+
+
+def validate_moe_hf_type(m: ModelConfig) -> None:
+    """``model.hf_model_type`` mixtral / qwen2_moe: the experts that HF class has (every block sparse, top-k
+    renormalized, no shared expert / a gated shared expert in every sparse block)."""
+    e = m.moe
+    if m.hf_model_type == "mixtral":
+        _check(e.num_experts > 0, "model.hf_model_type mixtral needs model.moe.num_experts > 0")
+        _check(
+            e.layer_freq == 1, "model.hf_model_type mixtral: every block is sparse (model.moe.layer_freq 1)"
+        )
+        _check(
+            e.norm_topk_prob, "model.hf_model_type mixtral renormalizes the top-k (model.moe.norm_topk_prob)"
+        )
+        _check(
+            e.shared_expert_ffn_size == 0,
+            "model.hf_model_type mixtral has no shared expert (model.moe.shared_expert_ffn_size 0; qwen2_moe has)",
+        )
+    if m.hf_model_type == "qwen2_moe":
+        _check(e.num_experts > 0, "model.hf_model_type qwen2_moe needs model.moe.num_experts > 0")
+        _check(
+            e.shared_expert_ffn_size > 0 and e.shared_expert_gate,
+            "model.hf_model_type qwen2_moe has a gated shared expert in every sparse block "
+            "(model.moe.shared_expert_ffn_size > 0 and model.moe.shared_expert_gate true)",
+        )
 
 
 def validate_moe(cfg: Config, data_parallel: int) -> None:

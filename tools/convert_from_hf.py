@@ -1,7 +1,10 @@
 """Import a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``Phi3ForCausalLM``, ``Gemma2ForCausalLM`` or ``Gemma3ForCausalLM`` (text) directory as a weights-only bigtrain checkpoint at a chosen tensor x pipeline layout
-(the families are bigtrain's decoder with config-driven variants: rotary scaling, q/k/v biases, q/k
-norm, head width, sliding window, Phi-3's fused tensors, Gemma 2/3's block; ``model.hf_model_type``
+``Qwen3ForCausalLM``, ``Phi3ForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (text),
+``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM`` directory as a weights-only bigtrain checkpoint at a
+chosen tensor x pipeline layout (the families are bigtrain's decoder with config-driven variants: rotary
+scaling, q/k/v biases, q/k norm, head width, sliding window, Phi-3's fused tensors, Gemma 2/3's block,
+``model.moe`` experts, every expert in the weight files, which expert-parallel ranks split at load;
+``OlmoeForCausalLM`` is refused: its q/k norm spans all heads); ``model.hf_model_type``
 keeps the family for the export), or a BERT encoder (``BertForPreTraining``; ``BertForMaskedLM`` and
 ``BertModel``, whose missing pooler / heads start from the layout table's init, seeded by
 ``train.seed``, and are listed in the output) as ``model.family: bert``.
@@ -63,6 +66,14 @@ TOKENIZER_FILES = (
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers old exports carry
 
 
+# HF architectures close to a supported one that bigtrain cannot compute, and why (named in the refusal)
+NOT_EXPRESSIBLE = {
+    "olmoe": "OlmoeForCausalLM's q_norm/k_norm are RMSNorms over the whole query/key projection (one "
+    "statistic over all heads, weights [heads*head_dim]); bigtrain's model.qk_norm normalizes each head on "
+    "its own (Qwen3, Gemma 3), which computes something else",
+}
+
+
 class ConversionError(ValueError):
     """The HF directory cannot be imported; the message names the cause."""
 
@@ -76,6 +87,8 @@ def unsupported_fields(hf: dict) -> list[str]:
     """Every reason this HF config is not bigtrain's architecture, each naming the field."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or [SUPPORTED.get(model_type, ("?",))[0]]
+    if model_type in NOT_EXPRESSIBLE:
+        return [f"architecture {archs[0]} (model_type {model_type!r}): {NOT_EXPRESSIBLE[model_type]}"]
     if model_type not in SUPPORTED or archs[0] not in SUPPORTED[model_type]:
         return [
             f"architecture {archs[0]} (model_type {model_type!r}) is not supported; "
@@ -100,6 +113,8 @@ def unsupported_fields(hf: dict) -> list[str]:
     for dropout in ("resid_pdrop", "embd_pdrop"):
         if hf.get(dropout):
             problems.append(f"{dropout}={hf[dropout]} (bigtrain has no dropout)")
+    if model_type in layout.MOE_HF_TYPES:
+        problems += unsupported_moe_fields(hf)
     rope = layout.hf_rope_scaling(hf)
     kind = rope.get("type", "default")
     if kind == "dynamic":
@@ -126,6 +141,36 @@ def unsupported_fields(hf: dict) -> list[str]:
                 f"layer_types {layer_types} (bigtrain's window rule gives {expected}: the window from block "
                 "max_window_layers on, or all but every sliding_window_pattern-th block for Gemma)"
             )
+    return problems
+
+
+def unsupported_moe_fields(hf: dict) -> list[str]:
+    """What bigtrain's MoE blocks (``bigtrain.models.moe``) do not compute in a Mixtral / Qwen2-MoE config."""
+    problems = []
+    if hf.get("router_jitter_noise"):
+        problems.append(
+            f"router_jitter_noise={hf['router_jitter_noise']} (multiplicative noise on the router input while "
+            "training; bigtrain's router has none)"
+        )
+    if hf["model_type"] != "qwen2_moe":
+        return problems
+    if hf.get("use_sliding_window"):
+        problems.append(
+            "use_sliding_window=true (Qwen2-MoE windows every other block below max_window_layers; bigtrain's "
+            "window rule is another)"
+        )
+    if not hf.get("num_experts", 60):
+        problems.append("num_experts=0 (a Qwen2-MoE without experts; import it as a dense qwen2)")
+    if not hf.get("shared_expert_intermediate_size", 5632):
+        problems.append("shared_expert_intermediate_size=0 (bigtrain's qwen2_moe has a gated shared expert)")
+    step, layers = hf.get("decoder_sparse_step") or 1, hf.get("num_hidden_layers", 0)
+    sparse = {i for i in range(int(layers)) if (i + 1) % step == 0}
+    forced = sorted(sparse & set(hf.get("mlp_only_layers") or ()))
+    if forced:
+        problems.append(
+            f"mlp_only_layers={hf['mlp_only_layers']} makes sparse block(s) {forced} dense (bigtrain's sparse "
+            f"blocks are exactly every decoder_sparse_step={step}-th, model.moe.layer_freq)"
+        )
     return problems
 
 
@@ -184,13 +229,17 @@ IMPORT_SEQ_LENGTH = 4096
 
 def bigtrain_config(hf: dict, tensor: int, pipeline: int, partition_method: str) -> Config:
     """A resolved bigtrain config whose model section is the HF architecture (raises ConfigError);
-    ``model.seq_length`` is the declared context capped at :data:`IMPORT_SEQ_LENGTH`."""
+    ``model.seq_length`` is the declared context capped at :data:`IMPORT_SEQ_LENGTH`; a MoE model at
+    ``tensor`` > 1 gets ``parallel.sequence_parallel`` (what megatron-core's MoE layer needs there)."""
     model = layout.model_values_from_hf(hf)
     if "max_position_embeddings" in model:
         model["seq_length"] = min(int(model["max_position_embeddings"]), IMPORT_SEQ_LENGTH)  # type: ignore[call-overload]
+    parallel = {"tensor": tensor, "pipeline": pipeline, "partition_method": partition_method}
+    if tensor > 1 and "moe" in model:  # megatron-core's MoE layer under TP needs sequence parallelism
+        parallel["sequence_parallel"] = True
     tree = {
         "model": model,
-        "parallel": {"tensor": tensor, "pipeline": pipeline, "partition_method": partition_method},
+        "parallel": parallel,
         "data": {"mock": True},  # weights only: set data.train (and data.mock=false) to train on it
     }
     return config_from_dict(tree).resolve(tensor * pipeline)

@@ -1,5 +1,7 @@
 """Export a bigtrain checkpoint (any tensor x pipeline x data layout, any ZeRO stage) to a Hugging Face
-``LlamaForCausalLM`` directory (or the family it was imported from: Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3):
+``LlamaForCausalLM`` directory (or the family it was imported from, ``model.hf_model_type``: Mistral, Qwen2,
+Qwen3, Phi-3, Gemma 2/3, and with ``model.moe`` Mixtral or Qwen2-MoE, every expert whatever the expert-parallel
+size it was trained at):
 config.json, sharded safetensors + index, generation_config.json and
 the tokenizer files. A ``model.family: bert`` checkpoint exports as ``BertForPreTraining`` (loads with
 ``AutoModelForPreTraining``, ``AutoModelForMaskedLM`` and ``AutoModel``; no generation_config.json).
@@ -194,9 +196,12 @@ def hf_config(cfg: Config, dtype: str, meta: dict | None = None, tokenizer_dir: 
     m = cfg.model
     source = (meta or {}).get("source", {}).get("hf_config", {})
     dropout = {k: source[k] for k in BERT_DROPOUT if k in source} if m.family == "bert" else {}
+    # an output switch (HF returns router logits and adds the aux loss): an import's own value comes back
+    router = {k: source[k] for k in ("output_router_logits",) if k in source} if m.moe.num_experts else {}
     return {
         **dropout,
         **layout.hf_variant_values(m),
+        **router,
         **layout.hf_config_values(m),
         "use_cache": True,
         "torch_dtype": PRECISION_DTYPES[dtype],
@@ -227,7 +232,20 @@ def export(
 
     reader = WeightReader(checkpoint)
     cfg = checkpoint_config(reader)
+    if cfg.model.moe.num_experts and cfg.model.hf_model_type not in layout.MOE_HF_TYPES:
+        raise ExportError(
+            f"{reader.dir}: model.moe.num_experts {cfg.model.moe.num_experts} with model.hf_model_type "
+            f"{cfg.model.hf_model_type!r}, whose HF class has no experts; set model.hf_model_type "
+            f"{'|'.join(layout.MOE_HF_TYPES)} (Mixtral: no shared expert; Qwen2-MoE: a gated shared expert)"
+        )
     check_complete(reader, cfg)
+    if cfg.model.moe.num_experts and cfg.model.moe.capacity_factor is not None:
+        print(
+            f"convert_to_hf: warning: model.moe.capacity_factor {cfg.model.moe.capacity_factor}: HF's "
+            f"{layout.HF_ARCHITECTURES[cfg.model.hf_model_type]} routes every token (dropless); its outputs "
+            "differ from bigtrain's wherever bigtrain drops tokens past an expert's capacity",
+            file=sys.stderr,
+        )
     out = Path(output).resolve()
     _prepare_output(out)
     tokenizer_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None

@@ -483,8 +483,13 @@ def local_layer_params(
 
 # ---------------------------------------------------------------------------- HF mapping
 def hf_names(lp: LayerParam, m: ModelConfig) -> tuple[str, ...]:
-    """The parameter's HF tensor names in ``m.hf_model_type``'s checkpoints (one when that family fuses it)."""
+    """The parameter's HF tensor names in ``m.hf_model_type``'s checkpoints (one when that family fuses it).
+    Stacked experts: one name per expert and template, expert by expert (``experts.0.gate``,
+    ``experts.0.up``, ``experts.1.gate``, ...)."""
     templates = HF_RENAMED.get(m.hf_model_type, {}).get(lp.spec.name, lp.spec.hf)
+    if is_expert(lp.spec):
+        block = lp.index - 1
+        return tuple(t.format(i=block, e=e) for e in range(m.moe.num_experts) for t in templates)
     return tuple(t.format(i=lp.index - 1) for t in templates)
 
 
@@ -504,6 +509,11 @@ def to_hf(lp: LayerParam, full: torch.Tensor, m: ModelConfig) -> dict[str, torch
         return {names[0]: torch.cat([q, k, v])} if len(names) == 1 else dict(zip(names, (q, k, v)))
     if lp.spec.split == "gate_up":
         return {names[0]: full} if len(names) == 1 else dict(zip(names, full.chunk(2, dim=0)))
+    if lp.spec.split == "expert_gate_up":  # [experts, 2f, h] -> per expert gate [f, h], up [f, h]
+        parts = [half for expert in full for half in expert.chunk(2, dim=0)]
+        return dict(zip(names, parts, strict=True))
+    if lp.spec.split == "expert_row":  # [experts, h, f] -> per expert down [h, f]
+        return dict(zip(names, full.unbind(0), strict=True))
     return {names[0]: full}
 
 
@@ -529,6 +539,11 @@ def from_hf(
         return torch.cat([q, k, v], dim=1).reshape(-1, *cols)
     if lp.spec.split == "gate_up":
         return torch.cat([tensors[n] for n in names], dim=0)  # fused: already [gate; up]
+    if lp.spec.split == "expert_gate_up":  # names: expert by expert, gate then up
+        pairs = zip(names[0::2], names[1::2])
+        return torch.stack([torch.cat([tensors[gate], tensors[up]], dim=0) for gate, up in pairs])
+    if lp.spec.split == "expert_row":
+        return torch.stack([tensors[n] for n in names])
     return tensors[names[0]]
 
 
@@ -579,6 +594,8 @@ HF_ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "bert": "BertForPreTraining",
 }
 # model_type -> every HF class an import takes: :data:`HF_ARCHITECTURES`' and, for bert, the classes
@@ -619,6 +636,14 @@ HF_RENAMED: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 HF_RENAMED["gemma3_text"] = HF_RENAMED["gemma2"]
+# Mixtral's experts (``block_sparse_moe``; w1 gate, w3 up, w2 down); Qwen2-MoE's are MOE_MLP_PARAMS' own
+_MIXTRAL = "model.layers.{i}.block_sparse_moe."
+HF_RENAMED["mixtral"] = {
+    "mlp.router.weight": (f"{_MIXTRAL}gate.weight",),
+    "mlp.experts.gate_up": (f"{_MIXTRAL}experts.{{e}}.w1.weight", f"{_MIXTRAL}experts.{{e}}.w3.weight"),
+    "mlp.experts.down": (f"{_MIXTRAL}experts.{{e}}.w2.weight",),
+}
+MOE_HF_TYPES = ("mixtral", "qwen2_moe")  # the HF classes with experts (config.validate_model_variant)
 ROPE_KEYS = (  # RopeScalingConfig fields under their HF rope_parameters names (written when set)
     "factor",
     "original_max_position_embeddings",
@@ -638,7 +663,8 @@ def hf_config_values(m: ModelConfig) -> dict[str, object]:
     the bert family; defaults resolved: kv heads, ffn size, context; true vocab size)."""
     resolved = {
         "num_kv_heads": m.kv_heads,
-        "ffn_hidden_size": m.ffn_size,
+        # Mixtral has no dense MLP: its intermediate_size is the experts' width
+        "ffn_hidden_size": m.expert_ffn_size if m.hf_model_type == "mixtral" else m.ffn_size,
         "max_position_embeddings": m.context_length,
     }
     return {hf: resolved.get(ours, getattr(m, ours)) for ours, hf in FAMILY_HF_CONFIG_FIELDS[m.family]}
@@ -711,6 +737,45 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
             max_window_layers=m.full_attention_layers,
             layer_types=hf_layer_types(m),
         )
+    if kind in MOE_HF_TYPES:
+        out.update(hf_moe_values(m))
+    return out
+
+
+def hf_moe_values(m: ModelConfig) -> dict[str, object]:
+    """The MoE fields of HF's Mixtral / Qwen2-MoE config. ``router_aux_loss_coef`` is
+    ``model.moe.aux_loss_coeff`` (both multiply the Switch load-balancing value E * sum_e f_e * P_e, but HF
+    pools every block's router logits into one value where bigtrain adds one per MoE block, so with L MoE
+    blocks bigtrain's aux term is about L times HF's at the same coefficient; z-loss and
+    capacity have no HF field: HF routes dropless without z-loss). ``output_router_logits`` is an output
+    switch (HF adds the aux loss only when it is on), written false; an import keeps its own."""
+    e = m.moe
+    out: dict[str, object] = {
+        "num_experts_per_tok": e.top_k,
+        "router_aux_loss_coef": e.aux_loss_coeff,
+        "output_router_logits": False,
+    }
+    if m.hf_model_type == "mixtral":  # every block sparse, renormalized top-k, no shared expert
+        out.update(
+            num_local_experts=e.num_experts,
+            router_jitter_noise=0.0,
+            sliding_window=m.sliding_window,
+            head_dim=m.kv_channels,  # MixtralConfig's null: hidden / heads
+        )
+        return out
+    out.update(  # qwen2_moe; HF's config sets sliding_window 0 when use_sliding_window is off
+        num_experts=e.num_experts,
+        moe_intermediate_size=m.expert_ffn_size,
+        shared_expert_intermediate_size=e.shared_expert_ffn_size,
+        norm_topk_prob=e.norm_topk_prob,
+        decoder_sparse_step=e.layer_freq,
+        mlp_only_layers=[],
+        qkv_bias=m.qkv_bias,
+        use_sliding_window=False,
+        sliding_window=0,
+        max_window_layers=m.full_attention_layers,
+        layer_types=hf_layer_types(m),
+    )
     return out
 
 
@@ -780,6 +845,8 @@ def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
         if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
             values["sliding_window"] = hf["sliding_window"]
         values["full_attention_layers"] = hf.get("max_window_layers", 0)
+    if kind in MOE_HF_TYPES:
+        moe_values_from_hf(hf, values)
     scaling = hf_rope_scaling(hf)
     scaling.pop("partial_rotary_factor", None)  # 1 (the whole head) or refused by the importer
     if kind == "phi3" and hf.get("original_max_position_embeddings") is not None:
@@ -787,6 +854,35 @@ def model_values_from_hf(hf: dict[str, object]) -> dict[str, object]:
     if scaling:
         values["rope_scaling"] = scaling
     return values
+
+
+def moe_values_from_hf(hf: dict[str, object], values: dict[str, object]) -> None:
+    """Fill ``values`` (ModelConfig values) with a Mixtral / Qwen2-MoE config's experts (the inverse of
+    :func:`hf_moe_values`). What bigtrain cannot express (router jitter, a window, ``mlp_only_layers``
+    that make sparse blocks dense) is for the importer to refuse first (``tools/convert_from_hf.py``)."""
+    kind = hf["model_type"]
+    moe: dict[str, object] = {}
+    if hf.get("num_experts_per_tok") is not None:
+        moe["top_k"] = hf["num_experts_per_tok"]
+    if hf.get("router_aux_loss_coef") is not None:
+        moe["aux_loss_coeff"] = hf["router_aux_loss_coef"]
+    if kind == "mixtral":
+        moe.update(num_experts=hf.get("num_local_experts", 8), norm_topk_prob=True)
+        if hf.get("sliding_window") is not None:
+            values["sliding_window"] = hf["sliding_window"]
+    else:  # qwen2_moe: a gated shared expert in every sparse block, dense MLPs between them
+        moe.update(num_experts=hf.get("num_experts", 60), shared_expert_gate=True)
+        for ours, name in (
+            ("ffn_hidden_size", "moe_intermediate_size"),
+            ("shared_expert_ffn_size", "shared_expert_intermediate_size"),
+            ("norm_topk_prob", "norm_topk_prob"),
+            ("layer_freq", "decoder_sparse_step"),
+        ):
+            if hf.get(name) is not None:
+                moe[ours] = hf[name]
+        values["qkv_bias"] = hf.get("qkv_bias", True)  # transformers 4's Qwen2-MoE always has the biases
+        values["full_attention_layers"] = hf.get("max_window_layers", 0)
+    values["moe"] = moe
 
 
 # ---------------------------------------------------------------------------- pipeline stages

@@ -138,6 +138,54 @@ def randomize(model) -> None:
                 p.normal_(0, 0.3 if "embed" in name or "lm_head" in name else 0.15)
 
 
+def hf_model(config: dict):
+    """A transformers model of a config.json's values (its ``model_type``), fp32, with :func:`randomize`'s
+    weights (seed 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields), dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    randomize(model)
+    return model
+
+
+def saved_and_imported(work: Path, configs: dict[str, dict]) -> dict[str, tuple]:
+    """name -> (HF directory saved by transformers, the HF model, its TP1 import) for each config."""
+    from tools.convert_from_hf import convert
+
+    out = {}
+    for name, config in configs.items():
+        model = hf_model(config)
+        model.save_pretrained(work / name)
+        out[name] = (work / name, model, convert(work / name, work / f"{name}-tp1", progress=False))
+    return out
+
+
+def assert_round_trip(hf_dir: Path, back: Path, hf) -> dict[str, torch.Tensor]:
+    """``back`` (the export of ``hf_dir``'s import) holds every tensor of ``hf_dir`` bitwise (same names,
+    dtypes, values) and every config.json value; transformers loads it as ``hf``'s class with nothing
+    missing or left over. Returns the original tensors by name."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def tensors(directory):
+        return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    original, exported = tensors(hf_dir), tensors(back)
+    assert set(original) == set(exported)
+    assert all(
+        original[k].dtype == exported[k].dtype and torch.equal(original[k], exported[k]) for k in original
+    )
+    a, b = (json.loads((d / "config.json").read_text()) for d in (hf_dir, back))
+    assert {k: v for k, v in a.items() if k != "transformers_version"} == {
+        k: b.get(k) for k in a if k != "transformers_version"
+    }
+    loaded, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True, dtype=torch.float32)
+    assert type(loaded) is type(hf) and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    return original
+
+
 def random_llama(**overrides):
     """A transformers-built LlamaForCausalLM with large random weights (sharp, layout-sensitive outputs)."""
     from transformers import LlamaConfig, LlamaForCausalLM

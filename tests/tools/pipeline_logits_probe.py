@@ -3,7 +3,8 @@ A.pt [--checkpoint B --output B.pt ...]``: bigtrain's own LM logits [b, s, vocab
 gathered, padding stripped) for the tokens [b, s] in T.pt, at the tensor x pipeline layout every listed
 checkpoint was saved with (all the same layout: one process group serves them all). Each pipeline stage
 runs its ``PipelineModule`` layers and sends the hidden state to the next stage's rank of the same
-tensor rank. A test probe (what imports are compared against); data parallel = 1."""
+tensor rank (pipeline 1: sequence parallelism allowed, as MoE imports at TP > 1 have it). A test probe
+(what imports are compared against); data parallel = 1."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
                     torch.distributed.recv(
                         x, src=topo.get_rank(pipe=dist.pp_rank - 1, data=0, model=dist.tp_rank)
                     )
-                y = model(x)  # this stage's layers
+                # this stage's layers; one stage (a LlamaModel): its logits, sequence shards gathered
+                y = model(x) if cfg.parallel.pipeline > 1 else model.outputs(x)
                 if dist.pp_rank < last:
                     torch.distributed.send(
                         y.contiguous(), dst=topo.get_rank(pipe=dist.pp_rank + 1, data=0, model=dist.tp_rank)

@@ -15,12 +15,10 @@ ids kept inside the shrunk vocabulary) gets random weights saved by transformers
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.tools.conftest import randomize, venv_on_path
+from tests.tools.conftest import assert_round_trip, hf_model, saved_and_imported, venv_on_path
 from tests.training.helpers import torchrun
 
 SEQ = 48  # > Mistral's shrunk window (16): the window is exercised
@@ -219,28 +217,11 @@ def wrong_on_purpose(name: str, model) -> None:
             attention.window = None
 
 
-def hf_model(config: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields), dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    randomize(model)
-    return model
-
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     """name -> (HF directory saved by transformers, the HF model, its TP1 import)."""
-    from tools.convert_from_hf import convert
-
-    work = tmp_path_factory.mktemp("variants")
-    out = {}
-    for name, published in PUBLISHED.items():
-        model = hf_model({**SHRUNK, **published})
-        model.save_pretrained(work / name)
-        out[name] = (work / name, model, convert(work / name, work / f"{name}-tp1", progress=False))
-    return out
+    configs = {name: {**SHRUNK, **published} for name, published in PUBLISHED.items()}
+    return saved_and_imported(tmp_path_factory.mktemp("variants"), configs)
 
 
 def tokens(vocab: int) -> torch.Tensor:
@@ -268,28 +249,10 @@ def test_import_logits_equal_transformers_and_control_fails(name, families):
 def test_round_trip_is_bitwise_and_keeps_the_family(name, families, tmp_path):
     """Every tensor and every config.json value come back; transformers loads the export as the
     family's own class, with nothing missing or left over."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     from tools.convert_to_hf import export
 
     hf_dir, hf, ckpt = families[name]
-    back = export(ckpt, tmp_path / "hf", progress=False)
-
-    def tensors(directory):
-        return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-
-    original, exported = tensors(hf_dir), tensors(back)
-    assert set(original) == set(exported)
-    assert all(
-        original[k].dtype == exported[k].dtype and torch.equal(original[k], exported[k]) for k in original
-    )
-    a, b = (json.loads((d / "config.json").read_text()) for d in (hf_dir, back))
-    assert {k: v for k, v in a.items() if k != "transformers_version"} == {
-        k: b.get(k) for k in a if k != "transformers_version"
-    }
-    loaded, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True, dtype=torch.float32)
-    assert type(loaded) is type(hf) and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    assert_round_trip(hf_dir, export(ckpt, tmp_path / "hf", progress=False), hf)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
