@@ -744,10 +744,10 @@ def hf_variant_values(m: ModelConfig) -> dict[str, object]:
 
 def hf_moe_values(m: ModelConfig) -> dict[str, object]:
     """The MoE fields of HF's Mixtral / Qwen2-MoE config. ``router_aux_loss_coef`` is
-    ``model.moe.aux_loss_coeff`` (both multiply the Switch load-balancing value E * sum_e f_e * P_e, but HF
-    pools every block's router logits into one value where bigtrain adds one per MoE block, so with L MoE
-    blocks bigtrain's aux term is about L times HF's at the same coefficient; z-loss and
-    capacity have no HF field: HF routes dropless without z-loss). ``output_router_logits`` is an output
+    ``model.moe.aux_loss_coeff`` (both multiply the Switch load-balancing value E * sum_e f_e * P_e at one
+    block's scale: HF pools every block's router logits into one value, bigtrain averages the blocks'
+    values, equal for one block and of the same size for many; z-loss and capacity have no HF field: HF
+    routes dropless without z-loss). ``output_router_logits`` is an output
     switch (HF adds the aux loss only when it is on), written false; an import keeps its own."""
     e = m.moe
     out: dict[str, object] = {
