@@ -313,6 +313,7 @@ RULES: dict[str, Rule] = {
     "finetune.labels": Rule(REFUSED, "the class ids of the saved score head"),
     "finetune.freeze_embeddings": Rule(REFUSED, "which parameters the saved optimizer state covers"),
     "finetune.freeze_layers": Rule(REFUSED, "which parameters the saved optimizer state covers"),
+    "finetune.freeze_router": Rule(REFUSED, "which parameters the saved optimizer state covers"),
     "finetune.metric": Rule(REFUSED, "the restored best value and patience count are of the saved metric"),
     "finetune.lora.rank": Rule(REFUSED, SHAPE),
     "finetune.lora.targets": Rule(REFUSED, SHAPE),

@@ -56,7 +56,7 @@ def test_moe_run_logs_routing_metrics(tmp_path):
 
 
 def test_dense_run_logs_no_moe_keys(tmp_path):
-    rows = _run(tmp_path / "run", "model.moe.num_experts=0", steps=1)
+    rows = _run(tmp_path / "run", "model.moe.num_experts=0", "model.hf_model_type=llama", steps=1)
     assert not [k for k in rows[0] if k.startswith("moe_")]
 
 
