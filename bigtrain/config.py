@@ -135,9 +135,9 @@ class MoEConfig:
     aux_loss_coeff: float = opt(
         0.01,
         "Coefficient of the load-balancing loss: the mean over MoE blocks of E * sum_e f_e * P_e (Switch/"
-        "GShard; f_e: fraction of the block's top-k slots routed to expert e, P_e: its mean router "
-        "probability; HF's value for one block, and HF's router_aux_loss_coef). Added to the gradients, "
-        "reported apart from the loss (moe_aux_loss). 0: off.",
+        "GShard; f_e: the block's top-k slots routed to expert e per token, summing to top_k; P_e: the "
+        "expert's mean router probability; HF's value for one block, top_k at uniform routing, and HF's "
+        "router_aux_loss_coef). Added to the gradients, reported apart from the loss (moe_aux_loss). 0: off.",
     )
     z_loss_coeff: float = opt(
         0.0,
@@ -895,6 +895,13 @@ def validate_moe(cfg: Config, data_parallel: int) -> None:
     _check(
         1 <= e.top_k <= e.num_experts,
         f"model.moe.top_k must be in [1, model.moe.num_experts={e.num_experts}], got {e.top_k}",
+    )
+    # megatron-core's router refuses top-1 after a softmax over the top-k logits (which would weight every
+    # token's expert by exactly 1): MoELayer raises "Please use --moe-router-pre-softmax when topk is 1"
+    _check(
+        e.top_k > 1 or not e.norm_topk_prob,
+        "model.moe.top_k 1 needs model.moe.norm_topk_prob false (renormalizing one weight makes it 1; Switch "
+        "weights the expert by its router probability)",
     )
     _check(e.layer_freq >= 1, f"model.moe.layer_freq must be >= 1, got {e.layer_freq}")
     _check(

@@ -24,10 +24,12 @@ if TYPE_CHECKING:
 
 
 def single_process_config(saved: dict, device: str = "cpu") -> Config:
-    """A checkpoint's config rewritten for one process: tensor = pipeline = context = 1, no sequence
-    parallelism (neither changes a weight), no ZeRO, no recomputation."""
+    """A checkpoint's config rewritten for one process: tensor = pipeline = context = expert = 1, no
+    sequence parallelism (none changes a weight; weight files hold every expert), no ZeRO, no
+    recomputation, and no debug control."""
     cfg = config_from_dict(saved)
-    cfg.parallel.tensor = cfg.parallel.pipeline = cfg.parallel.context = 1
+    cfg.parallel.tensor = cfg.parallel.pipeline = cfg.parallel.context = cfg.parallel.expert = 1
+    cfg.debug.rotate_expert_ranks = False
     cfg.parallel.sequence_parallel = False
     cfg.zero.stage, cfg.zero.offload_optimizer = 0, False
     cfg.activation_checkpointing = "none"

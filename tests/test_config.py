@@ -211,6 +211,15 @@ def test_sequence_parallel_refusals_name_the_field():
         load_config(TINY, ["parallel.tensor=2", "debug.skip_norm_grad_reduce=true"]).resolve(2)
 
 
+def test_top1_routing_needs_the_probability_as_weight():
+    """megatron-core's router refuses top-1 after renormalization (it raised only after start-up)."""
+    moe = REPO / "configs" / "moe-tiny.yaml"
+    with pytest.raises(ConfigError, match=r"model\.moe\.top_k 1 needs model\.moe\.norm_topk_prob false"):
+        load_config(moe, ["model.moe.top_k=1"]).resolve(1)
+    top1 = ["model.moe.top_k=1", "model.moe.norm_topk_prob=false", "model.hf_model_type=llama"]
+    assert load_config(moe, top1).resolve(1).model.moe.top_k == 1
+
+
 def test_expert_rank_control_needs_expert_parallelism():
     moe = REPO / "configs" / "moe-tiny.yaml"
     with pytest.raises(ConfigError, match=r"debug\.rotate_expert_ranks needs parallel\.expert > 1"):

@@ -20,3 +20,13 @@ def test_single_process_config_drops_context_and_sequence_parallelism():
     assert cfg.derived.world_size == 1 and cfg.derived.data_parallel_size == 1
     assert cfg.zero.stage == 0 and cfg.activation_checkpointing == "none"
     assert cfg.model.num_kv_heads == 4 and cfg.model.seq_length == 32  # the model itself is kept
+
+
+def test_single_process_config_reads_an_expert_parallel_checkpoint():
+    """Weight files hold every expert, so a checkpoint trained at parallel.expert 2 (data parallel 2)
+    is read by one process with every expert; the EP control flag goes with it."""
+    moe = REPO / "configs" / "moe-tiny.yaml"
+    saved = load_config(moe, ["parallel.expert=2", "debug.rotate_expert_ranks=true"]).resolve(2).to_dict()
+    cfg = single_process_config(saved)
+    assert cfg.parallel.expert == 1 and not cfg.debug.rotate_expert_ranks
+    assert cfg.model.moe.num_experts == 4 and cfg.derived.world_size == 1

@@ -97,7 +97,7 @@ def torchrun_2(module_args: list[str], run_dir: Path, timeout: float) -> tuple[A
 def run_one(args: argparse.Namespace, layout: str, seq: int) -> dict[str, Any]:
     """One torchrun of bigtrain.pretrain; returns its step-1 loss, step times and rank 0's peak RSS.
     Raises SystemExit with the end of the log if the run fails or logs too few steps."""
-    run_dir = Path(args.work_dir) / f"{layout}-{seq}"
+    run_dir = Path(args.work_dir).resolve() / f"{layout}-{seq}"
     sets = [
         *MODEL,
         f"model.seq_length={seq}",
@@ -114,7 +114,9 @@ def run_one(args: argparse.Namespace, layout: str, seq: int) -> dict[str, Any]:
     ]
     t0 = time.perf_counter()
     proc, records = torchrun_2(
-        ["bigtrain.pretrain", "--config", args.config, "--set", *sets], run_dir, args.timeout
+        ["bigtrain.pretrain", "--config", str(Path(args.config).resolve()), "--set", *sets],
+        run_dir,
+        args.timeout,
     )
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or len(records) < args.warmup + args.steps:

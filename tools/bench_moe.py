@@ -96,7 +96,7 @@ def worker(argv: list[str]) -> None:
 def run_one(args: argparse.Namespace, layout: str, repeat: int) -> dict[str, Any]:
     """One 2-rank run; its per-step tokens/s and all-to-all share (rank 0). SystemExit with the end of
     the log if the run fails or logs too few steps."""
-    run_dir = Path(args.work_dir) / f"{layout}-{repeat}"
+    run_dir = Path(args.work_dir).resolve() / f"{layout}-{repeat}"
     sets = [
         f"train.steps={args.warmup + args.steps}",
         "train.log_interval=1",
@@ -108,7 +108,7 @@ def run_one(args: argparse.Namespace, layout: str, repeat: int) -> dict[str, Any
         *LAYOUTS[layout],
         *args.set,
     ]
-    module = ["tools.bench_moe", "--worker", "--config", args.config, "--set", *sets]
+    module = ["tools.bench_moe", "--worker", "--config", str(Path(args.config).resolve()), "--set", *sets]
     proc, records = torchrun_2(module, run_dir, args.timeout)
     a2a_file = run_dir / A2A_FILE.format(rank=0)
     if proc.returncode != 0 or len(records) < args.warmup + args.steps or not a2a_file.exists():

@@ -94,6 +94,8 @@ def target_config(saved: Config, tensor: int, pipeline: int, data_parallel: int,
     padded vocabulary, ...) re-resolved; :class:`Refused` naming the field that makes it impossible."""
     cfg = copy.deepcopy(saved)
     cfg.parallel.tensor, cfg.parallel.pipeline, cfg.zero.stage = tensor, pipeline, zero_stage
+    if cfg.model.moe.num_experts and tensor > 1:
+        cfg.parallel.sequence_parallel = True  # megatron's MoE layer trains only so; it changes no weight
     if cfg.zero.stage == 0:
         cfg.zero.offload_optimizer = False  # offload needs ZeRO >= 1: a ZeRO-0 target runs without it
     try:
@@ -286,6 +288,13 @@ def reshard(
     if (out is None) == (not in_place):
         raise Refused("give exactly one of --out DIR and --in-place")
     src = resolve_source(source)
+    expert = json.loads((src / META).read_text()).get("layout", {}).get("expert", 1)
+    if expert > 1:
+        raise Refused(
+            f"{src} was saved at parallel.expert {expert}: resharding the optimizer state of an expert-parallel "
+            "checkpoint is not supported yet; resume it at parallel.expert "
+            f"{expert}, or load its weights (all experts) at the new layout with checkpoint.load"
+        )
     try:
         state = open_optimizer_state(src)
     except (FileNotFoundError, ValueError) as e:

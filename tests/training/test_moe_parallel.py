@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from bigtrain.checkpoint import latest_tag
+from tests.conftest import REPO, run_cmd
 from tests.training.helpers import MOE_TINY, assert_close_rel, losses, metrics, single, torchrun, write_corpus
 from tests.training.helpers import train_args as tiny_args
 
@@ -164,6 +166,19 @@ def test_kill9_at_ep2_then_relaunch_continues_the_same_curve(zero, corpus, ep2_r
     assert [r["step"] for r in resumed] == list(range(6, 11))
     worst = assert_close_rel([r["loss"] for r in resumed], [uninterrupted[r["step"]] for r in resumed], 1e-6)
     print(f"ep2 zero{zero} resumed at step 5: max relative loss difference {worst:.1e}")
+
+
+def test_an_ep2_checkpoint_generates_in_one_process_and_is_not_resharded(ep2_run, tmp_path):
+    """tools/generate.py reads an EP2 checkpoint in one process (every expert is in the weight files);
+    tools/reshard_checkpoint.py refuses its expert-parallel optimizer state with a line naming it."""
+    ckpt = str(ep2_run / "checkpoints")
+    gen = run_cmd([sys.executable, str(REPO / "tools" / "generate.py"), "--checkpoint", ckpt, "--prompt-ids", "5,6,7",
+                   "--max-new-tokens", "4", "--greedy"], timeout=300)  # fmt: skip
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-2000:]
+    out = run_cmd([sys.executable, str(REPO / "tools" / "reshard_checkpoint.py"), ckpt, "--tensor", "1",
+                   "--pipeline", "2", "--out", str(tmp_path / "out")], timeout=300, check=False)  # fmt: skip
+    assert out.returncode != 0 and "saved at parallel.expert 2" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_at_another_expert_parallel_size_is_refused(corpus, ep2_run, tmp_path):
