@@ -200,7 +200,7 @@ class TransformerBlock(nn.Module):
         self.input_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
         self.attention = Attention(m, tp, recompute_core=checkpointing == "selective", window=window)
         self.post_attention_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)
-        self.mlp: nn.Module = MoE(m, tp, block) if m.moe.is_moe_block(block) else SwiGLU(m, tp)
+        self.mlp: nn.Module = MoE(m, tp, block, SwiGLU) if m.moe.is_moe_block(block) else SwiGLU(m, tp)
         self.sandwich = m.sandwich_norms
         if m.sandwich_norms:  # Gemma 2: the attention's and the MLP's outputs are normalized too
             self.attention_out_norm = RMSNorm(m.hidden_size, m.norm_eps, m.norm_offset, partial=partial)

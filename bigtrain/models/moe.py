@@ -150,14 +150,12 @@ class MoE(MoELayer):
 
     Parameters (the layout table's names): ``router.weight`` [experts, h] (fp32 logits),
     ``experts.gate_up`` / ``experts.down`` (:class:`GroupedExperts`), and with a shared expert (HF
-    Qwen2-MoE's ``shared_expert``, the dense :class:`~bigtrain.models.llama.SwiGLU` at its own width)
+    Qwen2-MoE's ``shared_expert``: ``dense_mlp``, the block's dense MLP class built at its own width)
     ``shared_expert.gate_up.weight`` [2*fs/tp, h], ``shared_expert.down.weight`` [h, fs/tp] and
     ``shared_expert_gate.weight`` [1, h]. ``block``: 0-based block index (megatron's layer number is
     block + 1, used to label the aux losses it records)."""
 
-    def __init__(self, m: ModelConfig, tp: TensorParallel, block: int):
-        from bigtrain.models.llama import SwiGLU  # the dense MLP, which imports this module
-
+    def __init__(self, m: ModelConfig, tp: TensorParallel, block: int, dense_mlp: type[nn.Module]):
         compat.megatron_moe_on(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         experts = MoESubmodules(experts=ModuleSpec(module=GroupedExperts))
         super().__init__(transformer_config(m, tp), experts, block + 1, pg_collection=process_groups(tp))
@@ -171,7 +169,7 @@ class MoE(MoELayer):
         self.shared_expert_gate: nn.Module | None = None
         if m.moe.shared_expert_ffn_size:
             shared = dataclasses.replace(m, ffn_hidden_size=m.moe.shared_expert_ffn_size)
-            self.shared_expert = SwiGLU(shared, tp)
+            self.shared_expert = dense_mlp(shared, tp)
             if m.moe.shared_expert_gate:
                 self.shared_expert_gate = Linear(m.hidden_size, 1)
         # Replicated weights that see a sequence shard under sequence parallelism (megatron marks the

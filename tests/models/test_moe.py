@@ -18,6 +18,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 
 from bigtrain.config import ModelConfig, MoEConfig
 from bigtrain.models.layers import TensorParallel
+from bigtrain.models.llama import SwiGLU
 from bigtrain.models.moe import MoE
 from tests.conftest import REPO, cpu_env
 
@@ -72,7 +73,7 @@ def test_moe_block_equals_transformers_block_and_its_aux_loss(family: str) -> No
     hf, m = _hf_block(family)
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    ours = MoE(m, TensorParallel(), block=0)
+    ours = MoE(m, TensorParallel(), block=0, dense_mlp=SwiGLU)
     _copy_hf(ours, hf)
     x = torch.randn(2, 7, H)  # [b, s, h]
     expected = hf(x)
@@ -107,6 +108,7 @@ def test_renormalization_is_what_distinguishes_mixtral_from_qwen() -> None:
         _model(norm_topk_prob=True, shared_expert_ffn_size=20, shared_expert_gate=True),
         TensorParallel(),
         block=0,
+        dense_mlp=SwiGLU,
     )
     _copy_hf(wrong, hf)
     x = torch.randn(2, 7, H)
@@ -125,13 +127,14 @@ def test_megatron_moe_needs_the_patch_on_cpu() -> None:
         from bigtrain.config import ModelConfig, MoEConfig
         from bigtrain.models.layers import TensorParallel
         from bigtrain.models import moe
+        from bigtrain.models.llama import SwiGLU
         from bigtrain import compat
         if sys.argv[1] == "off":
             compat.megatron_moe_on = lambda device: None
             moe.compat.megatron_moe_on = compat.megatron_moe_on
         m = ModelConfig(hidden_size=16, num_attention_heads=2, num_layers=1, ffn_hidden_size=24, vocab_size=64,
                         moe=MoEConfig(num_experts=4, top_k=2))
-        layer = moe.MoE(m, TensorParallel(), 0)
+        layer = moe.MoE(m, TensorParallel(), 0, SwiGLU)
         for p in layer.parameters():
             torch.nn.init.normal_(p, std=0.1)
         print("out", layer(torch.randn(3, 2, 16)).shape)
@@ -161,7 +164,7 @@ def test_capacity_factor_drops_tokens_past_each_experts_capacity() -> None:
     torch.manual_seed(2)
     tokens = 28  # [s=14, b=2]
     m = _model(capacity_factor=0.25)  # 0.25 * 28 * 2 / 8 = 1.75 -> 2 tokens per expert
-    layer = MoE(m, TensorParallel(), block=0)
+    layer = MoE(m, TensorParallel(), block=0, dense_mlp=SwiGLU)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.2)
     seen: list[list[int]] = []
@@ -171,7 +174,7 @@ def test_capacity_factor_drops_tokens_past_each_experts_capacity() -> None:
     assert max(seen[0]) <= capacity and sum(seen[0]) <= E * capacity < tokens * K
     silent = (out.abs().sum(-1) == 0).sum().item()
     assert silent >= tokens - E * capacity  # at most E * capacity tokens can keep any expert
-    dropless = MoE(_model(), TensorParallel(), block=0)
+    dropless = MoE(_model(), TensorParallel(), block=0, dense_mlp=SwiGLU)
     dropless.load_state_dict(layer.state_dict())
     seen.clear()
     dropless.experts.register_forward_hook(lambda mod, args, out: seen.append(args[1].tolist()))
